@@ -1,0 +1,213 @@
+//! Command line: `run`, `produce`, `check`.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::codec::WireFormat;
+use crate::config::Config;
+use crate::event::Conversation;
+use crate::sample::SampleGenerator;
+use crate::sink::producer::{EventProducer, Outgoing};
+use crate::source::admin;
+use crate::worker;
+
+#[derive(Parser)]
+#[command(name = "convoflow", version, about = "Streaming enrichment of conversations: Kafka → models → Qdrant + enriched events")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// The worker: consume, enrich, emit, commit (until SIGTERM/SIGINT).
+    Run {
+        #[arg(long, short, env = "CONVOFLOW_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Publish sample conversations (or JSON lines) to the input topic.
+    Produce {
+        #[arg(long, short, env = "CONVOFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        /// Number of sample conversations to generate (ignored with --input).
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// JSON lines file, one Conversation per line, instead of generated samples.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Wire format of the published values.
+        #[arg(long, value_enum, default_value_t = WireFormat::Avro)]
+        format: WireFormat,
+        /// Topic (default: kafka.input_topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Seed of the sample generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Send each sample conversation whole instead of in 1-3 events of consecutive turns.
+        #[arg(long)]
+        whole: bool,
+        /// Create the topic with this many partitions if it does not exist.
+        #[arg(long, default_value_t = 6)]
+        partitions: usize,
+    },
+    /// Validate the configuration, the tokenizer and the Kafka topics; report what was found.
+    Check {
+        #[arg(long, short, env = "CONVOFLOW_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+pub async fn execute(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            let stop = Arc::new(AtomicBool::new(false));
+            spawn_signal_handler(stop.clone());
+            worker::run(cfg, stop).await
+        }
+        Command::Produce { config, count, input, format, topic, seed, whole, partitions } => {
+            let cfg = Config::load(config.as_deref())?;
+            produce(&cfg, ProduceArgs { count, input, format, topic, seed, whole, partitions }).await
+        }
+        Command::Check { config } => check(config.as_deref()).await,
+    }
+}
+
+/// First SIGTERM/SIGINT: graceful stop. A second one: exit at once.
+fn spawn_signal_handler(stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
+        for _ in 0..2 {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if stop.swap(true, Ordering::SeqCst) {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+            tracing::info!("signal received: draining and committing");
+        }
+    });
+}
+
+pub struct ProduceArgs {
+    pub count: u64,
+    pub input: Option<PathBuf>,
+    pub format: WireFormat,
+    pub topic: Option<String>,
+    pub seed: u64,
+    pub whole: bool,
+    pub partitions: usize,
+}
+
+fn read_json_lines(path: &Path) -> Result<Vec<Conversation>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let conv: Conversation =
+            serde_json::from_str(&line).with_context(|| format!("{}:{}: not a Conversation", path.display(), i + 1))?;
+        out.push(conv);
+    }
+    Ok(out)
+}
+
+pub async fn produce(cfg: &Config, args: ProduceArgs) -> Result<()> {
+    let topic = args.topic.unwrap_or_else(|| cfg.kafka.input_topic.clone());
+    if args.format == WireFormat::Auto {
+        bail!("--format must be avro, confluent or json");
+    }
+    let events: Vec<Conversation> = match &args.input {
+        Some(path) => read_json_lines(path)?,
+        None => {
+            let generator = SampleGenerator::new(args.seed);
+            (0..args.count)
+                .flat_map(|n| if args.whole { vec![generator.conversation(n)] } else { generator.conversation_events(n) })
+                .collect()
+        }
+    };
+    if admin::partition_count(&cfg.kafka, &topic, Duration::from_secs(15))?.is_none() {
+        admin::ensure_topics(&cfg.kafka, std::slice::from_ref(&topic), args.partitions).await?;
+    }
+    let mut codec_cfg = cfg.codec.clone();
+    codec_cfg.input = args.format;
+    let codec = worker::input_codec(&codec_cfg)?;
+    let producer = EventProducer::new(&cfg.kafka)?;
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(events.len());
+    for event in &events {
+        event.validate(usize::MAX).with_context(|| format!("conversation {}", event.conversation_id))?;
+        let payload = codec.encode(event)?;
+        let out = Outgoing { topic: &topic, key: Some(event.conversation_id.as_bytes()), payload: Some(&payload), headers: None };
+        deliveries.push(producer.enqueue(out).await?);
+    }
+    for delivery in deliveries {
+        delivery.await.context("producer closed")?.map_err(|(e, _)| e).context("delivery failed")?;
+    }
+    let turns: usize = events.iter().map(|e| e.turns.len()).sum();
+    println!(
+        "published {} events ({} turns) to {topic} as {:?} in {:.2}s",
+        events.len(),
+        turns,
+        args.format,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn check(config: Option<&Path>) -> Result<()> {
+    let cfg = Config::load(config)?;
+    println!("config: ok ({})", config.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults + environment".into()));
+    println!("codecs: {}", worker::describe_codecs(&cfg.codec)?);
+    let enricher = worker::build_enricher(&cfg)?;
+    let probe = SampleGenerator::new(1).conversation(0);
+    let enriched = enricher.enrich_one(&crate::pipeline::enrich::EnrichInput {
+        conversation: &probe,
+        source: crate::event::SourceRef { topic: "check".into(), partition: 0, offset: 0 },
+    })?;
+    println!(
+        "tokenizer: {} ({} tokens in a {}-turn sample conversation)",
+        cfg.pipeline.chunk.tokenizer.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in word-level".into()),
+        enriched.total_tokens,
+        probe.turns.len()
+    );
+    for (task, model) in [("embedding", &cfg.models.embedding), ("ner", &cfg.models.ner), ("sentiment", &cfg.models.sentiment)] {
+        match model {
+            Some(m) => println!(
+                "model {task}: {} at {} ({}), dtype {}: not loaded by this build (model runtime pending)",
+                m.name,
+                m.path.display(),
+                if m.path.join("config.json").exists() { "folder found" } else { "folder missing" },
+                m.dtype
+            ),
+            None => println!("model {task}: not configured"),
+        }
+    }
+    let k = &cfg.kafka;
+    let mut missing = vec![];
+    for topic in [&k.input_topic, &k.output_topic, &k.dlq_topic()] {
+        match admin::partition_count(k, topic, Duration::from_secs(10))? {
+            Some(n) => println!("kafka {}: topic {topic}: {n} partitions", k.brokers),
+            None => {
+                println!("kafka {}: topic {topic}: missing", k.brokers);
+                missing.push(topic.clone());
+            }
+        }
+    }
+    if missing.contains(&k.input_topic) {
+        bail!("input topic {} does not exist", k.input_topic);
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Wire formats of the events: Avro single-object encoding, Confluent wire format, JSON.
+//!
+//! `RecordCodec<T>` encodes and decodes one record type (Conversation or EnrichedConversation)
+//! in the configured `WireFormat`; `Auto` reads any of them by their first bytes.
+
+mod avro;
+mod json;
+
+use std::sync::Arc;
+
+pub use avro::{AvroSchemas, InMemorySchemaLookup, SchemaLookup, fingerprint};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::event::{Conversation, EnrichedConversation};
+
+/// Single-object encoding marker (Avro spec): 0xC3 0x01, then the 8-byte Rabin fingerprint.
+pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
+/// Confluent wire format marker: 0x00, then a 4-byte big-endian schema id.
+pub const CONFLUENT_MAGIC: u8 = 0x00;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum WireFormat {
+    /// Avro single-object encoding (C3 01 + Rabin fingerprint of the writer schema + datum).
+    Avro,
+    /// Confluent Schema Registry framing (00 + 4-byte schema id + datum).
+    Confluent,
+    /// UTF-8 JSON of the record, for debugging.
+    Json,
+    /// Decode whichever of the three the first bytes say; encode as Avro.
+    Auto,
+}
+
+/// Why bytes could not be turned into a record. `class()` is the DLQ's error-class header.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodecError {
+    #[error("payload is empty")]
+    Empty,
+    #[error("payload is not {expected}: it starts with {head}")]
+    WrongFraming { expected: &'static str, head: String },
+    #[error("unknown writer schema fingerprint {0:016x}")]
+    UnknownFingerprint(u64),
+    #[error("unknown Confluent schema id {0}")]
+    UnknownSchemaId(u32),
+    #[error("truncated header: {0}")]
+    Truncated(&'static str),
+    #[error("avro: {0}")]
+    Avro(String),
+    #[error("json: {0}")]
+    Json(String),
+    #[error("{0} trailing bytes after the record")]
+    TrailingBytes(usize),
+    #[error("schema: {0}")]
+    Schema(String),
+}
+
+impl CodecError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            CodecError::UnknownFingerprint(_) | CodecError::UnknownSchemaId(_) => "unknown-schema",
+            CodecError::Schema(_) => "schema",
+            _ => "deserialization",
+        }
+    }
+}
+
+/// First bytes as hex, for error messages.
+fn head_hex(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// A record type with an Avro schema shipped in `schemas/`.
+pub trait Record: Serialize + DeserializeOwned {
+    const SCHEMA: &'static str;
+}
+impl Record for Conversation {
+    const SCHEMA: &'static str = include_str!("../../schemas/conversation.avsc");
+}
+impl Record for EnrichedConversation {
+    const SCHEMA: &'static str = include_str!("../../schemas/enriched_conversation.avsc");
+}
+
+/// Encoder/decoder of one record type in one wire format.
+#[derive(Clone)]
+pub struct RecordCodec<T: Record> {
+    format: WireFormat,
+    avro: Arc<AvroSchemas>,
+    _record: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Record> RecordCodec<T> {
+    /// Codec with the record's own schema as reader and writer schema.
+    pub fn new(format: WireFormat) -> Result<Self, CodecError> {
+        Ok(Self::with_schemas(format, AvroSchemas::new(T::SCHEMA)?))
+    }
+
+    /// Codec with explicit schemas (extra writer versions, Confluent lookup, ...).
+    pub fn with_schemas(format: WireFormat, avro: AvroSchemas) -> Self {
+        Self { format, avro: Arc::new(avro), _record: std::marker::PhantomData }
+    }
+
+    pub fn format(&self) -> WireFormat {
+        self.format
+    }
+
+    pub fn schemas(&self) -> &AvroSchemas {
+        &self.avro
+    }
+
+    pub fn encode(&self, record: &T) -> Result<Vec<u8>, CodecError> {
+        match self.format {
+            WireFormat::Avro | WireFormat::Auto => self.avro.encode_single_object(record),
+            WireFormat::Confluent => self.avro.encode_confluent(record),
+            WireFormat::Json => json::encode(record),
+        }
+    }
+
+    pub fn decode(&self, bytes: &[u8]) -> Result<T, CodecError> {
+        if bytes.is_empty() {
+            return Err(CodecError::Empty);
+        }
+        match self.format {
+            WireFormat::Avro => self.avro.decode_single_object(bytes),
+            WireFormat::Confluent => self.avro.decode_confluent(bytes),
+            WireFormat::Json => json::decode(bytes),
+            WireFormat::Auto => {
+                if bytes.starts_with(&SINGLE_OBJECT_MAGIC) {
+                    self.avro.decode_single_object(bytes)
+                } else if bytes[0] == CONFLUENT_MAGIC {
+                    self.avro.decode_confluent(bytes)
+                } else if bytes.trim_ascii_start().first() == Some(&b'{') {
+                    json::decode(bytes)
+                } else {
+                    Err(CodecError::WrongFraming {
+                        expected: "Avro single-object, Confluent or JSON",
+                        head: head_hex(bytes),
+                    })
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,244 @@
+//! Domain types: the input `Conversation` and the output `EnrichedConversation`.
+//! Field for field they mirror `schemas/*.avsc`; the codecs map between them and the wire.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Participant {
+    pub id: String,
+    pub role: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    pub turn_id: String,
+    pub speaker: String,
+    #[serde(default = "unknown_role")]
+    pub role: String,
+    pub text: String,
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+}
+
+fn unknown_role() -> String {
+    "unknown".to_string()
+}
+fn default_channel() -> String {
+    "chat".to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub conversation_id: String,
+    pub tenant: String,
+    #[serde(default = "default_channel")]
+    pub channel: String,
+    #[serde(default)]
+    pub language: Option<String>,
+    pub started_at: i64,
+    #[serde(default)]
+    pub participants: Vec<Participant>,
+    pub turns: Vec<Turn>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Why a decoded conversation is rejected (it goes to the dead-letter topic with this reason).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("conversation_id is empty")]
+    EmptyConversationId,
+    #[error("conversation has no turns")]
+    NoTurns,
+    #[error("turn #{index} has an empty turn_id")]
+    EmptyTurnId { index: usize },
+    #[error("turn_id {turn_id:?} appears twice")]
+    DuplicateTurnId { turn_id: String },
+    #[error("turn {turn_id:?} text is {bytes} bytes, over the limit of {limit}")]
+    TurnTooLarge { turn_id: String, bytes: usize, limit: usize },
+    #[error("message key {key:?} differs from conversation_id {conversation_id:?}")]
+    KeyMismatch { key: String, conversation_id: String },
+}
+
+impl Conversation {
+    /// Checks what the schema cannot express. `max_turn_bytes` bounds one turn's text.
+    pub fn validate(&self, max_turn_bytes: usize) -> Result<(), ValidationError> {
+        if self.conversation_id.trim().is_empty() {
+            return Err(ValidationError::EmptyConversationId);
+        }
+        if self.turns.is_empty() {
+            return Err(ValidationError::NoTurns);
+        }
+        let mut seen = HashSet::with_capacity(self.turns.len());
+        for (index, turn) in self.turns.iter().enumerate() {
+            if turn.turn_id.trim().is_empty() {
+                return Err(ValidationError::EmptyTurnId { index });
+            }
+            if !seen.insert(turn.turn_id.as_str()) {
+                return Err(ValidationError::DuplicateTurnId { turn_id: turn.turn_id.clone() });
+            }
+            if turn.text.len() > max_turn_bytes {
+                return Err(ValidationError::TurnTooLarge {
+                    turn_id: turn.turn_id.clone(),
+                    bytes: turn.text.len(),
+                    limit: max_turn_bytes,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SparseVector {
+    pub indices: Vec<i64>,
+    pub values: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub index: i32,
+    pub start: i32,
+    pub end: i32,
+    pub token_count: i32,
+    pub point_id: String,
+    pub sparse: SparseVector,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entity {
+    pub text: String,
+    pub label: String,
+    pub start: i32,
+    pub end: i32,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sentiment {
+    pub stars: i32,
+    pub score: f32,
+    pub probabilities: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrichedTurn {
+    pub turn_id: String,
+    pub speaker: String,
+    pub role: String,
+    pub ts: i64,
+    pub token_count: i32,
+    pub chunks: Vec<Chunk>,
+    pub entities: Vec<Entity>,
+    pub sentiment: Option<Sentiment>,
+    pub point_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentimentPoint {
+    pub turn_id: String,
+    pub ts: i64,
+    pub stars: i32,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub task: String,
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SourceRef {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrichedConversation {
+    pub conversation_id: String,
+    pub tenant: String,
+    pub channel: String,
+    pub language: Option<String>,
+    pub turns: Vec<EnrichedTurn>,
+    pub sentiment_trajectory: Vec<SentimentPoint>,
+    pub entity_counts: BTreeMap<String, i32>,
+    pub total_tokens: i64,
+    pub models: Vec<ModelInfo>,
+    pub source: SourceRef,
+    pub attributes: BTreeMap<String, String>,
+    pub processed_at: i64,
+}
+
+/// Namespace of convoflow's point ids (UUIDv5 of the DNS name "convoflow.points").
+fn point_namespace() -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_DNS, b"convoflow.points")
+}
+
+/// Deterministic Qdrant point id of a chunk: replays upsert the same point.
+/// The name is `conversation_id \0 turn_id \0 index` so no two triples collide.
+pub fn point_id(conversation_id: &str, turn_id: &str, chunk_index: usize) -> Uuid {
+    let name = format!("{conversation_id}\u{0}{turn_id}\u{0}{chunk_index}");
+    Uuid::new_v5(&point_namespace(), name.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(turns: Vec<(&str, &str)>) -> Conversation {
+        Conversation {
+            conversation_id: "c1".into(),
+            tenant: "t".into(),
+            channel: "chat".into(),
+            language: None,
+            started_at: 0,
+            participants: vec![],
+            turns: turns
+                .into_iter()
+                .map(|(id, text)| Turn {
+                    turn_id: id.into(),
+                    speaker: "s".into(),
+                    role: "agent".into(),
+                    text: text.into(),
+                    ts: 1,
+                })
+                .collect(),
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn validation_rejects_what_the_schema_cannot() {
+        assert_eq!(conv(vec![("1", "hi")]).validate(10), Ok(()));
+        assert_eq!(conv(vec![]).validate(10), Err(ValidationError::NoTurns));
+        assert!(matches!(
+            conv(vec![("1", "a"), ("1", "b")]).validate(10),
+            Err(ValidationError::DuplicateTurnId { .. })
+        ));
+        assert!(matches!(
+            conv(vec![("1", "0123456789A")]).validate(10),
+            Err(ValidationError::TurnTooLarge { bytes: 11, limit: 10, .. })
+        ));
+        assert!(matches!(conv(vec![(" ", "a")]).validate(10), Err(ValidationError::EmptyTurnId { index: 0 })));
+        let mut c = conv(vec![("1", "a")]);
+        c.conversation_id = "".into();
+        assert_eq!(c.validate(10), Err(ValidationError::EmptyConversationId));
+    }
+
+    #[test]
+    fn point_ids_are_deterministic_and_distinct() {
+        assert_eq!(point_id("c", "t", 0), point_id("c", "t", 0));
+        assert_ne!(point_id("c", "t", 0), point_id("c", "t", 1));
+        // the separator keeps ("ab","c") and ("a","bc") apart
+        assert_ne!(point_id("ab", "c", 0), point_id("a", "bc", 0));
+        assert_eq!(point_id("c", "t", 0).get_version_num(), 5);
+    }
+}

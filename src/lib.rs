@@ -1,0 +1,12 @@
+//! convoflow: a Kafka consumer that enriches conversation turns and writes them to Qdrant and
+//! an output topic. Data flows one way: source → codec → pipeline → sink → commit.
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod event;
+pub mod pipeline;
+pub mod sample;
+pub mod sink;
+pub mod source;
+pub mod worker;

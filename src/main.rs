@@ -1,0 +1,24 @@
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("CONVOFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    // CONVOFLOW__TELEMETRY__LOG_FORMAT=json switches to JSON lines (also settable in the file;
+    // the environment is read here because logging starts before the config is parsed).
+    let json = std::env::var("CONVOFLOW__TELEMETRY__LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { builder.json().init() } else { builder.init() }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    init_logging();
+    let cli = convoflow::cli::Cli::parse();
+    match convoflow::cli::execute(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Where enriched results go: the output topic and the dead-letter topic, through one
+//! idempotent producer (per-key order kept, no duplicates from producer retries).
+
+pub mod dlq;
+pub mod producer;

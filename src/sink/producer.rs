@@ -1,0 +1,68 @@
+//! The idempotent Kafka producer shared by the output topic and the DLQ.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::error::KafkaError;
+
+use crate::config::KafkaConfig;
+use crate::source::base_client_config;
+
+#[derive(Clone)]
+pub struct EventProducer {
+    producer: FutureProducer,
+}
+
+/// What a sent record is, for delivery handling.
+pub struct Outgoing<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    /// None = tombstone.
+    pub payload: Option<&'a [u8]>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+impl EventProducer {
+    pub fn new(cfg: &KafkaConfig) -> Result<Self> {
+        let mut c = base_client_config(cfg);
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", &cfg.compression)
+            .set("message.max.bytes", cfg.message_max_bytes.to_string());
+        let producer: FutureProducer = c.create().context("creating the Kafka producer")?;
+        Ok(Self { producer })
+    }
+
+    /// Enqueues a record. Records enqueued one after another keep that order per partition
+    /// (idempotent producer), so callers enqueue in input order. Waits while the local queue
+    /// is full instead of reordering.
+    pub async fn enqueue(&self, out: Outgoing<'_>) -> Result<DeliveryFuture, KafkaError> {
+        loop {
+            let mut record = FutureRecord::<[u8], [u8]>::to(out.topic);
+            if let Some(key) = out.key {
+                record = record.key(key);
+            }
+            if let Some(payload) = out.payload {
+                record = record.payload(payload);
+            }
+            if let Some(headers) = &out.headers {
+                record = record.headers(headers.clone());
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.producer.flush(timeout).context("flushing the producer")
+    }
+}

@@ -1,0 +1,343 @@
+//! The Kafka source: one consumer-group member polled on its own OS thread.
+//!
+//! - `enable.auto.commit=false`, `enable.auto.offset.store=false`: offsets are committed only
+//!   from the `OffsetTracker`, i.e. only over contiguous completed work.
+//! - Backpressure: received messages go to a bounded queue; when it is full or too much is in
+//!   flight, the assigned partitions are paused and the thread keeps polling (liveness,
+//!   rebalances) until the work drains, then resumes.
+//! - Rebalance: on revoke, the revoked partitions' not-yet-queued messages are dropped, queued
+//!   and running work gets `rebalance_drain_ms` to finish, completed offsets are committed,
+//!   and the rest is forgotten (its late completions are ignored; the next owner re-reads it).
+//! - Shutdown: stop taking messages, wait (bounded) for in-flight work, commit, leave the group.
+
+pub mod admin;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::config::KafkaConfig;
+use crate::pipeline::offsets::{Generation, OffsetTracker, TopicPartition};
+
+/// A message as read from Kafka, owned, with the assignment generation it belongs to.
+#[derive(Debug, Clone)]
+pub struct InboundMessage {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub generation: Generation,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// State shared by the poll thread, the rebalance callbacks and the pipeline.
+#[derive(Default)]
+pub struct SourceState {
+    pub tracker: OffsetTracker,
+    /// Received and registered, not yet accepted by the queue (backpressure).
+    backlog: VecDeque<InboundMessage>,
+    /// Set by a rebalance: the assignment changed, so pause state must be re-applied.
+    rebalanced: bool,
+}
+
+#[derive(Default)]
+pub struct SharedSource(Mutex<SourceState>);
+
+impl SharedSource {
+    pub fn lock(&self) -> MutexGuard<'_, SourceState> {
+        // A panic elsewhere must not wedge offset bookkeeping: the state stays consistent
+        // because every mutation is a single call.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by the pipeline when a message is written to every sink.
+    pub fn complete(&self, tp: &TopicPartition, offset: i64, generation: Generation) -> bool {
+        self.lock().tracker.complete(tp, offset, generation)
+    }
+
+    pub fn is_current(&self, tp: &TopicPartition, generation: Generation) -> bool {
+        self.lock().tracker.is_current(tp, generation)
+    }
+}
+
+pub struct SourceContext {
+    shared: Arc<SharedSource>,
+    rebalance_drain: Duration,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked: Vec<TopicPartition> =
+                    tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect();
+                self.drain_revoked(&revoked);
+                let mut commit = TopicPartitionList::new();
+                {
+                    let mut state = self.shared.lock();
+                    for tp in &revoked {
+                        if let Some(next) = state.tracker.revoke(tp) {
+                            let _ = commit.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
+                        }
+                    }
+                    state.rebalanced = true;
+                }
+                if commit.count() > 0 {
+                    match consumer.commit(&commit, CommitMode::Sync) {
+                        Ok(()) => info!(offsets = ?tpl_offsets(&commit), "committed completed work of revoked partitions"),
+                        Err(e) => warn!(error = %e, "commit on revoke failed; the next owner re-reads from the last commit"),
+                    }
+                }
+                info!(partitions = %tpl_names(tpl), "partitions revoked");
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut state = self.shared.lock();
+            for e in tpl.elements() {
+                state.tracker.assign(TopicPartition::new(e.topic(), e.partition()));
+            }
+            state.rebalanced = true;
+            info!(partitions = %tpl_names(tpl), "partitions assigned");
+        }
+    }
+}
+
+impl SourceContext {
+    /// Drop backlogged messages of revoked partitions, then wait (bounded) for their queued
+    /// and running work to complete so it can be committed before the partitions move.
+    fn drain_revoked(&self, revoked: &[TopicPartition]) {
+        {
+            let mut state = self.shared.lock();
+            let SourceState { tracker, backlog, .. } = &mut *state;
+            backlog.retain(|m| {
+                let keep = !revoked.contains(&m.tp);
+                if !keep {
+                    tracker.forget_from(&m.tp, m.offset);
+                }
+                keep
+            });
+        }
+        let deadline = Instant::now() + self.rebalance_drain;
+        while Instant::now() < deadline {
+            if self.shared.lock().tracker.in_flight_of(revoked) == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        warn!("in-flight work of revoked partitions did not finish in time; it will be re-read by the next owner");
+    }
+}
+
+fn tpl_names(tpl: &TopicPartitionList) -> String {
+    tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect::<Vec<_>>().join(",")
+}
+
+fn tpl_offsets(tpl: &TopicPartitionList) -> Vec<(String, i32, i64)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition(), e.offset().to_raw().unwrap_or(-1)))
+        .collect()
+}
+
+pub type SourceConsumer = BaseConsumer<SourceContext>;
+
+/// Librdkafka settings shared by every client of this worker.
+pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.client {
+        c.set(k, v);
+    }
+    c
+}
+
+pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_drain: Duration) -> Result<SourceConsumer> {
+    let mut c = base_client_config(cfg);
+    c.set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &cfg.auto_offset_reset)
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
+        .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string())
+        .set("receive.message.max.bytes", (cfg.message_max_bytes as u64 * 2 + 65_536).min(i32::MAX as u64).to_string());
+    let consumer: SourceConsumer = c
+        .create_with_context(SourceContext { shared, rebalance_drain })
+        .context("creating the Kafka consumer")?;
+    consumer.subscribe(&[&cfg.input_topic]).context("subscribing to the input topic")?;
+    Ok(consumer)
+}
+
+pub struct SourceSettings {
+    pub max_in_flight: usize,
+    pub commit_interval: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+/// Polls until `stop` is set, then drains, commits and leaves the group. Runs on its own thread.
+/// Dropping `tx` at the end tells the pipeline that no more messages come.
+pub fn run_poll_loop(
+    consumer: SourceConsumer,
+    shared: Arc<SharedSource>,
+    tx: mpsc::Sender<InboundMessage>,
+    settings: SourceSettings,
+    stop: Arc<AtomicBool>,
+) {
+    let mut paused = false;
+    let mut last_commit = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let (want_pause, may_resume) = {
+            let mut state = shared.lock();
+            flush_backlog(&mut state, &tx);
+            if std::mem::take(&mut state.rebalanced) {
+                paused = false; // a new assignment starts unpaused
+            }
+            let in_flight = state.tracker.in_flight();
+            (
+                !state.backlog.is_empty() || in_flight >= settings.max_in_flight,
+                state.backlog.is_empty() && in_flight <= settings.max_in_flight / 2,
+            )
+        };
+        if want_pause && !paused {
+            paused = set_paused(&consumer, true);
+        } else if paused && may_resume {
+            paused = !set_paused(&consumer, false);
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                let tp = TopicPartition::new(m.topic(), m.partition());
+                let mut state = shared.lock();
+                if let Some(generation) = state.tracker.register(&tp, m.offset()) {
+                    state.backlog.push_back(InboundMessage {
+                        tp,
+                        offset: m.offset(),
+                        generation,
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                        timestamp_ms: m.timestamp().to_millis(),
+                    });
+                    flush_backlog(&mut state, &tx);
+                } else {
+                    debug!(%tp, offset = m.offset(), "dropped a message of a revoked partition or a re-delivery");
+                }
+            }
+            Some(Err(e)) => warn!(error = %e, "consumer error"),
+            None => {}
+        }
+        if last_commit.elapsed() >= settings.commit_interval {
+            commit(&consumer, &shared, CommitMode::Sync);
+            last_commit = Instant::now();
+        }
+    }
+    shutdown(consumer, shared, tx, settings);
+}
+
+fn shutdown(consumer: SourceConsumer, shared: Arc<SharedSource>, tx: mpsc::Sender<InboundMessage>, settings: SourceSettings) {
+    info!("shutting down: no new messages, draining in-flight work");
+    set_paused(&consumer, true);
+    {
+        let mut state = shared.lock();
+        let SourceState { tracker, backlog, .. } = &mut *state;
+        for m in backlog.drain(..) {
+            tracker.forget_from(&m.tp, m.offset);
+        }
+    }
+    let deadline = Instant::now() + settings.shutdown_timeout;
+    loop {
+        let in_flight = shared.lock().tracker.in_flight();
+        if in_flight == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            warn!(in_flight, "shutdown timeout: unfinished work stays uncommitted and will be re-read");
+            break;
+        }
+        // keep serving the group protocol while waiting; paused partitions deliver nothing
+        let _ = consumer.poll(Duration::from_millis(20));
+    }
+    commit(&consumer, &shared, CommitMode::Sync);
+    drop(tx);
+    consumer.unsubscribe();
+    info!("left the consumer group");
+}
+
+fn flush_backlog(state: &mut SourceState, tx: &mpsc::Sender<InboundMessage>) {
+    while let Some(m) = state.backlog.pop_front() {
+        match tx.try_send(m) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(m)) => {
+                state.backlog.push_front(m);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                error!("pipeline stopped; messages stay uncommitted");
+                state.backlog.clear();
+                return;
+            }
+        }
+    }
+}
+
+/// Pauses or resumes the whole assignment; returns whether it took effect.
+fn set_paused(consumer: &SourceConsumer, pause: bool) -> bool {
+    let assignment = match consumer.assignment() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "reading the assignment failed");
+            return false;
+        }
+    };
+    if assignment.count() == 0 {
+        return false;
+    }
+    let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+    match result {
+        Ok(()) => {
+            debug!(pause, partitions = %tpl_names(&assignment), "backpressure");
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, pause, "pause/resume failed");
+            false
+        }
+    }
+}
+
+/// Commits every partition whose contiguous completed offset moved.
+fn commit(consumer: &SourceConsumer, shared: &SharedSource, mode: CommitMode) {
+    let candidates = shared.lock().tracker.commit_candidates();
+    if candidates.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (tp, next) in &candidates {
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next));
+    }
+    let started = Instant::now();
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => {
+            let mut state = shared.lock();
+            for (tp, next) in &candidates {
+                state.tracker.mark_committed(tp, *next);
+            }
+            debug!(offsets = ?candidates, elapsed_ms = started.elapsed().as_millis() as u64, "committed");
+        }
+        Err(e) => warn!(error = %e, "offset commit failed; retrying at the next interval"),
+    }
+}
