@@ -6,7 +6,8 @@ fn init_logging() {
     // CONVOFLOW__TELEMETRY__LOG_FORMAT=json switches to JSON lines (also settable in the file;
     // the environment is read here because logging starts before the config is parsed).
     let json = std::env::var("CONVOFLOW__TELEMETRY__LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     if json { builder.json().init() } else { builder.init() }
 }
 

@@ -157,16 +157,16 @@ impl Pipeline {
             Ok(c) => c,
             Err(e) => return Decided::Rejected(Rejection { class: e.class(), message: e.to_string() }),
         };
-        let key_check = match &msg.key {
+        let checked = conv.validate(self.max_turn_bytes).and_then(|()| match &msg.key {
             Some(key) if key.as_slice() != conv.conversation_id.as_bytes() => {
                 Err(crate::event::ValidationError::KeyMismatch {
                     key: String::from_utf8_lossy(key).into_owned(),
                     conversation_id: conv.conversation_id.clone(),
                 })
             }
-            _ => conv.validate(self.max_turn_bytes),
-        };
-        match key_check {
+            _ => Ok(()),
+        });
+        match checked {
             Ok(()) => Decided::Valid(conv),
             Err(e) => Decided::Rejected(Rejection { class: "validation", message: e.to_string() }),
         }

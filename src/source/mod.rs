@@ -175,8 +175,7 @@ pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_d
         .set("auto.offset.reset", &cfg.auto_offset_reset)
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
-        .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string())
-        .set("receive.message.max.bytes", (cfg.message_max_bytes as u64 * 2 + 65_536).min(i32::MAX as u64).to_string());
+        .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string());
     let consumer: SourceConsumer = c
         .create_with_context(SourceContext { shared, rebalance_drain })
         .context("creating the Kafka consumer")?;

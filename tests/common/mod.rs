@@ -1,0 +1,338 @@
+//! Helpers for integration tests against a real Kafka broker (started by scripts/test, which
+//! exports KAFKA_BROKERS). Every test uses its own topics and group ids.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use convoflow::codec::{RecordCodec, WireFormat};
+use convoflow::event::{Conversation, EnrichedConversation};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS")
+        .expect("KAFKA_BROKERS is not set: run the tests with scripts/test, which starts a real Kafka broker")
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    format!("{prefix}-{}-{now}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+fn client() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers());
+    c
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = client().create().unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let res = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+    res[0].as_ref().unwrap_or_else(|e| panic!("creating {name}: {e:?}"));
+}
+
+pub fn producer() -> FutureProducer {
+    client()
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", (16 * 1024 * 1024).to_string())
+        .create()
+        .unwrap()
+}
+
+/// Produces raw records in order; returns (partition, offset) of each.
+pub async fn produce_raw(topic: &str, records: &[(Option<Vec<u8>>, Option<Vec<u8>>)]) -> Vec<(i32, i64)> {
+    let p = producer();
+    let mut futures = Vec::new();
+    for (key, payload) in records {
+        let mut r = FutureRecord::<[u8], [u8]>::to(topic);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(v) = payload {
+            r = r.payload(v);
+        }
+        futures.push(p.send_result(r).map_err(|(e, _)| e).unwrap());
+    }
+    let mut out = Vec::new();
+    for f in futures {
+        let d = f.await.unwrap().map_err(|(e, _)| e).unwrap();
+        out.push((d.partition, d.offset));
+    }
+    out
+}
+
+/// Avro-encodes conversations and produces them keyed by conversation id.
+pub async fn produce_conversations(topic: &str, events: &[Conversation]) -> Vec<(i32, i64)> {
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let records: Vec<_> = events
+        .iter()
+        .map(|e| (Some(e.conversation_id.clone().into_bytes()), Some(codec.encode(e).unwrap())))
+        .collect();
+    produce_raw(topic, &records).await
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Record {
+    pub fn enriched(&self) -> EnrichedConversation {
+        let codec = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro).unwrap();
+        codec.decode(self.payload.as_ref().expect("not a tombstone")).unwrap()
+    }
+}
+
+/// Partition count of a topic, waiting up to `timeout` for it to exist (the worker creates
+/// its output and DLQ topics when it starts).
+pub fn wait_partition_count(topic: &str, timeout: Duration) -> i32 {
+    let c: BaseConsumer = client().create().unwrap();
+    let started = Instant::now();
+    loop {
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let n = md.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len() as i32);
+        if n > 0 {
+            return n;
+        }
+        assert!(started.elapsed() < timeout, "topic {topic} does not exist after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn partition_count(topic: &str) -> i32 {
+    wait_partition_count(topic, Duration::from_secs(60))
+}
+
+/// Reads a topic from the beginning until `at_least` records arrived (or `timeout`), then keeps
+/// reading for `settle` to catch any extra (duplicate) records.
+pub fn read_topic(topic: &str, at_least: usize, timeout: Duration, settle: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = client()
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.message.max.bytes", (16 * 1024 * 1024).to_string())
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partition_count(topic) {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if settle_until.is_some_and(|s| now >= s) || (settle_until.is_none() && now >= deadline) {
+            break;
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.unwrap();
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+        if settle_until.is_none() && out.len() >= at_least {
+            settle_until = Some(Instant::now() + settle);
+        }
+    }
+    out
+}
+
+/// Committed offset per partition of `group` on `topic` (-1001 = none), read by a separate,
+/// unsubscribed consumer.
+pub fn committed(group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = client().set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partition_count(topic) {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    got.elements().iter().map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1))).collect()
+}
+
+pub fn high_watermarks(topic: &str) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = client().create().unwrap();
+    (0..partition_count(topic))
+        .map(|p| (p, consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1))
+        .collect()
+}
+
+/// Lag per partition: high watermark minus committed offset.
+pub fn lag(group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let committed = committed(group, topic);
+    high_watermarks(topic).into_iter().map(|(p, high)| (p, high - committed[&p].max(0))).collect()
+}
+
+/// A `convoflow run` process with its stderr collected.
+pub struct Worker {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub name: String,
+}
+
+pub struct Topics {
+    pub input: String,
+    pub output: String,
+    pub group: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Self {
+        let input = unique(prefix);
+        Self { output: format!("{input}.out"), group: format!("{input}.group"), input }
+    }
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.input)
+    }
+}
+
+impl Worker {
+    /// Starts `convoflow run -c convoflow.yaml` on the topics, with extra env overrides.
+    pub fn start(name: &str, topics: &Topics, extra_env: &[(&str, &str)]) -> Worker {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_convoflow"));
+        cmd.args(["run", "-c"])
+            .arg(root.join("convoflow.yaml"))
+            .env("CONVOFLOW__KAFKA__BROKERS", brokers())
+            .env("CONVOFLOW__KAFKA__INPUT_TOPIC", &topics.input)
+            .env("CONVOFLOW__KAFKA__OUTPUT_TOPIC", &topics.output)
+            .env("CONVOFLOW__KAFKA__GROUP_ID", &topics.group)
+            .env("CONVOFLOW__KAFKA__SESSION_TIMEOUT_MS", "6000")
+            .env("CONVOFLOW_LOG", "info,rdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting convoflow run");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("CONVOFLOW_TEST_ECHO").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Worker { child, log, name: name.to_string() }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{sig} {}", self.pid());
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code (None if killed by a signal) and
+    /// the time it took, or panics (after killing it) if it did not exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("{} did not exit within {timeout:?}; log:\n{}", self.name, self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Partition lists of every "partitions assigned" log line so far.
+    pub fn assignments(&self) -> Vec<Vec<i32>> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("partitions assigned"))
+            .map(|l| {
+                let list = l.split("partitions=").nth(1).unwrap_or("");
+                list.split(',').filter_map(|tp| tp.rsplit('[').next()?.trim_end_matches(']').parse().ok()).collect()
+            })
+            .collect()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} never logged {needle:?} within {timeout:?}; log:\n{}", self.name, self.log_text());
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // never leave a worker behind, whatever the test outcome
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Output records grouped by their source (partition, offset).
+pub fn by_source(records: &[Record]) -> HashMap<(i32, i64), Vec<EnrichedConversation>> {
+    let mut map: HashMap<(i32, i64), Vec<EnrichedConversation>> = HashMap::new();
+    for r in records {
+        let e = r.enriched();
+        map.entry((e.source.partition, e.source.offset)).or_default().push(e);
+    }
+    map
+}
+
+/// Counts output records until `expected` distinct sources are seen or `timeout` passes.
+pub fn wait_for_distinct_sources(topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+    let started = Instant::now();
+    loop {
+        let records = read_topic(topic, expected, Duration::from_secs(3), Duration::from_millis(300));
+        let distinct = by_source(&records).len();
+        if distinct >= expected || started.elapsed() > timeout {
+            return records;
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The at-least-once Kafka spine against a real broker: end to end, crash and restart,
+//! scale-out and rebalance, poison messages, graceful shutdown.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use convoflow::codec::{RecordCodec, WireFormat};
+use convoflow::event::Conversation;
+use convoflow::sample::SampleGenerator;
+
+/// Throttled settings so a run lasts long enough to be interrupted mid-way.
+const SLOW: &[(&str, &str)] = &[
+    ("CONVOFLOW__PIPELINE__MAX_IN_FLIGHT", "4"),
+    ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "2"),
+    ("CONVOFLOW__PIPELINE__QUEUE_CAPACITY", "2"),
+];
+
+fn sample_events(seed: u64, conversations: u64) -> Vec<Conversation> {
+    let g = SampleGenerator::new(seed);
+    (0..conversations).flat_map(|n| g.conversation_events(n)).collect()
+}
+
+/// Input records of a topic as (partition, offset) -> decoded conversation.
+fn read_inputs(topic: &str, expected: usize) -> BTreeMap<(i32, i64), Conversation> {
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let records = read_topic(topic, expected, Duration::from_secs(30), Duration::from_millis(200));
+    assert_eq!(records.len(), expected, "input topic holds what was produced");
+    records.iter().map(|r| ((r.partition, r.offset), codec.decode(r.payload.as_ref().unwrap()).unwrap())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_200_conversations_and_enrich_each_event_once_in_key_order() {
+    let topics = Topics::new("e2e");
+    create_topic(&topics.input, 6).await;
+    // publish through the CLI, as a user would
+    let out = Command::new(env!("CARGO_BIN_EXE_convoflow"))
+        .args(["produce", "--count", "200", "--seed", "11", "--topic", &topics.input])
+        .env("CONVOFLOW__KAFKA__BROKERS", brokers())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
+    let expected_events = sample_events(11, 200);
+    let inputs = read_inputs(&topics.input, expected_events.len());
+    let turns: usize = inputs.values().map(|c| c.turns.len()).sum();
+    assert!((4_000..=6_000).contains(&turns), "about 5,000 turns, got {turns}");
+
+    let mut worker = Worker::start("e2e", &topics, &[]);
+    let records = wait_for_distinct_sources(&topics.output, inputs.len(), Duration::from_secs(120));
+    // let the final commit interval pass, then stop gracefully
+    std::thread::sleep(Duration::from_millis(1500));
+    worker.signal("TERM");
+    let (code, _) = worker.wait_exit(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{}", worker.log_text());
+
+    // exactly one enriched event per input event, matching it turn for turn
+    assert_eq!(records.len(), inputs.len(), "one output per input, no duplicates");
+    let outputs = by_source(&records);
+    for (source, input) in &inputs {
+        let out = &outputs.get(source).unwrap_or_else(|| panic!("no output for {source:?}"))[0];
+        assert_eq!(out.conversation_id, input.conversation_id);
+        assert_eq!(out.source.topic, topics.input);
+        let ids: Vec<_> = out.turns.iter().map(|t| &t.turn_id).collect();
+        assert_eq!(ids, input.turns.iter().map(|t| &t.turn_id).collect::<Vec<_>>());
+        assert!(out.turns.iter().all(|t| t.token_count > 0 && !t.point_ids.is_empty()));
+    }
+    // per-key order: within each output partition, a key's events follow input offsets
+    let mut last_seen: HashMap<Vec<u8>, (i32, i64)> = HashMap::new();
+    let mut sorted = records.clone();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    for r in &sorted {
+        let e = r.enriched();
+        assert_eq!(r.key.as_deref(), Some(e.conversation_id.as_bytes()), "output keyed by conversation id");
+        let src = (e.source.partition, e.source.offset);
+        if let Some(prev) = last_seen.insert(r.key.clone().unwrap(), src) {
+            assert_eq!(prev.0, src.0, "one key, one input partition");
+            assert!(prev.1 < src.1, "key {:?} out of order: {prev:?} then {src:?}", e.conversation_id);
+        }
+    }
+    // all offsets committed: lag 0 on every partition
+    let lag = lag(&topics.group, &topics.input);
+    assert!(lag.values().all(|&l| l == 0), "lag after drain: {lag:?}");
+    assert!(read_topic(&topics.dlq(), 1, Duration::from_secs(2), Duration::ZERO).is_empty(), "nothing dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_then_restart_loses_nothing() {
+    let topics = Topics::new("kill");
+    create_topic(&topics.input, 3).await;
+    let events = sample_events(21, 300);
+    produce_conversations(&topics.input, &events).await;
+    let total = events.len();
+
+    let mut first = Worker::start("first", &topics, SLOW);
+    let seen = read_topic(&topics.output, total / 3, Duration::from_secs(120), Duration::ZERO);
+    first.signal("KILL");
+    let (code, _) = first.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, None, "killed by the signal");
+    assert!(seen.len() < total, "the first worker must be interrupted mid-run ({} of {total})", seen.len());
+    let committed_at_kill = committed(&topics.group, &topics.input);
+    let high = high_watermarks(&topics.input);
+    assert!(
+        committed_at_kill.iter().any(|(p, c)| *c < high[p]),
+        "work was left at the kill: committed {committed_at_kill:?}, end {high:?}"
+    );
+
+    let mut second = Worker::start("second", &topics, &[]);
+    let records = wait_for_distinct_sources(&topics.output, total, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(1500));
+    second.signal("TERM");
+    assert_eq!(second.wait_exit(Duration::from_secs(15)).0, Some(0));
+
+    let outputs = by_source(&records);
+    for (p, end) in &high {
+        for offset in 0..*end {
+            let n = outputs.get(&(*p, offset)).map_or(0, Vec::len);
+            assert!(n >= 1, "input {p}/{offset} has no enriched event");
+            if n > 1 {
+                let c = committed_at_kill[p];
+                assert!(offset >= c, "input {p}/{offset} duplicated although committed ({c}) before the kill");
+            }
+        }
+    }
+    assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_partitions_and_survive_one_leaving() {
+    let topics = Topics::new("scale");
+    create_topic(&topics.input, 6).await;
+    let g = SampleGenerator::new(31);
+    let batch = |from: u64, to: u64| (from..to).flat_map(|n| g.conversation_events(n)).collect::<Vec<_>>();
+    let mut produced = batch(0, 100);
+    produce_conversations(&topics.input, &produced).await;
+
+    let mut a = Worker::start("a", &topics, &[]);
+    a.wait_for_log("partitions assigned", Duration::from_secs(60));
+    let mut b = Worker::start("b", &topics, &[]);
+    b.wait_for_log("partitions assigned", Duration::from_secs(60));
+    // wait until A's latest assignment reflects the split
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (la, lb) = (a.assignments(), b.assignments());
+        let (last_a, last_b) = (la.last().cloned().unwrap_or_default(), lb.last().cloned().unwrap_or_default());
+        if !last_a.is_empty() && !last_b.is_empty() && last_a.len() + last_b.len() == 6 {
+            let mut all: Vec<_> = last_a.iter().chain(&last_b).copied().collect();
+            all.sort();
+            assert_eq!(all, (0..6).collect::<Vec<_>>(), "the two assignments partition the topic");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no split: a {la:?} b {lb:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let more = batch(100, 200);
+    produce_conversations(&topics.input, &more).await;
+    produced.extend(more);
+    std::thread::sleep(Duration::from_secs(2));
+
+    b.signal("TERM");
+    assert_eq!(b.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", b.log_text());
+    let last = batch(200, 300);
+    produce_conversations(&topics.input, &last).await;
+    produced.extend(last);
+
+    let records = wait_for_distinct_sources(&topics.output, produced.len(), Duration::from_secs(120));
+    let outputs = by_source(&records);
+    assert_eq!(outputs.len(), produced.len(), "every event enriched, none lost");
+    let high = high_watermarks(&topics.input);
+    assert_eq!(high.values().sum::<i64>() as usize, produced.len());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while a.assignments().last().map_or(0, Vec::len) != 6 {
+        assert!(std::time::Instant::now() < deadline, "A never took all partitions: {:?}", a.assignments());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    a.signal("TERM");
+    assert_eq!(a.wait_exit(Duration::from_secs(15)).0, Some(0));
+    assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
+    let topics = Topics::new("poison");
+    create_topic(&topics.input, 2).await;
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let g = SampleGenerator::new(41);
+    let valid = |n: u64| {
+        let c = g.conversation(n);
+        (Some(c.conversation_id.clone().into_bytes()), Some(codec.encode(&c).unwrap()))
+    };
+    let good_bytes = codec.encode(&g.conversation(99)).unwrap();
+    let mut wrong_fp = good_bytes.clone();
+    wrong_fp[3] ^= 0x5a;
+    let mut huge = g.conversation(98);
+    huge.turns[0].text = "bla ".repeat(5 * 1024 * 1024 / 4); // a 5 MB turn
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes", (1..513u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()),
+        ("truncated avro", good_bytes[..good_bytes.len() / 2].to_vec()),
+        ("wrong fingerprint", wrong_fp),
+        ("5 MB turn", codec.encode(&huge).unwrap()),
+        ("missing required fields", br#"{"tenant":"acme","started_at":1,"turns":[]}"#.to_vec()),
+        ("invalid utf-8 json", b"{\"conversation_id\":\"c\xff\xfe\",\"tenant\":\"t\",\"started_at\":1,\"turns\":[]}".to_vec()),
+        ("key differs from conversation_id", codec.encode(&g.conversation(97)).unwrap()),
+    ];
+    let mut records = Vec::new();
+    for (i, (name, bytes)) in poison.iter().enumerate() {
+        records.push(valid(i as u64));
+        records.push((Some(format!("poison-{name}").into_bytes()), Some(bytes.clone())));
+    }
+    records.push(valid(50));
+    let positions = produce_raw(&topics.input, &records).await;
+    let poison_positions: Vec<(i32, i64)> = positions.iter().skip(1).step_by(2).take(poison.len()).copied().collect();
+
+    let mut worker = Worker::start("poison", &topics, &[]);
+    let dlq = read_topic(&topics.dlq(), poison.len(), Duration::from_secs(90), Duration::from_millis(500));
+    let out = wait_for_distinct_sources(&topics.output, poison.len() + 1, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1500));
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
+
+    assert_eq!(dlq.len(), poison.len(), "each poison message dead-lettered once");
+    assert_eq!(by_source(&out).len(), poison.len() + 1, "every valid message enriched");
+    let expected_class =
+        ["deserialization", "deserialization", "unknown-schema", "validation", "deserialization", "deserialization", "validation"];
+    for (((name, bytes), pos), class) in poison.iter().zip(&poison_positions).zip(expected_class) {
+        let rec = dlq
+            .iter()
+            .find(|r| r.headers.get("dlq.original.offset") == Some(&pos.1.to_string())
+                && r.headers.get("dlq.original.partition") == Some(&pos.0.to_string()))
+            .unwrap_or_else(|| panic!("{name} not in the DLQ"));
+        assert_eq!(rec.headers["dlq.error.class"], class, "{name}: {:?}", rec.headers);
+        assert!(!rec.headers["dlq.error.message"].is_empty());
+        assert_eq!(rec.headers["dlq.original.topic"], topics.input);
+        assert_eq!(rec.payload.as_deref(), Some(bytes.as_slice()), "{name}: original value kept");
+        assert_eq!(rec.key.as_deref(), Some(format!("poison-{name}").as_bytes()));
+    }
+    let msg = |name: &str| {
+        let pos = poison_positions[poison.iter().position(|(n, _)| *n == name).unwrap()];
+        dlq.iter()
+            .find(|r| r.headers["dlq.original.offset"] == pos.1.to_string() && r.headers["dlq.original.partition"] == pos.0.to_string())
+            .unwrap()
+            .headers["dlq.error.message"]
+            .clone()
+    };
+    assert!(msg("5 MB turn").contains("over the limit"), "{}", msg("5 MB turn"));
+    assert!(msg("missing required fields").contains("missing field `conversation_id`"));
+    assert!(msg("wrong fingerprint").contains("unknown writer schema fingerprint"));
+    assert!(msg("key differs from conversation_id").contains("differs from conversation_id"));
+    assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past the poison");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_within_10s_with_processed_work_committed() {
+    let topics = Topics::new("term");
+    create_topic(&topics.input, 3).await;
+    let events = sample_events(51, 400);
+    produce_conversations(&topics.input, &events).await;
+
+    let mut worker = Worker::start("term", &topics, SLOW);
+    let seen = read_topic(&topics.output, 50, Duration::from_secs(90), Duration::ZERO);
+    assert!(seen.len() >= 50);
+    worker.signal("TERM");
+    let (code, took) = worker.wait_exit(Duration::from_secs(12));
+    assert_eq!(code, Some(0), "{}", worker.log_text());
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+
+    let committed = committed(&topics.group, &topics.input);
+    let high = high_watermarks(&topics.input);
+    assert!(committed.iter().any(|(p, c)| *c < high[p]), "stopped under load, not after it: {committed:?} {high:?}");
+    let outputs = by_source(&read_topic(&topics.output, events.len(), Duration::from_secs(5), Duration::ZERO));
+    for (p, end) in &high {
+        let c = committed[p].max(0);
+        for offset in 0..*end {
+            let processed = outputs.contains_key(&(*p, offset));
+            assert_eq!(processed, offset < c, "partition {p} offset {offset}: processed={processed}, committed up to {c}");
+        }
+    }
+}
