@@ -57,6 +57,15 @@ pub enum Command {
         #[arg(long, default_value_t = 6)]
         partitions: usize,
     },
+    /// The embedded default: in-process Kafka, sample conversations, the worker, a summary.
+    Demo {
+        /// Sample conversations to publish.
+        #[arg(long, default_value_t = 50)]
+        conversations: u64,
+        /// Give up if not everything is enriched within this many seconds.
+        #[arg(long, default_value_t = 180)]
+        timeout_s: u64,
+    },
     /// Validate the configuration, the tokenizer and the Kafka topics; report what was found.
     Check {
         #[arg(long, short, env = "CONVOFLOW_CONFIG")]
@@ -75,6 +84,9 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Produce { config, count, input, format, topic, seed, whole, partitions } => {
             let cfg = Config::load(config.as_deref())?;
             produce(&cfg, ProduceArgs { count, input, format, topic, seed, whole, partitions }).await
+        }
+        Command::Demo { conversations, timeout_s } => {
+            crate::demo::run(conversations, std::time::Duration::from_secs(timeout_s)).await
         }
         Command::Check { config } => check(config.as_deref()).await,
     }

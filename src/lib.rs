@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod pipeline;
 pub mod sample;
