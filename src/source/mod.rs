@@ -47,6 +47,8 @@ pub struct SourceState {
     backlog: VecDeque<InboundMessage>,
     /// Set by a rebalance: the assignment changed, so pause state must be re-applied.
     rebalanced: bool,
+    /// Set at shutdown: the final revoke must not wait again for work already waited for.
+    shutting_down: bool,
 }
 
 #[derive(Default)]
@@ -132,6 +134,9 @@ impl SourceContext {
                 }
                 keep
             });
+        }
+        if self.shared.lock().shutting_down {
+            return;
         }
         let deadline = Instant::now() + self.rebalance_drain;
         while Instant::now() < deadline {
@@ -252,6 +257,7 @@ fn shutdown(consumer: SourceConsumer, shared: Arc<SharedSource>, tx: mpsc::Sende
     set_paused(&consumer, true);
     {
         let mut state = shared.lock();
+        state.shutting_down = true;
         let SourceState { tracker, backlog, .. } = &mut *state;
         for m in backlog.drain(..) {
             tracker.forget_from(&m.tp, m.offset);
