@@ -223,3 +223,24 @@ async fn check(config: Option<&Path>) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_are_read_with_line_numbers_in_errors() {
+        let dir = std::env::temp_dir().join(format!("convoflow-jsonl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.jsonl");
+        let conv = SampleGenerator::new(1).conversation(0);
+        let line = serde_json::to_string(&conv).unwrap();
+        std::fs::write(&good, format!("{line}\n\n{line}\n")).unwrap();
+        assert_eq!(read_json_lines(&good).unwrap(), vec![conv.clone(), conv]);
+        let bad = dir.join("bad.jsonl");
+        std::fs::write(&bad, format!("{line}\n{{\"tenant\": 1}}\n")).unwrap();
+        let err = format!("{:#}", read_json_lines(&bad).unwrap_err());
+        assert!(err.contains("bad.jsonl:2"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

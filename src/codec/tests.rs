@@ -156,3 +156,35 @@ fn json_errors_name_the_problem() {
     let bad_utf8 = codec.decode(b"{\"conversation_id\":\"\xff\xfe\"}").unwrap_err();
     assert!(bad_utf8.to_string().contains("invalid unicode"), "{bad_utf8}");
 }
+
+/// Every field of both contracts carries a doc (the schemas are the documentation users read).
+#[test]
+fn every_schema_field_is_documented() {
+    fn walk(t: &serde_json::Value, path: &str, missing: &mut Vec<String>) {
+        match t {
+            serde_json::Value::Object(o) if o.get("type").and_then(|v| v.as_str()) == Some("record") => {
+                for f in o["fields"].as_array().unwrap() {
+                    let name = format!("{path}.{}", f["name"].as_str().unwrap());
+                    if f.get("doc").and_then(|d| d.as_str()).is_none_or(str::is_empty) {
+                        missing.push(name.clone());
+                    }
+                    walk(&f["type"], &name, missing);
+                }
+            }
+            serde_json::Value::Object(o) => {
+                for key in ["items", "values"] {
+                    if let Some(inner) = o.get(key) {
+                        walk(inner, path, missing);
+                    }
+                }
+            }
+            serde_json::Value::Array(branches) => branches.iter().for_each(|b| walk(b, path, missing)),
+            _ => {}
+        }
+    }
+    let mut missing = vec![];
+    for (name, schema) in [("Conversation", Conversation::SCHEMA), ("EnrichedConversation", EnrichedConversation::SCHEMA)] {
+        walk(&serde_json::from_str(schema).unwrap(), name, &mut missing);
+    }
+    assert!(missing.is_empty(), "fields without doc: {missing:?}");
+}
