@@ -195,17 +195,37 @@ async fn check(config: Option<&Path>) -> Result<()> {
         enriched.total_tokens,
         probe.turns.len()
     );
-    for (task, model) in [("embedding", &cfg.models.embedding), ("ner", &cfg.models.ner), ("sentiment", &cfg.models.sentiment)] {
-        match model {
-            Some(m) => println!(
-                "model {task}: {} at {} ({}), dtype {}: not loaded by this build (model runtime pending)",
-                m.name,
-                m.path.display(),
-                if m.path.join("config.json").exists() { "folder found" } else { "folder missing" },
-                m.dtype
-            ),
-            None => println!("model {task}: not configured"),
+    for line in crate::infer::device::report() {
+        println!("{line}");
+    }
+    let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
+    for (task, model, kind) in [
+        ("embedding", &cfg.models.embedding, crate::infer::Task::Embedding),
+        ("ner", &cfg.models.ner, crate::infer::Task::TokenClassification),
+        ("sentiment", &cfg.models.sentiment, crate::infer::Task::SequenceClassification),
+    ] {
+        let Some(m) = model else {
+            println!("model {task}: not configured");
+            continue;
+        };
+        if !m.path.exists() {
+            println!("model {task}: {} — folder {} not found (download it from the HuggingFace hub)", m.name, m.path.display());
+            continue;
         }
+        let dtype = crate::infer::device::parse_dtype(&m.dtype, device)?;
+        let started = Instant::now();
+        let loaded = crate::infer::Model::load(&m.path, kind, device, dtype)
+            .with_context(|| format!("loading the {task} model {}", m.name))?;
+        let cfg = &loaded.folder.config;
+        println!(
+            "model {task}: {} ({}, {} layers, hidden {}, {} labels) on {device:?} as {dtype:?}, loaded in {:.1}s",
+            m.name,
+            cfg.model_type,
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            loaded.labels.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
     let k = &cfg.kafka;
     let mut missing = vec![];

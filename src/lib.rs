@@ -5,6 +5,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod infer;
 pub mod event;
 pub mod pipeline;
 pub mod sample;

@@ -1,0 +1,12 @@
+# Sourced by scripts/setup, scripts/test and scripts/demo: where the Python environment (torch
+# 2.11.0 + transformers) and the model fixtures live, and the libtorch variables for tch.
+# Everything is cached under ${CONVOFLOW_CACHE:-~/.cache/convoflow}, keyed by content hashes.
+here_env="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export CONVOFLOW_CACHE="${CONVOFLOW_CACHE:-$HOME/.cache/convoflow}"
+CONVOFLOW_VENV="$CONVOFLOW_CACHE/venv-$(sha1sum "$here_env/fixtures/requirements.txt" | cut -c1-12)"
+CONVOFLOW_PY="$CONVOFLOW_VENV/bin/python"
+site_packages=("$CONVOFLOW_VENV"/lib/python3*/site-packages)
+export LIBTORCH="${site_packages[0]}/torch"
+export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CONVOFLOW_MODEL_FIXTURES="$CONVOFLOW_CACHE/fixtures-$(cat "$here_env/fixtures/make_models.py" "$here_env/fixtures/requirements.txt" | sha1sum | cut -c1-12)"
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

@@ -1,0 +1,48 @@
+//! Devices and what libtorch reports about them.
+
+use tch::{Cuda, Device, Kind};
+
+/// `auto` (CUDA 0 when available), `cpu`, or `cuda:N`.
+pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
+    match spec {
+        "auto" => Ok(if Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let n: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("gpu.device must be auto, cpu or cuda:N, got {other:?}"))?;
+            if n >= Cuda::device_count() as usize {
+                anyhow::bail!("gpu.device {other}: only {} CUDA device(s) visible", Cuda::device_count());
+            }
+            Ok(Device::Cuda(n))
+        }
+    }
+}
+
+/// fp32 on CPU whatever is configured; fp16/bf16/fp32 on CUDA as configured.
+pub fn parse_dtype(spec: &str, device: Device) -> anyhow::Result<Kind> {
+    if device == Device::Cpu {
+        return Ok(Kind::Float);
+    }
+    match spec {
+        "fp32" | "float32" => Ok(Kind::Float),
+        "fp16" | "float16" => Ok(Kind::Half),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        other => anyhow::bail!("dtype must be fp32, fp16 or bf16, got {other:?}"),
+    }
+}
+
+/// One line per fact, for `convoflow check`.
+pub fn report() -> Vec<String> {
+    let mut lines = vec![
+        format!("libtorch: {} (built against)", env!("CONVOFLOW_LIBTORCH_VERSION")),
+        format!("cuda: available {} ({} device(s)), built with CUDA {}", Cuda::is_available(), Cuda::device_count(), tch::utils::has_cuda()),
+        format!("cudnn: available {}", Cuda::cudnn_is_available()),
+        format!("cpu: {} intra-op threads, mkldnn {}, openmp {}", tch::get_num_threads(), tch::utils::has_mkldnn(), tch::utils::has_openmp()),
+    ];
+    if Cuda::is_available() {
+        lines.push(format!("cudart {} cudnn {}", tch::utils::version_cudart(), tch::utils::version_cudnn()));
+    }
+    lines
+}

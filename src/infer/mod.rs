@@ -1,0 +1,22 @@
+//! Model runtime: native BERT-family encoders on libtorch (tch), HuggingFace folders.
+
+pub mod device;
+pub mod encoder;
+pub mod hf;
+pub mod model;
+pub mod ner;
+pub mod random;
+pub mod weights;
+
+pub use hf::{ModelError, ModelFolder};
+pub use model::{Model, Task};
+
+/// Expected stars (1..=n) and argmax stars from 1-to-n-star probabilities.
+pub fn stars(probabilities: &[f32]) -> (i32, f32) {
+    let (argmax, _) = probabilities
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |best, (i, &p)| if p > best.1 { (i, p) } else { best });
+    let expected = probabilities.iter().enumerate().map(|(i, p)| (i as f32 + 1.0) * p).sum();
+    (argmax as i32 + 1, expected)
+}

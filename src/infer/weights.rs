@@ -1,0 +1,51 @@
+//! Weights from safetensors, looked up by HuggingFace parameter name with shape checks.
+
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
+
+use super::hf::{ModelError, ModelFolder};
+
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    /// Prefix of the base model's parameters ("bert.", "roberta.", "" for a bare model...).
+    pub prefix: String,
+    device: Device,
+    kind: Kind,
+}
+
+impl Weights {
+    pub fn load(folder: &ModelFolder, device: Device, kind: Kind) -> Result<Self, ModelError> {
+        let mut tensors = HashMap::new();
+        for file in &folder.weight_files {
+            for (name, tensor) in Tensor::read_safetensors(file)? {
+                // legacy TF-converted checkpoints name LayerNorm parameters gamma/beta
+                let name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias");
+                tensors.insert(name, tensor);
+            }
+        }
+        let prefix = tensors
+            .keys()
+            .find_map(|k| k.strip_suffix("embeddings.word_embeddings.weight").map(str::to_string))
+            .ok_or_else(|| ModelError::MissingTensor { name: "embeddings.word_embeddings.weight".into() })?;
+        Ok(Self { tensors, prefix, device, kind })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Tensor `name` (full name), checked against `shape`, moved to the device and dtype.
+    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
+        let t = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.to_string() })?;
+        if t.size() != shape {
+            return Err(ModelError::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), found: t.size() });
+        }
+        Ok(t.to_device(self.device).to_kind(self.kind))
+    }
+
+    /// A base-model tensor: `name` under the detected prefix.
+    pub fn base(&self, name: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
+        self.get(&format!("{}{name}", self.prefix), shape)
+    }
+}

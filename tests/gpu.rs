@@ -1,0 +1,114 @@
+//! Device checks, run on a CUDA machine with `cargo test --release --test gpu -- --ignored`
+//! (scripts/gpu-check does it): the reference architectures at full size with random weights
+//! (tests/data/archs), CUDA fp32 / fp16 / bf16 against the CPU fp32 path (which the parity tests
+//! pin to transformers), plus throughput. Ignored by default: CI machines have no GPU.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use convoflow::infer::random::write_random_model;
+use convoflow::infer::{Model, Task, ner};
+use convoflow::sample::SampleGenerator;
+use tch::{Cuda, Device, Kind, Tensor};
+
+const ARCHS: [(&str, Task); 3] = [
+    ("embed-xlmr", Task::Embedding),
+    ("ner-camembert", Task::TokenClassification),
+    ("sentiment-bert", Task::SequenceClassification),
+];
+
+fn materialise(name: &str, task: Task, layers: Option<i64>) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/archs").join(name);
+    let dir = std::env::temp_dir().join(format!("convoflow-arch-{name}-{}-{}", layers.unwrap_or(0), std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    if let Some(l) = layers {
+        cfg["num_hidden_layers"] = l.into();
+    }
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    write_random_model(&dir, task, 7).unwrap();
+    dir
+}
+
+fn turns(n: usize) -> Vec<String> {
+    let g = SampleGenerator::new(9);
+    (0..).flat_map(|c| g.conversation(c).turns).map(|t| t.text).take(n).collect()
+}
+
+fn run(model: &Model, texts: &[String]) -> Tensor {
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    model.forward(&model.tokenize(&refs).unwrap())
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let diff = (a - b).abs().max().double_value(&[]);
+    diff / b.abs().max().double_value(&[])
+}
+
+/// Every architecture's random weights load through the real loader (CPU, one layer).
+#[test]
+fn random_weights_load_for_every_architecture() {
+    for (name, task) in ARCHS {
+        let dir = materialise(name, task, Some(1));
+        let model = Model::load(&dir, task, Device::Cpu, Kind::Float).unwrap();
+        let out = run(&model, &turns(3));
+        assert_eq!(out.size()[0], 3, "{name}");
+        assert!(out.isfinite().all().int64_value(&[]) == 1, "{name}: non-finite outputs");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_matches_cpu_and_reports_throughput() {
+    assert!(Cuda::is_available(), "no CUDA device visible to libtorch");
+    for line in convoflow::infer::device::report() {
+        println!("{line}");
+    }
+    let texts = turns(64);
+    println!("| model | dtype | rel. error vs CPU fp32 | turns/s | tokens/s | batch |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (name, task) in ARCHS {
+        let dir = materialise(name, task, None);
+        let cpu = Model::load(&dir, task, Device::Cpu, Kind::Float).unwrap();
+        let reference = run(&cpu, &texts);
+        drop(cpu);
+        for (kind, bound) in [(Kind::Float, 1e-4), (Kind::Half, 1e-2), (Kind::BFloat16, 5e-2)] {
+            let gpu = Model::load(&dir, task, Device::Cuda(0), kind).unwrap();
+            let out = run(&gpu, &texts);
+            let err = rel_err(&out, &reference);
+            if kind == Kind::Float && task == Task::TokenClassification {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let batch = gpu.tokenize(&refs).unwrap();
+                for (i, text) in texts.iter().enumerate() {
+                    let a = ner::aggregate_simple(text, &batch.encodings[i], &out.get(i as i64), &gpu.labels);
+                    let b = ner::aggregate_simple(text, &batch.encodings[i], &reference.get(i as i64), &gpu.labels);
+                    let spans = |v: &[convoflow::event::Entity]| v.iter().map(|e| (e.label.clone(), e.start, e.end)).collect::<Vec<_>>();
+                    assert_eq!(spans(&a), spans(&b), "{name}: entities differ on CUDA for {text:?}");
+                }
+            }
+            // throughput: 2,048 sample turns in batches of 256, after one warm-up batch
+            let bench = turns(2048);
+            let _ = run(&gpu, &bench[..256]);
+            Cuda::synchronize(0);
+            let started = Instant::now();
+            let mut tokens = 0;
+            for chunk in bench.chunks(256) {
+                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                let batch = gpu.tokenize(&refs).unwrap();
+                tokens += batch.real_tokens;
+                let _ = gpu.forward(&batch);
+            }
+            Cuda::synchronize(0);
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "| {name} | {kind:?} | {err:.2e} | {:.0} | {:.0} | 256 |",
+                bench.len() as f64 / secs,
+                tokens as f64 / secs
+            );
+            assert!(err <= bound, "{name} {kind:?}: relative error {err} over {bound}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,184 @@
+//! The native encoder against transformers on the same weights (fixtures built by
+//! scripts/fixtures/make_models.py: random models with the reference configs, 2 layers).
+
+use std::path::{Path, PathBuf};
+
+use convoflow::infer::hf::ModelError;
+use convoflow::infer::{Model, Task, ner};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(std::env::var("CONVOFLOW_MODEL_FIXTURES").expect(
+        "CONVOFLOW_MODEL_FIXTURES is not set: run the tests with scripts/test, which builds the model fixtures",
+    ))
+}
+
+fn expected(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name).join("expected.json")).unwrap()).unwrap()
+}
+
+fn texts(exp: &Value) -> Vec<String> {
+    exp["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
+}
+
+fn load(name: &str, task: Task) -> Model {
+    Model::load(&fixtures().join(name), task, Device::Cpu, Kind::Float).unwrap()
+}
+
+fn as_matrix(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
+}
+
+/// max |a - b| / max |b|
+fn relative_error(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
+    assert_eq!(ours.len(), reference.len());
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (a, b) in ours.iter().zip(reference) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            diff = diff.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    diff / scale
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    Vec::<Vec<f32>>::try_from(t).unwrap()
+}
+
+#[test]
+fn xlm_roberta_embeddings_match_transformers() {
+    let exp = expected("embed-xlmr");
+    let model = load("embed-xlmr", Task::Embedding);
+    let texts = texts(&exp);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let out = rows(&model.forward(&model.tokenize(&refs).unwrap()));
+    let err = relative_error(&out, &as_matrix(&exp["embeddings"]));
+    println!("xlm-roberta embeddings: max relative error {err:.2e}");
+    assert!(err <= 1e-4, "relative error {err}");
+}
+
+#[test]
+fn bert_sequence_classification_matches_transformers() {
+    let exp = expected("sentiment-bert");
+    let model = load("sentiment-bert", Task::SequenceClassification);
+    assert_eq!(model.labels, ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]);
+    let texts = texts(&exp);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let out = rows(&model.forward(&model.tokenize(&refs).unwrap()));
+    let reference = as_matrix(&exp["probabilities"]);
+    let max_abs = out.iter().flatten().zip(reference.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("bert sequence classification: max abs probability difference {max_abs:.2e}");
+    assert!(max_abs <= 1e-4, "probabilities differ by {max_abs}");
+    for (p, r) in out.iter().zip(&reference) {
+        assert_eq!(convoflow::infer::stars(p).0, convoflow::infer::stars(r).0);
+    }
+}
+
+#[test]
+fn camembert_token_classification_and_entities_match_transformers() {
+    let exp = expected("ner-camembert");
+    let model = load("ner-camembert", Task::TokenClassification);
+    let texts = texts(&exp);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let batch = model.tokenize(&refs).unwrap();
+    let probs = model.forward(&batch);
+    for (i, text) in texts.iter().enumerate() {
+        let n = batch.encodings[i].len() as i64;
+        let ours = rows(&probs.get(i as i64).narrow(0, 0, n));
+        let reference = as_matrix(&exp["token_probabilities"][i]);
+        let err = relative_error(&ours, &reference);
+        println!("camembert token probabilities, text {i}: max relative error {err:.2e}");
+        assert!(err <= 1e-4, "text {i}: token probabilities relative error {err}");
+
+        let entities = ner::aggregate_simple(text, &batch.encodings[i], &probs.get(i as i64), &model.labels);
+        let expected_entities = exp["entities"][i].as_array().unwrap();
+        let spans: Vec<(String, i64, i64)> =
+            entities.iter().map(|e| (e.label.clone(), i64::from(e.start), i64::from(e.end))).collect();
+        let expected_spans: Vec<(String, i64, i64)> = expected_entities
+            .iter()
+            .map(|e| (e["label"].as_str().unwrap().to_string(), e["start"].as_i64().unwrap(), e["end"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(spans, expected_spans, "text {i}: {text}");
+        for (e, x) in entities.iter().zip(expected_entities) {
+            assert!((f64::from(e.score) - x["score"].as_f64().unwrap()).abs() <= 1e-4);
+            let chars: Vec<char> = text.chars().collect();
+            assert_eq!(e.text, chars[e.start as usize..e.end as usize].iter().collect::<String>());
+        }
+    }
+}
+
+#[test]
+fn outputs_do_not_depend_on_batch_composition_or_order() {
+    let exp = expected("embed-xlmr");
+    let model = load("embed-xlmr", Task::Embedding);
+    let texts = texts(&exp);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let together = rows(&model.forward(&model.tokenize(&refs).unwrap()));
+    let mut reversed_refs = refs.clone();
+    reversed_refs.reverse();
+    let mut reversed = rows(&model.forward(&model.tokenize(&reversed_refs).unwrap()));
+    reversed.reverse();
+    for (i, text) in refs.iter().enumerate() {
+        let alone = rows(&model.forward(&model.tokenize(&[text]).unwrap()));
+        for other in [&together[i], &reversed[i]] {
+            let diff = alone[0].iter().zip(other).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5, "text {i} differs by {diff} between batch compositions");
+        }
+    }
+}
+
+/// A copy of a fixture folder with links to its big files, to break one thing at a time.
+fn broken_copy(name: &str, tag: &str) -> PathBuf {
+    let src = fixtures().join(name);
+    let dst = std::env::temp_dir().join(format!("convoflow-broken-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    std::os::unix::fs::symlink(src.join("model.safetensors"), dst.join("model.safetensors")).unwrap();
+    dst
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+}
+
+#[test]
+fn bad_model_folders_give_clear_errors() {
+    let err = |dir: &Path, task| Model::load(dir, task, Device::Cpu, Kind::Float).err().expect("must fail");
+
+    let missing_weights = broken_copy("ner-camembert", "weights");
+    std::fs::remove_file(missing_weights.join("model.safetensors")).unwrap();
+    let e = err(&missing_weights, Task::TokenClassification);
+    assert!(matches!(e, ModelError::MissingFile { .. }) && e.to_string().contains("model.safetensors"), "{e}");
+
+    let missing_tokenizer = broken_copy("ner-camembert", "tok");
+    std::fs::remove_file(missing_tokenizer.join("tokenizer.json")).unwrap();
+    assert!(err(&missing_tokenizer, Task::TokenClassification).to_string().contains("missing tokenizer.json"));
+
+    let missing_config = broken_copy("ner-camembert", "cfg");
+    std::fs::remove_file(missing_config.join("config.json")).unwrap();
+    assert!(err(&missing_config, Task::TokenClassification).to_string().contains("missing config.json"));
+
+    let unsupported = broken_copy("ner-camembert", "arch");
+    edit_config(&unsupported, |c| c["model_type"] = "gpt2".into());
+    let e = err(&unsupported, Task::TokenClassification);
+    assert!(matches!(e, ModelError::UnsupportedArchitecture { .. }) && e.to_string().contains("gpt2"), "{e}");
+
+    let mismatch = broken_copy("ner-camembert", "shape");
+    edit_config(&mismatch, |c| c["intermediate_size"] = 1024.into());
+    let e = err(&mismatch, Task::TokenClassification);
+    assert!(e.to_string().contains("encoder.layer.0.intermediate.dense.weight"), "names the tensor: {e}");
+    assert!(e.to_string().contains("[1024, 768]") && e.to_string().contains("[3072, 768]"), "{e}");
+
+    for dir in [missing_weights, missing_tokenizer, missing_config, unsupported, mismatch] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
