@@ -182,3 +182,68 @@ fn bad_model_folders_give_clear_errors() {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+#[test]
+fn budgeted_batches_give_the_same_outputs_in_input_order() {
+    use convoflow::infer::batch::Budget;
+    let exp = expected("sentiment-bert");
+    let model = load("sentiment-bert", Task::SequenceClassification);
+    let texts = texts(&exp);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let reference = as_matrix(&exp["probabilities"]);
+    for budget in [Budget { max_batch_tokens: 64, max_batch_size: 3 }, Budget { max_batch_tokens: 100_000, max_batch_size: 64 }] {
+        let (probs, stats) = model.classify(&refs, &budget).unwrap();
+        assert_eq!(stats.sequences, texts.len());
+        assert!(stats.padded_tokens >= stats.real_tokens);
+        let diff = probs.iter().flatten().zip(reference.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-4, "{budget:?}: {diff}");
+    }
+    let small = model.classify(&refs, &Budget { max_batch_tokens: 64, max_batch_size: 3 }).unwrap();
+    let large = model.classify(&refs, &Budget { max_batch_tokens: 100_000, max_batch_size: 64 }).unwrap();
+    assert!(small.1.batches > large.1.batches);
+    assert!(small.1.padding_ratio() <= large.1.padding_ratio(), "sorted small batches pad less");
+    let diff = small.0.iter().flatten().zip(large.0.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff <= 1e-5, "batch composition changed outputs by {diff}");
+}
+
+#[test]
+fn windowed_ner_matches_transformers_on_short_texts() {
+    let exp = expected("ner-camembert");
+    let model = load("ner-camembert", Task::TokenClassification);
+    let texts = texts(&exp);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (entities, _) = model.entities(&refs, &Default::default(), 128).unwrap();
+    for (i, found) in entities.iter().enumerate() {
+        let spans: Vec<(String, i64, i64)> = found.iter().map(|e| (e.label.clone(), i64::from(e.start), i64::from(e.end))).collect();
+        let expected_spans: Vec<(String, i64, i64)> = exp["entities"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["label"].as_str().unwrap().to_string(), e["start"].as_i64().unwrap(), e["end"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(spans, expected_spans, "text {i}");
+    }
+}
+
+#[test]
+fn ner_on_a_turn_longer_than_512_tokens_finds_entities_after_token_600() {
+    let model = load("ner-camembert", Task::TokenClassification);
+    let tokenizer = tokenizers::Tokenizer::from_file(fixtures().join("ner-camembert/tokenizer.json")).unwrap();
+    let sentence = "Le conseiller Jean Martin de la SNCF a rappelé Camille à Bordeaux pour son billet. ";
+    let mut text = String::new();
+    while tokenizer.encode(text.as_str(), false).unwrap().len() < 900 {
+        text.push_str(sentence);
+    }
+    let enc = tokenizer.encode_char_offsets(text.as_str(), false).unwrap();
+    assert!(enc.len() >= 900);
+    let char_after_600 = enc.get_offsets()[600].0 as i32;
+    let (entities, stats) = model.entities(&[&text], &Default::default(), 128).unwrap();
+    assert!(stats.sequences >= 2, "the turn was split into windows");
+    let late: Vec<_> = entities[0].iter().filter(|e| e.start >= char_after_600).collect();
+    assert!(!late.is_empty(), "no entity found after token 600");
+    // entities cover the whole turn; the truncating path stops at the model length
+    let last_end = entities[0].iter().map(|e| e.end).max().unwrap();
+    assert!(last_end > enc.get_offsets()[850].0 as i32, "entities reach the end of the turn");
+    let truncated = model.tokenize(&[&text]).unwrap();
+    assert_eq!(truncated.max_len, model.max_positions(), "the plain path truncates at {}", model.max_positions());
+}

@@ -1,5 +1,6 @@
 //! Model runtime: native BERT-family encoders on libtorch (tch), HuggingFace folders.
 
+pub mod batch;
 pub mod device;
 pub mod encoder;
 pub mod hf;

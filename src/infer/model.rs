@@ -5,6 +5,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
+use super::batch::{BatchStats, Budget, plan};
 use super::encoder::{Encoder, Linear};
 use super::hf::{Family, ModelError, ModelFolder};
 use super::weights::Weights;
@@ -40,7 +41,13 @@ pub struct Batch {
 pub struct Model {
     pub task: Task,
     pub labels: Vec<String>,
+    /// Truncates at the model's maximum length, adds special tokens.
     pub tokenizer: Tokenizer,
+    /// No truncation (NER windows over long texts).
+    untruncated: Tokenizer,
+    /// Special tokens around one sequence ([CLS] ... [SEP] / <s> ... </s>).
+    prefix_ids: Vec<i64>,
+    suffix_ids: Vec<i64>,
     encoder: Encoder,
     head: Head,
     pad_id: u32,
@@ -77,8 +84,22 @@ impl Model {
                 },
             },
         };
-        let mut tokenizer = Tokenizer::from_file(&folder.tokenizer).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let tok_err = |e: tokenizers::Error| ModelError::Tokenizer(e.to_string());
+        let mut tokenizer = Tokenizer::from_file(&folder.tokenizer).map_err(tok_err)?;
         tokenizer.with_padding(None);
+        let mut untruncated = tokenizer.clone();
+        untruncated.with_truncation(None).map_err(tok_err)?;
+        // what the post-processor adds around a sequence: encode one token with and without
+        let probe = "a";
+        let with = untruncated.encode(probe, true).map_err(tok_err)?;
+        let without = untruncated.encode(probe, false).map_err(tok_err)?;
+        let ids = |e: &tokenizers::Encoding| e.get_ids().iter().map(|&i| i64::from(i)).collect::<Vec<_>>();
+        let (with, without) = (ids(&with), ids(&without));
+        let at = with.windows(without.len()).position(|w| w == without.as_slice()).ok_or_else(|| {
+            ModelError::Tokenizer("the post-processor does not keep the sequence contiguous".into())
+        })?;
+        let prefix_ids = with[..at].to_vec();
+        let suffix_ids = with[at + without.len()..].to_vec();
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: encoder.max_positions as usize,
@@ -86,7 +107,7 @@ impl Model {
             }))
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let pad_id = cfg.pad_token_id.unwrap_or(0) as u32;
-        Ok(Self { task, labels, tokenizer, encoder, head, pad_id, folder })
+        Ok(Self { task, labels, tokenizer, untruncated, prefix_ids, suffix_ids, encoder, head, pad_id, folder })
     }
 
     pub fn device(&self) -> Device {
@@ -133,11 +154,15 @@ impl Model {
     /// Embedding → [batch, hidden]; TokenClassification → [batch, seq, labels] probabilities;
     /// SequenceClassification → [batch, labels] probabilities.
     pub fn forward(&self, batch: &Batch) -> Tensor {
+        self.forward_tensors(&batch.input_ids, &batch.attention_mask)
+    }
+
+    fn forward_tensors(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
-        let hidden = self.encoder.forward(&batch.input_ids, &batch.attention_mask);
+        let hidden = self.encoder.forward(input_ids, attention_mask);
         let out = match &self.head {
             Head::Pool => {
-                let mask = batch.attention_mask.to_kind(Kind::Float).unsqueeze(-1);
+                let mask = attention_mask.to_kind(Kind::Float).unsqueeze(-1);
                 let summed = (hidden.to_kind(Kind::Float) * &mask).sum_dim_intlist(1, false, Kind::Float);
                 let counts = mask.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-9);
                 let mean = summed / counts;
@@ -155,5 +180,128 @@ impl Model {
             }
         };
         out.to_device(Device::Cpu)
+    }
+}
+
+impl Model {
+    /// Token ids with special tokens, truncated to the model's length.
+    pub fn encode_ids(&self, texts: &[&str]) -> Result<Vec<Vec<i64>>, ModelError> {
+        let encodings =
+            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(encodings.iter().map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect()).collect())
+    }
+
+    /// Runs id sequences through encoder and head in token-budget batches. Returns one output
+    /// per sequence, in input order: [hidden] or [labels] rows, or [len, labels] for tokens.
+    pub fn run_sequences(&self, seqs: &[Vec<i64>], budget: &Budget) -> (Vec<Tensor>, BatchStats) {
+        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let mut outputs: Vec<Option<Tensor>> = (0..seqs.len()).map(|_| None).collect();
+        let mut stats = BatchStats::default();
+        for group in plan(&lengths, budget) {
+            let max_len = group.iter().map(|&i| lengths[i]).max().unwrap_or(1).max(1);
+            let mut ids = Vec::with_capacity(group.len() * max_len);
+            let mut mask = Vec::with_capacity(group.len() * max_len);
+            for &i in &group {
+                ids.extend_from_slice(&seqs[i]);
+                ids.extend(std::iter::repeat_n(i64::from(self.pad_id), max_len - lengths[i]));
+                mask.extend(std::iter::repeat_n(1i64, lengths[i]));
+                mask.extend(std::iter::repeat_n(0i64, max_len - lengths[i]));
+            }
+            let shape = [group.len() as i64, max_len as i64];
+            let device = self.device();
+            let out = self.forward_tensors(
+                &Tensor::from_slice(&ids).view(shape).to_device(device),
+                &Tensor::from_slice(&mask).view(shape).to_device(device),
+            );
+            for (row, &i) in group.iter().enumerate() {
+                let t = out.get(row as i64);
+                outputs[i] = Some(if self.task == Task::TokenClassification { t.narrow(0, 0, lengths[i] as i64) } else { t });
+            }
+            stats.add(&BatchStats {
+                sequences: group.len(),
+                batches: 1,
+                real_tokens: group.iter().map(|&i| lengths[i]).sum(),
+                padded_tokens: group.len() * max_len,
+            });
+        }
+        (outputs.into_iter().map(|o| o.expect("every sequence is planned")).collect(), stats)
+    }
+
+    fn rows(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t).expect("a float vector")
+    }
+
+    /// Sentence embeddings (Embedding models), L2-normalised, in input order.
+    pub fn embed(&self, texts: &[&str], budget: &Budget) -> Result<(Vec<Vec<f32>>, BatchStats), ModelError> {
+        let (out, stats) = self.run_sequences(&self.encode_ids(texts)?, budget);
+        Ok((out.iter().map(Self::rows).collect(), stats))
+    }
+
+    /// Label probabilities per text (SequenceClassification models), in input order.
+    pub fn classify(&self, texts: &[&str], budget: &Budget) -> Result<(Vec<Vec<f32>>, BatchStats), ModelError> {
+        let (out, stats) = self.run_sequences(&self.encode_ids(texts)?, budget);
+        Ok((out.iter().map(Self::rows).collect(), stats))
+    }
+
+    /// Entities per text (TokenClassification models). A text longer than the model's length is
+    /// split into windows overlapping by `overlap` tokens; each token takes its probabilities
+    /// from the window where it has the most context on both sides.
+    pub fn entities(
+        &self,
+        texts: &[&str],
+        budget: &Budget,
+        overlap: usize,
+    ) -> Result<(Vec<Vec<crate::event::Entity>>, BatchStats), ModelError> {
+        let content_max = self.max_positions() - self.prefix_ids.len() - self.suffix_ids.len();
+        let overlap = overlap.min(content_max / 2);
+        let encodings = self
+            .untruncated
+            .encode_batch_char_offsets(texts.to_vec(), false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        // (text index, first content token, end) of every window
+        let mut windows: Vec<(usize, usize, usize)> = Vec::new();
+        let mut seqs: Vec<Vec<i64>> = Vec::new();
+        for (t, enc) in encodings.iter().enumerate() {
+            let ids = enc.get_ids();
+            let mut start = 0;
+            loop {
+                let end = (start + content_max).min(ids.len());
+                let mut seq = self.prefix_ids.clone();
+                seq.extend(ids[start..end].iter().map(|&i| i64::from(i)));
+                seq.extend_from_slice(&self.suffix_ids);
+                seqs.push(seq);
+                windows.push((t, start, end));
+                if end >= ids.len() {
+                    break;
+                }
+                start += content_max - overlap;
+            }
+        }
+        let (out, stats) = self.run_sequences(&seqs, budget);
+        let mut per_text: Vec<Vec<(usize, Vec<f32>)>> = encodings.iter().map(|e| vec![(0, vec![]); e.len()]).collect();
+        let mut best_margin: Vec<Vec<Option<usize>>> = encodings.iter().map(|e| vec![None; e.len()]).collect();
+        for ((t, start, end), probs) in windows.iter().zip(&out) {
+            let content = probs.narrow(0, self.prefix_ids.len() as i64, (end - start) as i64);
+            let rows = Vec::<Vec<f32>>::try_from(&content).expect("a float matrix");
+            for (k, row) in rows.into_iter().enumerate() {
+                let token = start + k;
+                // context this window gives the token: distance to its nearer window edge
+                let margin = k.min(end - start - 1 - k);
+                if best_margin[*t][token].is_none_or(|m| margin > m) {
+                    best_margin[*t][token] = Some(margin);
+                    per_text[*t][token] = (token, row);
+                }
+            }
+        }
+        let entities = texts
+            .iter()
+            .zip(&encodings)
+            .zip(per_text)
+            .map(|((text, enc), rows)| {
+                let probs: Vec<Vec<f32>> = rows.into_iter().map(|(_, r)| r).collect();
+                super::ner::aggregate_tokens(text, enc.get_offsets(), &probs, &self.labels)
+            })
+            .collect();
+        Ok((entities, stats))
     }
 }

@@ -29,13 +29,23 @@ struct TokenLabel {
 pub fn aggregate_simple(text: &str, encoding: &tokenizers::Encoding, probs: &Tensor, labels: &[String]) -> Vec<Entity> {
     let probs: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(probs.narrow(0, 0, encoding.len() as i64))
         .expect("probabilities are a float matrix");
-    let tokens: Vec<TokenLabel> = encoding
+    let (offsets, rows): (Vec<(usize, usize)>, Vec<Vec<f32>>) = encoding
         .get_special_tokens_mask()
         .iter()
         .zip(encoding.get_offsets())
-        .zip(&probs)
+        .zip(probs)
         .filter(|((special, _), _)| **special == 0)
-        .map(|((_, &(start, end)), p)| {
+        .map(|((_, &offsets), p)| (offsets, p))
+        .unzip();
+    aggregate_tokens(text, &offsets, &rows, labels)
+}
+
+/// Entities from the content tokens of a text: their char offsets and label probabilities.
+pub fn aggregate_tokens(text: &str, offsets: &[(usize, usize)], probs: &[Vec<f32>], labels: &[String]) -> Vec<Entity> {
+    let tokens: Vec<TokenLabel> = offsets
+        .iter()
+        .zip(probs)
+        .map(|(&(start, end), p)| {
             let (label, score) = p
                 .iter()
                 .enumerate()
