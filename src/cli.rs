@@ -66,6 +66,34 @@ pub enum Command {
         #[arg(long, default_value_t = 180)]
         timeout_s: u64,
     },
+    /// Benchmarks. `--models-only`: model inference throughput on generated turns.
+    Bench {
+        /// Only the models (the end-to-end bench comes with the whole worker).
+        #[arg(long, required = true)]
+        models_only: bool,
+        /// Folder with embedding/, ner/ and sentiment/ HuggingFace model folders.
+        #[arg(long)]
+        models: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        turns: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value = "fp16")]
+        dtype: String,
+        #[arg(long, default_value_t = 16_384)]
+        max_batch_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        max_batch_size: usize,
+        /// CPU intra-op threads (0 = libtorch default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Write the report as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the generated turns (JSON array) here, for a comparison run elsewhere.
+        #[arg(long)]
+        dump_turns: Option<PathBuf>,
+    },
     /// Validate the configuration, the tokenizer and the Kafka topics; report what was found.
     Check {
         #[arg(long, short, env = "CONVOFLOW_CONFIG")]
@@ -89,6 +117,21 @@ pub async fn execute(cli: Cli) -> Result<()> {
             crate::demo::run(conversations, std::time::Duration::from_secs(timeout_s)).await
         }
         Command::Check { config } => check(config.as_deref()).await,
+        Command::Bench { models_only: _, models, turns, device, dtype, max_batch_tokens, max_batch_size, threads, json, dump_turns } => {
+            let args = crate::bench::ModelsBenchArgs {
+                models,
+                turns,
+                device,
+                dtype,
+                budget: crate::infer::batch::Budget { max_batch_tokens, max_batch_size },
+                threads,
+                json,
+                dump_turns,
+            };
+            let report = tokio::task::spawn_blocking(move || crate::bench::run_models(&args)).await??;
+            crate::bench::print_report(&report);
+            Ok(())
+        }
     }
 }
 

@@ -181,6 +181,27 @@ pub struct ModelConfig {
     pub batch_size: usize,
     #[serde(default = "default_max_batch_tokens")]
     pub max_batch_tokens: usize,
+    /// Embedding models: text put before every indexed chunk (e5: "passage: "; e5-instruct: "").
+    #[serde(default)]
+    pub document_prefix: String,
+    /// Embedding models: how a search query is written; `{query}` is replaced
+    /// (e5: "query: {query}"; e5-instruct: "Instruct: <task>\nQuery: {query}").
+    #[serde(default = "default_query_template")]
+    pub query_template: String,
+}
+
+fn default_query_template() -> String {
+    "{query}".into()
+}
+
+impl ModelConfig {
+    pub fn document_text(&self, text: &str) -> String {
+        format!("{}{text}", self.document_prefix)
+    }
+
+    pub fn query_text(&self, query: &str) -> String {
+        self.query_template.replace("{query}", query)
+    }
 }
 
 fn default_dtype() -> String {
@@ -321,6 +342,12 @@ mod tests {
         assert_eq!(cfg.pipeline.max_in_flight, 7);
         assert_eq!(cfg.codec.input, WireFormat::Json);
         assert_eq!(cfg.kafka.group_id, file_only.kafka.group_id, "untouched keys keep the file's value");
+        let e5 = file_only.models.embedding.unwrap();
+        assert_eq!(e5.document_text("hello"), "hello");
+        assert_eq!(
+            e5.query_text("refund?"),
+            "Instruct: Given a customer question, retrieve conversation turns that answer it\nQuery: refund?"
+        );
     }
 
     #[test]

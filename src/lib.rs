@@ -1,6 +1,7 @@
 //! convoflow: a Kafka consumer that enriches conversation turns and writes them to Qdrant and
 //! an output topic. Data flows one way: source → codec → pipeline → sink → commit.
 
+pub mod bench;
 pub mod cli;
 pub mod codec;
 pub mod config;

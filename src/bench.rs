@@ -1,0 +1,180 @@
+//! `convoflow bench --models-only`: inference throughput of the three models on generated turns
+//! of realistic length (about 8–120 tokens), one model after the other and all three together.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use crate::infer::batch::{BatchStats, Budget};
+use crate::infer::{Model, Task, device};
+use crate::sample::SampleGenerator;
+
+pub struct ModelsBenchArgs {
+    /// Folder holding `embedding/`, `ner/` and `sentiment/` model folders (any may be absent).
+    pub models: PathBuf,
+    pub turns: usize,
+    pub device: String,
+    pub dtype: String,
+    pub budget: Budget,
+    pub threads: usize,
+    pub json: Option<PathBuf>,
+    pub dump_turns: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelResult {
+    pub task: String,
+    pub model: String,
+    pub turns: usize,
+    pub seconds: f64,
+    pub turns_per_s: f64,
+    pub tokens_per_s: f64,
+    pub padding_ratio: f64,
+    pub batches: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub max_batch_tokens: usize,
+    pub max_batch_size: usize,
+    pub results: Vec<ModelResult>,
+    pub peak_rss_mib: f64,
+}
+
+/// Generated turns: 1 to 5 consecutive sample sentences joined, so lengths spread over
+/// roughly 8–120 tokens like real chat and call turns.
+pub fn generate_turns(n: usize, seed: u64) -> Vec<String> {
+    let g = SampleGenerator::new(seed);
+    let pool: Vec<String> = (0..200).flat_map(|c| g.conversation(c).turns).map(|t| t.text).collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let k = rng.random_range(1..=5usize);
+            let start = rng.random_range(0..pool.len() - k);
+            pool[start..start + k].join(" ")
+        })
+        .collect()
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn run_task(model: &Model, turns: &[&str], budget: &Budget) -> Result<BatchStats> {
+    Ok(match model.task {
+        Task::Embedding => model.embed(turns, budget)?.1,
+        Task::SequenceClassification => model.classify(turns, budget)?.1,
+        Task::TokenClassification => model.entities(turns, budget, 128)?.1,
+    })
+}
+
+pub fn run_models(args: &ModelsBenchArgs) -> Result<BenchReport> {
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
+    let dev = device::parse_device(&args.device)?;
+    let kind = device::parse_dtype(&args.dtype, dev)?;
+    let turns = generate_turns(args.turns, 17);
+    if let Some(path) = &args.dump_turns {
+        std::fs::write(path, serde_json::to_string(&turns)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let refs: Vec<&str> = turns.iter().map(String::as_str).collect();
+    let mut loaded = Vec::new();
+    for (sub, task) in [("embedding", Task::Embedding), ("ner", Task::TokenClassification), ("sentiment", Task::SequenceClassification)] {
+        let dir: &Path = &args.models.join(sub);
+        if dir.exists() {
+            let model = Model::load(dir, task, dev, kind).with_context(|| format!("loading {}", dir.display()))?;
+            // warm-up: first kernels, allocator growth
+            run_task(&model, &refs[..refs.len().min(16)], &args.budget)?;
+            loaded.push((sub, model));
+        }
+    }
+    anyhow::ensure!(!loaded.is_empty(), "no model folder (embedding/, ner/, sentiment/) under {}", args.models.display());
+    let mut results = Vec::new();
+    let mut total = BatchStats::default();
+    let all_started = Instant::now();
+    for (sub, model) in &loaded {
+        let started = Instant::now();
+        let stats = run_task(model, &refs, &args.budget)?;
+        let secs = started.elapsed().as_secs_f64();
+        total.add(&stats);
+        results.push(ModelResult {
+            task: sub.to_string(),
+            model: model.folder.path.display().to_string(),
+            turns: turns.len(),
+            seconds: secs,
+            turns_per_s: turns.len() as f64 / secs,
+            tokens_per_s: stats.real_tokens as f64 / secs,
+            padding_ratio: stats.padding_ratio(),
+            batches: stats.batches,
+        });
+    }
+    let secs = all_started.elapsed().as_secs_f64();
+    results.push(ModelResult {
+        task: "all".into(),
+        model: format!("{} models, one after the other", loaded.len()),
+        turns: turns.len(),
+        seconds: secs,
+        turns_per_s: turns.len() as f64 / secs,
+        tokens_per_s: total.real_tokens as f64 / secs,
+        padding_ratio: total.padding_ratio(),
+        batches: total.batches,
+    });
+    let report = BenchReport {
+        device: format!("{dev:?}"),
+        dtype: format!("{kind:?}"),
+        threads: tch::get_num_threads() as usize,
+        max_batch_tokens: args.budget.max_batch_tokens,
+        max_batch_size: args.budget.max_batch_size,
+        results,
+        peak_rss_mib: peak_rss_mib(),
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(report)
+}
+
+pub fn print_report(r: &BenchReport) {
+    println!(
+        "device {} {} | {} threads | budget {} tokens / {} sequences | peak RSS {:.0} MiB",
+        r.device, r.dtype, r.threads, r.max_batch_tokens, r.max_batch_size, r.peak_rss_mib
+    );
+    println!("| task | turns | seconds | turns/s | tokens/s | padding | batches |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for m in &r.results {
+        println!(
+            "| {} | {} | {:.2} | {:.1} | {:.0} | {:.1}% | {} |",
+            m.task,
+            m.turns,
+            m.seconds,
+            m.turns_per_s,
+            m.tokens_per_s,
+            m.padding_ratio * 100.0,
+            m.batches
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_turns_are_deterministic_and_of_varied_length() {
+        let a = generate_turns(200, 3);
+        assert_eq!(a, generate_turns(200, 3));
+        let words: Vec<usize> = a.iter().map(|t| t.split_whitespace().count()).collect();
+        assert!(*words.iter().min().unwrap() <= 12 && *words.iter().max().unwrap() >= 60, "{words:?}");
+    }
+}
