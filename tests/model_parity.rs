@@ -247,3 +247,43 @@ fn ner_on_a_turn_longer_than_512_tokens_finds_entities_after_token_600() {
     let truncated = model.tokenize(&[&text]).unwrap();
     assert_eq!(truncated.max_len, model.max_positions(), "the plain path truncates at {}", model.max_positions());
 }
+
+#[test]
+fn model_manager_loads_eagerly_or_on_first_use() {
+    use convoflow::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
+    use convoflow::infer::manager::ModelManager;
+    let cfg = |name: &str| ModelConfig {
+        name: format!("fixture/{name}"),
+        path: fixtures().join(name),
+        dtype: "fp16".into(), // CPU runs fp32 whatever is configured
+        batch_size: 8,
+        max_batch_tokens: 4096,
+        document_prefix: String::new(),
+        query_template: "{query}".into(),
+    };
+    let gpu = GpuConfig { device: "cpu".into(), cpu_threads: 0 };
+    let mut models = ModelsConfig {
+        load_strategy: LoadStrategy::Eager,
+        embedding: None,
+        ner: Some(cfg("ner-camembert")),
+        sentiment: Some(cfg("sentiment-bert")),
+    };
+    let eager = ModelManager::new(&models, &gpu).unwrap();
+    assert!(eager.all_loaded());
+    let report = eager.sentiment.as_ref().unwrap().report().unwrap();
+    assert_eq!(report.kind, Kind::Float, "CPU runs fp32");
+    assert!(report.parameter_bytes > 300 << 20, "BERT-base vocabulary alone is > 300 MiB in fp32");
+
+    models.load_strategy = LoadStrategy::OnDemand;
+    let lazy = ModelManager::new(&models, &gpu).unwrap();
+    assert!(!lazy.all_loaded());
+    let ner = lazy.ner.as_ref().unwrap();
+    let model = ner.get().unwrap();
+    assert!(ner.is_loaded() && !lazy.all_loaded());
+    assert!(std::sync::Arc::ptr_eq(&model, &ner.get().unwrap()), "loaded once");
+
+    models.sentiment = Some(ModelConfig { path: fixtures().join("missing"), ..cfg("sentiment-bert") });
+    models.load_strategy = LoadStrategy::Eager;
+    let err = format!("{:#}", ModelManager::new(&models, &gpu).err().unwrap());
+    assert!(err.contains("missing config.json"), "{err}");
+}

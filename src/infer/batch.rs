@@ -59,9 +59,64 @@ pub fn plan(lengths: &[usize], budget: &Budget) -> Vec<Vec<usize>> {
     batches
 }
 
+/// Why running one batch failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunError {
+    /// The device ran out of memory: retry the batch in smaller pieces.
+    OutOfMemory(String),
+    Other(String),
+}
+
+/// Runs every group through `run` and hands each result to `accept`. A group that fails with
+/// `OutOfMemory` is split in two halves that are retried in its place (a single sequence that
+/// still does not fit fails for real). Returns how many splits happened.
+pub fn run_splitting<T>(
+    groups: Vec<Vec<usize>>,
+    mut run: impl FnMut(&[usize]) -> Result<T, RunError>,
+    mut accept: impl FnMut(&[usize], T),
+) -> Result<usize, RunError> {
+    let mut splits = 0;
+    let mut pending: Vec<Vec<usize>> = groups.into_iter().rev().collect();
+    while let Some(group) = pending.pop() {
+        match run(&group) {
+            Ok(out) => accept(&group, out),
+            Err(RunError::OutOfMemory(_)) if group.len() > 1 => {
+                let (a, b) = group.split_at(group.len() / 2);
+                pending.push(b.to_vec());
+                pending.push(a.to_vec());
+                splits += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(splits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_memory_splits_the_batch_until_it_fits() {
+        // a fake device that holds at most 2 sequences of a batch
+        let groups = vec![vec![0, 1, 2, 3, 4], vec![5], vec![6, 7]];
+        let mut seen = Vec::new();
+        let splits = run_splitting(
+            groups,
+            |g| if g.len() > 2 { Err(RunError::OutOfMemory("CUDA out of memory".into())) } else { Ok(g.to_vec()) },
+            |g, out| {
+                assert_eq!(g, out.as_slice());
+                seen.extend(out);
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, (0..8).collect::<Vec<_>>(), "every sequence once, in order");
+        assert_eq!(splits, 2, "5 -> 2 + 3 -> 2 + 1 + 2");
+        let fail = run_splitting(vec![vec![0]], |_| Err::<(), _>(RunError::OutOfMemory("x".into())), |_, _| {});
+        assert_eq!(fail, Err(RunError::OutOfMemory("x".into())), "a single sequence cannot split");
+        let other = run_splitting(vec![vec![0, 1]], |_| Err::<(), _>(RunError::Other("bad".into())), |_, _| {});
+        assert_eq!(other, Err(RunError::Other("bad".into())), "other errors are not retried");
+    }
 
     #[test]
     fn batches_respect_the_budget_and_cover_every_sequence_once() {

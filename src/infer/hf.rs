@@ -22,6 +22,8 @@ pub enum ModelError {
     Torch(#[from] tch::TchError),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("inference: {0}")]
+    Inference(String),
 }
 
 /// The encoder families convoflow runs natively.

@@ -4,6 +4,7 @@ pub mod batch;
 pub mod device;
 pub mod encoder;
 pub mod hf;
+pub mod manager;
 pub mod model;
 pub mod ner;
 pub mod random;

@@ -5,7 +5,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use super::batch::{BatchStats, Budget, plan};
+use super::batch::{BatchStats, Budget, RunError, plan, run_splitting};
 use super::encoder::{Encoder, Linear};
 use super::hf::{Family, ModelError, ModelFolder};
 use super::weights::Weights;
@@ -52,6 +52,8 @@ pub struct Model {
     head: Head,
     pad_id: u32,
     pub folder: ModelFolder,
+    /// Bytes of all weights as loaded (device dtype).
+    pub parameter_bytes: u64,
 }
 
 impl Model {
@@ -59,6 +61,7 @@ impl Model {
         let folder = ModelFolder::open(path)?;
         let cfg = &folder.config;
         let weights = Weights::load(&folder, device, kind)?;
+        let parameter_bytes = weights.parameter_count() * kind.elt_size_in_bytes() as u64;
         let encoder = Encoder::load(cfg, &weights, device, kind)?;
         let h = cfg.hidden_size;
         let labels = cfg.labels();
@@ -107,7 +110,7 @@ impl Model {
             }))
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let pad_id = cfg.pad_token_id.unwrap_or(0) as u32;
-        Ok(Self { task, labels, tokenizer, untruncated, prefix_ids, suffix_ids, encoder, head, pad_id, folder })
+        Ok(Self { task, labels, tokenizer, untruncated, prefix_ids, suffix_ids, encoder, head, pad_id, folder, parameter_bytes })
     }
 
     pub fn device(&self) -> Device {
@@ -193,15 +196,16 @@ impl Model {
 
     /// Runs id sequences through encoder and head in token-budget batches. Returns one output
     /// per sequence, in input order: [hidden] or [labels] rows, or [len, labels] for tokens.
-    pub fn run_sequences(&self, seqs: &[Vec<i64>], budget: &Budget) -> (Vec<Tensor>, BatchStats) {
+    /// A batch that runs the device out of memory is split in two and retried.
+    pub fn run_sequences(&self, seqs: &[Vec<i64>], budget: &Budget) -> Result<(Vec<Tensor>, BatchStats), ModelError> {
         let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
         let mut outputs: Vec<Option<Tensor>> = (0..seqs.len()).map(|_| None).collect();
         let mut stats = BatchStats::default();
-        for group in plan(&lengths, budget) {
+        let run = |group: &[usize]| {
             let max_len = group.iter().map(|&i| lengths[i]).max().unwrap_or(1).max(1);
             let mut ids = Vec::with_capacity(group.len() * max_len);
             let mut mask = Vec::with_capacity(group.len() * max_len);
-            for &i in &group {
+            for &i in group {
                 ids.extend_from_slice(&seqs[i]);
                 ids.extend(std::iter::repeat_n(i64::from(self.pad_id), max_len - lengths[i]));
                 mask.extend(std::iter::repeat_n(1i64, lengths[i]));
@@ -209,10 +213,24 @@ impl Model {
             }
             let shape = [group.len() as i64, max_len as i64];
             let device = self.device();
-            let out = self.forward_tensors(
-                &Tensor::from_slice(&ids).view(shape).to_device(device),
-                &Tensor::from_slice(&mask).view(shape).to_device(device),
-            );
+            // tch's tensor ops panic on a libtorch error; an out-of-memory one is recoverable
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.forward_tensors(
+                    &Tensor::from_slice(&ids).view(shape).to_device(device),
+                    &Tensor::from_slice(&mask).view(shape).to_device(device),
+                )
+            }))
+            .map(|out| (out, max_len))
+            .map_err(|panic| {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "inference failed".into());
+                if msg.contains("out of memory") { RunError::OutOfMemory(msg) } else { RunError::Other(msg) }
+            })
+        };
+        let accept = |group: &[usize], (out, max_len): (Tensor, usize)| {
             for (row, &i) in group.iter().enumerate() {
                 let t = out.get(row as i64);
                 outputs[i] = Some(if self.task == Task::TokenClassification { t.narrow(0, 0, lengths[i] as i64) } else { t });
@@ -223,8 +241,12 @@ impl Model {
                 real_tokens: group.iter().map(|&i| lengths[i]).sum(),
                 padded_tokens: group.len() * max_len,
             });
+        };
+        let splits = run_splitting(plan(&lengths, budget), run, accept).map_err(|e| ModelError::Inference(format!("{e:?}")))?;
+        if splits > 0 {
+            tracing::warn!(splits, "batches split after running out of device memory; consider a smaller max_batch_tokens");
         }
-        (outputs.into_iter().map(|o| o.expect("every sequence is planned")).collect(), stats)
+        Ok((outputs.into_iter().map(|o| o.expect("every sequence is planned")).collect(), stats))
     }
 
     fn rows(t: &Tensor) -> Vec<f32> {
@@ -233,13 +255,13 @@ impl Model {
 
     /// Sentence embeddings (Embedding models), L2-normalised, in input order.
     pub fn embed(&self, texts: &[&str], budget: &Budget) -> Result<(Vec<Vec<f32>>, BatchStats), ModelError> {
-        let (out, stats) = self.run_sequences(&self.encode_ids(texts)?, budget);
+        let (out, stats) = self.run_sequences(&self.encode_ids(texts)?, budget)?;
         Ok((out.iter().map(Self::rows).collect(), stats))
     }
 
     /// Label probabilities per text (SequenceClassification models), in input order.
     pub fn classify(&self, texts: &[&str], budget: &Budget) -> Result<(Vec<Vec<f32>>, BatchStats), ModelError> {
-        let (out, stats) = self.run_sequences(&self.encode_ids(texts)?, budget);
+        let (out, stats) = self.run_sequences(&self.encode_ids(texts)?, budget)?;
         Ok((out.iter().map(Self::rows).collect(), stats))
     }
 
@@ -277,7 +299,7 @@ impl Model {
                 start += content_max - overlap;
             }
         }
-        let (out, stats) = self.run_sequences(&seqs, budget);
+        let (out, stats) = self.run_sequences(&seqs, budget)?;
         let mut per_text: Vec<Vec<(usize, Vec<f32>)>> = encodings.iter().map(|e| vec![(0, vec![]); e.len()]).collect();
         let mut best_margin: Vec<Vec<Option<usize>>> = encodings.iter().map(|e| vec![None; e.len()]).collect();
         for ((t, start, end), probs) in windows.iter().zip(&out) {

@@ -31,6 +31,11 @@ impl Weights {
         Ok(Self { tensors, prefix, device, kind })
     }
 
+    /// Number of values in the checkpoint.
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors.values().map(|t| t.numel() as u64).sum()
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

@@ -1,0 +1,128 @@
+//! The configured models: loaded and warmed up at start (`load_strategy: eager`) or at first use
+//! (`on_demand`, for a model used rarely), with what each occupies.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use tch::{Device, Kind};
+
+use super::batch::Budget;
+use super::{Model, Task, device};
+use crate::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
+
+/// What loading a model took.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub task: Task,
+    pub name: String,
+    pub seconds: f64,
+    pub parameter_bytes: u64,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+pub struct ManagedModel {
+    pub task: Task,
+    pub config: ModelConfig,
+    device: Device,
+    kind: Kind,
+    loaded: Mutex<Option<(Arc<Model>, LoadReport)>>,
+}
+
+impl ManagedModel {
+    /// The model, loading and warming it up first if it is not loaded yet.
+    pub fn get(&self) -> Result<Arc<Model>> {
+        let mut slot = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((model, _)) = &*slot {
+            return Ok(model.clone());
+        }
+        let started = Instant::now();
+        let model = Model::load(&self.config.path, self.task, self.device, self.kind)
+            .with_context(|| format!("loading {} from {}", self.config.name, self.config.path.display()))?;
+        warm_up(&model)?;
+        let report = LoadReport {
+            task: self.task,
+            name: self.config.name.clone(),
+            seconds: started.elapsed().as_secs_f64(),
+            parameter_bytes: model.parameter_bytes,
+            device: self.device,
+            kind: self.kind,
+        };
+        tracing::info!(model = %report.name, seconds = report.seconds, mib = report.parameter_bytes >> 20, "model loaded and warm");
+        let model = Arc::new(model);
+        *slot = Some((model.clone(), report));
+        Ok(model)
+    }
+
+    pub fn report(&self) -> Option<LoadReport> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, r)| r.clone())
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.report().is_some()
+    }
+}
+
+/// One small batch through the model: first kernels, allocator pools, lazy initialisation.
+fn warm_up(model: &Model) -> Result<()> {
+    let texts = ["Bonjour, je voudrais suivre ma commande.", "Hello, I would like to track my order please."];
+    let budget = Budget::default();
+    match model.task {
+        Task::Embedding => drop(model.embed(&texts, &budget)?),
+        Task::TokenClassification => drop(model.entities(&texts, &budget, 128)?),
+        Task::SequenceClassification => drop(model.classify(&texts, &budget)?),
+    }
+    Ok(())
+}
+
+pub struct ModelManager {
+    pub embedding: Option<ManagedModel>,
+    pub ner: Option<ManagedModel>,
+    pub sentiment: Option<ManagedModel>,
+    pub device: Device,
+}
+
+impl ModelManager {
+    /// Prepares the configured models; with `eager` loading, loads and warms them up now.
+    pub fn new(models: &ModelsConfig, gpu: &GpuConfig) -> Result<Self> {
+        let dev = device::parse_device(&gpu.device)?;
+        if dev == Device::Cpu && gpu.cpu_threads > 0 {
+            tch::set_num_threads(gpu.cpu_threads as i32);
+        }
+        let manage = |cfg: &Option<ModelConfig>, task: Task| -> Result<Option<ManagedModel>> {
+            cfg.as_ref()
+                .map(|c| {
+                    Ok(ManagedModel {
+                        task,
+                        config: c.clone(),
+                        device: dev,
+                        kind: device::parse_dtype(&c.dtype, dev)?,
+                        loaded: Mutex::new(None),
+                    })
+                })
+                .transpose()
+        };
+        let manager = Self {
+            embedding: manage(&models.embedding, Task::Embedding)?,
+            ner: manage(&models.ner, Task::TokenClassification)?,
+            sentiment: manage(&models.sentiment, Task::SequenceClassification)?,
+            device: dev,
+        };
+        if models.load_strategy == LoadStrategy::Eager {
+            for m in manager.all() {
+                m.get()?;
+            }
+        }
+        Ok(manager)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &ManagedModel> {
+        [&self.embedding, &self.ner, &self.sentiment].into_iter().flatten()
+    }
+
+    /// True when every configured model is loaded (readiness).
+    pub fn all_loaded(&self) -> bool {
+        self.all().all(ManagedModel::is_loaded)
+    }
+}
