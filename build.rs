@@ -13,6 +13,7 @@ fn main() {
         // find libtorch where it was built against; LD_LIBRARY_PATH still takes precedence
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}/lib");
     }
+    build_cuda_shim();
     let version = std::env::var("LIBTORCH")
         .ok()
         .and_then(|dir| std::fs::read_to_string(std::path::Path::new(&dir).join("version.py")).ok())
@@ -22,4 +23,27 @@ fn main() {
         })
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=CONVOFLOW_LIBTORCH_VERSION={version}");
+}
+
+/// The C++ shim (src/infer/shim/cuda_shim.cpp) against libtorch's c10 headers: CUDA streams,
+/// events and allocator statistics that tch does not expose. Needs no CUDA headers.
+fn build_cuda_shim() {
+    println!("cargo:rerun-if-changed=src/infer/shim/cuda_shim.cpp");
+    let libtorch = std::env::var("LIBTORCH").expect("LIBTORCH must point at libtorch (source scripts/env.sh)");
+    let include = std::path::Path::new(&libtorch).join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .file("src/infer/shim/cuda_shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("convoflow_cuda_shim");
+    // the shim calls into libc10 / libtorch_cpu
+    println!("cargo:rustc-link-search=native={libtorch}/lib");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
 }

@@ -132,3 +132,78 @@ fn cuda_matches_cpu_and_reports_throughput() {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn ner_and_sentiment_run_concurrently_on_their_own_streams() {
+    use convoflow::infer::batch::Budget;
+    use convoflow::infer::cuda::{self, Stream, StreamGuard};
+    assert!(cuda::available());
+    let ner_dir = materialise("ner-camembert", Task::TokenClassification, None);
+    let sent_dir = materialise("sentiment-bert", Task::SequenceClassification, None);
+    let ner = Model::load(&ner_dir, Task::TokenClassification, Device::Cuda(0), Kind::Half).unwrap();
+    let sent = Model::load(&sent_dir, Task::SequenceClassification, Device::Cuda(0), Kind::Half).unwrap();
+    let texts = turns(4096);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let budget = Budget { max_batch_tokens: 32_768, max_batch_size: 256 };
+    // warm-up and references on the default stream, one after the other
+    let ner_ref = ner.entities(&refs, &budget, 128).unwrap().0;
+    let sent_ref = sent.classify(&refs, &budget).unwrap().0;
+    cuda::reset_peak(0).unwrap();
+    let started = Instant::now();
+    let _ = ner.entities(&refs, &budget, 128).unwrap();
+    let _ = sent.classify(&refs, &budget).unwrap();
+    Cuda::synchronize(0);
+    let sequential = started.elapsed().as_secs_f64();
+
+    let default_stream = Stream::current(0).unwrap();
+    let started = Instant::now();
+    let (ner_out, sent_out, ids) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let stream = Stream::from_pool(0, false).unwrap();
+            let _guard = StreamGuard::new(&stream).unwrap();
+            assert_eq!(Stream::current(0).unwrap(), stream, "the pool stream is current on this thread");
+            let out = ner.entities(&refs, &budget, 128).unwrap().0;
+            stream.synchronize().unwrap();
+            (out, stream.id())
+        });
+        let b = s.spawn(|| {
+            let stream = Stream::from_pool(0, false).unwrap();
+            let _guard = StreamGuard::new(&stream).unwrap();
+            let out = sent.classify(&refs, &budget).unwrap().0;
+            stream.synchronize().unwrap();
+            (out, stream.id())
+        });
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        (a.0, b.0, (a.1, b.1))
+    });
+    let concurrent = started.elapsed().as_secs_f64();
+    assert_eq!(Stream::current(0).unwrap(), default_stream, "the main thread kept its stream");
+    assert_ne!(ids.0, ids.1, "each model has its own stream");
+    assert_ne!(ids.0, default_stream.id());
+    let spans = |v: &[convoflow::event::Entity]| v.iter().map(|e| (e.label.clone(), e.start, e.end)).collect::<Vec<_>>();
+    let same_entities = ner_out.iter().zip(&ner_ref).filter(|(a, b)| spans(a) == spans(b)).count();
+    assert!(same_entities as f64 >= 0.99 * texts.len() as f64, "entities changed on a side stream: {same_entities}/{}", texts.len());
+    let max_diff = sent_out.iter().flatten().zip(sent_ref.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff <= 1e-3, "sentiment changed on a side stream by {max_diff}");
+    let mem = cuda::memory_stats(0).unwrap();
+    assert!(mem.allocated > 0 && mem.allocated_peak >= mem.allocated && mem.reserved >= mem.allocated && mem.device_total > 0);
+    println!(
+        "NER + sentiment on {} turns, fp16: sequential {sequential:.2}s ({:.0} turns/s), two streams {concurrent:.2}s ({:.0} turns/s)",
+        texts.len(),
+        texts.len() as f64 / sequential,
+        texts.len() as f64 / concurrent
+    );
+    println!(
+        "allocator: allocated {} MiB (peak {} MiB), reserved {} MiB (peak {} MiB), device free {} / {} MiB, OOMs {}",
+        mem.allocated >> 20,
+        mem.allocated_peak >> 20,
+        mem.reserved >> 20,
+        mem.reserved_peak >> 20,
+        mem.device_free >> 20,
+        mem.device_total >> 20,
+        mem.out_of_memory_events
+    );
+    std::fs::remove_dir_all(ner_dir).unwrap();
+    std::fs::remove_dir_all(sent_dir).unwrap();
+}
