@@ -46,6 +46,9 @@ pub struct BenchReport {
     pub max_batch_size: usize,
     pub results: Vec<ModelResult>,
     pub peak_rss_mib: f64,
+    /// CUDA only: libtorch allocator peak of allocated / reserved bytes, in MiB.
+    pub gpu_peak_allocated_mib: Option<f64>,
+    pub gpu_peak_reserved_mib: Option<f64>,
 }
 
 /// Generated turns: 1 to 5 consecutive sample sentences joined, so lengths spread over
@@ -130,6 +133,10 @@ pub fn run_models(args: &ModelsBenchArgs) -> Result<BenchReport> {
         padding_ratio: total.padding_ratio(),
         batches: total.batches,
     });
+    let gpu = match dev {
+        tch::Device::Cuda(i) => crate::infer::cuda::memory_stats(i).ok(),
+        _ => None,
+    };
     let report = BenchReport {
         device: format!("{dev:?}"),
         dtype: format!("{kind:?}"),
@@ -138,6 +145,8 @@ pub fn run_models(args: &ModelsBenchArgs) -> Result<BenchReport> {
         max_batch_size: args.budget.max_batch_size,
         results,
         peak_rss_mib: peak_rss_mib(),
+        gpu_peak_allocated_mib: gpu.map(|m| m.allocated_peak as f64 / 1_048_576.0),
+        gpu_peak_reserved_mib: gpu.map(|m| m.reserved_peak as f64 / 1_048_576.0),
     };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
@@ -150,6 +159,9 @@ pub fn print_report(r: &BenchReport) {
         "device {} {} | {} threads | budget {} tokens / {} sequences | peak RSS {:.0} MiB",
         r.device, r.dtype, r.threads, r.max_batch_tokens, r.max_batch_size, r.peak_rss_mib
     );
+    if let (Some(a), Some(r)) = (r.gpu_peak_allocated_mib, r.gpu_peak_reserved_mib) {
+        println!("GPU allocator peak: {a:.0} MiB allocated, {r:.0} MiB reserved");
+    }
     println!("| task | turns | seconds | turns/s | tokens/s | padding | batches |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for m in &r.results {
