@@ -37,6 +37,21 @@ pub struct ModelResult {
     pub batches: usize,
 }
 
+impl ModelResult {
+    fn new(task: &str, model: String, turns: usize, seconds: f64, stats: &BatchStats) -> Self {
+        Self {
+            task: task.to_string(),
+            model,
+            turns,
+            seconds,
+            turns_per_s: turns as f64 / seconds,
+            tokens_per_s: stats.real_tokens as f64 / seconds,
+            padding_ratio: stats.padding_ratio(),
+            batches: stats.batches,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub device: String,
@@ -111,28 +126,11 @@ pub fn run_models(args: &ModelsBenchArgs) -> Result<BenchReport> {
         let stats = run_task(model, &refs, &args.budget)?;
         let secs = started.elapsed().as_secs_f64();
         total.add(&stats);
-        results.push(ModelResult {
-            task: sub.to_string(),
-            model: model.folder.path.display().to_string(),
-            turns: turns.len(),
-            seconds: secs,
-            turns_per_s: turns.len() as f64 / secs,
-            tokens_per_s: stats.real_tokens as f64 / secs,
-            padding_ratio: stats.padding_ratio(),
-            batches: stats.batches,
-        });
+        results.push(ModelResult::new(sub, model.folder.path.display().to_string(), turns.len(), secs, &stats));
     }
     let secs = all_started.elapsed().as_secs_f64();
-    results.push(ModelResult {
-        task: "all".into(),
-        model: format!("{} models, one after the other", loaded.len()),
-        turns: turns.len(),
-        seconds: secs,
-        turns_per_s: turns.len() as f64 / secs,
-        tokens_per_s: total.real_tokens as f64 / secs,
-        padding_ratio: total.padding_ratio(),
-        batches: total.batches,
-    });
+    let together = format!("{} models, one after the other", loaded.len());
+    results.push(ModelResult::new("all", together, turns.len(), secs, &total));
     let gpu = match dev {
         tch::Device::Cuda(i) => crate::infer::cuda::memory_stats(i).ok(),
         _ => None,

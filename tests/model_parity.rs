@@ -44,6 +44,20 @@ fn relative_error(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
     diff / scale
 }
 
+/// (label, start, end) of the entities transformers found in text `i`.
+fn expected_spans(exp: &Value, i: usize) -> Vec<(String, i64, i64)> {
+    exp["entities"][i]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["label"].as_str().unwrap().to_string(), e["start"].as_i64().unwrap(), e["end"].as_i64().unwrap()))
+        .collect()
+}
+
+fn spans(entities: &[convoflow::event::Entity]) -> Vec<(String, i64, i64)> {
+    entities.iter().map(|e| (e.label.clone(), i64::from(e.start), i64::from(e.end))).collect()
+}
+
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
     Vec::<Vec<f32>>::try_from(t).unwrap()
 }
@@ -95,13 +109,7 @@ fn camembert_token_classification_and_entities_match_transformers() {
 
         let entities = ner::aggregate_simple(text, &batch.encodings[i], &probs.get(i as i64), &model.labels);
         let expected_entities = exp["entities"][i].as_array().unwrap();
-        let spans: Vec<(String, i64, i64)> =
-            entities.iter().map(|e| (e.label.clone(), i64::from(e.start), i64::from(e.end))).collect();
-        let expected_spans: Vec<(String, i64, i64)> = expected_entities
-            .iter()
-            .map(|e| (e["label"].as_str().unwrap().to_string(), e["start"].as_i64().unwrap(), e["end"].as_i64().unwrap()))
-            .collect();
-        assert_eq!(spans, expected_spans, "text {i}: {text}");
+        assert_eq!(spans(&entities), expected_spans(&exp, i), "text {i}: {text}");
         for (e, x) in entities.iter().zip(expected_entities) {
             assert!((f64::from(e.score) - x["score"].as_f64().unwrap()).abs() <= 1e-4);
             let chars: Vec<char> = text.chars().collect();
@@ -214,14 +222,7 @@ fn windowed_ner_matches_transformers_on_short_texts() {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let (entities, _) = model.entities(&refs, &Default::default(), 128).unwrap();
     for (i, found) in entities.iter().enumerate() {
-        let spans: Vec<(String, i64, i64)> = found.iter().map(|e| (e.label.clone(), i64::from(e.start), i64::from(e.end))).collect();
-        let expected_spans: Vec<(String, i64, i64)> = exp["entities"][i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| (e["label"].as_str().unwrap().to_string(), e["start"].as_i64().unwrap(), e["end"].as_i64().unwrap()))
-            .collect();
-        assert_eq!(spans, expected_spans, "text {i}");
+        assert_eq!(spans(found), expected_spans(&exp, i), "text {i}");
     }
 }
 
