@@ -46,7 +46,11 @@ fn relative_error(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
 
 /// (label, start, end) of the entities transformers found in text `i`.
 fn expected_spans(exp: &Value, i: usize) -> Vec<(String, i64, i64)> {
-    exp["entities"][i]
+    expected_spans_of(exp, "entities", i)
+}
+
+fn expected_spans_of(exp: &Value, key: &str, i: usize) -> Vec<(String, i64, i64)> {
+    exp[key][i]
         .as_array()
         .unwrap()
         .iter()
@@ -287,4 +291,21 @@ fn model_manager_loads_eagerly_or_on_first_use() {
     models.load_strategy = LoadStrategy::Eager;
     let err = format!("{:#}", ModelManager::new(&models, &gpu).err().unwrap());
     assert!(err.contains("missing config.json"), "{err}");
+}
+
+#[test]
+fn first_aggregation_matches_transformers() {
+    use convoflow::infer::ner::Aggregation;
+    let exp = expected("ner-camembert");
+    let model = load("ner-camembert", Task::TokenClassification);
+    let texts = texts(&exp);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (entities, _) = model.entities_with(&refs, &Default::default(), 128, Aggregation::First).unwrap();
+    let expected_first = &exp["entities_first"];
+    for (i, found) in entities.iter().enumerate() {
+        assert_eq!(spans(found), expected_spans_of(&exp, "entities_first", i), "text {i}: {}", texts[i]);
+        for (e, x) in found.iter().zip(expected_first[i].as_array().unwrap()) {
+            assert!((f64::from(e.score) - x["score"].as_f64().unwrap()).abs() <= 1e-4);
+        }
+    }
 }

@@ -47,6 +47,9 @@ pub struct Model {
     untruncated: Tokenizer,
     /// Special tokens around one sequence ([CLS] ... [SEP] / <s> ... </s>).
     prefix_ids: Vec<i64>,
+    /// WordPiece continuation prefix ("##"), for word-level NER aggregation.
+    subword_prefix: Option<String>,
+    unk_id: Option<u32>,
     suffix_ids: Vec<i64>,
     encoder: Encoder,
     head: Head,
@@ -102,6 +105,12 @@ impl Model {
             ModelError::Tokenizer("the post-processor does not keep the sequence contiguous".into())
         })?;
         let prefix_ids = with[..at].to_vec();
+        let subword_prefix = match tokenizer.get_model() {
+            tokenizers::ModelWrapper::WordPiece(w) => Some(w.continuing_subword_prefix.clone()),
+            tokenizers::ModelWrapper::BPE(b) => b.continuing_subword_prefix.clone(),
+            _ => None,
+        };
+        let unk_id = ["[UNK]", "<unk>"].iter().find_map(|t| tokenizer.token_to_id(t));
         let suffix_ids = with[at + without.len()..].to_vec();
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
@@ -110,7 +119,7 @@ impl Model {
             }))
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let pad_id = cfg.pad_token_id.unwrap_or(0) as u32;
-        Ok(Self { task, labels, tokenizer, untruncated, prefix_ids, suffix_ids, encoder, head, pad_id, folder, parameter_bytes })
+        Ok(Self { task, labels, tokenizer, untruncated, prefix_ids, subword_prefix, unk_id, suffix_ids, encoder, head, pad_id, folder, parameter_bytes })
     }
 
     pub fn device(&self) -> Device {
@@ -186,6 +195,16 @@ impl Model {
     }
 }
 
+/// Host → device copy of a batch's ids or mask: on CUDA through pinned (page-locked) memory
+/// with a non-blocking copy on the current stream (libtorch's caching host allocator keeps the
+/// pinned buffer alive until the copy has run).
+fn upload(host: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cpu => host,
+        device => host.pin_memory(device).to_device_(device, Kind::Int64, true, false),
+    }
+}
+
 impl Model {
     /// Token ids with special tokens, truncated to the model's length.
     pub fn encode_ids(&self, texts: &[&str]) -> Result<Vec<Vec<i64>>, ModelError> {
@@ -216,8 +235,8 @@ impl Model {
             // tch's tensor ops panic on a libtorch error; an out-of-memory one is recoverable
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.forward_tensors(
-                    &Tensor::from_slice(&ids).view(shape).to_device(device),
-                    &Tensor::from_slice(&mask).view(shape).to_device(device),
+                    &upload(Tensor::from_slice(&ids).view(shape), device),
+                    &upload(Tensor::from_slice(&mask).view(shape), device),
                 )
             }))
             .map(|out| (out, max_len))
@@ -274,6 +293,17 @@ impl Model {
         budget: &Budget,
         overlap: usize,
     ) -> Result<(Vec<Vec<crate::event::Entity>>, BatchStats), ModelError> {
+        self.entities_with(texts, budget, overlap, super::ner::Aggregation::Simple)
+    }
+
+    /// `entities` with a chosen aggregation strategy.
+    pub fn entities_with(
+        &self,
+        texts: &[&str],
+        budget: &Budget,
+        overlap: usize,
+        aggregation: super::ner::Aggregation,
+    ) -> Result<(Vec<Vec<crate::event::Entity>>, BatchStats), ModelError> {
         let content_max = self.max_positions() - self.prefix_ids.len() - self.suffix_ids.len();
         let overlap = overlap.min(content_max / 2);
         let encodings = self
@@ -321,7 +351,18 @@ impl Model {
             .zip(per_text)
             .map(|((text, enc), rows)| {
                 let probs: Vec<Vec<f32>> = rows.into_iter().map(|(_, r)| r).collect();
-                super::ner::aggregate_tokens(text, enc.get_offsets(), &probs, &self.labels)
+                match aggregation {
+                    super::ner::Aggregation::Simple => super::ner::aggregate_tokens(text, enc.get_offsets(), &probs, &self.labels),
+                    super::ner::Aggregation::First => {
+                        let info = super::ner::WordInfo {
+                            tokens: enc.get_tokens(),
+                            ids: enc.get_ids(),
+                            subword_prefix: self.subword_prefix.as_deref(),
+                            unk_id: self.unk_id,
+                        };
+                        super::ner::aggregate_first(text, enc.get_offsets(), &probs, &self.labels, &info)
+                    }
+                }
             })
             .collect();
         Ok((entities, stats))

@@ -87,9 +87,81 @@ pub fn aggregate_tokens(text: &str, offsets: &[(usize, usize)], probs: &[Vec<f32
         .collect()
 }
 
+/// How token labels become entities (transformers' `aggregation_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Every token keeps its own label; consecutive tokens of one type merge.
+    #[default]
+    Simple,
+    /// Every word takes the label of its first token, then words merge like `Simple`.
+    First,
+}
+
+/// What `First` needs to know about each content token to find word boundaries.
+pub struct WordInfo<'a> {
+    /// The token string (e.g. "##ing" for WordPiece continuations).
+    pub tokens: &'a [String],
+    pub ids: &'a [u32],
+    /// WordPiece-style continuation prefix, when the tokenizer has one.
+    pub subword_prefix: Option<&'a str>,
+    pub unk_id: Option<u32>,
+}
+
+/// transformers' word-boundary rule: with a continuation prefix, a token is a subword when its
+/// string is longer than the text it covers; otherwise (SentencePiece) when it does not start
+/// the text or follow a space; an unknown token always starts a word.
+fn is_subword(text: &[char], start: usize, end: usize, i: usize, info: &WordInfo<'_>) -> bool {
+    if info.unk_id == Some(info.ids[i]) {
+        return false;
+    }
+    match info.subword_prefix.filter(|p| !p.is_empty()) {
+        Some(_) => info.tokens[i].chars().count() != end.saturating_sub(start),
+        None => start > 0 && !text[start - 1..(start + 1).min(text.len())].contains(&' '),
+    }
+}
+
+/// Entities with `aggregation_strategy="first"`: words (a token and its subword continuations)
+/// take the label and score of their first token's probabilities.
+pub fn aggregate_first(
+    text: &str,
+    offsets: &[(usize, usize)],
+    probs: &[Vec<f32>],
+    labels: &[String],
+    info: &WordInfo<'_>,
+) -> Vec<Entity> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut word_offsets: Vec<(usize, usize)> = Vec::new();
+    let mut word_probs: Vec<Vec<f32>> = Vec::new();
+    for (i, &(start, end)) in offsets.iter().enumerate() {
+        if i > 0 && is_subword(&chars, start, end, i, info) && !word_offsets.is_empty() {
+            word_offsets.last_mut().expect("checked").1 = end;
+        } else {
+            word_offsets.push((start, end));
+            word_probs.push(probs[i].clone());
+        }
+    }
+    aggregate_tokens(text, &word_offsets, &word_probs, labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn word_boundaries_follow_transformers_rules() {
+        let text: Vec<char> = "running fast".chars().collect();
+        let tokens = vec!["run".to_string(), "##ning".to_string(), "fast".to_string()];
+        let wp = WordInfo { tokens: &tokens, ids: &[5, 6, 7], subword_prefix: Some("##"), unk_id: Some(1) };
+        assert!(!is_subword(&text, 0, 3, 0, &wp));
+        assert!(is_subword(&text, 3, 7, 1, &wp), "'##ning' is longer than 'ning'");
+        assert!(!is_subword(&text, 8, 12, 2, &wp));
+        let unk = WordInfo { ids: &[5, 1, 7], ..wp };
+        assert!(!is_subword(&text, 3, 7, 1, &unk), "an unknown token starts a word");
+        let sp = WordInfo { tokens: &tokens, ids: &[5, 6, 7], subword_prefix: None, unk_id: None };
+        assert!(is_subword(&text, 3, 7, 1, &sp), "no space before: continuation");
+        assert!(!is_subword(&text, 8, 12, 2, &sp), "after a space: a new word");
+    }
 
     #[test]
     fn tags_split_bio_and_io_labels() {
