@@ -201,7 +201,8 @@ impl Model {
 fn upload(host: Tensor, device: Device) -> Tensor {
     match device {
         Device::Cpu => host,
-        device => host.pin_memory(device).to_device_(device, Kind::Int64, true, false),
+        // `_pin_memory`: the op behind `pin_memory` without its deprecated-argument warning
+        device => host.internal_pin_memory(device).to_device_(device, Kind::Int64, true, false),
     }
 }
 
