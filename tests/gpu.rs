@@ -150,17 +150,15 @@ fn ner_and_sentiment_run_concurrently_on_their_own_streams() {
     let ner_ref = ner.entities(&refs, &budget, 128).unwrap().0;
     let sent_ref = sent.classify(&refs, &budget).unwrap().0;
     cuda::reset_peak(0).unwrap();
-    let started = Instant::now();
-    // (second pass on the default stream: warm)
+    let started = Instant::now(); // second pass on the default stream: warm
     let _ = ner.entities(&refs, &budget, 128).unwrap();
     let _ = sent.classify(&refs, &budget).unwrap();
     Cuda::synchronize(0);
     let sequential = started.elapsed().as_secs_f64();
 
     let default_stream = Stream::current(0).unwrap();
-    let started = Instant::now();
-    // tch tensors are Send but not Sync: each thread owns its model, as the worker's model threads will
-    // Each thread warms its stream up first (cuBLAS workspaces and allocator pools are per
+    // tch tensors are Send but not Sync: each thread owns its model, as the worker's model
+    // threads will. Each thread warms its stream up first (cuBLAS workspaces and allocator pools are per
     // stream), then all start together at the barrier.
     let (refs_a, refs_b) = (refs.clone(), refs.clone());
     let barrier = std::sync::Barrier::new(3);
