@@ -283,9 +283,12 @@ fn model_manager_loads_eagerly_or_on_first_use() {
     let lazy = ModelManager::new(&models, &gpu).unwrap();
     assert!(!lazy.all_loaded());
     let ner = lazy.ner.as_ref().unwrap();
-    let model = ner.get().unwrap();
+    let labels = ner.with(|m| m.labels.clone()).unwrap();
+    assert_eq!(labels, ["O", "I-LOC", "I-PER", "I-MISC", "I-ORG"]);
     assert!(ner.is_loaded() && !lazy.all_loaded());
-    assert!(std::sync::Arc::ptr_eq(&model, &ner.get().unwrap()), "loaded once");
+    let first_load = ner.report().unwrap().seconds;
+    ner.ensure_loaded().unwrap();
+    assert_eq!(ner.report().unwrap().seconds, first_load, "loaded once");
 
     models.sentiment = Some(ModelConfig { path: fixtures().join("missing"), ..cfg("sentiment-bert") });
     models.load_strategy = LoadStrategy::Eager;
@@ -308,4 +311,53 @@ fn first_aggregation_matches_transformers() {
             assert!((f64::from(e.score) - x["score"].as_f64().unwrap()).abs() <= 1e-4);
         }
     }
+}
+
+#[test]
+fn model_threads_run_the_three_models_at_once_with_the_same_results() {
+    use convoflow::config::ModelConfig;
+    use convoflow::infer::manager::ManagedModel;
+    use convoflow::infer::runner::{ModelThread, NerSettings, Output};
+    let cfg = |name: &str| ModelConfig {
+        name: format!("fixture/{name}"),
+        path: fixtures().join(name),
+        dtype: "fp32".into(),
+        batch_size: 4,
+        max_batch_tokens: 2048,
+        document_prefix: String::new(),
+        query_template: "{query}".into(),
+    };
+    let thread = |name: &str, task, eager| {
+        ModelThread::spawn(ManagedModel::new(task, cfg(name), Device::Cpu).unwrap(), eager, NerSettings::default()).unwrap()
+    };
+    let embed = thread("embed-xlmr", Task::Embedding, true);
+    let ner = thread("ner-camembert", Task::TokenClassification, false);
+    let sent = thread("sentiment-bert", Task::SequenceClassification, true);
+    assert!(embed.load_report().is_some(), "eager: loaded before spawn returned");
+    assert!(ner.load_report().is_none(), "on demand: not loaded yet");
+
+    let texts: Vec<String> = texts(&expected("ner-camembert"));
+    // all three at once, then collect
+    let (e, n, s) = (embed.submit(texts.clone()).unwrap(), ner.submit(texts.clone()).unwrap(), sent.submit(texts.clone()).unwrap());
+    let Output::Embeddings(emb) = e.recv().unwrap().unwrap().0 else { panic!("embeddings expected") };
+    let Output::Entities(ents) = n.recv().unwrap().unwrap().0 else { panic!("entities expected") };
+    let Output::Probabilities(probs) = s.recv().unwrap().unwrap().0 else { panic!("probabilities expected") };
+    assert!(ner.load_report().is_some(), "loaded at first use");
+
+    let exp = expected("embed-xlmr");
+    assert!(relative_error(&emb, &as_matrix(&exp["embeddings"])) <= 1e-4);
+    let exp = expected("ner-camembert");
+    for (i, found) in ents.iter().enumerate() {
+        assert_eq!(spans(found), expected_spans(&exp, i), "text {i}");
+    }
+    let exp = expected("sentiment-bert");
+    let diff = probs.iter().flatten().zip(as_matrix(&exp["probabilities"]).iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff <= 1e-4, "{diff}");
+
+    let broken = ModelThread::spawn(
+        ManagedModel::new(Task::Embedding, ModelConfig { path: fixtures().join("missing"), ..cfg("embed-xlmr") }, Device::Cpu).unwrap(),
+        true,
+        NerSettings::default(),
+    );
+    assert!(format!("{:#}", broken.err().unwrap()).contains("missing config.json"));
 }

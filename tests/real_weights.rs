@@ -11,6 +11,19 @@ fn env_path(var: &str) -> PathBuf {
     PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests with scripts/test")))
 }
 
+/// max |ours - reference| / max |reference| against the embeddings of an expected.json.
+fn max_relative_error(ours: &[Vec<f32>], reference: &serde_json::Value) -> f32 {
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (a, b) in ours.iter().zip(reference.as_array().unwrap()) {
+        for (x, y) in a.iter().zip(b.as_array().unwrap()) {
+            let y = y.as_f64().unwrap() as f32;
+            diff = diff.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    diff / scale
+}
+
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     // embeddings are L2-normalised
     a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -26,21 +39,10 @@ fn minilm_embeddings_match_transformers_and_rank_paraphrases_first() {
     assert_eq!(model.folder.config.hidden_size, 384);
     let texts: Vec<&str> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     let (ours, _) = model.embed(&texts, &Budget::default()).unwrap();
-    let reference: Vec<Vec<f32>> = expected["embeddings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
-        .collect();
-    let (mut diff, mut scale) = (0f32, 0f32);
-    for (a, b) in ours.iter().zip(&reference) {
-        for (x, y) in a.iter().zip(b) {
-            diff = diff.max((x - y).abs());
-            scale = scale.max(y.abs());
-        }
-    }
-    println!("all-MiniLM-L6-v2: max relative error {:.2e}", diff / scale);
-    assert!(diff / scale <= 1e-4, "relative error {}", diff / scale);
+    assert_eq!(ours.len(), expected["embeddings"].as_array().unwrap().len());
+    let err = max_relative_error(&ours, &expected["embeddings"]);
+    println!("all-MiniLM-L6-v2: max relative error {err:.2e}");
+    assert!(err <= 1e-4, "relative error {err}");
 
     for (lang, triple) in expected["paraphrases"].as_object().unwrap() {
         let t: Vec<&str> = triple.as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
@@ -60,16 +62,10 @@ fn multilingual_e5_small_matches_transformers_and_finds_paraphrases_across_langu
     let model = Model::load(&env_path("CONVOFLOW_E5_SMALL"), Task::Embedding, Device::Cpu, Kind::Float).unwrap();
     let texts: Vec<&str> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     let (ours, _) = model.embed(&texts, &Budget::default()).unwrap();
-    let (mut diff, mut scale) = (0f32, 0f32);
-    for (a, b) in ours.iter().zip(expected["embeddings"].as_array().unwrap()) {
-        for (x, y) in a.iter().zip(b.as_array().unwrap()) {
-            let y = y.as_f64().unwrap() as f32;
-            diff = diff.max((x - y).abs());
-            scale = scale.max(y.abs());
-        }
-    }
-    println!("multilingual-e5-small: max relative error {:.2e}", diff / scale);
-    assert!(diff / scale <= 1e-4, "relative error {}", diff / scale);
+    assert_eq!(ours.len(), expected["embeddings"].as_array().unwrap().len());
+    let err = max_relative_error(&ours, &expected["embeddings"]);
+    println!("multilingual-e5-small: max relative error {err:.2e}");
+    assert!(err <= 1e-4, "relative error {err}");
 
     let x = &expected["cross_lingual"];
     let t = |k: &str| x[k].as_str().unwrap();

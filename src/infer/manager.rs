@@ -1,7 +1,7 @@
 //! The configured models: loaded and warmed up at start (`load_strategy: eager`) or at first use
 //! (`on_demand`, for a model used rarely), with what each occupies.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -27,16 +27,27 @@ pub struct ManagedModel {
     pub config: ModelConfig,
     device: Device,
     kind: Kind,
-    loaded: Mutex<Option<(Arc<Model>, LoadReport)>>,
+    /// The model once loaded. Behind a mutex (not an Arc): tch tensors are Send but not Sync,
+    /// so a model is used by one thread at a time — in practice its own model thread.
+    loaded: Mutex<Option<(Model, LoadReport)>>,
 }
 
 impl ManagedModel {
-    /// The model, loading and warming it up first if it is not loaded yet.
-    pub fn get(&self) -> Result<Arc<Model>> {
+    /// Runs `f` on the model, loading and warming it up first if it is not loaded yet.
+    pub fn with<R>(&self, f: impl FnOnce(&Model) -> R) -> Result<R> {
         let mut slot = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((model, _)) = &*slot {
-            return Ok(model.clone());
+        if slot.is_none() {
+            *slot = Some(self.load()?);
         }
+        Ok(f(&slot.as_ref().expect("loaded above").0))
+    }
+
+    /// Loads the model now if it is not loaded yet.
+    pub fn ensure_loaded(&self) -> Result<()> {
+        self.with(|_| ())
+    }
+
+    fn load(&self) -> Result<(Model, LoadReport)> {
         let started = Instant::now();
         let model = Model::load(&self.config.path, self.task, self.device, self.kind)
             .with_context(|| format!("loading {} from {}", self.config.name, self.config.path.display()))?;
@@ -50,13 +61,25 @@ impl ManagedModel {
             kind: self.kind,
         };
         tracing::info!(model = %report.name, seconds = report.seconds, mib = report.parameter_bytes >> 20, "model loaded and warm");
-        let model = Arc::new(model);
-        *slot = Some((model.clone(), report));
-        Ok(model)
+        Ok((model, report))
     }
 
     pub fn report(&self) -> Option<LoadReport> {
         self.loaded.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, r)| r.clone())
+    }
+
+    /// The CUDA device index this model runs on, if any.
+    pub fn cuda_device(&self) -> Option<usize> {
+        match self.device {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// A model to be loaded on `device` in `kind` (CPU always runs fp32).
+    pub fn new(task: Task, config: ModelConfig, device: Device) -> Result<Self> {
+        let kind = device::parse_dtype(&config.dtype, device)?;
+        Ok(Self { task, config, device, kind, loaded: Mutex::new(None) })
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -91,17 +114,7 @@ impl ModelManager {
             tch::set_num_threads(gpu.cpu_threads as i32);
         }
         let manage = |cfg: &Option<ModelConfig>, task: Task| -> Result<Option<ManagedModel>> {
-            cfg.as_ref()
-                .map(|c| {
-                    Ok(ManagedModel {
-                        task,
-                        config: c.clone(),
-                        device: dev,
-                        kind: device::parse_dtype(&c.dtype, dev)?,
-                        loaded: Mutex::new(None),
-                    })
-                })
-                .transpose()
+            cfg.as_ref().map(|c| ManagedModel::new(task, c.clone(), dev)).transpose()
         };
         let manager = Self {
             embedding: manage(&models.embedding, Task::Embedding)?,
@@ -111,7 +124,7 @@ impl ModelManager {
         };
         if models.load_strategy == LoadStrategy::Eager {
             for m in manager.all() {
-                m.get()?;
+                m.ensure_loaded()?;
             }
         }
         Ok(manager)

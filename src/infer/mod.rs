@@ -9,6 +9,7 @@ pub mod manager;
 pub mod model;
 pub mod ner;
 pub mod random;
+pub mod runner;
 pub mod weights;
 
 pub use hf::{ModelError, ModelFolder};
