@@ -221,3 +221,61 @@ fn ner_and_sentiment_run_concurrently_on_their_own_streams() {
     std::fs::remove_dir_all(ner_dir).unwrap();
     std::fs::remove_dir_all(sent_dir).unwrap();
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn model_threads_on_cuda_match_the_default_stream() {
+    use convoflow::config::ModelConfig;
+    use convoflow::infer::manager::ManagedModel;
+    use convoflow::infer::runner::{ModelThread, NerSettings, Output};
+    let texts = turns(2048);
+    let mut threads = Vec::new();
+    let mut references = Vec::new();
+    let mut dirs = Vec::new();
+    for (name, task) in ARCHS {
+        let dir = materialise(name, task, None);
+        let cfg = ModelConfig {
+            name: name.into(),
+            path: dir.clone(),
+            dtype: "fp16".into(),
+            batch_size: 256,
+            max_batch_tokens: 32_768,
+            document_prefix: String::new(),
+            query_template: "{query}".into(),
+        };
+        // reference on this thread's default stream
+        let direct = Model::load(&dir, task, Device::Cuda(0), Kind::Half).unwrap();
+        references.push(run(&direct, &texts[..64]));
+        drop(direct);
+        threads.push(ModelThread::spawn(ManagedModel::new(task, cfg, Device::Cuda(0)).unwrap(), true, NerSettings::default()).unwrap());
+        dirs.push(dir);
+    }
+    // warm the thread streams, then all three at once
+    for t in &threads {
+        t.run(texts[..64].to_vec()).unwrap();
+    }
+    let started = Instant::now();
+    let pending: Vec<_> = threads.iter().map(|t| t.submit(texts.clone()).unwrap()).collect();
+    let outputs: Vec<_> = pending.into_iter().map(|p| p.recv().unwrap().unwrap().0).collect();
+    let secs = started.elapsed().as_secs_f64();
+    println!("three model threads on CUDA fp16: {} turns through all three models in {secs:.2}s ({:.0} turns/s)", texts.len(), texts.len() as f64 / secs);
+    for (t, reference) in threads.iter().zip(&references) {
+        let (out, _) = t.run(texts[..64].to_vec()).unwrap();
+        match out {
+            Output::Embeddings(e) => {
+                let e = Tensor::from_slice2(&e);
+                assert!(rel_err(&e, reference) <= 1e-2, "embeddings differ on the model thread");
+            }
+            Output::Probabilities(p) => {
+                let p = Tensor::from_slice2(&p);
+                assert!((&p - reference).abs().max().double_value(&[]) <= 5e-2);
+            }
+            Output::Entities(e) => assert_eq!(e.len(), 64),
+        }
+    }
+    assert!(matches!(outputs[0], Output::Embeddings(ref v) if v.len() == texts.len()));
+    drop(threads);
+    for d in dirs {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
