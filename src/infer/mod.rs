@@ -15,12 +15,14 @@ pub mod weights;
 pub use hf::{ModelError, ModelFolder};
 pub use model::{Model, Task};
 
-/// Expected stars (1..=n) and argmax stars from 1-to-n-star probabilities.
+/// Index and value of the largest probability (the first one on ties).
+pub fn argmax(probabilities: &[f32]) -> (usize, f32) {
+    probabilities.iter().enumerate().fold((0, f32::MIN), |best, (i, &p)| if p > best.1 { (i, p) } else { best })
+}
+
+/// Argmax stars and expected stars (1..=n) from 1-to-n-star probabilities.
 pub fn stars(probabilities: &[f32]) -> (i32, f32) {
-    let (argmax, _) = probabilities
-        .iter()
-        .enumerate()
-        .fold((0, f32::MIN), |best, (i, &p)| if p > best.1 { (i, p) } else { best });
+    let (argmax, _) = argmax(probabilities);
     let expected = probabilities.iter().enumerate().map(|(i, p)| (i as f32 + 1.0) * p).sum();
     (argmax as i32 + 1, expected)
 }

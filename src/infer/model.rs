@@ -140,26 +140,27 @@ impl Model {
     }
 
     pub fn batch_from(&self, encodings: Vec<tokenizers::Encoding>) -> Batch {
-        let max_len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
-        let mut ids = Vec::with_capacity(encodings.len() * max_len);
-        let mut mask = Vec::with_capacity(encodings.len() * max_len);
-        let mut real_tokens = 0;
-        for e in &encodings {
-            real_tokens += e.len();
-            ids.extend(e.get_ids().iter().map(|&i| i as i64));
-            mask.extend(std::iter::repeat_n(1i64, e.len()));
-            ids.extend(std::iter::repeat_n(self.pad_id as i64, max_len - e.len()));
-            mask.extend(std::iter::repeat_n(0i64, max_len - e.len()));
+        let seqs: Vec<Vec<i64>> = encodings.iter().map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect()).collect();
+        let refs: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+        let (input_ids, attention_mask, max_len) = self.padded(&refs);
+        Batch { input_ids, attention_mask, real_tokens: encodings.iter().map(|e| e.len()).sum(), encodings, max_len }
+    }
+
+    /// Id sequences padded to the longest one: (input_ids, attention_mask, longest) on the
+    /// model's device, through pinned memory on CUDA.
+    fn padded(&self, seqs: &[&[i64]]) -> (Tensor, Tensor, usize) {
+        let max_len = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(seqs.len() * max_len);
+        let mut mask = Vec::with_capacity(seqs.len() * max_len);
+        for seq in seqs {
+            ids.extend_from_slice(seq);
+            ids.extend(std::iter::repeat_n(i64::from(self.pad_id), max_len - seq.len()));
+            mask.extend(std::iter::repeat_n(1i64, seq.len()));
+            mask.extend(std::iter::repeat_n(0i64, max_len - seq.len()));
         }
-        let shape = [encodings.len() as i64, max_len as i64];
+        let shape = [seqs.len() as i64, max_len as i64];
         let device = self.device();
-        Batch {
-            input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-            attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
-            encodings,
-            max_len,
-            real_tokens,
-        }
+        (upload(Tensor::from_slice(&ids).view(shape), device), upload(Tensor::from_slice(&mask).view(shape), device), max_len)
     }
 
     /// Runs encoder and head. Output (float32, on CPU):
@@ -222,25 +223,12 @@ impl Model {
         let mut outputs: Vec<Option<Tensor>> = (0..seqs.len()).map(|_| None).collect();
         let mut stats = BatchStats::default();
         let run = |group: &[usize]| {
-            let max_len = group.iter().map(|&i| lengths[i]).max().unwrap_or(1).max(1);
-            let mut ids = Vec::with_capacity(group.len() * max_len);
-            let mut mask = Vec::with_capacity(group.len() * max_len);
-            for &i in group {
-                ids.extend_from_slice(&seqs[i]);
-                ids.extend(std::iter::repeat_n(i64::from(self.pad_id), max_len - lengths[i]));
-                mask.extend(std::iter::repeat_n(1i64, lengths[i]));
-                mask.extend(std::iter::repeat_n(0i64, max_len - lengths[i]));
-            }
-            let shape = [group.len() as i64, max_len as i64];
-            let device = self.device();
+            let group_seqs: Vec<&[i64]> = group.iter().map(|&i| seqs[i].as_slice()).collect();
             // tch's tensor ops panic on a libtorch error; an out-of-memory one is recoverable
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.forward_tensors(
-                    &upload(Tensor::from_slice(&ids).view(shape), device),
-                    &upload(Tensor::from_slice(&mask).view(shape), device),
-                )
+                let (ids, mask, max_len) = self.padded(&group_seqs);
+                (self.forward_tensors(&ids, &mask), max_len)
             }))
-            .map(|out| (out, max_len))
             .map_err(|panic| {
                 let msg = panic
                     .downcast_ref::<String>()

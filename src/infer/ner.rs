@@ -46,10 +46,7 @@ pub fn aggregate_tokens(text: &str, offsets: &[(usize, usize)], probs: &[Vec<f32
         .iter()
         .zip(probs)
         .map(|(&(start, end), p)| {
-            let (label, score) = p
-                .iter()
-                .enumerate()
-                .fold((0, f32::MIN), |best, (i, &s)| if s > best.1 { (i, s) } else { best });
+            let (label, score) = super::argmax(p);
             TokenLabel { label, score, start, end }
         })
         .collect();
