@@ -1,4 +1,4 @@
-//! Command line: `run`, `produce`, `check`.
+//! Command line: `run`, `produce`, `demo`, `search`, `bench`, `check`.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -94,6 +94,13 @@ pub enum Command {
         #[arg(long)]
         dump_turns: Option<PathBuf>,
     },
+    /// Hybrid search (dense + BM25, fused by RRF) over the collection, with payload filters.
+    Search {
+        #[arg(long, short, env = "CONVOFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        args: crate::search::SearchArgs,
+    },
     /// Validate the configuration, the tokenizer and the Kafka topics; report what was found.
     Check {
         #[arg(long, short, env = "CONVOFLOW_CONFIG")]
@@ -117,6 +124,10 @@ pub async fn execute(cli: Cli) -> Result<()> {
             crate::demo::run(conversations, std::time::Duration::from_secs(timeout_s)).await
         }
         Command::Check { config } => check(config.as_deref()).await,
+        Command::Search { config, args } => {
+            let cfg = Config::load(config.as_deref())?;
+            crate::search::run(&cfg, &args).await
+        }
         Command::Bench { models_only: _, models, turns, device, dtype, max_batch_tokens, max_batch_size, threads, json, dump_turns } => {
             let args = crate::bench::ModelsBenchArgs {
                 models,

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::WireFormat;
 use crate::pipeline::bm25::Bm25Params;
+use crate::sink::store::Quantization;
+use crate::sink::store::points::PayloadText;
+use crate::sink::store::writer::{BatchLimits, RetryPolicy};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -229,25 +232,59 @@ impl Default for GpuConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// Qdrant's engine in-process (qdrant-edge), persisted in `data_dir`.
+    #[default]
+    Edge,
+    /// A remote Qdrant server or cluster (gRPC).
+    Qdrant,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QdrantConfig {
-    /// `edge` (embedded engine, persisted in data_dir) or `qdrant` (remote server).
-    pub backend: String,
+    pub backend: StoreBackend,
     pub collection: String,
+    /// edge: the collection lives in `<data_dir>/<collection>`.
     pub data_dir: PathBuf,
+    /// edge: run an optimization pass (index build, segment merge) after this many upserted
+    /// points; 0 = never.
+    pub edge_optimize_every_points: usize,
+    /// qdrant: gRPC endpoint (`https://` for TLS).
     pub url: String,
     pub api_key: Option<String>,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Dense vector dimension; None = the embedding model's hidden size.
+    pub dense_dim: Option<usize>,
+    /// Keep original dense vectors on disk (memory-mapped).
+    pub on_disk_vectors: bool,
+    pub quantization: Quantization,
+    /// Turn text in the payload: full | none | masked (entities replaced by [LABEL]).
+    pub payload_text: PayloadText,
+    pub batch: BatchLimits,
+    pub retry: RetryPolicy,
 }
 
 impl Default for QdrantConfig {
     fn default() -> Self {
         Self {
-            backend: "edge".into(),
+            backend: StoreBackend::Edge,
             collection: "conversations".into(),
             data_dir: PathBuf::from("./data/qdrant"),
+            edge_optimize_every_points: 20_000,
             url: "http://127.0.0.1:6334".into(),
             api_key: None,
+            timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            dense_dim: None,
+            on_disk_vectors: false,
+            quantization: Quantization::None,
+            payload_text: PayloadText::Full,
+            batch: BatchLimits::default(),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -317,6 +354,10 @@ impl Config {
         }
         if p.chunk.max_tokens == 0 || p.chunk.overlap_tokens >= p.chunk.max_tokens {
             bail!("pipeline.chunk.overlap_tokens must be smaller than max_tokens (> 0)");
+        }
+        let q = &self.qdrant;
+        if q.collection.is_empty() || q.batch.max_points == 0 || q.retry.max_attempts == 0 {
+            bail!("qdrant.collection, batch.max_points and retry.max_attempts must be set (> 0)");
         }
         Ok(())
     }

@@ -29,6 +29,11 @@ pub async fn run(conversations: u64, timeout: Duration) -> Result<()> {
     cfg.kafka.brokers = mock.bootstrap_servers();
     cfg.kafka.create_topics = false; // the mock cluster's admin API hangs; topics are made here
     cfg.kafka.session_timeout_ms = 6_000;
+    // The embedded Qdrant engine in a fresh directory; no embedding model yet, so the points
+    // carry BM25 vectors and the collection is sized for all-MiniLM-L6-v2.
+    let store_dir = std::env::temp_dir().join(format!("convoflow-demo-{}", std::process::id()));
+    cfg.qdrant.data_dir = store_dir.clone();
+    cfg.qdrant.dense_dim = Some(384);
     for topic in [&cfg.kafka.input_topic, &cfg.kafka.output_topic, &cfg.kafka.dlq_topic()] {
         mock.create_topic(topic, PARTITIONS, 1).with_context(|| format!("creating {topic}"))?;
     }
@@ -59,6 +64,29 @@ pub async fn run(conversations: u64, timeout: Duration) -> Result<()> {
     }
     let input_ts = timestamps(&cfg, &cfg.kafka.input_topic)?;
     print_summary(&outputs, &input_ts, elapsed);
+    let searched = search_examples(&cfg).await;
+    let _ = std::fs::remove_dir_all(&store_dir);
+    searched
+}
+
+/// A few searches over what the worker indexed (BM25 until the embedding model is wired in).
+async fn search_examples(cfg: &Config) -> Result<()> {
+    use crate::sink::store::{self, Bootstrap, HybridQuery};
+    let store = store::open(&cfg.qdrant)?;
+    let spec = store::collection_spec(&cfg.qdrant, crate::search::dense_dim(cfg)?);
+    store.ensure_collection(&spec, Bootstrap::MustExist).await?;
+    println!("\nindexed points: {}", store.count(&Default::default()).await?);
+    for query in ["remboursement promis", "outage in my area"] {
+        let q = HybridQuery {
+            dense: None,
+            sparse: crate::pipeline::bm25::query_vector(query),
+            filter: Default::default(),
+            limit: 3,
+            prefetch_limit: 50,
+        };
+        let hits = store.search(&q).await?;
+        println!("\nsearch {query:?} (BM25):\n{}", crate::search::table(&hits, false));
+    }
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod infer;
 pub mod event;
 pub mod pipeline;
 pub mod sample;
+pub mod search;
 pub mod sink;
 pub mod source;
 pub mod worker;

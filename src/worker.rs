@@ -1,8 +1,10 @@
 //! Wiring of `convoflow run`: Kafka source → decode → validate → enrich (micro-batches) →
-//! output topic / DLQ → offset completion → commit (by the source thread).
+//! vector store (acknowledged upserts; tombstones delete) → output topic / DLQ → offset
+//! completion → commit (by the source thread). A store failure that retries cannot fix stops
+//! the worker with an error, leaving the offsets of the unwritten messages uncommitted.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -19,6 +21,9 @@ use crate::pipeline::chunk::{Chunker, builtin_tokenizer, load_tokenizer};
 use crate::pipeline::enrich::{EnrichInput, Enricher, TextEnricher};
 use crate::sink::dlq::{self, Rejection};
 use crate::sink::producer::{EventProducer, Outgoing};
+use crate::sink::store::points::{PayloadText, points_for};
+use crate::sink::store::writer::StoreWriter;
+use crate::sink::store::{self, Bootstrap, StoreError, VectorStore};
 use crate::source::{self, InboundMessage, SharedSource, SourceSettings, admin};
 
 /// Codec for input conversations, with the configured extra writer schemas and Confluent ids.
@@ -56,6 +61,12 @@ pub fn build_enricher(cfg: &Config) -> Result<TextEnricher> {
 
 /// Runs the worker until `stop` is set (signal), then drains, commits and returns.
 pub async fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<()> {
+    let store = store::open(&cfg.qdrant)?;
+    run_with_store(cfg, stop, store).await
+}
+
+/// `run` with a given vector store (tests wrap the real one to inject failures).
+pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn VectorStore>) -> Result<()> {
     let kafka = &cfg.kafka;
     let partitions = admin::partition_count(kafka, &kafka.input_topic, Duration::from_secs(15))?
         .ok_or_else(|| anyhow!("input topic {} does not exist on {}", kafka.input_topic, kafka.brokers))?;
@@ -63,7 +74,14 @@ pub async fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<()> {
     if kafka.create_topics {
         admin::ensure_topics(kafka, &[kafka.output_topic.clone(), dlq_topic.clone()], partitions).await?;
     }
+    let spec = store::collection_spec(&cfg.qdrant, crate::search::dense_dim(&cfg)?);
+    store.ensure_collection(&spec, Bootstrap::CreateIfMissing).await.context("bootstrapping the vector store")?;
+    info!(backend = store.backend(), collection = %spec.name, dim = spec.dense_dim, "vector store ready");
     let pipeline = Pipeline {
+        store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry),
+        payload_text: cfg.qdrant.payload_text,
+        stop: stop.clone(),
+        failure: None,
         input_codec: input_codec(&cfg.codec)?,
         output_codec: output_codec(&cfg.codec)?,
         enricher: Arc::new(build_enricher(&cfg)?),
@@ -94,25 +112,42 @@ pub async fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<()> {
     info!(input = %kafka.input_topic, output = %kafka.output_topic, group = %kafka.group_id, "worker started");
 
     let producer = pipeline.producer.clone();
-    let stats = pipeline
+    let (stats, failure) = pipeline
         .run(rx, cfg.pipeline.max_batch_messages, Duration::from_millis(cfg.pipeline.max_batch_wait_ms))
         .await;
     tokio::task::spawn_blocking(move || poll_thread.join())
         .await?
         .map_err(|_| anyhow!("the source thread panicked"))?;
     producer.flush(Duration::from_secs(5))?;
-    info!(enriched = stats.enriched, dead_lettered = stats.dead_lettered, tombstones = stats.tombstones, "worker stopped");
-    Ok(())
+    store.flush().await.context("flushing the vector store")?;
+    info!(
+        enriched = stats.enriched,
+        points = stats.points,
+        dead_lettered = stats.dead_lettered,
+        tombstones = stats.tombstones,
+        "worker stopped"
+    );
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub enriched: u64,
+    /// Points upserted to the vector store.
+    pub points: u64,
     pub dead_lettered: u64,
     pub tombstones: u64,
 }
 
 struct Pipeline {
+    store: StoreWriter,
+    payload_text: PayloadText,
+    /// Set to stop the source when the store fails for good.
+    stop: Arc<AtomicBool>,
+    failure: Option<anyhow::Error>,
     input_codec: RecordCodec<Conversation>,
     output_codec: RecordCodec<EnrichedConversation>,
     enricher: Arc<dyn Enricher>,
@@ -133,7 +168,7 @@ enum Decided {
 }
 
 impl Pipeline {
-    async fn run(mut self, mut rx: mpsc::Receiver<InboundMessage>, max_batch: usize, max_wait: Duration) -> Stats {
+    async fn run(mut self, mut rx: mpsc::Receiver<InboundMessage>, max_batch: usize, max_wait: Duration) -> (Stats, Option<anyhow::Error>) {
         let mut deliveries = JoinSet::new();
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
@@ -144,15 +179,26 @@ impl Pipeline {
                     Ok(None) | Err(_) => break,
                 }
             }
+            if self.failure.is_some() {
+                continue; // stopping: what is still queued is neither written nor completed
+            }
             self.process(batch, &mut deliveries).await;
             while deliveries.try_join_next().is_some() {}
         }
         while deliveries.join_next().await.is_some() {}
-        self.stats
+        (self.stats, self.failure)
     }
 
     fn decide(&self, msg: &InboundMessage) -> Decided {
-        let Some(payload) = &msg.payload else { return Decided::Tombstone };
+        let Some(payload) = &msg.payload else {
+            return match &msg.key {
+                Some(_) => Decided::Tombstone,
+                None => Decided::Rejected(Rejection {
+                    class: "validation",
+                    message: "tombstone (null value) without a key: no conversation to delete".into(),
+                }),
+            };
+        };
         let conv = match self.input_codec.decode(payload) {
             Ok(c) => c,
             Err(e) => return Decided::Rejected(Rejection { class: e.class(), message: e.to_string() }),
@@ -180,6 +226,12 @@ impl Pipeline {
         }
         let mut decided: Vec<Decided> = batch.iter().map(|m| self.decide(m)).collect();
         let enriched = self.enrich(&batch, &mut decided).await;
+        if let Err(e) = self.write_store(&batch, &decided, &enriched).await {
+            error!(error = %e, messages = batch.len(), "the vector store failed; stopping without completing this batch");
+            self.failure = Some(anyhow::Error::new(e).context("writing to the vector store"));
+            self.stop.store(true, Ordering::SeqCst);
+            return;
+        }
 
         // Enqueue in input order: the idempotent producer keeps that order per partition.
         let mut pending = Vec::with_capacity(batch.len());
@@ -220,6 +272,38 @@ impl Pipeline {
                 }
             }
         });
+    }
+
+    /// Writes the batch to the vector store in input order: the points of each enriched
+    /// conversation, and for a tombstone the deletion of that conversation's points (after the
+    /// upserts before it, so a later re-creation is not deleted). Acknowledged on return.
+    async fn write_store(
+        &mut self,
+        batch: &[InboundMessage],
+        decided: &[Decided],
+        enriched: &[EnrichedConversation],
+    ) -> Result<(), StoreError> {
+        let mut points = Vec::new();
+        let mut events = enriched.iter();
+        for (msg, decision) in batch.iter().zip(decided) {
+            match decision {
+                Decided::Valid(conv) => {
+                    let event = events.next().expect("one enriched event per valid input");
+                    points.extend(points_for(conv, event, None, self.payload_text));
+                }
+                Decided::Tombstone => {
+                    let key = msg.key.as_deref().expect("tombstones have keys");
+                    self.store.upsert_all(&points).await?;
+                    self.stats.points += points.len() as u64;
+                    points.clear();
+                    self.store.delete_conversation(&String::from_utf8_lossy(key)).await?;
+                }
+                Decided::Rejected(_) => {}
+            }
+        }
+        self.store.upsert_all(&points).await?;
+        self.stats.points += points.len() as u64;
+        Ok(())
     }
 
     /// The DLQ record of a rejected message: (to the DLQ, key, value, headers).

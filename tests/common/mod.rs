@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod flaky_store;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -20,6 +22,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
+
+/// The embedded-store directory of a test worker (under cargo's per-target temp dir).
+pub fn store_dir(group: &str, worker: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stores").join(group).join(worker)
+}
 
 pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS")
@@ -230,6 +237,10 @@ impl Worker {
             .env("CONVOFLOW__KAFKA__GROUP_ID", &topics.group)
             .env("CONVOFLOW__KAFKA__SESSION_TIMEOUT_MS", "6000")
             .env("CONVOFLOW_LOG", "info,rdkafka=warn")
+            // Each worker its own embedded store (edge locks its directory); a restarted
+            // worker with the same name reopens it. No model folder: the size is given.
+            .env("CONVOFLOW__QDRANT__DATA_DIR", store_dir(&topics.group, name))
+            .env("CONVOFLOW__QDRANT__DENSE_DIM", "8")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in extra_env {

@@ -1,0 +1,324 @@
+//! `edge` backend: Qdrant's engine in-process (`qdrant-edge`), one shard per collection,
+//! persisted under `<data_dir>/<collection>` (WAL + segments; reopened after a restart).
+//!
+//! The engine is synchronous, so every call runs on tokio's blocking pool. An update returns
+//! once it is in the WAL and applied, which is what `wait=true` means on a server. Edge runs no
+//! background optimizer: after every `optimize_every` upserted points one optimization pass
+//! (segment merge, HNSW and sparse index build) runs on a background thread.
+//! One process at a time: the WAL directory is locked while a shard is open.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use qdrant_edge::{
+    Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeSparseVectorParams, EdgeVectorParams,
+    PointId as ExtendedPointId, FieldCondition, FieldIndexOperations, Filter, Fusion, Match, Memory, Modifier, NamedQuery,
+    OperationError, PayloadFieldSchema, PayloadSchemaType, PointInsertOperations, PointOperations, PointStruct,
+    Prefetch, QuantizationConfig, QueryEnum, QueryRequest, Range, ScalarQuantizationConfig,
+    ScalarType, ScoringQuery, UpdateOperation, ValueVariants, Vector, VectorInternal, Vectors, WithPayloadInterface,
+    WithVector,
+};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use super::{Bootstrap, CollectionSpec, DENSE, FieldKind, Hit, HybridQuery, INDEXED_FIELDS, SPARSE, SearchFilter, StoreError, StorePoint, VectorStore};
+
+pub struct EdgeStore {
+    path: PathBuf,
+    shard: std::sync::Mutex<Option<Arc<EdgeShard>>>,
+    optimize_every: usize,
+    since_optimize: AtomicUsize,
+    optimizing: Arc<AtomicBool>,
+}
+
+impl EdgeStore {
+    /// A store at `path` (the collection's directory); nothing is opened until bootstrap.
+    pub fn new(path: PathBuf, optimize_every: usize) -> Self {
+        Self {
+            path,
+            shard: std::sync::Mutex::new(None),
+            optimize_every,
+            since_optimize: AtomicUsize::new(0),
+            optimizing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn shard(&self) -> Result<Arc<EdgeShard>, StoreError> {
+        self.shard
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .ok_or_else(|| StoreError::Permanent("the edge collection is not open (ensure_collection first)".into()))
+    }
+
+    /// Runs a blocking engine call on tokio's blocking pool.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EdgeShard) -> Result<R, OperationError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let shard = self.shard()?;
+        tokio::task::spawn_blocking(move || f(&shard))
+            .await
+            .map_err(|e| StoreError::Permanent(format!("edge task failed: {e}")))?
+            .map_err(classify)
+    }
+
+    /// Starts one optimization pass in the background when enough points were written.
+    fn maybe_optimize(&self, written: usize) {
+        let total = self.since_optimize.fetch_add(written, Ordering::Relaxed) + written;
+        if self.optimize_every == 0 || total < self.optimize_every || self.optimizing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.since_optimize.store(0, Ordering::Relaxed);
+        let (Ok(shard), flag) = (self.shard(), self.optimizing.clone()) else { return };
+        std::thread::Builder::new()
+            .name("edge-optimize".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                match shard.optimize() {
+                    Ok(_) => info!(elapsed_ms = started.elapsed().as_millis() as u64, "edge collection optimized"),
+                    Err(e) => warn!(error = %e, "edge optimization failed"),
+                }
+                flag.store(false, Ordering::Release);
+            })
+            .map(drop)
+            .unwrap_or_else(|e| warn!(error = %e, "could not start the edge optimizer"));
+    }
+}
+
+fn classify(e: OperationError) -> StoreError {
+    let message = e.to_string();
+    match e {
+        OperationError::WrongVectorDimension { .. } | OperationError::ValidationError { .. } => StoreError::Permanent(message),
+        OperationError::ServiceError { .. } if message.contains("No space left") => StoreError::Permanent(message),
+        _ => StoreError::Permanent(message),
+    }
+}
+
+fn edge_config(spec: &CollectionSpec) -> EdgeConfig {
+    #[allow(deprecated)]
+    let dense = EdgeVectorParams {
+        size: spec.dense_dim,
+        distance: Distance::Cosine,
+        on_disk: None,
+        memory: spec.on_disk.then_some(Memory::Cold),
+        multivector_config: None,
+        datatype: None,
+        quantization_config: None,
+        hnsw_config: None,
+    };
+    let sparse = EdgeSparseVectorParams { modifier: Some(Modifier::Idf), ..Default::default() };
+    #[allow(deprecated)]
+    let quantization = match spec.quantization {
+        super::Quantization::None => None,
+        super::Quantization::Scalar => Some(QuantizationConfig::from(ScalarQuantizationConfig {
+            r#type: ScalarType::Int8,
+            quantile: Some(0.99),
+            always_ram: None,
+            memory: Some(Memory::Pinned),
+        })),
+    };
+    EdgeConfig {
+        vectors: HashMap::from([(DENSE.to_string(), dense)]),
+        sparse_vectors: HashMap::from([(SPARSE.to_string(), sparse)]),
+        quantization_config: quantization,
+        ..Default::default()
+    }
+}
+
+/// Checks the vectors of an opened shard against the spec.
+fn check_layout(spec: &CollectionSpec, config: &EdgeConfig) -> Result<(), StoreError> {
+    let dense = config.vectors.get(DENSE).ok_or_else(|| StoreError::IncompatibleCollection {
+        collection: spec.name.clone(),
+        reason: format!("no dense vector named {DENSE:?}"),
+    })?;
+    super::check_dense(spec, dense.size, dense.distance == Distance::Cosine)?;
+    let sparse = config.sparse_vectors.get(SPARSE).ok_or_else(|| StoreError::IncompatibleCollection {
+        collection: spec.name.clone(),
+        reason: format!("no sparse vector named {SPARSE:?}"),
+    })?;
+    if sparse.modifier != Some(Modifier::Idf) {
+        return Err(StoreError::IncompatibleCollection {
+            collection: spec.name.clone(),
+            reason: format!("the sparse vector {SPARSE:?} has no IDF modifier"),
+        });
+    }
+    Ok(())
+}
+
+fn key(field: &str) -> qdrant_edge::JsonPath {
+    field.try_into().expect("static field names are valid JSON paths")
+}
+
+pub(crate) fn filter(f: &SearchFilter) -> Option<Filter> {
+    let mut must: Vec<Condition> = f
+        .keyword_conditions()
+        .into_iter()
+        .map(|(field, value)| {
+            Condition::Field(FieldCondition::new_match(key(field), Match::new_value(ValueVariants::String(value))))
+        })
+        .collect();
+    if let Some(stars) = f.min_stars {
+        let range = Range { gte: Some(f64::from(stars).into()), lt: None, gt: None, lte: None };
+        must.push(Condition::Field(FieldCondition::new_range(key("sentiment_stars"), range)));
+    }
+    (!must.is_empty()).then(|| Filter { must: Some(must), should: None, min_should: None, must_not: None })
+}
+
+fn to_point(p: &StorePoint) -> Result<qdrant_edge::PointStructPersisted, StoreError> {
+    let indices: Vec<u32> = p.sparse.indices.iter().map(|&i| i as u32).collect();
+    let sparse = Vector::new_sparse(indices, p.sparse.values.clone())
+        .map_err(|e| StoreError::Permanent(format!("point {}: bad sparse vector: {e}", p.id)))?;
+    let mut named: Vec<(&str, Vector)> = vec![(SPARSE, sparse)];
+    if let Some(dense) = &p.dense {
+        named.push((DENSE, Vector::new_dense(dense.clone())));
+    }
+    let point = PointStruct::new(ExtendedPointId::Uuid(p.id), Vectors::new_named(named), Value::Object(p.payload.clone()));
+    Ok(point.into())
+}
+
+fn from_scored(p: qdrant_edge::ScoredPoint) -> Option<Hit> {
+    let id = match p.id {
+        ExtendedPointId::Uuid(u) => u,
+        ExtendedPointId::NumId(_) => return None, // not a convoflow point
+    };
+    Some(Hit { id, score: p.score, payload: p.payload.map(|pl| pl.0).unwrap_or_default() })
+}
+
+#[async_trait]
+impl VectorStore for EdgeStore {
+    fn backend(&self) -> &'static str {
+        "edge"
+    }
+
+    async fn ensure_collection(&self, spec: &CollectionSpec, mode: Bootstrap) -> Result<(), StoreError> {
+        if let Ok(shard) = self.shard() {
+            return check_layout(spec, &shard.config());
+        }
+        let path = self.path.clone();
+        let spec_owned = spec.clone();
+        let shard = tokio::task::spawn_blocking(move || -> Result<EdgeShard, StoreError> {
+            let spec = &spec_owned;
+            let exists = path.join("edge_config.json").exists() || path.join("segments").is_dir();
+            if exists {
+                let shard = EdgeShard::load(&path, None).map_err(|e| {
+                    StoreError::Permanent(format!("opening the edge collection at {}: {e}", path.display()))
+                })?;
+                check_layout(spec, &shard.config())?;
+                Ok(shard)
+            } else if mode == Bootstrap::MustExist {
+                Err(StoreError::MissingCollection(format!("{} (edge, {})", spec.name, path.display())))
+            } else {
+                info!(path = %path.display(), dim = spec.dense_dim, "creating the edge collection");
+                EdgeShard::new(&path, edge_config(spec)).map_err(|e| {
+                    StoreError::Permanent(format!("creating the edge collection at {}: {e}", path.display()))
+                })
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Permanent(format!("edge task failed: {e}")))??;
+        let shard = Arc::new(shard);
+        *self.shard.lock().expect("not poisoned") = Some(shard.clone());
+        // Payload indexes: created when missing (the schema is persisted with the shard).
+        let existing = shard.info().map_err(classify)?.payload_schema;
+        for (field, kind) in INDEXED_FIELDS {
+            if existing.keys().any(|k| k.to_string() == *field) {
+                continue;
+            }
+            let schema = match kind {
+                FieldKind::Keyword => PayloadSchemaType::Keyword,
+                FieldKind::Integer => PayloadSchemaType::Integer,
+                FieldKind::Datetime => PayloadSchemaType::Datetime,
+            };
+            let op = UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(CreateIndex {
+                field_name: key(field),
+                field_schema: Some(PayloadFieldSchema::FieldType(schema)),
+            }));
+            self.blocking(move |s| s.update(op)).await?;
+        }
+        Ok(())
+    }
+
+    async fn upsert(&self, points: &[StorePoint]) -> Result<(), StoreError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let list = points.iter().map(to_point).collect::<Result<Vec<_>, _>>()?;
+        let n = list.len();
+        self.blocking(move |s| {
+            s.update(UpdateOperation::PointOperation(PointOperations::UpsertPoints(PointInsertOperations::PointsList(list))))
+        })
+        .await?;
+        self.maybe_optimize(n);
+        Ok(())
+    }
+
+    async fn delete_conversation(&self, conversation_id: &str) -> Result<(), StoreError> {
+        let f = filter(&SearchFilter { conversation_id: Some(conversation_id.to_string()), ..Default::default() })
+            .expect("one condition");
+        self.blocking(move |s| s.update(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(f)))).await
+    }
+
+    async fn count(&self, f: &SearchFilter) -> Result<u64, StoreError> {
+        let request = CountRequest { filter: filter(f), exact: true };
+        self.blocking(move |s| s.count(request)).await.map(|n| n as u64)
+    }
+
+    async fn search(&self, q: &HybridQuery) -> Result<Vec<Hit>, StoreError> {
+        let f = filter(&q.filter);
+        let sparse = qdrant_edge::SparseVector::new(
+            q.sparse.indices.iter().map(|&i| i as u32).collect(),
+            q.sparse.values.clone(),
+        )
+        .map_err(|e| StoreError::Permanent(format!("bad sparse query: {e}")))?;
+        let prefetch = |query: VectorInternal, using: &str| Prefetch {
+            prefetches: vec![],
+            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery { query, using: Some(using.to_string()) }))),
+            limit: q.prefetch_limit.max(q.limit),
+            params: None,
+            filter: f.clone(),
+            score_threshold: None,
+        };
+        let mut prefetches = vec![prefetch(VectorInternal::Sparse(sparse), SPARSE)];
+        if let Some(dense) = &q.dense {
+            prefetches.insert(0, prefetch(VectorInternal::Dense(dense.clone()), DENSE));
+        }
+        let request = QueryRequest {
+            prefetches,
+            query: Some(ScoringQuery::Fusion(Fusion::Rrf { k: 60, weights: None })),
+            filter: f.clone(),
+            score_threshold: None,
+            limit: q.limit,
+            offset: 0,
+            params: None,
+            with_vector: WithVector::Bool(false),
+            with_payload: WithPayloadInterface::Bool(true),
+        };
+        let points = self.blocking(move |s| s.query(request)).await?;
+        Ok(points.into_iter().filter_map(from_scored).collect())
+    }
+
+    async fn optimize(&self) -> Result<(), StoreError> {
+        self.blocking(|s| s.optimize().map(drop)).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        if self.shard().is_err() {
+            return Ok(());
+        }
+        self.blocking(|s| s.flush()).await
+    }
+}
+
+impl Drop for EdgeStore {
+    fn drop(&mut self) {
+        if let Some(shard) = self.shard.get_mut().ok().and_then(|s| s.take()) {
+            if let Err(e) = shard.flush() {
+                warn!(error = %e, "flushing the edge collection on close");
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Writing to the store the way the worker needs it: upserts in batches bounded by points and
+//! bytes (a batch the store finds too large is split in halves), every call acknowledged, and
+//! transient failures retried with exponential backoff and jitter. A non-retryable error (or
+//! retries exhausted) is returned, and the caller leaves the offsets uncommitted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::{StoreError, StorePoint, VectorStore};
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 8, initial_backoff_ms: 100, max_backoff_ms: 10_000 }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before retry `n` (1-based): exponential, capped, with "equal jitter" (half fixed,
+    /// half random) so that workers failing together do not retry together.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let exp = self.initial_backoff_ms.saturating_mul(1u64 << (n.saturating_sub(1)).min(20));
+        let capped = exp.min(self.max_backoff_ms) as f64;
+        Duration::from_millis((capped / 2.0 + rand::random::<f64>() * capped / 2.0) as u64)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchLimits {
+    pub max_points: usize,
+    /// Approximate request size (vectors + payload).
+    pub max_bytes: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self { max_points: 256, max_bytes: 8 << 20 }
+    }
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct WriterCounters {
+    pub upserted_points: AtomicU64,
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub splits: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct StoreWriter {
+    store: Arc<dyn VectorStore>,
+    limits: BatchLimits,
+    retry: RetryPolicy,
+    pub counters: Arc<WriterCounters>,
+}
+
+impl StoreWriter {
+    pub fn new(store: Arc<dyn VectorStore>, limits: BatchLimits, retry: RetryPolicy) -> Self {
+        Self { store, limits, retry, counters: Arc::default() }
+    }
+
+    pub fn store(&self) -> &Arc<dyn VectorStore> {
+        &self.store
+    }
+
+    /// Upserts all points, acknowledged, in batches within the limits.
+    pub async fn upsert_all(&self, points: &[StorePoint]) -> Result<(), StoreError> {
+        for batch in batches(points, &self.limits) {
+            self.upsert_splitting(batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn upsert_splitting(&self, batch: &[StorePoint]) -> Result<(), StoreError> {
+        // Explicit stack instead of recursion (async recursion needs boxing).
+        let mut pending = vec![batch];
+        while let Some(part) = pending.pop() {
+            match self.with_retry("upsert", || self.store.upsert(part)).await {
+                Ok(()) => {
+                    self.counters.upserted_points.fetch_add(part.len() as u64, Ordering::Relaxed);
+                }
+                Err(StoreError::TooLarge(why)) if part.len() > 1 => {
+                    self.counters.splits.fetch_add(1, Ordering::Relaxed);
+                    warn!(points = part.len(), reason = %why, "upsert too large; splitting the batch");
+                    let (a, b) = part.split_at(part.len() / 2);
+                    pending.push(b);
+                    pending.push(a);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn delete_conversation(&self, conversation_id: &str) -> Result<(), StoreError> {
+        self.with_retry("delete", || self.store.delete_conversation(conversation_id)).await
+    }
+
+    async fn with_retry<F, Fut>(&self, what: &str, mut call: F) -> Result<(), StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            match call().await {
+                Err(e) if e.is_transient() && attempt < self.retry.max_attempts => {
+                    let delay = self.retry.backoff(attempt);
+                    warn!(op = what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "vector store call failed; retrying");
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Consecutive slices with at most `max_points` points and about `max_bytes` bytes each
+/// (a single larger point gets a batch of its own).
+pub fn batches<'a>(points: &'a [StorePoint], limits: &BatchLimits) -> Vec<&'a [StorePoint]> {
+    let mut out = vec![];
+    let (mut start, mut bytes) = (0, 0);
+    for (i, p) in points.iter().enumerate() {
+        let size = p.approx_bytes();
+        if i > start && (i - start >= limits.max_points.max(1) || bytes + size > limits.max_bytes) {
+            out.push(&points[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < points.len() {
+        out.push(&points[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::SparseVector;
+
+    fn point(bytes: usize) -> StorePoint {
+        let mut payload = serde_json::Map::new();
+        payload.insert("text".into(), serde_json::json!("x".repeat(bytes)));
+        StorePoint { id: uuid::Uuid::new_v4(), dense: None, sparse: SparseVector::default(), payload }
+    }
+
+    #[test]
+    fn batches_respect_points_and_bytes() {
+        let points: Vec<StorePoint> = (0..10).map(|_| point(100)).collect();
+        let by_count = batches(&points, &BatchLimits { max_points: 4, max_bytes: 1 << 20 });
+        assert_eq!(by_count.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
+        let one = points[0].approx_bytes();
+        let by_bytes = batches(&points, &BatchLimits { max_points: 100, max_bytes: one * 3 });
+        assert_eq!(by_bytes.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![3, 3, 3, 1]);
+        let big = vec![point(10_000), point(10)];
+        assert_eq!(batches(&big, &BatchLimits { max_points: 100, max_bytes: 100 }).len(), 2, "an oversized point is sent alone");
+        assert!(batches(&[], &BatchLimits::default()).is_empty());
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_and_a_cap() {
+        let p = RetryPolicy { max_attempts: 10, initial_backoff_ms: 100, max_backoff_ms: 1_000 };
+        for _ in 0..50 {
+            let d1 = p.backoff(1).as_millis();
+            let d3 = p.backoff(3).as_millis();
+            let d9 = p.backoff(9).as_millis();
+            assert!((50..=100).contains(&d1), "{d1}");
+            assert!((200..=400).contains(&d3), "{d3}");
+            assert!((500..=1_000).contains(&d9), "{d9}");
+        }
+    }
+}

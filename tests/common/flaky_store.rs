@@ -1,0 +1,57 @@
+//! `FlakyStore`: a test double around a real store that fails on purpose.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use convoflow::sink::store::{Bootstrap, CollectionSpec, Hit, HybridQuery, SearchFilter, StoreError, StorePoint, VectorStore};
+
+/// Test double: the real edge store behind a wrapper that fails the first `fail_first` upserts
+/// with `failure`, and (optionally) rejects upserts larger than `max_points` as too large.
+pub struct FlakyStore {
+    pub inner: Arc<dyn VectorStore>,
+    fail_first: usize,
+    failure: StoreError,
+    max_points: usize,
+    pub calls: AtomicUsize,
+}
+
+#[async_trait]
+impl VectorStore for FlakyStore {
+    fn backend(&self) -> &'static str {
+        "flaky-edge (test double)"
+    }
+    async fn ensure_collection(&self, spec: &CollectionSpec, mode: Bootstrap) -> Result<(), StoreError> {
+        self.inner.ensure_collection(spec, mode).await
+    }
+    async fn upsert(&self, points: &[StorePoint]) -> Result<(), StoreError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
+            return Err(self.failure.clone());
+        }
+        if points.len() > self.max_points {
+            return Err(StoreError::TooLarge(format!("{} points", points.len())));
+        }
+        self.inner.upsert(points).await
+    }
+    async fn delete_conversation(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.delete_conversation(id).await
+    }
+    async fn count(&self, filter: &SearchFilter) -> Result<u64, StoreError> {
+        self.inner.count(filter).await
+    }
+    async fn search(&self, q: &HybridQuery) -> Result<Vec<Hit>, StoreError> {
+        self.inner.search(q).await
+    }
+    async fn optimize(&self) -> Result<(), StoreError> {
+        self.inner.optimize().await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+}
+
+impl FlakyStore {
+    pub fn new(inner: Arc<dyn VectorStore>, fail_first: usize, failure: StoreError, max_points: usize) -> Self {
+        Self { inner, fail_first, failure, max_points, calls: AtomicUsize::new(0) }
+    }
+}

@@ -1,0 +1,169 @@
+//! The worker with its vector store, against the real broker (scripts/test starts it) and the
+//! embedded edge engine: points land before offsets are committed, tombstones delete, store
+//! failures are retried or stop the worker without committing (through `FlakyStore`, a test
+//! double wrapping the real edge store).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::flaky_store::FlakyStore;
+use common::*;
+use convoflow::config::Config;
+use convoflow::event::Conversation;
+use convoflow::sample::SampleGenerator;
+use convoflow::sink::store::{self, Bootstrap, SearchFilter, StoreError, VectorStore};
+use convoflow::worker;
+
+fn config(topics: &Topics, store_dir: &Path) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers();
+    cfg.kafka.input_topic = topics.input.clone();
+    cfg.kafka.output_topic = topics.output.clone();
+    cfg.kafka.group_id = topics.group.clone();
+    cfg.kafka.session_timeout_ms = 6_000;
+    cfg.pipeline.shutdown_timeout_ms = 3_000;
+    cfg.qdrant.data_dir = store_dir.to_path_buf();
+    cfg.qdrant.dense_dim = Some(8);
+    cfg
+}
+
+fn conversations(n: u64) -> Vec<Conversation> {
+    let g = SampleGenerator::new(11);
+    (0..n).map(|i| g.conversation(i)).collect()
+}
+
+/// Runs the worker in-process until `done` holds (checked every 200 ms off the runtime, it
+/// reads Kafka), the worker stops by itself, or `timeout`; then stops it and returns its result.
+async fn run_until(
+    cfg: Config,
+    store: Arc<dyn VectorStore>,
+    timeout: Duration,
+    done: impl Fn() -> bool + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = tokio::spawn(worker::run_with_store(cfg, stop.clone(), store));
+    let done = Arc::new(done);
+    let started = Instant::now();
+    while !worker.is_finished() && started.elapsed() < timeout {
+        let check = done.clone();
+        if tokio::task::spawn_blocking(move || check()).await.unwrap() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(20), worker).await.expect("the worker stops").expect("no panic")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_chunk_is_a_point_before_its_offset_is_committed_and_tombstones_delete() {
+    let topics = Topics::new("store-e2e");
+    create_topic(&topics.input, 2).await;
+    let convs = conversations(30);
+    produce_conversations(&topics.input, &convs).await;
+    // a tombstone for the first conversation, after its event (same key, same partition)
+    let deleted = convs[0].conversation_id.clone();
+    produce_raw(&topics.input, &[(Some(deleted.clone().into_bytes()), None)]).await;
+
+    let dir = store_dir(&topics.group, "in-process");
+    let cfg = config(&topics, &dir);
+    let store = store::open(&cfg.qdrant).unwrap();
+    let output = topics.output.clone();
+    run_until(cfg.clone(), store.clone(), Duration::from_secs(90), move || {
+        read_topic(&output, 31, Duration::from_millis(300), Duration::ZERO).len() >= 31
+    })
+    .await
+    .unwrap();
+
+    let records = read_topic(&topics.output, 31, Duration::from_secs(10), Duration::from_millis(300));
+    assert_eq!(records.len(), 31, "30 enriched events and one tombstone");
+    let tombstone = records.iter().find(|r| r.payload.is_none()).expect("the tombstone is forwarded");
+    assert_eq!(tombstone.key.as_deref(), Some(deleted.as_bytes()));
+    // every turn chunk of the surviving conversations is a point with its payload
+    let events: Vec<_> = records.iter().filter(|r| r.payload.is_some()).map(|r| r.enriched()).collect();
+    let store_points = store.count(&SearchFilter::default()).await.unwrap();
+    let expected: u64 = events
+        .iter()
+        .filter(|e| e.conversation_id != deleted)
+        .map(|e| e.turns.iter().map(|t| t.chunks.len() as u64).sum::<u64>())
+        .sum();
+    assert_eq!(store_points, expected);
+    let one = events.iter().find(|e| e.conversation_id != deleted).unwrap();
+    let filter = SearchFilter { conversation_id: Some(one.conversation_id.clone()), ..Default::default() };
+    assert_eq!(store.count(&filter).await.unwrap(), one.turns.iter().map(|t| t.chunks.len() as u64).sum::<u64>());
+    let deleted_filter = SearchFilter { conversation_id: Some(deleted.clone()), ..Default::default() };
+    assert_eq!(store.count(&deleted_filter).await.unwrap(), 0, "the tombstone deleted the conversation's points");
+    // a planted sentence is found by BM25 and carries the turn's payload
+    let conv = &convs[5];
+    let turn = &conv.turns[0];
+    let hits = store
+        .search(&store::HybridQuery {
+            dense: None,
+            sparse: convoflow::pipeline::bm25::query_vector(&turn.text),
+            filter: SearchFilter { conversation_id: Some(conv.conversation_id.clone()), ..Default::default() },
+            limit: 1,
+            prefetch_limit: 20,
+        })
+        .await
+        .unwrap();
+    assert_eq!(hits[0].payload["turn_id"], serde_json::json!(turn.turn_id));
+    assert_eq!(hits[0].payload["speaker"], serde_json::json!(turn.speaker));
+    assert_eq!(hits[0].payload["tenant"], serde_json::json!(conv.tenant));
+    let committed = committed(&topics.group, &topics.input);
+    assert_eq!(committed, high_watermarks(&topics.input), "everything written is committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_store_failures_are_retried_by_the_worker() {
+    let topics = Topics::new("store-transient");
+    create_topic(&topics.input, 1).await;
+    produce_conversations(&topics.input, &conversations(10)).await;
+    let dir = store_dir(&topics.group, "in-process");
+    let cfg = config(&topics, &dir);
+    let inner = store::open(&cfg.qdrant).unwrap();
+    let flaky = Arc::new(FlakyStore::new(inner.clone(), 3, StoreError::Transient("unavailable (injected)".into()), usize::MAX));
+    let output = topics.output.clone();
+    run_until(cfg, flaky.clone(), Duration::from_secs(90), move || {
+        read_topic(&output, 10, Duration::from_millis(300), Duration::ZERO).len() >= 10
+    })
+    .await
+    .unwrap();
+    assert!(flaky.calls.load(Ordering::SeqCst) > 3, "failed calls were retried");
+    assert_eq!(committed(&topics.group, &topics.input)[&0], 10);
+    assert!(inner.count(&SearchFilter::default()).await.unwrap() > 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_store_failure_stops_the_worker_without_committing_then_a_restart_catches_up() {
+    let topics = Topics::new("store-permanent");
+    create_topic(&topics.input, 1).await;
+    produce_conversations(&topics.input, &conversations(10)).await;
+    let dir = store_dir(&topics.group, "in-process");
+    let cfg = config(&topics, &dir);
+    {
+        let inner = store::open(&cfg.qdrant).unwrap();
+        let broken = Arc::new(FlakyStore::new(inner, usize::MAX, StoreError::Permanent("forbidden (injected)".into()), usize::MAX));
+        let err = run_until(cfg.clone(), broken.clone(), Duration::from_secs(60), || false).await.unwrap_err();
+        assert!(format!("{err:#}").contains("forbidden (injected)"), "{err:#}");
+        assert_eq!(broken.calls.load(Ordering::SeqCst), 1, "not retried");
+    }
+    let committed_after_failure = committed(&topics.group, &topics.input);
+    assert!(committed_after_failure.get(&0).is_none_or(|&o| o <= 0), "nothing committed: {committed_after_failure:?}");
+    assert!(read_topic(&topics.output, 1, Duration::from_secs(2), Duration::ZERO).is_empty(), "nothing emitted");
+
+    // with a working store the same group re-reads everything
+    let store = store::open(&cfg.qdrant).unwrap();
+    let output = topics.output.clone();
+    run_until(cfg.clone(), store.clone(), Duration::from_secs(90), move || {
+        read_topic(&output, 10, Duration::from_millis(300), Duration::ZERO).len() >= 10
+    })
+    .await
+    .unwrap();
+    assert_eq!(committed(&topics.group, &topics.input)[&0], 10);
+    store.ensure_collection(&store::collection_spec(&cfg.qdrant, 8), Bootstrap::MustExist).await.unwrap();
+    assert!(store.count(&SearchFilter::default()).await.unwrap() >= 10);
+}

@@ -1,0 +1,303 @@
+//! The vector-store contract, run against the embedded `edge` backend always and against a
+//! remote Qdrant (`qdrant` backend) when QDRANT_URL is set, e.g.
+//!   QDRANT_URL=http://127.0.0.1:6334 [QDRANT_API_KEY=...] cargo test --release --test vector_store
+//! Plus: dimension mismatch, and failure injection through `FlakyStore` (a test double wrapping
+//! the real edge store that fails the first N calls).
+
+mod common;
+
+use common::flaky_store::FlakyStore;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use convoflow::config::{QdrantConfig, StoreBackend};
+use convoflow::pipeline::bm25::{Bm25Params, document_vector, query_vector};
+use convoflow::sink::store::points::rfc3339;
+use convoflow::sink::store::writer::{BatchLimits, RetryPolicy, StoreWriter};
+use convoflow::sink::store::{
+    self, Bootstrap, CollectionSpec, HybridQuery, Quantization, SearchFilter, StoreError, StorePoint, VectorStore,
+};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::json;
+use uuid::Uuid;
+
+const DIM: usize = 64;
+const POINTS: usize = 10_000;
+const WORDS: &[&str] = &[
+    "bonjour", "merci", "facture", "colis", "livraison", "retard", "compte", "adresse", "hello", "thanks", "invoice",
+    "parcel", "delivery", "delay", "account", "address", "router", "mobile", "plan", "refund", "technician", "appointment",
+];
+
+fn unit(v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.into_iter().map(|x| x / n).collect()
+}
+
+fn random_vector(rng: &mut StdRng) -> Vec<f32> {
+    unit((0..DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+}
+
+fn point(i: usize, text: &str, dense: Vec<f32>) -> StorePoint {
+    let payload = json!({
+        "conversation_id": format!("conv-{}", i / 10),
+        "turn_id": format!("t{}", i % 10),
+        "chunk_index": 0,
+        "tenant": format!("tenant-{}", i % 3),
+        "speaker": if i % 2 == 0 { "agent" } else { "customer" },
+        "language": if i % 4 == 0 { "en" } else { "fr" },
+        "ts": rfc3339(1_780_000_000_000 + i as i64 * 1000),
+        "text": text,
+        "sentiment_stars": 1 + (i % 5) as i64,
+        "entity_labels": if i % 7 == 0 { json!(["PER"]) } else { json!([]) },
+        "entity_values": if i % 7 == 0 { json!(["PER:marie curie"]) } else { json!([]) },
+    });
+    StorePoint {
+        id: convoflow::event::point_id(&format!("conv-{}", i / 10), &format!("t{}", i % 10), 0),
+        dense: Some(dense),
+        sparse: document_vector(text, &Bm25Params::default()),
+        payload: payload.as_object().unwrap().clone(),
+    }
+}
+
+/// 10,000 ordinary points and three planted ones near `query` that mention "zygomorphic orchid".
+struct Dataset {
+    points: Vec<StorePoint>,
+    query: Vec<f32>,
+    planted: Vec<Uuid>,
+}
+
+fn dataset() -> Dataset {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut points: Vec<StorePoint> = (0..POINTS)
+        .map(|i| {
+            let text: Vec<&str> = (0..12).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+            point(i, &text.join(" "), random_vector(&mut rng))
+        })
+        .collect();
+    let query = random_vector(&mut rng);
+    let mut planted = vec![];
+    // Closer in the dense space and stronger in BM25 (tf, length) with each step: a clear order.
+    let texts = [
+        "zygomorphic orchid zygomorphic orchid",
+        "la fleur zygomorphic orchid du client",
+        "la fleur zygomorphic orchid du client, delivery delay et retard de livraison",
+    ];
+    for (k, (noise, text)) in [0.05f32, 0.1, 0.15].into_iter().zip(texts).enumerate() {
+        let i = 10 * (POINTS / 10 + k); // a conversation of its own each
+        let dense = unit(query.iter().map(|x| x + noise * rng.random_range(-1.0f32..1.0)).collect());
+        let p = point(i, text, dense);
+        planted.push(p.id);
+        points.push(p);
+    }
+    Dataset { points, query, planted }
+}
+
+fn spec(name: &str, dim: usize) -> CollectionSpec {
+    CollectionSpec { name: name.into(), dense_dim: dim, on_disk: false, quantization: Quantization::None }
+}
+
+fn count_where(points: &[StorePoint], pred: impl Fn(&serde_json::Map<String, serde_json::Value>) -> bool) -> u64 {
+    points.iter().filter(|p| pred(&p.payload)).count() as u64
+}
+
+/// The contract every backend passes. `reopen` gives a fresh handle on the same collection.
+async fn contract(open: impl Fn() -> Arc<dyn VectorStore>, collection: &str) {
+    let data = dataset();
+    let store = open();
+    let spec = spec(collection, DIM);
+    assert!(matches!(store.ensure_collection(&spec, Bootstrap::MustExist).await, Err(StoreError::MissingCollection(_))));
+    store.ensure_collection(&spec, Bootstrap::CreateIfMissing).await.unwrap();
+    store.ensure_collection(&spec, Bootstrap::CreateIfMissing).await.expect("bootstrap is idempotent");
+
+    let writer = StoreWriter::new(store.clone(), BatchLimits { max_points: 256, max_bytes: 8 << 20 }, RetryPolicy::default());
+    writer.upsert_all(&data.points).await.unwrap();
+    let total = data.points.len() as u64;
+    assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), total);
+    assert!(writer.counters.requests.load(Ordering::Relaxed) >= (POINTS / 256) as u64, "sent in batches");
+
+    // replays upsert the same ids: the count does not move
+    writer.upsert_all(&data.points[..2_000]).await.unwrap();
+    assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), total, "idempotent re-upsert");
+
+    // filtered counts agree with the data
+    let tenant = SearchFilter { tenant: Some("tenant-1".into()), ..Default::default() };
+    assert_eq!(store.count(&tenant).await.unwrap(), count_where(&data.points, |p| p["tenant"] == "tenant-1"));
+    let happy_agents = SearchFilter { speaker: Some("agent".into()), min_stars: Some(4), ..Default::default() };
+    assert_eq!(
+        store.count(&happy_agents).await.unwrap(),
+        count_where(&data.points, |p| p["speaker"] == "agent" && p["sentiment_stars"].as_i64().unwrap() >= 4)
+    );
+    let marie = SearchFilter { entities: vec![("PER".into(), "Marie Curie".into())], ..Default::default() };
+    assert_eq!(store.count(&marie).await.unwrap(), count_where(&data.points, |p| p["entity_labels"] == json!(["PER"])));
+
+    // hybrid search: the planted neighbours come first
+    let query = HybridQuery {
+        dense: Some(data.query.clone()),
+        sparse: query_vector("zygomorphic orchid"),
+        filter: SearchFilter::default(),
+        limit: 10,
+        prefetch_limit: 50,
+    };
+    let hits = store.search(&query).await.unwrap();
+    assert_eq!(hits.len(), 10);
+    let top: Vec<Uuid> = hits.iter().take(3).map(|h| h.id).collect();
+    assert_eq!(top, data.planted, "planted points first, closest first: {hits:?}");
+    assert!(hits[0].payload["text"].as_str().unwrap().contains("zygomorphic"));
+    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    // BM25 alone finds them too, and a filter narrows to the one planted point of its tenant
+    let sparse_only = HybridQuery { dense: None, ..query.clone() };
+    let sparse_hits: Vec<Uuid> = store.search(&sparse_only).await.unwrap().iter().take(3).map(|h| h.id).collect();
+    assert_eq!(sparse_hits.iter().filter(|id| data.planted.contains(id)).count(), 3);
+    let planted_tenant = data.points.iter().find(|p| p.id == data.planted[1]).unwrap().payload["tenant"].clone();
+    let filtered = HybridQuery {
+        filter: SearchFilter { tenant: Some(planted_tenant.as_str().unwrap().into()), ..Default::default() },
+        ..query.clone()
+    };
+    let hits = store.search(&filtered).await.unwrap();
+    assert_eq!(hits[0].id, data.planted[1]);
+    assert!(hits.iter().all(|h| h.payload["tenant"] == planted_tenant));
+
+    // delete by conversation
+    let conv = SearchFilter { conversation_id: Some("conv-42".into()), ..Default::default() };
+    assert_eq!(store.count(&conv).await.unwrap(), 10);
+    writer.delete_conversation("conv-42").await.unwrap();
+    assert_eq!(store.count(&conv).await.unwrap(), 0);
+    assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), total - 10);
+
+    // restart: a new handle on the same collection sees everything
+    store.flush().await.unwrap();
+    drop(writer);
+    drop(store);
+    let reopened = open();
+    reopened.ensure_collection(&spec, Bootstrap::MustExist).await.unwrap();
+    assert_eq!(reopened.count(&SearchFilter::default()).await.unwrap(), total - 10);
+    let hits = reopened.search(&query).await.unwrap();
+    assert_eq!(hits[0].id, data.planted[0]);
+
+    // an existing collection with another dimension is refused clearly
+    let err = reopened.ensure_collection(&self::spec(collection, DIM + 1), Bootstrap::CreateIfMissing).await.unwrap_err();
+    assert!(matches!(err, StoreError::DimensionMismatch { existing: DIM, expected, .. } if expected == DIM + 1), "{err:?}");
+    assert!(err.to_string().contains(&format!("dimension {DIM}")), "{err}");
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn edge_config(dir: &std::path::Path) -> QdrantConfig {
+    QdrantConfig { backend: StoreBackend::Edge, data_dir: dir.to_path_buf(), edge_optimize_every_points: 0, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_backend_passes_the_contract() {
+    let dir = temp_dir("edge-contract");
+    let cfg = edge_config(&dir);
+    contract(|| store::open(&cfg).unwrap(), &cfg.collection).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qdrant_backend_passes_the_contract_when_qdrant_url_is_set() {
+    let Ok(url) = std::env::var("QDRANT_URL") else {
+        eprintln!("QDRANT_URL not set: the remote backend's contract run is skipped");
+        return;
+    };
+    let cfg = QdrantConfig {
+        backend: StoreBackend::Qdrant,
+        url: url.clone(),
+        api_key: std::env::var("QDRANT_API_KEY").ok(),
+        collection: format!("convoflow-contract-{}", std::process::id()),
+        ..Default::default()
+    };
+    contract(|| store::open(&cfg).unwrap(), &cfg.collection).await;
+    let mut client = qdrant_client::Qdrant::from_url(&url).skip_compatibility_check();
+    if let Some(key) = &cfg.api_key {
+        client = client.api_key(key.clone());
+    }
+    client.build().unwrap().delete_collection(&cfg.collection).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_optimization_keeps_everything_searchable() {
+    let dir = temp_dir("edge-optimize");
+    let cfg = QdrantConfig { edge_optimize_every_points: 1_000, ..edge_config(&dir) };
+    let store = store::open(&cfg).unwrap();
+    store.ensure_collection(&spec(&cfg.collection, DIM), Bootstrap::CreateIfMissing).await.unwrap();
+    let data = dataset();
+    let writer = StoreWriter::new(store.clone(), BatchLimits::default(), RetryPolicy::default());
+    writer.upsert_all(&data.points).await.unwrap();
+    // the background pass may still run: counts and searches stay right meanwhile and after
+    for _ in 0..3 {
+        assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), data.points.len() as u64);
+        let q = HybridQuery {
+            dense: Some(data.query.clone()),
+            sparse: query_vector("zygomorphic orchid"),
+            filter: SearchFilter::default(),
+            limit: 3,
+            prefetch_limit: 50,
+        };
+        let top: Vec<Uuid> = store.search(&q).await.unwrap().iter().map(|h| h.id).collect();
+        assert_eq!(top, data.planted);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+async fn flaky(dir: &std::path::Path, fail_first: usize, failure: StoreError, max_points: usize) -> Arc<FlakyStore> {
+    let cfg = edge_config(dir);
+    let inner = store::open(&cfg).unwrap();
+    inner.ensure_collection(&spec(&cfg.collection, DIM), Bootstrap::CreateIfMissing).await.unwrap();
+    Arc::new(FlakyStore::new(inner, fail_first, failure, max_points))
+}
+
+fn small_points(n: usize) -> Vec<StorePoint> {
+    let mut rng = StdRng::seed_from_u64(3);
+    (0..n).map(|i| point(i, "merci pour la livraison", random_vector(&mut rng))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_and_nothing_is_lost() {
+    let dir = temp_dir("flaky-transient");
+    let store = flaky(&dir, 3, StoreError::Transient("unavailable (injected)".into()), usize::MAX).await;
+    let retry = RetryPolicy { max_attempts: 5, initial_backoff_ms: 5, max_backoff_ms: 50 };
+    let writer = StoreWriter::new(store.clone(), BatchLimits { max_points: 100, max_bytes: 1 << 20 }, retry);
+    let points = small_points(500);
+    writer.upsert_all(&points).await.unwrap();
+    assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), 500, "nothing lost");
+    assert_eq!(writer.counters.retries.load(Ordering::Relaxed), 3);
+    assert_eq!(writer.counters.upserted_points.load(Ordering::Relaxed), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_batches_are_split_until_they_pass() {
+    let dir = temp_dir("flaky-large");
+    let store = flaky(&dir, 0, StoreError::Transient(String::new()), 30).await;
+    let writer = StoreWriter::new(store.clone(), BatchLimits { max_points: 256, max_bytes: 1 << 30 }, RetryPolicy::default());
+    writer.upsert_all(&small_points(256)).await.unwrap();
+    assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), 256);
+    assert!(writer.counters.splits.load(Ordering::Relaxed) >= 7, "256 → 128 → 64 → 32 → 16 per half");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_and_exhausted_retries_surface() {
+    let dir = temp_dir("flaky-permanent");
+    let store = flaky(&dir, usize::MAX, StoreError::Permanent("unauthorised (injected)".into()), usize::MAX).await;
+    let retry = RetryPolicy { max_attempts: 4, initial_backoff_ms: 1, max_backoff_ms: 5 };
+    let writer = StoreWriter::new(store.clone(), BatchLimits::default(), retry);
+    let err = writer.upsert_all(&small_points(10)).await.unwrap_err();
+    assert_eq!(err, StoreError::Permanent("unauthorised (injected)".into()));
+    assert_eq!(store.calls.load(Ordering::SeqCst), 1, "a permanent error is not retried");
+    drop(writer);
+    drop(store);
+
+    let dir = temp_dir("flaky-exhausted");
+    let store = flaky(&dir, usize::MAX, StoreError::Transient("timeout (injected)".into()), usize::MAX).await;
+    let writer = StoreWriter::new(store.clone(), BatchLimits::default(), retry);
+    assert!(writer.upsert_all(&small_points(10)).await.unwrap_err().is_transient());
+    assert_eq!(store.calls.load(Ordering::SeqCst), 4, "max_attempts calls, then the error");
+    assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), 0);
+}
