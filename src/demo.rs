@@ -193,7 +193,7 @@ fn print_summary(outputs: &[(i64, EnrichedConversation)], input_ts: &HashMap<(i3
     println!("  {:<34} {:>12}", "events enriched (one per input)", outputs.len());
     println!("  {:<34} {:>12}", "turns", turns);
     println!("  {:<34} {:>12}", "tokens (built-in tokenizer)", tokens);
-    println!("  {:<34} {:>12}", "chunks (Qdrant points to be)", chunks);
+    println!("  {:<34} {:>12}", "chunks (Qdrant points)", chunks);
     let mut langs: Vec<_> = langs.into_iter().collect();
     langs.sort();
     for (lang, n) in langs {
@@ -204,7 +204,7 @@ fn print_summary(outputs: &[(i64, EnrichedConversation)], input_ts: &HashMap<(i3
     println!("  {:<34} {:>12}", "latency p50 publish→enriched (ms)", percentile(&latencies, 0.5));
     println!("  {:<34} {:>12}", "latency p99 publish→enriched (ms)", percentile(&latencies, 0.99));
     println!("  (events were published before the worker joined the group, so latency includes the join)");
-    println!("  entities and sentiment: not computed yet (no model runtime in this build)");
+    println!("  entities and sentiment: not computed yet (models not yet wired into the worker)");
     if let Some((_, e)) = outputs.first() {
         if let Some(t) = e.turns.first() {
             println!(

@@ -74,7 +74,7 @@ async fn every_chunk_is_a_point_before_its_offset_is_committed_and_tombstones_de
     let store = store::open(&cfg.qdrant).unwrap();
     let output = topics.output.clone();
     run_until(cfg.clone(), store.clone(), Duration::from_secs(90), move || {
-        read_topic(&output, 31, Duration::from_millis(300), Duration::ZERO).len() >= 31
+        read_topic(&output, 31, Duration::from_secs(5), Duration::ZERO).len() >= 31
     })
     .await
     .unwrap();
@@ -128,7 +128,7 @@ async fn transient_store_failures_are_retried_by_the_worker() {
     let flaky = Arc::new(FlakyStore::new(inner.clone(), 3, StoreError::Transient("unavailable (injected)".into()), usize::MAX));
     let output = topics.output.clone();
     run_until(cfg, flaky.clone(), Duration::from_secs(90), move || {
-        read_topic(&output, 10, Duration::from_millis(300), Duration::ZERO).len() >= 10
+        read_topic(&output, 10, Duration::from_secs(5), Duration::ZERO).len() >= 10
     })
     .await
     .unwrap();
@@ -159,7 +159,7 @@ async fn a_permanent_store_failure_stops_the_worker_without_committing_then_a_re
     let store = store::open(&cfg.qdrant).unwrap();
     let output = topics.output.clone();
     run_until(cfg.clone(), store.clone(), Duration::from_secs(90), move || {
-        read_topic(&output, 10, Duration::from_millis(300), Duration::ZERO).len() >= 10
+        read_topic(&output, 10, Duration::from_secs(5), Duration::ZERO).len() >= 10
     })
     .await
     .unwrap();
