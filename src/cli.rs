@@ -281,6 +281,7 @@ async fn check(config: Option<&Path>) -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
+    check_store(&cfg).await;
     let k = &cfg.kafka;
     let mut missing = vec![];
     for topic in [&k.input_topic, &k.output_topic, &k.dlq_topic()] {
@@ -296,6 +297,32 @@ async fn check(config: Option<&Path>) -> Result<()> {
         bail!("input topic {} does not exist", k.input_topic);
     }
     Ok(())
+}
+
+/// Reports the vector store's collection (without creating it).
+async fn check_store(cfg: &Config) {
+    use crate::sink::store::{self, Bootstrap, StoreError};
+    let q = &cfg.qdrant;
+    let place = match q.backend {
+        crate::config::StoreBackend::Edge => format!("edge at {}", q.data_dir.join(&q.collection).display()),
+        crate::config::StoreBackend::Qdrant => format!("qdrant at {}", q.url),
+    };
+    let dim = match crate::search::dense_dim(cfg) {
+        Ok(dim) => dim,
+        Err(e) => return println!("vector store ({place}): {e:#}"),
+    };
+    let result = async {
+        let store = store::open(q)?;
+        store.ensure_collection(&store::collection_spec(q, dim), Bootstrap::MustExist).await?;
+        store.count(&Default::default()).await
+    };
+    match result.await {
+        Ok(points) => println!("vector store ({place}): collection {} ({dim}-d dense + bm25), {points} points", q.collection),
+        Err(StoreError::MissingCollection(_)) => {
+            println!("vector store ({place}): collection {} not created yet (convoflow run creates it, {dim}-d)", q.collection)
+        }
+        Err(e) => println!("vector store ({place}): {e}"),
+    }
 }
 
 #[cfg(test)]

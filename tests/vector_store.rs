@@ -301,3 +301,58 @@ async fn permanent_failures_and_exhausted_retries_surface() {
     assert_eq!(store.calls.load(Ordering::SeqCst), 4, "max_attempts calls, then the error");
     assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_command_prints_hits_as_json_and_as_a_table() {
+    let dir = temp_dir("search-cli");
+    let cfg = edge_config(&dir);
+    {
+        let store = store::open(&cfg).unwrap();
+        store.ensure_collection(&spec(&cfg.collection, DIM), Bootstrap::CreateIfMissing).await.unwrap();
+        let data = dataset();
+        let mut planted = data.points.iter().filter(|p| data.planted.contains(&p.id)).cloned().collect::<Vec<_>>();
+        planted[0].payload.insert("chunk_start".into(), json!(0));
+        planted[0].payload.insert("entities".into(), json!([{"label": "MISC", "start": 0, "end": 11, "score": 0.9}]));
+        let mut points = data.points[..500].to_vec();
+        points.extend(planted);
+        StoreWriter::new(store, BatchLimits::default(), RetryPolicy::default()).upsert_all(&points).await.unwrap();
+    } // closed: the command opens the same directory
+    let search = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoflow"))
+            .arg("search")
+            .args(args)
+            .env("CONVOFLOW__QDRANT__DATA_DIR", &dir)
+            .env("CONVOFLOW__QDRANT__DENSE_DIM", DIM.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (json_out, stderr) = search(&["zygomorphic orchid", "--json", "--limit", "3"]);
+    assert!(stderr.contains("BM25 only"), "no embedding model configured: {stderr}");
+    let hits: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(hits.as_array().unwrap().len(), 3);
+    assert!(hits.as_array().unwrap().iter().all(|h| h["payload"]["text"].as_str().unwrap().contains("zygomorphic")));
+    let (table, _) = search(&["zygomorphic orchid", "--tenant", "tenant-1", "--limit", "3"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "header + the one planted point of tenant-1: {table}");
+    assert!(lines[0].starts_with("#  score"), "{table}");
+    assert!(lines[1].contains("conv-1000") && lines[1].contains("[zygomorphic|MISC]"), "{table}");
+    let (none, _) = search(&["zygomorphic orchid", "--tenant", "nobody"]);
+    assert_eq!(none, "no results\n");
+    // a bad filter and a missing collection are clear errors
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_convoflow"))
+        .args(["search", "x", "--entity", "Marie"])
+        .env("CONVOFLOW__QDRANT__DATA_DIR", &dir)
+        .env("CONVOFLOW__QDRANT__DENSE_DIM", "64")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("LABEL:VALUE"));
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_convoflow"))
+        .args(["search", "x"])
+        .env("CONVOFLOW__QDRANT__DATA_DIR", dir.join("nothing-here"))
+        .env("CONVOFLOW__QDRANT__DENSE_DIM", "64")
+        .output()
+        .unwrap();
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
+}

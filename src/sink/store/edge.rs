@@ -89,13 +89,9 @@ impl EdgeStore {
     }
 }
 
+/// Engine errors are local (I/O, validation, a locked directory): retrying does not help.
 fn classify(e: OperationError) -> StoreError {
-    let message = e.to_string();
-    match e {
-        OperationError::WrongVectorDimension { .. } | OperationError::ValidationError { .. } => StoreError::Permanent(message),
-        OperationError::ServiceError { .. } if message.contains("No space left") => StoreError::Permanent(message),
-        _ => StoreError::Permanent(message),
-    }
+    StoreError::Permanent(e.to_string())
 }
 
 fn edge_config(spec: &CollectionSpec) -> EdgeConfig {
