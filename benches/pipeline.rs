@@ -31,7 +31,7 @@ fn stages(c: &mut Criterion) {
     });
     group.bench_function("chunk + tokens + bm25", |b| b.iter(|| enricher.enrich_batch(black_box(&inputs)).unwrap()));
     group.bench_function("avro encode enriched", |b| {
-        b.iter(|| enriched.iter().map(|e| output.encode(black_box(e)).unwrap().len()).sum::<usize>())
+        b.iter(|| enriched.iter().map(|e| output.encode(black_box(&e.event)).unwrap().len()).sum::<usize>())
     });
     group.finish();
 }

@@ -237,7 +237,7 @@ async fn check(config: Option<&Path>) -> Result<()> {
     let cfg = Config::load(config)?;
     println!("config: ok ({})", config.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults + environment".into()));
     println!("codecs: {}", worker::describe_codecs(&cfg.codec)?);
-    let enricher = worker::build_enricher(&cfg)?;
+    let enricher = worker::build_text_enricher(&cfg)?;
     let probe = SampleGenerator::new(1).conversation(0);
     let enriched = enricher.enrich_one(&crate::pipeline::enrich::EnrichInput {
         conversation: &probe,

@@ -18,7 +18,7 @@ use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireF
 use crate::config::{CodecConfig, Config};
 use crate::event::{Conversation, EnrichedConversation, SourceRef};
 use crate::pipeline::chunk::{Chunker, builtin_tokenizer, load_tokenizer};
-use crate::pipeline::enrich::{EnrichInput, Enricher, TextEnricher};
+use crate::pipeline::enrich::{EnrichInput, Enriched, Enricher, ModelEnricher, TextEnricher};
 use crate::sink::dlq::{self, Rejection};
 use crate::sink::producer::{EventProducer, Outgoing};
 use crate::sink::store::points::{PayloadText, points_for};
@@ -50,7 +50,18 @@ pub fn output_codec(cfg: &CodecConfig) -> Result<RecordCodec<EnrichedConversatio
     Ok(RecordCodec::with_schemas(cfg.output, schemas))
 }
 
-pub fn build_enricher(cfg: &Config) -> Result<TextEnricher> {
+/// The enricher `run` uses: the configured models around the text enricher, or the text
+/// enricher alone when no model is configured. Loads eager models (blocking).
+pub fn build_enricher(cfg: &Config) -> Result<Arc<dyn Enricher>> {
+    let text = build_text_enricher(cfg)?;
+    let m = &cfg.models;
+    if m.embedding.is_none() && m.ner.is_none() && m.sentiment.is_none() {
+        return Ok(Arc::new(text));
+    }
+    Ok(Arc::new(ModelEnricher::new(text, m, &cfg.gpu)?))
+}
+
+pub fn build_text_enricher(cfg: &Config) -> Result<TextEnricher> {
     let chunk = &cfg.pipeline.chunk;
     let tokenizer = match &chunk.tokenizer {
         Some(path) => load_tokenizer(path)?,
@@ -84,7 +95,10 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         failure: None,
         input_codec: input_codec(&cfg.codec)?,
         output_codec: output_codec(&cfg.codec)?,
-        enricher: Arc::new(build_enricher(&cfg)?),
+        enricher: {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || build_enricher(&cfg)).await??
+        },
         producer: EventProducer::new(kafka)?,
         output_topic: kafka.output_topic.clone(),
         dlq_topic,
@@ -239,7 +253,7 @@ impl Pipeline {
         for (msg, decision) in batch.iter().zip(decided) {
             let record = match decision {
                 Decided::Valid(_) => {
-                    let event = enriched.next().expect("one enriched event per valid input");
+                    let event = enriched.next().expect("one enriched event per valid input").event;
                     match self.output_codec.encode(&event) {
                         Ok(bytes) => {
                             self.stats.enriched += 1;
@@ -281,15 +295,15 @@ impl Pipeline {
         &mut self,
         batch: &[InboundMessage],
         decided: &[Decided],
-        enriched: &[EnrichedConversation],
+        enriched: &[Enriched],
     ) -> Result<(), StoreError> {
         let mut points = Vec::new();
         let mut events = enriched.iter();
         for (msg, decision) in batch.iter().zip(decided) {
             match decision {
                 Decided::Valid(conv) => {
-                    let event = events.next().expect("one enriched event per valid input");
-                    points.extend(points_for(conv, event, None, self.payload_text));
+                    let e = events.next().expect("one enriched event per valid input");
+                    points.extend(points_for(conv, &e.event, e.dense.as_deref(), self.payload_text));
                 }
                 Decided::Tombstone => {
                     let key = msg.key.as_deref().expect("tombstones have keys");
@@ -316,7 +330,7 @@ impl Pipeline {
 
     /// Enriches the valid conversations of a batch on a blocking thread. A batch failure is
     /// retried message by message, so one bad conversation only dead-letters itself.
-    async fn enrich(&self, batch: &[InboundMessage], decided: &mut [Decided]) -> Vec<EnrichedConversation> {
+    async fn enrich(&self, batch: &[InboundMessage], decided: &mut [Decided]) -> Vec<Enriched> {
         let jobs: Vec<(usize, Conversation, SourceRef)> = decided
             .iter()
             .enumerate()

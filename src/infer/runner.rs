@@ -35,7 +35,9 @@ pub struct ModelThread {
     pub name: String,
     jobs: Option<mpsc::Sender<Job>>,
     handle: Option<JoinHandle<()>>,
-    report: mpsc::Receiver<LoadReport>,
+    /// Behind a mutex so the thread handle can be shared (`Sync`) by the enrichment stage.
+    report: std::sync::Mutex<mpsc::Receiver<LoadReport>>,
+    loaded: std::sync::OnceLock<LoadReport>,
 }
 
 /// NER settings of a model thread.
@@ -113,7 +115,14 @@ impl ModelThread {
             })
             .context("starting a model thread")?;
         ready_rx.recv().map_err(|_| anyhow!("the {name} model thread stopped"))??;
-        Ok(Self { task, name, jobs: Some(jobs_tx), handle: Some(handle), report: report_rx })
+        Ok(Self {
+            task,
+            name,
+            jobs: Some(jobs_tx),
+            handle: Some(handle),
+            report: std::sync::Mutex::new(report_rx),
+            loaded: std::sync::OnceLock::new(),
+        })
     }
 
     /// Queues texts for the model; the result arrives on the returned receiver.
@@ -132,9 +141,20 @@ impl ModelThread {
         self.submit(texts)?.recv().map_err(|_| anyhow!("the {} model thread stopped", self.name))?
     }
 
-    /// Load reports received so far (one once the model is loaded).
+    /// The load report, once the model is loaded.
     pub fn load_report(&self) -> Option<LoadReport> {
-        self.report.try_iter().last()
+        if self.loaded.get().is_none() {
+            let received = self.report.lock().unwrap_or_else(|e| e.into_inner()).try_iter().last();
+            if let Some(r) = received {
+                let _ = self.loaded.set(r);
+            }
+        }
+        self.loaded.get().cloned()
+    }
+
+    /// True once the model is loaded and warm.
+    pub fn is_loaded(&self) -> bool {
+        self.load_report().is_some()
     }
 }
 

