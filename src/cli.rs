@@ -59,6 +59,9 @@ pub enum Command {
     },
     /// The embedded default: in-process Kafka, sample conversations, the worker, a summary.
     Demo {
+        /// A config whose `models` (and `gpu`) the demo uses when the model folders exist.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         /// Sample conversations to publish.
         #[arg(long, default_value_t = 50)]
         conversations: u64,
@@ -120,8 +123,8 @@ pub async fn execute(cli: Cli) -> Result<()> {
             let cfg = Config::load(config.as_deref())?;
             produce(&cfg, ProduceArgs { count, input, format, topic, seed, whole, partitions }).await
         }
-        Command::Demo { conversations, timeout_s } => {
-            crate::demo::run(conversations, std::time::Duration::from_secs(timeout_s)).await
+        Command::Demo { config, conversations, timeout_s } => {
+            crate::demo::run(config.as_deref(), conversations, std::time::Duration::from_secs(timeout_s)).await
         }
         Command::Check { config } => check(config.as_deref()).await,
         Command::Search { config, args } => {

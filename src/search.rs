@@ -168,6 +168,11 @@ pub fn snippet(payload: &serde_json::Map<String, Value>, width: usize, ansi: boo
 }
 
 pub fn table(hits: &[Hit], ansi: bool) -> String {
+    table_with(hits, ansi, true)
+}
+
+/// `table`, with entity marks only when `entities` (the demo turns them off for untrained NER).
+pub fn table_with(hits: &[Hit], ansi: bool, entities: bool) -> String {
     if hits.is_empty() {
         return "no results\n".into();
     }
@@ -177,7 +182,13 @@ pub fn table(hits: &[Hit], ansi: bool) -> String {
         .enumerate()
         .map(|(i, h)| {
             let stars = h.payload.get("sentiment_stars").and_then(Value::as_i64).map_or("-".into(), |s| format!("{s}★"));
-            [format!("{}", i + 1), format!("{:.4}", h.score), get(h, "conversation_id"), format!("{} ({stars})", get(h, "speaker")), snippet(&h.payload, 90, ansi)]
+            [format!("{}", i + 1), format!("{:.4}", h.score), get(h, "conversation_id"), format!("{} ({stars})", get(h, "speaker")), {
+                let mut payload = h.payload.clone();
+                if !entities {
+                    payload.remove("entities");
+                }
+                snippet(&payload, 90, ansi)
+            }]
         })
         .collect();
     let headers = ["#", "score", "conversation", "speaker", "snippet"];

@@ -1,4 +1,5 @@
-//! `convoflow demo` runs end to end on librdkafka's in-process mock cluster, offline.
+//! `convoflow demo` runs end to end on librdkafka's in-process mock cluster and the embedded
+//! Qdrant engine, offline, with the models scripts/setup installs.
 
 use std::process::Command;
 
@@ -20,4 +21,22 @@ fn demo_enriches_every_sample_event_and_prints_a_summary() {
         .expect("an 'events enriched' summary line");
     assert_eq!(enriched, published, "{stdout}");
     assert!(stdout.contains("turns in language fr") && stdout.contains("turns in language en"), "{stdout}");
+    // the points were indexed in the embedded store and searched
+    let indexed: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("indexed points: ")?.trim().parse().ok())
+        .expect("an 'indexed points' line");
+    let chunks: usize = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("chunks (Qdrant points)")?.trim().parse().ok())
+        .expect("a chunks line");
+    assert_eq!(indexed, chunks, "{stdout}");
+    assert_eq!(stdout.matches("search \"").count(), 3, "{stdout}");
+    assert!(stdout.contains("#  score   conversation"), "a result table: {stdout}");
+    // with scripts/env.sh's models (scripts/test): the hybrid path and the model outputs
+    if std::env::var_os("CONVOFLOW_E5_SMALL").is_some() && std::env::var_os("CONVOFLOW_MODEL_FIXTURES").is_some() {
+        assert!(stdout.contains("(dense + BM25, RRF)"), "{stdout}");
+        assert!(stdout.contains("UNTRAINED"), "random fixtures are labelled: {stdout}");
+        assert!(stdout.contains("sentiment (turns per star)") && stdout.contains("model embedding"), "{stdout}");
+    }
 }

@@ -236,7 +236,7 @@ impl Worker {
             .env("CONVOFLOW__KAFKA__OUTPUT_TOPIC", &topics.output)
             .env("CONVOFLOW__KAFKA__GROUP_ID", &topics.group)
             .env("CONVOFLOW__KAFKA__SESSION_TIMEOUT_MS", "6000")
-            .env("CONVOFLOW_LOG", "info,rdkafka=warn")
+            .env("CONVOFLOW_LOG", "info,rdkafka=warn,qdrant_edge=error")
             // Each worker its own embedded store (edge locks its directory); a restarted
             // worker with the same name reopens it. No model folder: the size is given.
             .env("CONVOFLOW__QDRANT__DATA_DIR", store_dir(&topics.group, name))
