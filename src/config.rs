@@ -294,7 +294,7 @@ impl Default for QdrantConfig {
 pub struct TelemetryConfig {
     /// `text` or `json` log lines on stderr.
     pub log_format: String,
-    /// Address of /metrics, /healthz, /readyz.
+    /// Address of /metrics, /healthz, /readyz (port 0: any free port, logged at start).
     pub listen: String,
 }
 

@@ -103,6 +103,7 @@ pub async fn run(config: Option<&Path>, conversations: u64, timeout: Duration) -
     cfg.kafka.brokers = mock.bootstrap_servers();
     cfg.kafka.create_topics = false; // the mock cluster's admin API hangs; topics are made here
     cfg.kafka.session_timeout_ms = 6_000;
+    cfg.telemetry.listen = "127.0.0.1:0".into(); // any free port: several demos may run
     // The embedded Qdrant engine in a fresh directory (removed at the end).
     let store_dir = std::env::temp_dir().join(format!("convoflow-demo-{}", std::process::id()));
     cfg.qdrant.data_dir = store_dir.clone();

@@ -13,4 +13,5 @@ pub mod sample;
 pub mod search;
 pub mod sink;
 pub mod source;
+pub mod telemetry;
 pub mod worker;

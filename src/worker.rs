@@ -24,6 +24,7 @@ use crate::sink::producer::{EventProducer, Outgoing};
 use crate::sink::store::points::{PayloadText, points_for};
 use crate::sink::store::writer::StoreWriter;
 use crate::sink::store::{self, Bootstrap, StoreError, VectorStore};
+use crate::telemetry::{self, Readiness};
 use crate::source::{self, InboundMessage, SharedSource, SourceSettings, admin};
 
 /// Codec for input conversations, with the configured extra writer schemas and Confluent ids.
@@ -78,6 +79,9 @@ pub async fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<()> {
 
 /// `run` with a given vector store (tests wrap the real one to inject failures).
 pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn VectorStore>) -> Result<()> {
+    // First, so /healthz answers and /readyz says what is still missing while models load.
+    let readiness = Arc::new(Readiness::default());
+    telemetry::serve(&cfg.telemetry.listen, readiness.clone()).await?;
     let kafka = &cfg.kafka;
     let partitions = admin::partition_count(kafka, &kafka.input_topic, Duration::from_secs(15))?
         .ok_or_else(|| anyhow!("input topic {} does not exist on {}", kafka.input_topic, kafka.brokers))?;
@@ -88,6 +92,12 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     let spec = store::collection_spec(&cfg.qdrant, crate::search::dense_dim(&cfg)?);
     store.ensure_collection(&spec, Bootstrap::CreateIfMissing).await.context("bootstrapping the vector store")?;
     info!(backend = store.backend(), collection = %spec.name, dim = spec.dense_dim, "vector store ready");
+    readiness.store_reachable.store(true, Ordering::Relaxed);
+    let enricher = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || build_enricher(&cfg)).await??
+    };
+    readiness.models_warm.store(true, Ordering::Relaxed);
     let pipeline = Pipeline {
         store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry),
         payload_text: cfg.qdrant.payload_text,
@@ -95,10 +105,8 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         failure: None,
         input_codec: input_codec(&cfg.codec)?,
         output_codec: output_codec(&cfg.codec)?,
-        enricher: {
-            let cfg = cfg.clone();
-            tokio::task::spawn_blocking(move || build_enricher(&cfg)).await??
-        },
+        enricher,
+        readiness: readiness.clone(),
         producer: EventProducer::new(kafka)?,
         output_topic: kafka.output_topic.clone(),
         dlq_topic,
@@ -118,6 +126,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         commit_interval: Duration::from_millis(kafka.commit_interval_ms),
         shutdown_timeout: Duration::from_millis(cfg.pipeline.shutdown_timeout_ms),
     };
+    let lag_monitor = telemetry::lag::LagMonitor::start(kafka, pipeline.shared.clone(), readiness.clone(), Duration::from_secs(2))?;
     let shared = pipeline.shared.clone();
     let poll_thread = std::thread::Builder::new()
         .name("kafka-source".into())
@@ -134,6 +143,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         .map_err(|_| anyhow!("the source thread panicked"))?;
     producer.flush(Duration::from_secs(5))?;
     store.flush().await.context("flushing the vector store")?;
+    drop(lag_monitor);
     info!(
         enriched = stats.enriched,
         points = stats.points,
@@ -158,6 +168,7 @@ pub struct Stats {
 
 struct Pipeline {
     store: StoreWriter,
+    readiness: Arc<Readiness>,
     payload_text: PayloadText,
     /// Set to stop the source when the store fails for good.
     stop: Arc<AtomicBool>,
@@ -196,6 +207,7 @@ impl Pipeline {
             if self.failure.is_some() {
                 continue; // stopping: what is still queued is neither written nor completed
             }
+            metrics::gauge!(telemetry::QUEUE_DEPTH).set(rx.len() as f64);
             self.process(batch, &mut deliveries).await;
             while deliveries.try_join_next().is_some() {}
         }
@@ -238,9 +250,22 @@ impl Pipeline {
         if batch.is_empty() {
             return;
         }
+        metrics::counter!(telemetry::MESSAGES).increment(batch.len() as u64);
+        metrics::histogram!(telemetry::BATCH_MESSAGES).record(batch.len() as f64);
         let mut decided: Vec<Decided> = batch.iter().map(|m| self.decide(m)).collect();
+        let started = std::time::Instant::now();
         let enriched = self.enrich(&batch, &mut decided).await;
+        let turns: usize = enriched.iter().map(|e| e.event.turns.len()).sum();
+        let tokens: i64 = enriched.iter().map(|e| e.event.total_tokens).sum();
+        if turns > 0 {
+            metrics::histogram!(telemetry::ENRICH_SECONDS).record(started.elapsed().as_secs_f64());
+            metrics::counter!(telemetry::TURNS).increment(turns as u64);
+            metrics::counter!(telemetry::TOKENS).increment(tokens.max(0) as u64);
+            metrics::histogram!(telemetry::BATCH_TURNS).record(turns as f64);
+            metrics::histogram!(telemetry::BATCH_TOKENS).record(tokens as f64);
+        }
         if let Err(e) = self.write_store(&batch, &decided, &enriched).await {
+            self.readiness.store_reachable.store(false, Ordering::Relaxed);
             error!(error = %e, messages = batch.len(), "the vector store failed; stopping without completing this batch");
             self.failure = Some(anyhow::Error::new(e).context("writing to the vector store"));
             self.stop.store(true, Ordering::SeqCst);
@@ -264,6 +289,7 @@ impl Pipeline {
                 }
                 Decided::Tombstone => {
                     self.stats.tombstones += 1;
+                    metrics::counter!(telemetry::TOMBSTONES).increment(1);
                     (false, msg.key.clone(), None, None)
                 }
                 Decided::Rejected(why) => self.dead_letter(msg, why),
@@ -272,7 +298,7 @@ impl Pipeline {
             let topic = if to_dlq { self.dlq_topic.as_str() } else { self.output_topic.as_str() };
             let out = Outgoing { topic, key: key.as_deref(), payload: payload.as_deref(), headers };
             match self.producer.enqueue(out).await {
-                Ok(delivery) => pending.push((msg.tp.clone(), msg.offset, msg.generation, delivery)),
+                Ok(delivery) => pending.push((msg.tp.clone(), msg.offset, msg.generation, msg.timestamp_ms, delivery)),
                 // Not completed: the offset stays uncommitted and the message is re-read later.
                 Err(e) => error!(error = %e, tp = %msg.tp, offset = msg.offset, "could not enqueue a record"),
             }
@@ -280,9 +306,13 @@ impl Pipeline {
         let shared = self.shared.clone();
         let producer = self.producer.clone();
         deliveries.spawn(async move {
-            for (tp, offset, generation, delivery) in pending {
+            for (tp, offset, generation, event_ms, delivery) in pending {
                 if await_delivery(&producer, delivery).await {
                     shared.complete(&tp, offset, generation);
+                    if let Some(t0) = event_ms.filter(|t| *t > 0) {
+                        let ms = chrono::Utc::now().timestamp_millis() - t0;
+                        metrics::histogram!(telemetry::END_TO_END_SECONDS).record(ms.max(0) as f64 / 1000.0);
+                    }
                 }
             }
         });
@@ -324,6 +354,7 @@ impl Pipeline {
     fn dead_letter(&mut self, msg: &InboundMessage, why: Rejection) -> (bool, Option<Vec<u8>>, Option<Vec<u8>>, Option<OwnedHeaders>) {
         warn!(tp = %msg.tp, offset = msg.offset, class = why.class, reason = %why.message, "dead-lettering a message");
         self.stats.dead_lettered += 1;
+        metrics::counter!(telemetry::DLQ, "class" => why.class).increment(1);
         let headers = dlq::headers(msg, &why, &self.group_id);
         (true, msg.key.clone(), msg.payload.clone(), Some(headers))
     }

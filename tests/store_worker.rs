@@ -25,6 +25,7 @@ fn config(topics: &Topics, store_dir: &Path) -> Config {
     cfg.kafka.output_topic = topics.output.clone();
     cfg.kafka.group_id = topics.group.clone();
     cfg.kafka.session_timeout_ms = 6_000;
+    cfg.telemetry.listen = "127.0.0.1:0".into();
     cfg.pipeline.shutdown_timeout_ms = 3_000;
     cfg.qdrant.data_dir = store_dir.to_path_buf();
     cfg.qdrant.dense_dim = Some(8);

@@ -42,6 +42,7 @@ fn config(topics: &Topics) -> Config {
     cfg.kafka.output_topic = topics.output.clone();
     cfg.kafka.group_id = topics.group.clone();
     cfg.kafka.session_timeout_ms = 6_000;
+    cfg.telemetry.listen = "127.0.0.1:0".into();
     cfg.qdrant.data_dir = store_dir(&topics.group, "in-process");
     cfg.gpu.device = "cpu".into();
     cfg.models.embedding = Some(model("sentence-transformers/all-MiniLM-L6-v2", env_path("CONVOFLOW_MINILM")));

@@ -196,11 +196,15 @@ impl Enricher for ModelEnricher {
             }
             None => None,
         };
-        let wait = |rx: std::sync::mpsc::Receiver<Result<(Output, BatchStats)>>| -> Result<Output> {
-            Ok(rx.recv().map_err(|_| anyhow::anyhow!("a model thread stopped"))??.0)
+        let submitted = std::time::Instant::now();
+        let wait = |rx: std::sync::mpsc::Receiver<Result<(Output, BatchStats)>>, task: &'static str| -> Result<Output> {
+            let out = rx.recv().map_err(|_| anyhow::anyhow!("a model thread stopped"))??.0;
+            // submit → result: includes queueing behind the other models on a shared device
+            metrics::histogram!(crate::telemetry::MODEL_SECONDS, "task" => task).record(submitted.elapsed().as_secs_f64());
+            Ok(out)
         };
         if let Some(rx) = ner {
-            let Output::Entities(all) = wait(rx)? else { anyhow::bail!("the NER thread returned another output") };
+            let Output::Entities(all) = wait(rx, "ner")? else { anyhow::bail!("the NER thread returned another output") };
             let mut all = all.into_iter();
             for event in &mut events {
                 for turn in &mut event.turns {
@@ -212,7 +216,7 @@ impl Enricher for ModelEnricher {
             }
         }
         if let Some(rx) = sentiment {
-            let Output::Probabilities(all) = wait(rx)? else { anyhow::bail!("the sentiment thread returned another output") };
+            let Output::Probabilities(all) = wait(rx, "sentiment")? else { anyhow::bail!("the sentiment thread returned another output") };
             let mut all = all.into_iter();
             for event in &mut events {
                 for turn in &mut event.turns {
@@ -225,7 +229,7 @@ impl Enricher for ModelEnricher {
         }
         let mut dense = match embedding {
             Some(rx) => {
-                let Output::Embeddings(all) = wait(rx)? else { anyhow::bail!("the embedding thread returned another output") };
+                let Output::Embeddings(all) = wait(rx, "embedding")? else { anyhow::bail!("the embedding thread returned another output") };
                 Some(all.into_iter())
             }
             None => None,

@@ -110,6 +110,7 @@ impl ConsumerContext for SourceContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            metrics::counter!(crate::telemetry::REBALANCES).increment(1);
             let mut state = self.shared.lock();
             for e in tpl.elements() {
                 state.tracker.assign(TopicPartition::new(e.topic(), e.partition()));
@@ -315,6 +316,7 @@ fn set_paused(consumer: &SourceConsumer, pause: bool) -> bool {
     match result {
         Ok(()) => {
             debug!(pause, partitions = %tpl_names(&assignment), "backpressure");
+            metrics::gauge!(crate::telemetry::PAUSED).set(if pause { assignment.count() as f64 } else { 0.0 });
             true
         }
         Err(e) => {
@@ -342,7 +344,11 @@ fn commit(consumer: &SourceConsumer, shared: &SharedSource, mode: CommitMode) {
                 state.tracker.mark_committed(tp, *next);
             }
             debug!(offsets = ?candidates, elapsed_ms = started.elapsed().as_millis() as u64, "committed");
+            metrics::histogram!(crate::telemetry::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         }
-        Err(e) => warn!(error = %e, "offset commit failed; retrying at the next interval"),
+        Err(e) => {
+            metrics::counter!(crate::telemetry::COMMIT_FAILURES).increment(1);
+            warn!(error = %e, "offset commit failed; retrying at the next interval")
+        }
     }
 }

@@ -55,3 +55,37 @@ impl FlakyStore {
         Self { inner, fail_first, failure, max_points, calls: AtomicUsize::new(0) }
     }
 }
+
+/// Test double: the real store behind a gate; while closed, upserts wait (a stalled store).
+pub struct GatedStore {
+    pub inner: Arc<dyn VectorStore>,
+    pub closed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl VectorStore for GatedStore {
+    fn backend(&self) -> &'static str {
+        "gated-edge (test double)"
+    }
+    async fn ensure_collection(&self, spec: &CollectionSpec, mode: Bootstrap) -> Result<(), StoreError> {
+        self.inner.ensure_collection(spec, mode).await
+    }
+    async fn upsert(&self, points: &[StorePoint]) -> Result<(), StoreError> {
+        while self.closed.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.inner.upsert(points).await
+    }
+    async fn delete_conversation(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.delete_conversation(id).await
+    }
+    async fn count(&self, filter: &SearchFilter) -> Result<u64, StoreError> {
+        self.inner.count(filter).await
+    }
+    async fn search(&self, q: &HybridQuery) -> Result<Vec<Hit>, StoreError> {
+        self.inner.search(q).await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+}

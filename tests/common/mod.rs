@@ -241,6 +241,7 @@ impl Worker {
             // worker with the same name reopens it. No model folder: the size is given.
             .env("CONVOFLOW__QDRANT__DATA_DIR", store_dir(&topics.group, name))
             .env("CONVOFLOW__QDRANT__DENSE_DIM", "8")
+            .env("CONVOFLOW__TELEMETRY__LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in extra_env {

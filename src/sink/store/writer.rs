@@ -92,6 +92,7 @@ impl StoreWriter {
             match self.with_retry("upsert", || self.store.upsert(part)).await {
                 Ok(()) => {
                     self.counters.upserted_points.fetch_add(part.len() as u64, Ordering::Relaxed);
+                    metrics::counter!(crate::telemetry::STORE_POINTS).increment(part.len() as u64);
                 }
                 Err(StoreError::TooLarge(why)) if part.len() > 1 => {
                     self.counters.splits.fetch_add(1, Ordering::Relaxed);
@@ -118,11 +119,25 @@ impl StoreWriter {
         let mut attempt = 1;
         loop {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            match call().await {
+            let started = std::time::Instant::now();
+            let result = call().await;
+            if what == "upsert" {
+                metrics::histogram!(crate::telemetry::STORE_UPSERT_SECONDS).record(started.elapsed().as_secs_f64());
+            }
+            if let Err(e) = &result {
+                let kind = match e {
+                    StoreError::Transient(_) => "transient",
+                    StoreError::TooLarge(_) => "too_large",
+                    _ => "permanent",
+                };
+                metrics::counter!(crate::telemetry::STORE_ERRORS, "op" => what.to_string(), "kind" => kind).increment(1);
+            }
+            match result {
                 Err(e) if e.is_transient() && attempt < self.retry.max_attempts => {
                     let delay = self.retry.backoff(attempt);
                     warn!(op = what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "vector store call failed; retrying");
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }

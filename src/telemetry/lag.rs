@@ -1,0 +1,97 @@
+//! Consumer lag per assigned partition: the partition's high watermark minus the group's
+//! committed offset, refreshed every few seconds on a thread of its own. It asks the broker
+//! through a separate, never-subscribed consumer of the same group (a subscribed consumer's
+//! `committed()` can hang at close with rdkafka 0.39), so lag keeps rising while the worker's
+//! partitions are paused. Revoked partitions are set to 0: their new owner reports them.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::debug;
+
+use super::{ASSIGNED_PARTITIONS, IN_FLIGHT, LAG, Readiness};
+use crate::config::KafkaConfig;
+use crate::source::{SharedSource, base_client_config};
+
+pub struct LagMonitor {
+    done: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LagMonitor {
+    pub fn start(
+        cfg: &KafkaConfig,
+        shared: Arc<SharedSource>,
+        readiness: Arc<Readiness>,
+        interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = base_client_config(cfg)
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let handle = std::thread::Builder::new().name("lag-monitor".into()).spawn(move || {
+            let mut reported: BTreeSet<(String, i32)> = BTreeSet::new();
+            while !flag.load(Ordering::Relaxed) {
+                let (assigned, in_flight) = {
+                    let state = shared.lock();
+                    let assigned: BTreeSet<(String, i32)> =
+                        state.tracker.assigned().map(|tp| (tp.topic.to_string(), tp.partition)).collect();
+                    (assigned, state.tracker.in_flight())
+                };
+                metrics::gauge!(IN_FLIGHT).set(in_flight as f64);
+                metrics::gauge!(ASSIGNED_PARTITIONS).set(assigned.len() as f64);
+                readiness.partitions_assigned.store(!assigned.is_empty(), Ordering::Relaxed);
+                for (topic, partition) in reported.difference(&assigned) {
+                    metrics::gauge!(LAG, "topic" => topic.clone(), "partition" => partition.to_string()).set(0.0);
+                }
+                if let Err(e) = refresh(&consumer, &assigned) {
+                    debug!(error = %e, "lag refresh failed; trying again");
+                }
+                reported = assigned;
+                // sleep in small steps so the monitor stops promptly
+                let mut slept = Duration::ZERO;
+                while slept < interval && !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    slept += Duration::from_millis(100);
+                }
+            }
+        })?;
+        Ok(Self { done, handle: Some(handle) })
+    }
+}
+
+fn refresh(consumer: &BaseConsumer, assigned: &BTreeSet<(String, i32)>) -> anyhow::Result<()> {
+    if assigned.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in assigned {
+        tpl.add_partition(topic, *partition);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(5))?;
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))?;
+        let position = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => low, // nothing committed yet: everything retained is pending
+        };
+        metrics::gauge!(LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
+            .set((high - position).max(0) as f64);
+    }
+    Ok(())
+}
+
+impl Drop for LagMonitor {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

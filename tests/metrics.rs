@@ -1,0 +1,130 @@
+//! `/metrics`, `/healthz`, `/readyz` of a worker (in-process, real broker, embedded store,
+//! all-MiniLM-L6-v2 from scripts/env.sh): not ready before the model is warm; consumer lag rises
+//! while the worker is stalled (its store behind `GatedStore`, a test double whose gate holds
+//! upserts) and returns to 0 once it drains.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::flaky_store::GatedStore;
+use common::*;
+use convoflow::config::{Config, ModelConfig};
+use convoflow::sample::SampleGenerator;
+use convoflow::sink::store;
+use convoflow::worker;
+
+/// (status code, body) of `GET path`, or None while nothing listens.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+fn lag_of(metrics: &str, topic: &str) -> Option<f64> {
+    let lines: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("convoflow_consumer_lag{") && l.contains(&format!("topic=\"{topic}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!lines.is_empty()).then(|| lines.iter().sum())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_to_zero() {
+    let topics = Topics::new("metrics");
+    create_topic(&topics.input, 2).await;
+    let port = free_port();
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers();
+    cfg.kafka.input_topic = topics.input.clone();
+    cfg.kafka.output_topic = topics.output.clone();
+    cfg.kafka.group_id = topics.group.clone();
+    cfg.kafka.session_timeout_ms = 6_000;
+    cfg.pipeline.max_in_flight = 4; // stalls quickly: partitions pause
+    cfg.telemetry.listen = format!("127.0.0.1:{port}");
+    cfg.qdrant.data_dir = store_dir(&topics.group, "in-process");
+    cfg.gpu.device = "cpu".into();
+    let minilm = PathBuf::from(std::env::var("CONVOFLOW_MINILM").expect("CONVOFLOW_MINILM: run with scripts/test"));
+    cfg.models.embedding = Some(ModelConfig {
+        name: "sentence-transformers/all-MiniLM-L6-v2".into(),
+        path: minilm,
+        dtype: "fp32".into(),
+        batch_size: 64,
+        max_batch_tokens: 8_192,
+        document_prefix: String::new(),
+        query_template: "{query}".into(),
+    });
+    let gated = Arc::new(GatedStore { inner: store::open(&cfg.qdrant).unwrap(), closed: AtomicBool::new(true) });
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = tokio::spawn(worker::run_with_store(cfg, stop.clone(), gated.clone()));
+
+    // the port answers before the model is loaded: alive, not ready
+    let (status, body) = wait_for("the telemetry port", Duration::from_secs(30), || get(port, "/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("models not loaded"), "{body}");
+    assert_eq!(get(port, "/healthz").unwrap().0, 200);
+    wait_for("readiness", Duration::from_secs(90), || get(port, "/readyz").filter(|(s, _)| *s == 200)).await;
+
+    // stalled store: produced conversations pile up as lag
+    let g = SampleGenerator::new(5);
+    let events: Vec<_> = (0..30).map(|n| g.conversation(n)).collect();
+    produce_conversations(&topics.input, &events).await;
+    let lag = wait_for("lag to rise", Duration::from_secs(30), || {
+        lag_of(&get(port, "/metrics")?.1, &topics.input).filter(|l| *l >= 20.0)
+    })
+    .await;
+    assert!(lag <= 30.0, "{lag}");
+    let metrics = get(port, "/metrics").unwrap().1;
+    assert!(metrics.contains("convoflow_partitions_paused"), "backpressure paused the partitions");
+
+    // open the gate: the worker drains and commits, lag returns to 0
+    gated.closed.store(false, Ordering::SeqCst);
+    wait_for("lag back to 0", Duration::from_secs(60), || {
+        lag_of(&get(port, "/metrics")?.1, &topics.input).filter(|l| *l == 0.0)
+    })
+    .await;
+    let metrics = get(port, "/metrics").unwrap().1;
+    for name in [
+        "convoflow_messages_total",
+        "convoflow_turns_total",
+        "convoflow_batch_turns_bucket",
+        "convoflow_model_seconds_bucket{task=\"embedding\"",
+        "convoflow_store_upsert_seconds_bucket",
+        "convoflow_store_points_total",
+        "convoflow_end_to_end_seconds_bucket",
+        "convoflow_commit_seconds_bucket",
+        "convoflow_rebalances_total",
+        "convoflow_assigned_partitions 2",
+        "convoflow_ready 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    assert_eq!(get(port, "/nope").unwrap().0, 404);
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), worker).await.unwrap().unwrap().unwrap();
+}
