@@ -54,6 +54,14 @@ pub const TORCH_PEAK: &str = "convoflow_torch_allocated_peak_bytes";
 // Readiness
 pub const READY: &str = "convoflow_ready";
 
+/// Every metric name (the deployment files are checked against this list).
+pub const ALL: &[&str] = &[
+    MESSAGES, TURNS, TOKENS, DLQ, TOMBSTONES, LAG, COMMIT_SECONDS, COMMIT_FAILURES, REBALANCES, ASSIGNED_PARTITIONS, PAUSED,
+    BATCH_MESSAGES, BATCH_TURNS, BATCH_TOKENS, IN_FLIGHT, QUEUE_DEPTH, ENRICH_SECONDS, MODEL_SECONDS, END_TO_END_SECONDS,
+    STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
+    GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, READY,
+];
+
 /// The process-wide Prometheus recorder (installed once, on first use).
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
