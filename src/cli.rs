@@ -69,14 +69,24 @@ pub enum Command {
         #[arg(long, default_value_t = 180)]
         timeout_s: u64,
     },
-    /// Benchmarks. `--models-only`: model inference throughput on generated turns.
+    /// End-to-end benchmark through the configured Kafka broker and the embedded Qdrant engine
+    /// (the worker in-process, generated conversations); `--models-only`: model inference alone.
     Bench {
-        /// Only the models (the end-to-end bench comes with the whole worker).
-        #[arg(long, required = true)]
-        models_only: bool,
-        /// Folder with embedding/, ner/ and sentiment/ HuggingFace model folders.
+        /// Config (brokers, models, gpu, pipeline); topics, group and store are the bench's own.
+        #[arg(long, short, env = "CONVOFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        /// Generated conversations to publish (end-to-end bench).
+        #[arg(long, default_value_t = 500)]
+        conversations: u64,
+        /// Partitions of the bench's input topic.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Only the models: inference throughput on generated turns (needs --models).
         #[arg(long)]
-        models: PathBuf,
+        models_only: bool,
+        /// --models-only: folder with embedding/, ner/ and sentiment/ HuggingFace model folders.
+        #[arg(long, required_if_eq("models_only", "true"))]
+        models: Option<PathBuf>,
         #[arg(long, default_value_t = 512)]
         turns: usize,
         #[arg(long, default_value = "auto")]
@@ -131,9 +141,29 @@ pub async fn execute(cli: Cli) -> Result<()> {
             let cfg = Config::load(config.as_deref())?;
             crate::search::run(&cfg, &args).await
         }
-        Command::Bench { models_only: _, models, turns, device, dtype, max_batch_tokens, max_batch_size, threads, json, dump_turns } => {
+        Command::Bench {
+            config,
+            conversations,
+            partitions,
+            models_only,
+            models,
+            turns,
+            device,
+            dtype,
+            max_batch_tokens,
+            max_batch_size,
+            threads,
+            json,
+            dump_turns,
+        } => {
+            if !models_only {
+                let args = crate::bench::e2e::E2eArgs { config, conversations, partitions, json };
+                let report = crate::bench::e2e::run(&args).await?;
+                crate::bench::e2e::print(&report);
+                return Ok(());
+            }
             let args = crate::bench::ModelsBenchArgs {
-                models,
+                models: models.expect("required with --models-only"),
                 turns,
                 device,
                 dtype,

@@ -138,3 +138,56 @@ async fn hundred_conversations_end_to_end_with_models_points_events_and_search()
     assert!(top.contains_key("entities") && top.contains_key("entity_labels"));
     eprintln!("search took {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_with_models_then_restart_keeps_every_chunk_once_in_the_store() {
+    let topics = Topics::new("models-kill");
+    create_topic(&topics.input, 2).await;
+    let g = SampleGenerator::new(33);
+    let events: Vec<Conversation> = (0..60).flat_map(|n| g.conversation_events(n)).collect();
+    produce_conversations(&topics.input, &events).await;
+    let total = events.len();
+    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
+    let minilm = env_path("CONVOFLOW_MINILM");
+    let (ner, sentiment) = (fixtures.join("ner-camembert"), fixtures.join("sentiment-bert"));
+    let env = [
+        ("CONVOFLOW__GPU__DEVICE", "cpu"),
+        ("CONVOFLOW__QDRANT__DENSE_DIM", "384"),
+        ("CONVOFLOW__MODELS__EMBEDDING__NAME", "sentence-transformers/all-MiniLM-L6-v2"),
+        ("CONVOFLOW__MODELS__EMBEDDING__PATH", minilm.to_str().unwrap()),
+        ("CONVOFLOW__MODELS__NER__NAME", "camembert-ner architecture (random, untrained)"),
+        ("CONVOFLOW__MODELS__NER__PATH", ner.to_str().unwrap()),
+        ("CONVOFLOW__MODELS__SENTIMENT__NAME", "nlptown architecture (random, untrained)"),
+        ("CONVOFLOW__MODELS__SENTIMENT__PATH", sentiment.to_str().unwrap()),
+        ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "4"),
+    ];
+
+    // the same worker name both times: the restart reopens the same embedded store
+    let mut first = Worker::start("w", &topics, &env);
+    let seen = read_topic(&topics.output, total / 3, Duration::from_secs(180), Duration::ZERO);
+    first.signal("KILL");
+    assert_eq!(first.wait_exit(Duration::from_secs(5)).0, None, "killed by the signal");
+    assert!(seen.len() < total, "the first worker must be interrupted mid-run ({} of {total})", seen.len());
+
+    let mut second = Worker::start("w", &topics, &env);
+    let records = wait_for_distinct_sources(&topics.output, total, Duration::from_secs(240));
+    std::thread::sleep(Duration::from_millis(1500));
+    second.signal("TERM");
+    assert_eq!(second.wait_exit(Duration::from_secs(20)).0, Some(0), "{}", second.log.lock().unwrap().join("\n"));
+
+    // every input has its enriched event; every chunk is exactly one point
+    let mut point_ids = std::collections::BTreeSet::new();
+    let mut sources = std::collections::BTreeSet::new();
+    for r in &records {
+        let e = r.enriched();
+        assert_eq!(e.models.len(), 3);
+        sources.insert((e.source.partition, e.source.offset));
+        point_ids.extend(e.turns.iter().flat_map(|t| t.point_ids.clone()));
+    }
+    assert_eq!(sources.len(), total, "no enriched event missing");
+    let mut cfg = Config::default();
+    cfg.qdrant.data_dir = store_dir(&topics.group, "w");
+    let store = store::open(&cfg.qdrant).unwrap();
+    store.ensure_collection(&store::collection_spec(&cfg.qdrant, 384), store::Bootstrap::MustExist).await.unwrap();
+    assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), point_ids.len() as u64, "each chunk once");
+}

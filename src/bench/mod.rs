@@ -1,6 +1,8 @@
 //! `convoflow bench --models-only`: inference throughput of the three models on generated turns
 //! of realistic length (about 8–120 tokens), one model after the other and all three together.
 
+pub mod e2e;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
