@@ -12,7 +12,7 @@ use rdkafka::message::{Message, OwnedHeaders};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireFormat};
 use crate::config::{CodecConfig, Config};
@@ -208,7 +208,8 @@ impl Pipeline {
                 continue; // stopping: what is still queued is neither written nor completed
             }
             metrics::gauge!(telemetry::QUEUE_DEPTH).set(rx.len() as f64);
-            self.process(batch, &mut deliveries).await;
+            let span = tracing::info_span!("batch", messages = batch.len(), queued = rx.len());
+            self.process(batch, &mut deliveries).instrument(span).await;
             while deliveries.try_join_next().is_some() {}
         }
         while deliveries.join_next().await.is_some() {}

@@ -64,7 +64,8 @@ async fn run_until(
 async fn every_chunk_is_a_point_before_its_offset_is_committed_and_tombstones_delete() {
     let topics = Topics::new("store-e2e");
     create_topic(&topics.input, 2).await;
-    let convs = conversations(30);
+    let mut convs = conversations(30);
+    convs[5].turns[2].text = "Le colis zygomorphe est arrivé écrasé sous une pile de pastèques".into();
     produce_conversations(&topics.input, &convs).await;
     // a tombstone for the first conversation, after its event (same key, same partition)
     let deleted = convs[0].conversation_id.clone();
@@ -100,12 +101,12 @@ async fn every_chunk_is_a_point_before_its_offset_is_committed_and_tombstones_de
     assert_eq!(store.count(&deleted_filter).await.unwrap(), 0, "the tombstone deleted the conversation's points");
     // a planted sentence is found by BM25 and carries the turn's payload
     let conv = &convs[5];
-    let turn = &conv.turns[0];
+    let turn = &conv.turns[2];
     let hits = store
         .search(&store::HybridQuery {
             dense: None,
-            sparse: convoflow::pipeline::bm25::query_vector(&turn.text),
-            filter: SearchFilter { conversation_id: Some(conv.conversation_id.clone()), ..Default::default() },
+            sparse: convoflow::pipeline::bm25::query_vector("colis zygomorphe pastèques"),
+            filter: SearchFilter::default(),
             limit: 1,
             prefetch_limit: 20,
         })
