@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::flaky_store::GatedStore;
 use common::*;
-use convoflow::config::{Config, ModelConfig};
+use convoflow::config::ModelConfig;
 use convoflow::sample::SampleGenerator;
 use convoflow::sink::store;
 use convoflow::worker;
@@ -59,16 +59,9 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
     let topics = Topics::new("metrics");
     create_topic(&topics.input, 2).await;
     let port = free_port();
-    let mut cfg = Config::default();
-    cfg.kafka.brokers = brokers();
-    cfg.kafka.input_topic = topics.input.clone();
-    cfg.kafka.output_topic = topics.output.clone();
-    cfg.kafka.group_id = topics.group.clone();
-    cfg.kafka.session_timeout_ms = 6_000;
+    let mut cfg = in_process_config(&topics);
     cfg.pipeline.max_in_flight = 4; // stalls quickly: partitions pause
     cfg.telemetry.listen = format!("127.0.0.1:{port}");
-    cfg.qdrant.data_dir = store_dir(&topics.group, "in-process");
-    cfg.gpu.device = "cpu".into();
     let minilm = PathBuf::from(std::env::var("CONVOFLOW_MINILM").expect("CONVOFLOW_MINILM: run with scripts/test"));
     cfg.models.embedding = Some(ModelConfig {
         name: "sentence-transformers/all-MiniLM-L6-v2".into(),

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,16 +17,9 @@ use convoflow::sample::SampleGenerator;
 use convoflow::sink::store::{self, Bootstrap, SearchFilter, StoreError, VectorStore};
 use convoflow::worker;
 
-fn config(topics: &Topics, store_dir: &Path) -> Config {
-    let mut cfg = Config::default();
-    cfg.kafka.brokers = brokers();
-    cfg.kafka.input_topic = topics.input.clone();
-    cfg.kafka.output_topic = topics.output.clone();
-    cfg.kafka.group_id = topics.group.clone();
-    cfg.kafka.session_timeout_ms = 6_000;
-    cfg.telemetry.listen = "127.0.0.1:0".into();
+fn config(topics: &Topics) -> Config {
+    let mut cfg = in_process_config(topics);
     cfg.pipeline.shutdown_timeout_ms = 3_000;
-    cfg.qdrant.data_dir = store_dir.to_path_buf();
     cfg.qdrant.dense_dim = Some(8);
     cfg
 }
@@ -71,8 +63,7 @@ async fn every_chunk_is_a_point_before_its_offset_is_committed_and_tombstones_de
     let deleted = convs[0].conversation_id.clone();
     produce_raw(&topics.input, &[(Some(deleted.clone().into_bytes()), None)]).await;
 
-    let dir = store_dir(&topics.group, "in-process");
-    let cfg = config(&topics, &dir);
+    let cfg = config(&topics);
     let store = store::open(&cfg.qdrant).unwrap();
     let output = topics.output.clone();
     run_until(cfg.clone(), store.clone(), Duration::from_secs(90), move || {
@@ -124,8 +115,7 @@ async fn transient_store_failures_are_retried_by_the_worker() {
     let topics = Topics::new("store-transient");
     create_topic(&topics.input, 1).await;
     produce_conversations(&topics.input, &conversations(10)).await;
-    let dir = store_dir(&topics.group, "in-process");
-    let cfg = config(&topics, &dir);
+    let cfg = config(&topics);
     let inner = store::open(&cfg.qdrant).unwrap();
     let flaky = Arc::new(FlakyStore::new(inner.clone(), 3, StoreError::Transient("unavailable (injected)".into()), usize::MAX));
     let output = topics.output.clone();
@@ -144,8 +134,7 @@ async fn a_permanent_store_failure_stops_the_worker_without_committing_then_a_re
     let topics = Topics::new("store-permanent");
     create_topic(&topics.input, 1).await;
     produce_conversations(&topics.input, &conversations(10)).await;
-    let dir = store_dir(&topics.group, "in-process");
-    let cfg = config(&topics, &dir);
+    let cfg = config(&topics);
     {
         let inner = store::open(&cfg.qdrant).unwrap();
         let broken = Arc::new(FlakyStore::new(inner, usize::MAX, StoreError::Permanent("forbidden (injected)".into()), usize::MAX));

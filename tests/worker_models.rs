@@ -36,15 +36,7 @@ fn env_path(var: &str) -> PathBuf {
 
 fn config(topics: &Topics) -> Config {
     let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
-    let mut cfg = Config::default();
-    cfg.kafka.brokers = brokers();
-    cfg.kafka.input_topic = topics.input.clone();
-    cfg.kafka.output_topic = topics.output.clone();
-    cfg.kafka.group_id = topics.group.clone();
-    cfg.kafka.session_timeout_ms = 6_000;
-    cfg.telemetry.listen = "127.0.0.1:0".into();
-    cfg.qdrant.data_dir = store_dir(&topics.group, "in-process");
-    cfg.gpu.device = "cpu".into();
+    let mut cfg = in_process_config(topics);
     cfg.models.embedding = Some(model("sentence-transformers/all-MiniLM-L6-v2", env_path("CONVOFLOW_MINILM")));
     cfg.models.ner = Some(model("camembert-ner architecture (random, untrained)", fixtures.join("ner-camembert")));
     cfg.models.sentiment =

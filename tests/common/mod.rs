@@ -23,6 +23,21 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
+/// Configuration of an in-process test worker on `topics`: the test broker, any free telemetry
+/// port, its own embedded store, CPU.
+pub fn in_process_config(topics: &Topics) -> convoflow::config::Config {
+    let mut cfg = convoflow::config::Config::default();
+    cfg.kafka.brokers = brokers();
+    cfg.kafka.input_topic = topics.input.clone();
+    cfg.kafka.output_topic = topics.output.clone();
+    cfg.kafka.group_id = topics.group.clone();
+    cfg.kafka.session_timeout_ms = 6_000;
+    cfg.telemetry.listen = "127.0.0.1:0".into();
+    cfg.qdrant.data_dir = store_dir(&topics.group, "in-process");
+    cfg.gpu.device = "cpu".into();
+    cfg
+}
+
 /// The embedded-store directory of a test worker (under cargo's per-target temp dir).
 pub fn store_dir(group: &str, worker: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stores").join(group).join(worker)
