@@ -5,22 +5,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cli::{ProduceArgs, produce};
-use crate::codec::{RecordCodec, WireFormat};
+use crate::codec::WireFormat;
 use crate::config::{Config, ModelConfig, ModelsConfig};
 use crate::event::EnrichedConversation;
-use crate::source::base_client_config;
+use crate::source::readback::{percentile, read_enriched, timestamps, topic_size};
 use crate::worker;
 
 const PARTITIONS: i32 = 6;
@@ -130,7 +126,7 @@ pub async fn run(config: Option<&Path>, conversations: u64, timeout: Duration) -
         partitions: PARTITIONS as usize,
     };
     produce(&cfg, args).await?;
-    let expected = topic_size(&cfg, &cfg.kafka.input_topic)?;
+    let expected = topic_size(&cfg.kafka, &cfg.kafka.input_topic)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     if cfg.models.embedding.is_some() || cfg.models.ner.is_some() || cfg.models.sentiment.is_some() {
@@ -139,14 +135,14 @@ pub async fn run(config: Option<&Path>, conversations: u64, timeout: Duration) -
     let started = Instant::now();
     let worker = tokio::spawn(worker::run(cfg.clone(), stop.clone()));
     let reader_cfg = cfg.clone();
-    let outputs = tokio::task::spawn_blocking(move || read_outputs(&reader_cfg, expected, timeout)).await??;
+    let outputs = tokio::task::spawn_blocking(move || read_enriched(&reader_cfg.kafka, expected, timeout)).await??;
     let elapsed = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     worker.await.context("worker task")??;
     if outputs.len() < expected {
         bail!("only {} of {expected} events were enriched within {timeout:?}", outputs.len());
     }
-    let input_ts = timestamps(&cfg, &cfg.kafka.input_topic)?;
+    let input_ts = timestamps(&cfg.kafka, &cfg.kafka.input_topic)?;
     print_summary(&outputs, &input_ts, elapsed);
     let searched = search_examples(&cfg).await;
     let _ = std::fs::remove_dir_all(&store_dir);
@@ -186,89 +182,6 @@ async fn search_examples(cfg: &Config) -> Result<()> {
         println!("\nsearch {query:?} ({how}{filter}):\n{}", crate::search::table_with(&hits, false, mark_entities));
     }
     Ok(())
-}
-
-fn consumer(cfg: &Config) -> Result<BaseConsumer> {
-    Ok(base_client_config(&cfg.kafka)
-        .set("group.id", "convoflow-demo-reader")
-        .set("enable.auto.commit", "false")
-        .create()?)
-}
-
-fn assign_all(c: &BaseConsumer, topic: &str) -> Result<()> {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    c.assign(&tpl)?;
-    Ok(())
-}
-
-fn topic_size(cfg: &Config, topic: &str) -> Result<usize> {
-    let c = consumer(cfg)?;
-    let mut n = 0;
-    for p in 0..PARTITIONS {
-        let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        n += (high - low) as usize;
-    }
-    Ok(n)
-}
-
-/// (partition, offset) -> record timestamp (ms) of every record in `topic`.
-fn timestamps(cfg: &Config, topic: &str) -> Result<HashMap<(i32, i64), i64>> {
-    let c = consumer(cfg)?;
-    assign_all(&c, topic)?;
-    let expected = topic_size(cfg, topic)?;
-    let mut out = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while out.len() < expected && Instant::now() < deadline {
-        if let Some(m) = c.poll(Duration::from_millis(100)) {
-            let m = m?;
-            out.insert((m.partition(), m.offset()), m.timestamp().to_millis().unwrap_or_default());
-        }
-    }
-    Ok(out)
-}
-
-/// Reads enriched events as they arrive, with a progress bar, until `expected` distinct inputs
-/// are covered. Returns (output record timestamp, event).
-fn read_outputs(cfg: &Config, expected: usize, timeout: Duration) -> Result<Vec<(i64, EnrichedConversation)>> {
-    let codec = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro)?;
-    let c = consumer(cfg)?;
-    assign_all(&c, &cfg.kafka.output_topic)?;
-    let mut by_source = HashMap::new();
-    let deadline = Instant::now() + timeout;
-    let mut last_draw = Instant::now() - Duration::from_secs(1);
-    while by_source.len() < expected && Instant::now() < deadline {
-        if let Some(m) = c.poll(Duration::from_millis(100)) {
-            let m = m?;
-            if let Some(payload) = m.payload() {
-                let event = codec.decode(payload)?;
-                let ts = m.timestamp().to_millis().unwrap_or_default();
-                by_source.insert((event.source.partition, event.source.offset), (ts, event));
-            }
-        }
-        if last_draw.elapsed() > Duration::from_millis(200) || by_source.len() == expected {
-            draw_progress(by_source.len(), expected);
-            last_draw = Instant::now();
-        }
-    }
-    eprintln!();
-    Ok(by_source.into_values().collect())
-}
-
-fn draw_progress(done: usize, total: usize) {
-    let width = 40;
-    let filled = if total == 0 { width } else { done * width / total };
-    eprint!("\r  enriching [{}{}] {done}/{total} events", "#".repeat(filled), "-".repeat(width - filled));
-    let _ = std::io::stderr().flush();
-}
-
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn print_summary(outputs: &[(i64, EnrichedConversation)], input_ts: &HashMap<(i32, i64), i64>, elapsed: Duration) {

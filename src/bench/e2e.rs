@@ -5,23 +5,18 @@
 //! input event has its enriched event. Throughput counts from the first input record's
 //! timestamp to the last output record's; latency is output record time − input record time.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::codec::{RecordCodec, WireFormat};
+use crate::codec::WireFormat;
 use crate::config::Config;
-use crate::event::EnrichedConversation;
 use crate::sink::store::{self, Bootstrap, SearchFilter};
-use crate::source::{admin, base_client_config};
+use crate::source::{admin, readback};
 
 pub struct E2eArgs {
     pub config: Option<PathBuf>,
@@ -47,10 +42,6 @@ pub struct E2eReport {
     pub latency_p50_ms: i64,
     pub latency_p99_ms: i64,
     pub latency_max_ms: i64,
-}
-
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    if sorted.is_empty() { 0 } else { sorted[((sorted.len() - 1) as f64 * p).round() as usize] }
 }
 
 /// GET /readyz on the worker's telemetry port until it answers 200.
@@ -108,7 +99,17 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
     };
     crate::cli::produce(&cfg, produce).await?;
     let reader = cfg.clone();
-    let (inputs, outputs) = tokio::task::spawn_blocking(move || read_both(&reader, Duration::from_secs(1800))).await??;
+    let timeout = Duration::from_secs(1800);
+    let (inputs, outputs) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let expected = readback::topic_size(&reader.kafka, &reader.kafka.input_topic)?;
+        let inputs = readback::timestamps(&reader.kafka, &reader.kafka.input_topic)?;
+        let outputs = readback::read_enriched(&reader.kafka, expected, timeout)?;
+        if outputs.len() < expected {
+            bail!("only {} of {expected} events were enriched within {timeout:?}", outputs.len());
+        }
+        Ok((inputs, outputs))
+    })
+    .await??;
     stop.store(true, Ordering::SeqCst);
     worker.await.context("worker task")??;
 
@@ -142,76 +143,14 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         events_per_s: outputs.len() as f64 / seconds,
         turns_per_s: turns as f64 / seconds,
         tokens_per_s: tokens as f64 / seconds,
-        latency_p50_ms: percentile(&latencies, 0.5),
-        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_p50_ms: readback::percentile(&latencies, 0.5),
+        latency_p99_ms: readback::percentile(&latencies, 0.99),
         latency_max_ms: latencies.last().copied().unwrap_or_default(),
     };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
-}
-
-/// Input record timestamps by (partition, offset), and (output record timestamp, event) once
-/// every input has an output.
-#[allow(clippy::type_complexity)]
-fn read_both(cfg: &Config, timeout: Duration) -> Result<(HashMap<(i32, i64), i64>, Vec<(i64, EnrichedConversation)>)> {
-    let consumer = |topic: &str| -> Result<BaseConsumer> {
-        let c: BaseConsumer = base_client_config(&cfg.kafka)
-            .set("group.id", format!("{}-reader", cfg.kafka.group_id))
-            .set("enable.auto.commit", "false")
-            .set("fetch.message.max.bytes", cfg.kafka.message_max_bytes.to_string())
-            .create()?;
-        let partitions = admin::partition_count(&cfg.kafka, topic, Duration::from_secs(30))?.unwrap_or(0);
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        c.assign(&tpl)?;
-        Ok(c)
-    };
-    let input = consumer(&cfg.kafka.input_topic)?;
-    let mut inputs = HashMap::new();
-    let expected = {
-        let mut n = 0;
-        let partitions = admin::partition_count(&cfg.kafka, &cfg.kafka.input_topic, Duration::from_secs(30))?.unwrap_or(0);
-        for p in 0..partitions as i32 {
-            let (low, high) = input.fetch_watermarks(&cfg.kafka.input_topic, p, Duration::from_secs(10))?;
-            n += (high - low) as usize;
-        }
-        n
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while inputs.len() < expected && Instant::now() < deadline {
-        if let Some(m) = input.poll(Duration::from_millis(100)) {
-            let m = m?;
-            inputs.insert((m.partition(), m.offset()), m.timestamp().to_millis().unwrap_or_default());
-        }
-    }
-    let codec = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro)?;
-    let output = consumer(&cfg.kafka.output_topic)?;
-    let mut outputs: HashMap<(i32, i64), (i64, EnrichedConversation)> = HashMap::new();
-    let deadline = Instant::now() + timeout;
-    let mut last_draw = Instant::now();
-    while outputs.len() < expected && Instant::now() < deadline {
-        if let Some(m) = output.poll(Duration::from_millis(100)) {
-            let m = m?;
-            if let Some(payload) = m.payload() {
-                let event = codec.decode(payload)?;
-                let ts = m.timestamp().to_millis().unwrap_or_default();
-                outputs.entry((event.source.partition, event.source.offset)).or_insert((ts, event));
-            }
-        }
-        if last_draw.elapsed() > Duration::from_secs(1) {
-            eprint!("\r  bench: {}/{expected} events enriched", outputs.len());
-            last_draw = Instant::now();
-        }
-    }
-    eprintln!("\r  bench: {}/{expected} events enriched", outputs.len());
-    if outputs.len() < expected {
-        bail!("only {} of {expected} events were enriched within {timeout:?}", outputs.len());
-    }
-    Ok((inputs, outputs.into_values().collect()))
 }
 
 pub fn print(r: &E2eReport) {

@@ -11,6 +11,7 @@
 //! - Shutdown: stop taking messages, wait (bounded) for in-flight work, commit, leave the group.
 
 pub mod admin;
+pub mod readback;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

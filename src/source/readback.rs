@@ -1,0 +1,101 @@
+//! Reading topics back from the beginning for reports (`demo`, `bench`): how many records a
+//! topic holds, their record timestamps, and the enriched events of the output topic.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{admin, base_client_config};
+use crate::codec::{RecordCodec, WireFormat};
+use crate::config::KafkaConfig;
+use crate::event::EnrichedConversation;
+
+fn partitions(cfg: &KafkaConfig, topic: &str) -> Result<i32> {
+    Ok(admin::partition_count(cfg, topic, Duration::from_secs(30))?.unwrap_or(0) as i32)
+}
+
+/// A consumer assigned every partition of `topic` from the beginning (no group membership,
+/// nothing committed).
+fn reader(cfg: &KafkaConfig, topic: &str) -> Result<BaseConsumer> {
+    let c: BaseConsumer = base_client_config(cfg)
+        .set("group.id", "convoflow-readback")
+        .set("enable.auto.commit", "false")
+        .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string())
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions(cfg, topic)? {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    Ok(c)
+}
+
+/// Records retained in `topic` (high − low watermark, summed over partitions).
+pub fn topic_size(cfg: &KafkaConfig, topic: &str) -> Result<usize> {
+    let c: BaseConsumer = base_client_config(cfg).create()?;
+    let mut n = 0;
+    for p in 0..partitions(cfg, topic)? {
+        let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        n += (high - low) as usize;
+    }
+    Ok(n)
+}
+
+/// (partition, offset) -> record timestamp (ms) of every record in `topic`.
+pub fn timestamps(cfg: &KafkaConfig, topic: &str) -> Result<HashMap<(i32, i64), i64>> {
+    let expected = topic_size(cfg, topic)?;
+    let c = reader(cfg, topic)?;
+    let mut out = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let m = m?;
+            out.insert((m.partition(), m.offset()), m.timestamp().to_millis().unwrap_or_default());
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the (Avro) enriched events of the output topic as they arrive, with a progress bar on
+/// stderr, until `expected` distinct inputs are covered or `timeout`. Returns (output record
+/// timestamp, event), the first arrival per input.
+pub fn read_enriched(cfg: &KafkaConfig, expected: usize, timeout: Duration) -> Result<Vec<(i64, EnrichedConversation)>> {
+    let codec = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro)?;
+    let c = reader(cfg, &cfg.output_topic)?;
+    let mut by_source = HashMap::new();
+    let deadline = Instant::now() + timeout;
+    let mut last_draw = Instant::now() - Duration::from_secs(1);
+    while by_source.len() < expected && Instant::now() < deadline {
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let m = m?;
+            if let Some(payload) = m.payload() {
+                let event = codec.decode(payload)?;
+                let ts = m.timestamp().to_millis().unwrap_or_default();
+                by_source.entry((event.source.partition, event.source.offset)).or_insert((ts, event));
+            }
+        }
+        if last_draw.elapsed() > Duration::from_millis(200) || by_source.len() == expected {
+            draw_progress(by_source.len(), expected);
+            last_draw = Instant::now();
+        }
+    }
+    eprintln!();
+    Ok(by_source.into_values().collect())
+}
+
+fn draw_progress(done: usize, total: usize) {
+    let width = 40;
+    let filled = if total == 0 { width } else { done * width / total };
+    eprint!("\r  enriching [{}{}] {done}/{total} events", "#".repeat(filled), "-".repeat(width - filled));
+    let _ = std::io::stderr().flush();
+}
+
+/// The `p` quantile (0..=1) of ascending values; 0 when empty.
+pub fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() { 0 } else { sorted[((sorted.len() - 1) as f64 * p).round() as usize] }
+}
