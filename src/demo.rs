@@ -164,11 +164,16 @@ async fn search_examples(cfg: &Config) -> Result<()> {
     ];
     // entities of an untrained NER model are noise: not marked in the snippets
     let mark_entities = cfg.models.ner.as_ref().is_some_and(|m| !m.name.contains("UNTRAINED"));
-    for (query, language) in queries {
-        let dense = {
-            let cfg = cfg.clone();
-            tokio::task::spawn_blocking(move || crate::search::embed_query(&cfg, query)).await??
-        };
+    // one model load for all queries
+    let dense: Vec<Option<Vec<f32>>> = {
+        let cfg = cfg.clone();
+        let texts: Vec<&'static str> = queries.iter().map(|(q, _)| *q).collect();
+        match tokio::task::spawn_blocking(move || crate::search::embed_queries(&cfg, &texts)).await?? {
+            Some(vectors) => vectors.into_iter().map(Some).collect(),
+            None => vec![None; queries.len()],
+        }
+    };
+    for ((query, language), dense) in queries.into_iter().zip(dense) {
         let how = if dense.is_some() { "dense + BM25, RRF" } else { "BM25" };
         let q = HybridQuery {
             dense,

@@ -80,6 +80,12 @@ pub fn dense_dim(cfg: &Config) -> Result<usize> {
 
 /// Embeds a search query with the configured model, if its folder is there.
 pub fn embed_query(cfg: &Config, query: &str) -> Result<Option<Vec<f32>>> {
+    Ok(embed_queries(cfg, &[query])?.and_then(|mut v| v.pop()))
+}
+
+/// Embeds several search queries with one load of the configured model (query template
+/// applied), in input order; None without an embedding model folder.
+pub fn embed_queries(cfg: &Config, queries: &[&str]) -> Result<Option<Vec<Vec<f32>>>> {
     let Some(m) = &cfg.models.embedding else { return Ok(None) };
     if !Path::new(&m.path).join("config.json").exists() {
         return Ok(None);
@@ -87,9 +93,9 @@ pub fn embed_query(cfg: &Config, query: &str) -> Result<Option<Vec<f32>>> {
     let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
     let dtype = crate::infer::device::parse_dtype(&m.dtype, device)?;
     let model = Model::load(&m.path, Task::Embedding, device, dtype).with_context(|| format!("loading {}", m.name))?;
-    let text = m.query_text(query);
-    let (mut vectors, _) = model.embed(&[text.as_str()], &Default::default())?;
-    Ok(vectors.pop())
+    let texts: Vec<String> = queries.iter().map(|q| m.query_text(q)).collect();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    Ok(Some(model.embed(&texts, &Default::default())?.0))
 }
 
 pub async fn run(cfg: &Config, args: &SearchArgs) -> Result<()> {
