@@ -110,6 +110,14 @@ pub struct Chunk {
     pub sparse: SparseVector,
 }
 
+/// The text of each chunk of a turn, in chunk order (chunk offsets count characters). One pass
+/// over the turn's characters, however many chunks there are.
+pub fn chunk_texts<'a>(turn_text: &'a str, chunks: &[Chunk]) -> Vec<&'a str> {
+    let bytes: Vec<usize> = turn_text.char_indices().map(|(b, _)| b).collect();
+    let at = |c: i32| bytes.get(c as usize).copied().unwrap_or(turn_text.len());
+    chunks.iter().map(|c| &turn_text[at(c.start)..at(c.end)]).collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entity {
     pub text: String,

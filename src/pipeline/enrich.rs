@@ -185,9 +185,7 @@ impl Enricher for ModelEnricher {
                 let mut chunk_texts = Vec::new();
                 for (input, event) in batch.iter().zip(&events) {
                     for (turn, enriched) in input.conversation.turns.iter().zip(&event.turns) {
-                        for chunk in &enriched.chunks {
-                            let text: String =
-                                turn.text.chars().skip(chunk.start as usize).take((chunk.end - chunk.start) as usize).collect();
+                        for text in crate::event::chunk_texts(&turn.text, &enriched.chunks) {
                             chunk_texts.push(format!("{}{text}", m.document_prefix));
                         }
                     }

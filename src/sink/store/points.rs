@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::StorePoint;
-use crate::event::{Conversation, EnrichedConversation, Entity};
+use crate::event::{Conversation, EnrichedConversation, Entity, chunk_texts};
 
 /// How much of a turn's text goes into the payload.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -47,9 +47,7 @@ pub fn points_for(
     let mut out = Vec::new();
     for (turn, input) in event.turns.iter().zip(&conv.turns) {
         debug_assert_eq!(turn.turn_id, input.turn_id);
-        let chars: Vec<(usize, char)> = input.text.char_indices().collect();
-        let byte_at = |c: i32| chars.get(c as usize).map_or(input.text.len(), |(b, _)| *b);
-        for chunk in &turn.chunks {
+        for (chunk, text) in turn.chunks.iter().zip(chunk_texts(&input.text, &turn.chunks)) {
             let (start, end) = (chunk.start, chunk.end);
             let in_chunk: Vec<&Entity> = turn.entities.iter().filter(|e| e.start < end && e.end > start).collect();
             let mut payload = Map::new();
@@ -66,13 +64,12 @@ pub fn points_for(
             payload.insert("ts".into(), json!(rfc3339(turn.ts)));
             payload.insert("chunk_start".into(), json!(start));
             payload.insert("chunk_end".into(), json!(end));
-            let text = &input.text[byte_at(start)..byte_at(end)];
             match text_mode {
                 PayloadText::Full => {
                     payload.insert("text".into(), json!(text));
                 }
                 PayloadText::Masked => {
-                    payload.insert("text".into(), json!(mask(&chars, start, end, &in_chunk)));
+                    payload.insert("text".into(), json!(mask(text, start, &in_chunk)));
                 }
                 PayloadText::None => {}
             }
@@ -107,25 +104,25 @@ pub fn points_for(
     out
 }
 
-/// The chunk's characters [start, end) with entity spans replaced by `[LABEL]`.
-fn mask(chars: &[(usize, char)], start: i32, end: i32, entities: &[&Entity]) -> String {
+/// The chunk's text (starting at character `start` of its turn) with entity spans replaced by
+/// `[LABEL]`; entity offsets are in turn characters.
+fn mask(text: &str, start: i32, entities: &[&Entity]) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let len = chars.len() as i32;
     let mut spans: Vec<(i32, i32, &str)> =
-        entities.iter().map(|e| (e.start.max(start), e.end.min(end), e.label.as_str())).collect();
+        entities.iter().map(|e| ((e.start - start).max(0), (e.end - start).min(len), e.label.as_str())).collect();
     spans.sort();
     let mut out = String::new();
-    let mut at = start;
+    let mut at = 0;
     for (s, e, label) in spans {
         if s < at {
             continue; // overlapping spans: the first one wins
         }
-        out.extend(chars[at as usize..s as usize].iter().map(|(_, c)| c));
+        out.extend(&chars[at as usize..s as usize]);
         out.push_str(&format!("[{label}]"));
         at = e;
     }
-    let end = (end as usize).min(chars.len());
-    if (at as usize) < end {
-        out.extend(chars[at as usize..end].iter().map(|(_, c)| c));
-    }
+    out.extend(&chars[at as usize..]);
     out
 }
 
