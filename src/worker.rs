@@ -160,7 +160,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub enriched: u64,
-    /// Points upserted to the vector store.
+    /// Points upserted to the vector store (the writer's count).
     pub points: u64,
     pub dead_lettered: u64,
     pub tombstones: u64,
@@ -213,6 +213,7 @@ impl Pipeline {
             while deliveries.try_join_next().is_some() {}
         }
         while deliveries.join_next().await.is_some() {}
+        self.stats.points = self.store.counters.upserted_points.load(Ordering::Relaxed);
         (self.stats, self.failure)
     }
 
@@ -323,7 +324,7 @@ impl Pipeline {
     /// conversation, and for a tombstone the deletion of that conversation's points (after the
     /// upserts before it, so a later re-creation is not deleted). Acknowledged on return.
     async fn write_store(
-        &mut self,
+        &self,
         batch: &[InboundMessage],
         decided: &[Decided],
         enriched: &[Enriched],
@@ -339,16 +340,13 @@ impl Pipeline {
                 Decided::Tombstone => {
                     let key = msg.key.as_deref().expect("tombstones have keys");
                     self.store.upsert_all(&points).await?;
-                    self.stats.points += points.len() as u64;
                     points.clear();
                     self.store.delete_conversation(&String::from_utf8_lossy(key)).await?;
                 }
                 Decided::Rejected(_) => {}
             }
         }
-        self.store.upsert_all(&points).await?;
-        self.stats.points += points.len() as u64;
-        Ok(())
+        self.store.upsert_all(&points).await
     }
 
     /// The DLQ record of a rejected message: (to the DLQ, key, value, headers).

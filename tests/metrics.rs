@@ -1,6 +1,6 @@
 //! `/metrics`, `/healthz`, `/readyz` of a worker (in-process, real broker, embedded store,
 //! all-MiniLM-L6-v2 from scripts/env.sh): not ready before the model is warm; consumer lag rises
-//! while the worker is stalled (its store behind `GatedStore`, a test double whose gate holds
+//! while the worker is stalled (its store behind `FlakyStore::stalled`, a test double that holds
 //! upserts) and returns to 0 once it drains.
 
 mod common;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::flaky_store::GatedStore;
+use common::flaky_store::FlakyStore;
 use common::*;
 use convoflow::config::ModelConfig;
 use convoflow::sample::SampleGenerator;
@@ -72,7 +72,7 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
         document_prefix: String::new(),
         query_template: "{query}".into(),
     });
-    let gated = Arc::new(GatedStore { inner: store::open(&cfg.qdrant).unwrap(), closed: AtomicBool::new(true) });
+    let gated = Arc::new(FlakyStore::stalled(store::open(&cfg.qdrant).unwrap()));
     let stop = Arc::new(AtomicBool::new(false));
     let worker = tokio::spawn(worker::run_with_store(cfg, stop.clone(), gated.clone()));
 

@@ -1,19 +1,21 @@
-//! `FlakyStore`: a test double around a real store that fails on purpose.
+//! `FlakyStore`: a test double around a real store that fails or stalls on purpose.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use convoflow::sink::store::{Bootstrap, CollectionSpec, Hit, HybridQuery, SearchFilter, StoreError, StorePoint, VectorStore};
 
 /// Test double: the real edge store behind a wrapper that fails the first `fail_first` upserts
-/// with `failure`, and (optionally) rejects upserts larger than `max_points` as too large.
+/// with `failure`, (optionally) rejects upserts larger than `max_points` as too large, and
+/// holds upserts while `closed` is set (a stalled store).
 pub struct FlakyStore {
     pub inner: Arc<dyn VectorStore>,
     fail_first: usize,
     failure: StoreError,
     max_points: usize,
     pub calls: AtomicUsize,
+    pub closed: AtomicBool,
 }
 
 #[async_trait]
@@ -25,6 +27,9 @@ impl VectorStore for FlakyStore {
         self.inner.ensure_collection(spec, mode).await
     }
     async fn upsert(&self, points: &[StorePoint]) -> Result<(), StoreError> {
+        while self.closed.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
             return Err(self.failure.clone());
         }
@@ -52,40 +57,13 @@ impl VectorStore for FlakyStore {
 
 impl FlakyStore {
     pub fn new(inner: Arc<dyn VectorStore>, fail_first: usize, failure: StoreError, max_points: usize) -> Self {
-        Self { inner, fail_first, failure, max_points, calls: AtomicUsize::new(0) }
+        Self { inner, fail_first, failure, max_points, calls: AtomicUsize::new(0), closed: AtomicBool::new(false) }
     }
-}
 
-/// Test double: the real store behind a gate; while closed, upserts wait (a stalled store).
-pub struct GatedStore {
-    pub inner: Arc<dyn VectorStore>,
-    pub closed: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl VectorStore for GatedStore {
-    fn backend(&self) -> &'static str {
-        "gated-edge (test double)"
-    }
-    async fn ensure_collection(&self, spec: &CollectionSpec, mode: Bootstrap) -> Result<(), StoreError> {
-        self.inner.ensure_collection(spec, mode).await
-    }
-    async fn upsert(&self, points: &[StorePoint]) -> Result<(), StoreError> {
-        while self.closed.load(Ordering::SeqCst) {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        self.inner.upsert(points).await
-    }
-    async fn delete_conversation(&self, id: &str) -> Result<(), StoreError> {
-        self.inner.delete_conversation(id).await
-    }
-    async fn count(&self, filter: &SearchFilter) -> Result<u64, StoreError> {
-        self.inner.count(filter).await
-    }
-    async fn search(&self, q: &HybridQuery) -> Result<Vec<Hit>, StoreError> {
-        self.inner.search(q).await
-    }
-    async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush().await
+    /// A store that never fails but holds upserts until `closed` is cleared.
+    pub fn stalled(inner: Arc<dyn VectorStore>) -> Self {
+        let store = Self::new(inner, 0, StoreError::Transient(String::new()), usize::MAX);
+        store.closed.store(true, Ordering::SeqCst);
+        store
     }
 }
