@@ -81,6 +81,15 @@ pub enum Command {
         /// Partitions of the bench's input topic.
         #[arg(long, default_value_t = 6)]
         partitions: i32,
+        /// End-to-end bench against librdkafka's in-process mock cluster (no broker needed).
+        #[arg(long)]
+        mock_broker: bool,
+        /// End-to-end bench: single conversations published to the idle worker afterwards.
+        #[arg(long, default_value_t = 5)]
+        idle_probes: usize,
+        /// Turns of each idle-worker probe conversation.
+        #[arg(long, default_value_t = 120)]
+        idle_turns: usize,
         /// Only the models: inference throughput on generated turns (needs --models).
         #[arg(long)]
         models_only: bool,
@@ -103,6 +112,9 @@ pub enum Command {
         /// Write the report as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// --models-only: also time inputs of exactly these token lengths, e.g. 16,64,256,512.
+        #[arg(long, value_delimiter = ',')]
+        lengths: Vec<usize>,
         /// Write the generated turns (JSON array) here, for a comparison run elsewhere.
         #[arg(long)]
         dump_turns: Option<PathBuf>,
@@ -145,6 +157,9 @@ pub async fn execute(cli: Cli) -> Result<()> {
             config,
             conversations,
             partitions,
+            mock_broker,
+            idle_probes,
+            idle_turns,
             models_only,
             models,
             turns,
@@ -155,9 +170,11 @@ pub async fn execute(cli: Cli) -> Result<()> {
             threads,
             json,
             dump_turns,
+            lengths,
         } => {
             if !models_only {
-                let args = crate::bench::e2e::E2eArgs { config, conversations, partitions, json };
+                let args =
+                    crate::bench::e2e::E2eArgs { config, conversations, partitions, json, mock_broker, idle_probes, idle_turns };
                 let report = crate::bench::e2e::run(&args).await?;
                 crate::bench::e2e::print(&report);
                 return Ok(());
@@ -171,6 +188,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 threads,
                 json,
                 dump_turns,
+                lengths,
             };
             let report = tokio::task::spawn_blocking(move || crate::bench::run_models(&args)).await??;
             crate::bench::print_report(&report);
@@ -270,15 +288,15 @@ async fn check(config: Option<&Path>) -> Result<()> {
     let cfg = Config::load(config)?;
     println!("config: ok ({})", config.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults + environment".into()));
     println!("codecs: {}", worker::describe_codecs(&cfg.codec)?);
-    let enricher = worker::build_text_enricher(&cfg)?;
+    let preparer = crate::pipeline::prepare::Preparer::new(&cfg)?;
     let probe = SampleGenerator::new(1).conversation(0);
-    let enriched = enricher.enrich_one(&crate::pipeline::enrich::EnrichInput {
+    let enriched = preparer.text().enrich_one(&crate::pipeline::enrich::EnrichInput {
         conversation: &probe,
         source: crate::event::SourceRef { topic: "check".into(), partition: 0, offset: 0 },
     })?;
     println!(
         "tokenizer: {} ({} tokens in a {}-turn sample conversation)",
-        cfg.pipeline.chunk.tokenizer.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in word-level".into()),
+        preparer.chunk_tokens,
         enriched.total_tokens,
         probe.turns.len()
     );

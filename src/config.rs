@@ -112,8 +112,14 @@ pub struct PipelineConfig {
     pub queue_capacity: usize,
     /// Most messages enriched together in one micro-batch.
     pub max_batch_messages: usize,
-    /// Longest a micro-batch waits to fill once its first message arrived.
+    /// Longest a micro-batch waits to fill while the next stage has room (0 = it leaves at
+    /// once; while the next stage is busy, a batch fills up to max_batch_messages anyway).
     pub max_batch_wait_ms: u64,
+    /// Micro-batches prepared (decoded, chunked, tokenized) at the same time.
+    pub prepare_workers: usize,
+    /// Micro-batches queued on the models ahead of the writer (>= 1; 2+ keeps the GPU busy while
+    /// the store and the broker take the previous batch).
+    pub batches_in_flight: usize,
     /// A turn's text over this many bytes sends the message to the DLQ.
     pub max_turn_bytes: usize,
     /// On SIGTERM/SIGINT: how long in-flight work may take to finish before exit.
@@ -128,7 +134,9 @@ impl Default for PipelineConfig {
             max_in_flight: 2_000,
             queue_capacity: 512,
             max_batch_messages: 64,
-            max_batch_wait_ms: 20,
+            max_batch_wait_ms: 0,
+            prepare_workers: 2,
+            batches_in_flight: 3,
             max_turn_bytes: 1 << 20,
             shutdown_timeout_ms: 8_000,
             chunk: ChunkConfig::default(),
@@ -160,6 +168,9 @@ pub struct ModelsConfig {
     pub embedding: Option<ModelConfig>,
     pub ner: Option<ModelConfig>,
     pub sentiment: Option<ModelConfig>,
+    /// Benchmarks only: zero-cost stand-ins answer instead of the models (placeholder outputs,
+    /// real tokenizers), to measure the stages around the models.
+    pub stand_in: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -224,11 +235,14 @@ pub struct GpuConfig {
     pub device: String,
     /// CPU intra-op threads (0 = libtorch default).
     pub cpu_threads: usize,
+    /// CUDA: share of the GPU's memory libtorch's caching allocator may hold (0 < f <= 1);
+    /// beyond it an allocation fails as out of memory and the batch is split.
+    pub memory_fraction: f64,
 }
 
 impl Default for GpuConfig {
     fn default() -> Self {
-        Self { device: "auto".into(), cpu_threads: 0 }
+        Self { device: "auto".into(), cpu_threads: 0, memory_fraction: 0.95 }
     }
 }
 
@@ -351,6 +365,12 @@ impl Config {
         let p = &self.pipeline;
         if p.max_in_flight == 0 || p.queue_capacity == 0 || p.max_batch_messages == 0 {
             bail!("pipeline.max_in_flight, queue_capacity and max_batch_messages must be > 0");
+        }
+        if p.prepare_workers == 0 || p.batches_in_flight == 0 {
+            bail!("pipeline.prepare_workers and batches_in_flight must be > 0");
+        }
+        if !(self.gpu.memory_fraction > 0.0 && self.gpu.memory_fraction <= 1.0) {
+            bail!("gpu.memory_fraction must be in (0, 1], got {}", self.gpu.memory_fraction);
         }
         if p.chunk.max_tokens == 0 || p.chunk.overlap_tokens >= p.chunk.max_tokens {
             bail!("pipeline.chunk.overlap_tokens must be smaller than max_tokens (> 0)");

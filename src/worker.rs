@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use rdkafka::message::{Message, OwnedHeaders};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -15,10 +15,12 @@ use tokio::time::Instant;
 use tracing::{Instrument, error, info, warn};
 
 use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireFormat};
-use crate::config::{CodecConfig, Config};
-use crate::event::{Conversation, EnrichedConversation, SourceRef};
+use crate::config::{CodecConfig, Config, PipelineConfig};
+use crate::event::{Conversation, EnrichedConversation, ModelInfo};
+use crate::infer::tokenize::ModelTokenizer;
 use crate::pipeline::chunk::{Chunker, builtin_tokenizer, load_tokenizer};
-use crate::pipeline::enrich::{EnrichInput, Enriched, Enricher, ModelEnricher, TextEnricher};
+use crate::pipeline::enrich::{ModelFailure, Models, Outputs, Pending, TextEnricher};
+use crate::pipeline::prepare::{Decided, Prepared, Preparer};
 use crate::sink::dlq::{self, Rejection};
 use crate::sink::producer::{EventProducer, Outgoing};
 use crate::sink::store::points::{PayloadText, points_for};
@@ -51,22 +53,33 @@ pub fn output_codec(cfg: &CodecConfig) -> Result<RecordCodec<EnrichedConversatio
     Ok(RecordCodec::with_schemas(cfg.output, schemas))
 }
 
-/// The enricher `run` uses: the configured models around the text enricher, or the text
-/// enricher alone when no model is configured. Loads eager models (blocking).
-pub fn build_enricher(cfg: &Config) -> Result<Arc<dyn Enricher>> {
-    let text = build_text_enricher(cfg)?;
-    let m = &cfg.models;
-    if m.embedding.is_none() && m.ner.is_none() && m.sentiment.is_none() {
-        return Ok(Arc::new(text));
-    }
-    Ok(Arc::new(ModelEnricher::new(text, m, &cfg.gpu)?))
-}
-
-pub fn build_text_enricher(cfg: &Config) -> Result<TextEnricher> {
+/// The text enricher (chunking, token counts, BM25, point ids). With an embedding model
+/// (`embedding`: its tokenizer and the length of its document prefix in tokens), chunks are
+/// counted and cut in that model's tokens, so each chunk is exactly one model input;
+/// otherwise in those of `pipeline.chunk.tokenizer` or the built-in word-level tokenizer.
+pub fn build_text_enricher(cfg: &Config, embedding: Option<(&ModelTokenizer, usize)>) -> Result<TextEnricher> {
     let chunk = &cfg.pipeline.chunk;
-    let tokenizer = match &chunk.tokenizer {
-        Some(path) => load_tokenizer(path)?,
-        None => builtin_tokenizer(),
+    let tokenizer = match (embedding, &chunk.tokenizer) {
+        (Some(_), Some(path)) => bail!(
+            "pipeline.chunk.tokenizer ({}) is for workers without an embedding model: with one, chunks are counted in \
+             the embedding model's own tokens; remove the setting",
+            path.display()
+        ),
+        (Some((tokenizer, leading)), None) => {
+            let room = tokenizer.content_capacity().saturating_sub(leading);
+            if chunk.max_tokens > room {
+                bail!(
+                    "pipeline.chunk.max_tokens is {}, but the embedding model takes {room} tokens of text per input \
+                     ({} positions less {} special and {leading} document-prefix tokens); lower max_tokens",
+                    chunk.max_tokens,
+                    tokenizer.max_positions,
+                    tokenizer.max_positions - tokenizer.content_capacity()
+                );
+            }
+            tokenizer.plain_tokenizer().clone()
+        }
+        (None, Some(path)) => load_tokenizer(path)?,
+        (None, None) => builtin_tokenizer(),
     };
     Ok(TextEnricher::new(Chunker::new(tokenizer, chunk.max_tokens, chunk.overlap_tokens)?, cfg.pipeline.bm25))
 }
@@ -93,9 +106,13 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     store.ensure_collection(&spec, Bootstrap::CreateIfMissing).await.context("bootstrapping the vector store")?;
     info!(backend = store.backend(), collection = %spec.name, dim = spec.dense_dim, "vector store ready");
     readiness.store_reachable.store(true, Ordering::Relaxed);
-    let enricher = {
+    let (preparer, models) = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || build_enricher(&cfg)).await??
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let preparer = Preparer::new(&cfg)?;
+            Ok((preparer, Models::new(&cfg.models, &cfg.gpu)?))
+        })
+        .await??
     };
     readiness.models_warm.store(true, Ordering::Relaxed);
     let pipeline = Pipeline {
@@ -103,15 +120,15 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         payload_text: cfg.qdrant.payload_text,
         stop: stop.clone(),
         failure: None,
-        input_codec: input_codec(&cfg.codec)?,
         output_codec: output_codec(&cfg.codec)?,
-        enricher,
+        model_infos: models.as_ref().map(Models::infos).unwrap_or_default(),
+        preparer: Arc::new(preparer),
+        models: models.map(Arc::new),
         readiness: readiness.clone(),
         producer: EventProducer::new(kafka)?,
         output_topic: kafka.output_topic.clone(),
         dlq_topic,
         group_id: kafka.group_id.clone(),
-        max_turn_bytes: cfg.pipeline.max_turn_bytes,
         shared: Arc::new(SharedSource::default()),
         stats: Stats::default(),
     };
@@ -135,9 +152,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     info!(input = %kafka.input_topic, output = %kafka.output_topic, group = %kafka.group_id, "worker started");
 
     let producer = pipeline.producer.clone();
-    let (stats, failure) = pipeline
-        .run(rx, cfg.pipeline.max_batch_messages, Duration::from_millis(cfg.pipeline.max_batch_wait_ms))
-        .await;
+    let (stats, failure) = pipeline.run(rx, &cfg.pipeline).await;
     tokio::task::spawn_blocking(move || poll_thread.join())
         .await?
         .map_err(|_| anyhow!("the source thread panicked"))?;
@@ -170,131 +185,145 @@ struct Pipeline {
     store: StoreWriter,
     readiness: Arc<Readiness>,
     payload_text: PayloadText,
-    /// Set to stop the source when the store fails for good.
+    /// Set to stop the source when a sink or a model thread fails for good.
     stop: Arc<AtomicBool>,
     failure: Option<anyhow::Error>,
-    input_codec: RecordCodec<Conversation>,
     output_codec: RecordCodec<EnrichedConversation>,
-    enricher: Arc<dyn Enricher>,
+    preparer: Arc<Preparer>,
+    models: Option<Arc<Models>>,
+    model_infos: Vec<ModelInfo>,
     producer: EventProducer,
     output_topic: String,
     dlq_topic: String,
     group_id: String,
-    max_turn_bytes: usize,
     shared: Arc<SharedSource>,
     stats: Stats,
 }
 
-/// What became of one input message before anything is produced.
-enum Decided {
-    Tombstone,
-    Rejected(Rejection),
-    Valid(Conversation),
+/// A prepared micro-batch whose model inputs are queued on the model threads.
+struct InFlight {
+    batch: Vec<Prepared>,
+    /// The models' results (None without models).
+    pending: Option<Result<Pending, ModelFailure>>,
+    /// When the batch left the batcher (for the enrichment latency).
+    formed: std::time::Instant,
+}
+
+const STAGE_PREPARE: &str = "prepare";
+const STAGE_INFER: &str = "infer";
+const STAGE_WRITE: &str = "write";
+
+/// Adds the time until it is dropped to the stage's busy seconds.
+struct Busy(&'static str, std::time::Instant);
+
+impl Busy {
+    fn start(stage: &'static str) -> Self {
+        Self(stage, std::time::Instant::now())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        metrics::counter!(telemetry::STAGE_BUSY_SECONDS, "stage" => self.0).increment(self.1.elapsed().as_secs_f64());
+    }
+}
+
+fn record_depth(stage: &'static str, depth: usize) {
+    metrics::gauge!(telemetry::STAGE_QUEUE_DEPTH, "stage" => stage).set(depth as f64);
 }
 
 impl Pipeline {
-    async fn run(mut self, mut rx: mpsc::Receiver<InboundMessage>, max_batch: usize, max_wait: Duration) -> (Stats, Option<anyhow::Error>) {
+    /// The stages, each a task connected to the next by a bounded channel, so several
+    /// micro-batches are in flight and every stage works at once: batch → prepare (CPU cores)
+    /// → infer (queues each batch on the model threads and goes on) → write (this task: model
+    /// outputs, store, output topic, completion, in input order). A full channel stops the
+    /// stage before it, and in the end the source pauses its partitions.
+    async fn run(mut self, rx: mpsc::Receiver<InboundMessage>, p: &PipelineConfig) -> (Stats, Option<anyhow::Error>) {
+        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let (prepared_tx, prepared_rx) = mpsc::channel(p.prepare_workers);
+        let (inflight_tx, mut inflight_rx) = mpsc::channel(p.batches_in_flight);
+        let linger = Duration::from_millis(p.max_batch_wait_ms);
+        let stages = [
+            tokio::spawn(form_batches(rx, batch_tx, p.max_batch_messages, linger)),
+            tokio::spawn(prepare_batches(batch_rx, prepared_tx, self.preparer.clone(), self.shared.clone(), p.prepare_workers)),
+            tokio::spawn(submit_batches(prepared_rx, inflight_tx, self.models.clone())),
+        ];
         let mut deliveries = JoinSet::new();
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            let deadline = Instant::now() + max_wait;
-            while batch.len() < max_batch {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(m)) => batch.push(m),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+        while let Some(inflight) = inflight_rx.recv().await {
+            record_depth(STAGE_WRITE, inflight_rx.len());
             if self.failure.is_some() {
                 continue; // stopping: what is still queued is neither written nor completed
             }
-            metrics::gauge!(telemetry::QUEUE_DEPTH).set(rx.len() as f64);
-            let span = tracing::info_span!("batch", messages = batch.len(), queued = rx.len());
-            self.process(batch, &mut deliveries).instrument(span).await;
+            let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
+            self.write(inflight, &mut deliveries).instrument(span).await;
             while deliveries.try_join_next().is_some() {}
+        }
+        for stage in stages {
+            let _ = stage.await;
         }
         while deliveries.join_next().await.is_some() {}
         self.stats.points = self.store.counters.upserted_points.load(Ordering::Relaxed);
         (self.stats, self.failure)
     }
 
-    fn decide(&self, msg: &InboundMessage) -> Decided {
-        let Some(payload) = &msg.payload else {
-            return match &msg.key {
-                Some(_) => Decided::Tombstone,
-                None => Decided::Rejected(Rejection {
-                    class: "validation",
-                    message: "tombstone (null value) without a key: no conversation to delete".into(),
-                }),
-            };
-        };
-        let conv = match self.input_codec.decode(payload) {
-            Ok(c) => c,
-            Err(e) => return Decided::Rejected(Rejection { class: e.class(), message: e.to_string() }),
-        };
-        let checked = conv.validate(self.max_turn_bytes).and_then(|()| match &msg.key {
-            Some(key) if key.as_slice() != conv.conversation_id.as_bytes() => {
-                Err(crate::event::ValidationError::KeyMismatch {
-                    key: String::from_utf8_lossy(key).into_owned(),
-                    conversation_id: conv.conversation_id.clone(),
-                })
-            }
-            _ => Ok(()),
-        });
-        match checked {
-            Ok(()) => Decided::Valid(conv),
-            Err(e) => Decided::Rejected(Rejection { class: "validation", message: e.to_string() }),
-        }
+    /// Stops the worker without completing the batch at hand: nothing of it is committed.
+    fn fail(&mut self, e: anyhow::Error, messages: usize) {
+        error!(error = %format!("{e:#}"), messages, "stopping without completing this batch");
+        self.failure = Some(e);
+        self.stop.store(true, Ordering::SeqCst);
     }
 
-    async fn process(&mut self, batch: Vec<InboundMessage>, deliveries: &mut JoinSet<()>) {
-        let batch: Vec<InboundMessage> =
-            batch.into_iter().filter(|m| self.shared.is_current(&m.tp, m.generation)).collect();
+    async fn write(&mut self, inflight: InFlight, deliveries: &mut JoinSet<()>) {
+        let InFlight { mut batch, pending, formed } = inflight;
+        let dense = match self.model_outputs(&mut batch, pending).await {
+            Ok(dense) => dense,
+            Err(e) => return self.fail(anyhow::Error::new(e).context("running the models"), batch.len()),
+        };
+        let _busy = Busy::start(STAGE_WRITE); // from here on: the write stage's own work
+        // messages of partitions revoked while the batch was in flight: the next owner re-reads them
+        let (batch, dense): (Vec<Prepared>, Vec<Option<Vec<Vec<f32>>>>) =
+            batch.into_iter().zip(dense).filter(|(p, _)| self.shared.is_current(&p.msg.tp, p.msg.generation)).unzip();
         if batch.is_empty() {
             return;
         }
         metrics::counter!(telemetry::MESSAGES).increment(batch.len() as u64);
         metrics::histogram!(telemetry::BATCH_MESSAGES).record(batch.len() as f64);
-        let mut decided: Vec<Decided> = batch.iter().map(|m| self.decide(m)).collect();
-        let started = std::time::Instant::now();
-        let enriched = self.enrich(&batch, &mut decided).await;
-        let turns: usize = enriched.iter().map(|e| e.event.turns.len()).sum();
-        let tokens: i64 = enriched.iter().map(|e| e.event.total_tokens).sum();
+        let (turns, tokens) = batch
+            .iter()
+            .filter_map(|p| match &p.decided {
+                Decided::Valid(v) => Some((v.event.turns.len(), v.event.total_tokens)),
+                _ => None,
+            })
+            .fold((0usize, 0i64), |(t, k), (a, b)| (t + a, k + b));
         if turns > 0 {
-            metrics::histogram!(telemetry::ENRICH_SECONDS).record(started.elapsed().as_secs_f64());
+            metrics::histogram!(telemetry::ENRICH_SECONDS).record(formed.elapsed().as_secs_f64());
             metrics::counter!(telemetry::TURNS).increment(turns as u64);
             metrics::counter!(telemetry::TOKENS).increment(tokens.max(0) as u64);
             metrics::histogram!(telemetry::BATCH_TURNS).record(turns as f64);
             metrics::histogram!(telemetry::BATCH_TOKENS).record(tokens as f64);
         }
-        if let Err(e) = self.write_store(&batch, &decided, &enriched).await {
+        if let Err(e) = self.write_store(&batch, &dense).await {
             self.readiness.store_reachable.store(false, Ordering::Relaxed);
-            error!(error = %e, messages = batch.len(), "the vector store failed; stopping without completing this batch");
-            self.failure = Some(anyhow::Error::new(e).context("writing to the vector store"));
-            self.stop.store(true, Ordering::SeqCst);
-            return;
+            return self.fail(anyhow::Error::new(e).context("writing to the vector store"), batch.len());
         }
 
         // Enqueue in input order: the idempotent producer keeps that order per partition.
         let mut pending = Vec::with_capacity(batch.len());
-        let mut enriched = enriched.into_iter();
-        for (msg, decision) in batch.iter().zip(decided) {
-            let record = match decision {
-                Decided::Valid(_) => {
-                    let event = enriched.next().expect("one enriched event per valid input").event;
-                    match self.output_codec.encode(&event) {
-                        Ok(bytes) => {
-                            self.stats.enriched += 1;
-                            (false, Some(event.conversation_id.into_bytes()), Some(bytes), None)
-                        }
-                        Err(e) => self.dead_letter(msg, Rejection { class: "encoding", message: e.to_string() }),
+        for Prepared { msg, decided } in batch {
+            let record = match decided {
+                Decided::Valid(v) => match self.output_codec.encode(&v.event) {
+                    Ok(bytes) => {
+                        self.stats.enriched += 1;
+                        (false, Some(v.event.conversation_id.into_bytes()), Some(bytes), None)
                     }
-                }
+                    Err(e) => self.dead_letter(&msg, Rejection { class: "encoding", message: e.to_string() }),
+                },
                 Decided::Tombstone => {
                     self.stats.tombstones += 1;
                     metrics::counter!(telemetry::TOMBSTONES).increment(1);
                     (false, msg.key.clone(), None, None)
                 }
-                Decided::Rejected(why) => self.dead_letter(msg, why),
+                Decided::Rejected(why) => self.dead_letter(&msg, why),
             };
             let (to_dlq, key, payload, headers) = record;
             let topic = if to_dlq { self.dlq_topic.as_str() } else { self.output_topic.as_str() };
@@ -320,25 +349,74 @@ impl Pipeline {
         });
     }
 
+    /// Waits for the batch's model outputs and applies them to its events; returns the dense
+    /// vectors of each message (None for messages without any). When a model fails on the
+    /// batch, each valid message is prepared and run again alone, so only a message the model
+    /// cannot take is dead-lettered. A model thread that is gone is the worker's fault: an error.
+    async fn model_outputs(
+        &self,
+        batch: &mut [Prepared],
+        pending: Option<Result<Pending, ModelFailure>>,
+    ) -> Result<Vec<Option<Vec<Vec<f32>>>>, ModelFailure> {
+        let (Some(models), Some(pending)) = (self.models.clone(), pending) else {
+            return Ok(batch.iter().map(|_| None).collect());
+        };
+        let collected = match pending {
+            Ok(p) => {
+                let m = models.clone();
+                tokio::task::spawn_blocking(move || m.collect(p)).await.expect("collecting outputs does not panic")
+            }
+            Err(e) => Err(e),
+        };
+        let apply = |outputs: &mut Outputs, p: &mut Prepared| match &mut p.decided {
+            Decided::Valid(v) => outputs.apply(&mut v.event, &self.model_infos),
+            _ => None,
+        };
+        match collected {
+            Ok(mut outputs) => Ok(batch.iter_mut().map(|p| apply(&mut outputs, p)).collect()),
+            Err(gone @ ModelFailure::ThreadGone(_)) => Err(gone),
+            Err(ModelFailure::Input { task, message }) => {
+                warn!(task, reason = %message, messages = batch.len(), "a model failed on a batch; running its messages one by one");
+                let mut dense = Vec::with_capacity(batch.len());
+                for p in batch.iter_mut() {
+                    if !matches!(p.decided, Decided::Valid(_)) {
+                        dense.push(None);
+                        continue;
+                    }
+                    let (preparer, m, msg) = (self.preparer.clone(), models.clone(), p.msg.clone());
+                    let (decided, result) = tokio::task::spawn_blocking(move || {
+                        let mut alone = [Prepared { decided: preparer.decide(&msg), msg }];
+                        let result = m.submit(&mut alone).and_then(|pending| m.collect(pending));
+                        let [Prepared { decided, .. }] = alone;
+                        (decided, result)
+                    })
+                    .await
+                    .expect("a single message does not panic");
+                    p.decided = decided;
+                    match result {
+                        Ok(mut outputs) => dense.push(apply(&mut outputs, p)),
+                        Err(e @ ModelFailure::Input { .. }) => {
+                            p.decided = Decided::Rejected(Rejection { class: "enrichment", message: e.to_string() });
+                            dense.push(None);
+                        }
+                        Err(gone) => return Err(gone),
+                    }
+                }
+                Ok(dense)
+            }
+        }
+    }
+
     /// Writes the batch to the vector store in input order: the points of each enriched
     /// conversation, and for a tombstone the deletion of that conversation's points (after the
     /// upserts before it, so a later re-creation is not deleted). Acknowledged on return.
-    async fn write_store(
-        &self,
-        batch: &[InboundMessage],
-        decided: &[Decided],
-        enriched: &[Enriched],
-    ) -> Result<(), StoreError> {
+    async fn write_store(&self, batch: &[Prepared], dense: &[Option<Vec<Vec<f32>>>]) -> Result<(), StoreError> {
         let mut points = Vec::new();
-        let mut events = enriched.iter();
-        for (msg, decision) in batch.iter().zip(decided) {
-            match decision {
-                Decided::Valid(conv) => {
-                    let e = events.next().expect("one enriched event per valid input");
-                    points.extend(points_for(conv, &e.event, e.dense.as_deref(), self.payload_text));
-                }
+        for (p, dense) in batch.iter().zip(dense) {
+            match &p.decided {
+                Decided::Valid(v) => points.extend(points_for(&v.conversation, &v.event, dense.as_deref(), self.payload_text)),
                 Decided::Tombstone => {
-                    let key = msg.key.as_deref().expect("tombstones have keys");
+                    let key = p.msg.key.as_deref().expect("tombstones have keys");
                     self.store.upsert_all(&points).await?;
                     points.clear();
                     self.store.delete_conversation(&String::from_utf8_lossy(key)).await?;
@@ -357,48 +435,100 @@ impl Pipeline {
         let headers = dlq::headers(msg, &why, &self.group_id);
         (true, msg.key.clone(), msg.payload.clone(), Some(headers))
     }
+}
 
-    /// Enriches the valid conversations of a batch on a blocking thread. A batch failure is
-    /// retried message by message, so one bad conversation only dead-letters itself.
-    async fn enrich(&self, batch: &[InboundMessage], decided: &mut [Decided]) -> Vec<Enriched> {
-        let jobs: Vec<(usize, Conversation, SourceRef)> = decided
-            .iter()
-            .enumerate()
-            .filter_map(|(i, d)| match d {
-                Decided::Valid(c) => Some((i, c.clone(), source_ref(&batch[i]))),
-                _ => None,
-            })
-            .collect();
-        if jobs.is_empty() {
-            return vec![];
-        }
-        let enricher = self.enricher.clone();
-        let results = tokio::task::spawn_blocking(move || {
-            let inputs: Vec<EnrichInput<'_>> =
-                jobs.iter().map(|(_, c, s)| EnrichInput { conversation: c, source: s.clone() }).collect();
-            match enricher.enrich_batch(&inputs) {
-                Ok(all) => all.into_iter().map(Ok).collect::<Vec<_>>(),
-                Err(_) => inputs.iter().map(|i| enricher.enrich_batch(std::slice::from_ref(i)).map(|mut v| v.remove(0))).collect(),
-            }
-            .into_iter()
-            .zip(jobs.iter().map(|(i, _, _)| *i))
-            .collect::<Vec<_>>()
-        })
-        .await
-        .expect("enrichment does not panic");
-        let mut out = Vec::with_capacity(results.len());
-        for (result, index) in results {
-            match result {
-                Ok(event) => out.push(event),
-                Err(e) => decided[index] = Decided::Rejected(Rejection { class: "enrichment", message: format!("{e:#}") }),
+/// The batch stage: forms micro-batches of up to `max` messages. A batch takes what is already
+/// queued and leaves as soon as the prepare stage has room (after `linger` at most, when set);
+/// while that stage is busy, the batch keeps filling. So an idle worker handles a lone message
+/// at once, and a loaded one runs full batches.
+async fn form_batches(
+    mut rx: mpsc::Receiver<InboundMessage>,
+    tx: mpsc::Sender<Vec<InboundMessage>>,
+    max: usize,
+    linger: Duration,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
         }
-        out
+        let linger_until = Instant::now() + linger;
+        let permit = loop {
+            if batch.len() >= max {
+                break tx.reserve().await;
+            }
+            let lingering = Instant::now() < linger_until;
+            tokio::select! {
+                biased;
+                permit = tx.reserve(), if !lingering => break permit,
+                m = rx.recv() => match m {
+                    Some(m) => batch.push(m),
+                    None => break tx.reserve().await,
+                },
+                _ = tokio::time::sleep_until(linger_until), if lingering => {}
+            }
+        };
+        metrics::gauge!(telemetry::QUEUE_DEPTH).set(rx.len() as f64);
+        match permit {
+            Ok(permit) => permit.send(batch),
+            Err(_) => return,
+        }
     }
 }
 
-fn source_ref(msg: &InboundMessage) -> SourceRef {
-    SourceRef { topic: msg.tp.topic.to_string(), partition: msg.tp.partition, offset: msg.offset }
+/// The prepare stage: up to `workers` micro-batches at once on blocking threads (each spreads
+/// its messages over rayon's pool), passed on in input order.
+async fn prepare_batches(
+    mut rx: mpsc::Receiver<Vec<InboundMessage>>,
+    tx: mpsc::Sender<Vec<Prepared>>,
+    preparer: Arc<Preparer>,
+    shared: Arc<SharedSource>,
+    workers: usize,
+) {
+    use futures::StreamExt;
+    let batches = futures::stream::poll_fn(move |cx| {
+        let next = rx.poll_recv(cx);
+        record_depth(STAGE_PREPARE, rx.len());
+        next
+    })
+    .map(|batch: Vec<InboundMessage>| {
+        let (preparer, shared) = (preparer.clone(), shared.clone());
+        tokio::task::spawn_blocking(move || {
+            let _busy = Busy::start(STAGE_PREPARE);
+            // messages of partitions revoked meanwhile are dropped: the next owner re-reads them
+            let current: Vec<InboundMessage> = batch.into_iter().filter(|m| shared.is_current(&m.tp, m.generation)).collect();
+            preparer.prepare(current)
+        })
+    })
+    .buffered(workers);
+    let mut batches = std::pin::pin!(batches);
+    while let Some(prepared) = batches.next().await {
+        let prepared = prepared.expect("preparation does not panic");
+        if !prepared.is_empty() && tx.send(prepared).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The infer stage: queues each prepared batch on the model threads (which run their jobs in
+/// order, each on its own CUDA stream) and passes it on without waiting for the results. It
+/// first takes a place in the write stage's queue, so at most `batches_in_flight` batches wait
+/// on the models ahead of the one being written.
+async fn submit_batches(
+    mut rx: mpsc::Receiver<Vec<Prepared>>,
+    tx: mpsc::Sender<InFlight>,
+    models: Option<Arc<Models>>,
+) {
+    while let Some(mut batch) = rx.recv().await {
+        record_depth(STAGE_INFER, rx.len());
+        let formed = std::time::Instant::now();
+        let Ok(permit) = tx.reserve().await else { return };
+        let pending = models.as_ref().map(|m| m.submit(&mut batch));
+        permit.send(InFlight { batch, pending, formed });
+    }
 }
 
 /// Waits for a record's delivery; on failure (after librdkafka's own retries) sends it again

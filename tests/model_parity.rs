@@ -266,12 +266,13 @@ fn model_manager_loads_eagerly_or_on_first_use() {
         document_prefix: String::new(),
         query_template: "{query}".into(),
     };
-    let gpu = GpuConfig { device: "cpu".into(), cpu_threads: 0 };
+    let gpu = GpuConfig { device: "cpu".into(), ..Default::default() };
     let mut models = ModelsConfig {
         load_strategy: LoadStrategy::Eager,
         embedding: None,
         ner: Some(cfg("ner-camembert")),
         sentiment: Some(cfg("sentiment-bert")),
+        stand_in: false,
     };
     let eager = ModelManager::new(&models, &gpu).unwrap();
     assert!(eager.all_loaded());

@@ -79,3 +79,95 @@ fn multilingual_e5_small_matches_transformers_and_finds_paraphrases_across_langu
         }
     }
 }
+
+/// Tokenize once: the worker's preparation stage cuts each turn into chunks with the embedding
+/// model's own tokenizer and hands the model the chunk's ids after the document prefix's ids.
+/// Those inputs, through the model, give what transformers gives for "passage: " + text
+/// (reference computed by transformers from the text, in e5small-expected.json).
+#[test]
+fn prepared_chunk_ids_embed_like_transformers_on_prefixed_text() {
+    use convoflow::codec::{RecordCodec, WireFormat};
+    use convoflow::config::{Config, ModelConfig};
+    use convoflow::event::{Conversation, Turn};
+    use convoflow::pipeline::offsets::TopicPartition;
+    use convoflow::pipeline::prepare::{Decided, Preparer};
+    use convoflow::source::InboundMessage;
+
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(env_path("CONVOFLOW_MODEL_FIXTURES").join("e5small-expected.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<&str> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let passages: Vec<(usize, &str)> =
+        texts.iter().enumerate().filter_map(|(i, t)| t.strip_prefix("passage: ").map(|p| (i, p))).collect();
+    assert!(passages.len() >= 4, "the fixture holds passages");
+
+    let mut cfg = Config::default();
+    cfg.models.embedding = Some(ModelConfig {
+        name: "e5-small".into(),
+        path: env_path("CONVOFLOW_E5_SMALL"),
+        dtype: "fp32".into(),
+        batch_size: 64,
+        max_batch_tokens: 16_384,
+        document_prefix: "passage: ".into(),
+        query_template: "query: {query}".into(),
+    });
+    let preparer = Preparer::new(&cfg).unwrap();
+    let mut conv = convoflow::sample::SampleGenerator::new(1).conversation(0);
+    conv.turns = passages
+        .iter()
+        .enumerate()
+        .map(|(i, (_, text))| Turn { turn_id: format!("t{i}"), text: text.to_string(), ..conv.turns[0].clone() })
+        .collect();
+    let payload = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap().encode(&conv).unwrap();
+    let msg = InboundMessage {
+        tp: TopicPartition::new("in", 0),
+        offset: 0,
+        generation: 1,
+        key: Some(conv.conversation_id.clone().into_bytes()),
+        payload: Some(payload),
+        timestamp_ms: None,
+    };
+    let Decided::Valid(valid) = preparer.decide(&msg) else { panic!("a valid conversation") };
+    assert_eq!(valid.inputs.embedding.len(), passages.len(), "one chunk per short turn");
+    for (turn, text) in valid.event.turns.iter().zip(&passages) {
+        // token_count: the model's tokens of the text, without the prefix and special tokens
+        let seq = &valid.inputs.embedding[turn.turn_id[1..].parse::<usize>().unwrap()];
+        assert!(turn.token_count > 0 && (turn.token_count as usize) < seq.len(), "{}: {}", text.1, turn.token_count);
+    }
+    let model = Model::load(&env_path("CONVOFLOW_E5_SMALL"), Task::Embedding, Device::Cpu, Kind::Float).unwrap();
+    // the same ids as the tokenizer gives for the prefixed text
+    let direct = model.encode_ids(&passages.iter().map(|(i, _)| texts[*i]).collect::<Vec<_>>()).unwrap();
+    assert_eq!(valid.inputs.embedding, direct, "prefix ids + chunk ids = ids of prefix + text");
+    let (ours, _) = model.embed_ids(&valid.inputs.embedding, &Budget::default()).unwrap();
+    let reference = serde_json::Value::Array(passages.iter().map(|(i, _)| expected["embeddings"][*i].clone()).collect());
+    let err = max_relative_error(&ours, &reference);
+    assert!(err <= 1e-4, "relative error {err} against transformers");
+}
+
+/// With an embedding model, chunks are counted in its tokens: a chunk size it cannot take, or a
+/// second chunking tokenizer, is a start-up error rather than a silent truncation.
+#[test]
+fn chunk_settings_are_checked_against_the_embedding_model() {
+    use convoflow::config::{Config, ModelConfig};
+    use convoflow::pipeline::prepare::Preparer;
+    let mut cfg = Config::default();
+    cfg.models.embedding = Some(ModelConfig {
+        name: "e5-small".into(),
+        path: env_path("CONVOFLOW_E5_SMALL"),
+        dtype: "fp32".into(),
+        batch_size: 64,
+        max_batch_tokens: 16_384,
+        document_prefix: "passage: ".into(),
+        query_template: "query: {query}".into(),
+    });
+    let ok = Preparer::new(&cfg).unwrap();
+    assert!(ok.chunk_tokens.contains("embedding model"), "{}", ok.chunk_tokens);
+    cfg.pipeline.chunk.max_tokens = 600;
+    let err = format!("{:#}", Preparer::new(&cfg).err().expect("600 tokens do not fit"));
+    assert!(err.contains("max_tokens is 600") && err.contains("512 positions"), "{err}");
+    cfg.pipeline.chunk.max_tokens = 256;
+    cfg.pipeline.chunk.tokenizer = Some(env_path("CONVOFLOW_E5_SMALL").join("tokenizer.json"));
+    let err = format!("{:#}", Preparer::new(&cfg).err().expect("two chunking tokenizers"));
+    assert!(err.contains("pipeline.chunk.tokenizer"), "{err}");
+}

@@ -1,9 +1,14 @@
-//! `convoflow bench`: end to end through a real Kafka broker and the embedded Qdrant engine.
+//! `convoflow bench`: end to end through a Kafka broker (the configured one, or with
+//! `--mock-broker` librdkafka's in-process mock cluster) and the embedded Qdrant engine.
 //! The worker runs in-process with the models of the configuration (or, like the demo, the
 //! models scripts/setup installs); once it holds its partitions, generated conversations are
 //! published as fast as the producer goes, and the bench reads the output topic until every
 //! input event has its enriched event. Throughput counts from the first input record's
 //! timestamp to the last output record's; latency is output record time − input record time.
+//! Then, with the worker idle, single long conversations (`--idle-turns` turns) are published
+//! one at a time and timed from the publish call until a consumer sees the enriched event.
+//! The report adds each stage's busy seconds and each model's padding share (from the
+//! worker's own metrics) and, on CUDA, libtorch's allocator peak.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +28,11 @@ pub struct E2eArgs {
     pub conversations: u64,
     pub partitions: i32,
     pub json: Option<PathBuf>,
+    /// Run against librdkafka's in-process mock cluster instead of the configured brokers.
+    pub mock_broker: bool,
+    /// Idle-worker probes: how many, and the turns of each probe conversation.
+    pub idle_probes: usize,
+    pub idle_turns: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -36,12 +46,26 @@ pub struct E2eReport {
     pub tokens: i64,
     pub points: u64,
     pub seconds: f64,
+    /// The backlog's drain window: first input record → last output record (epoch ms).
+    pub drain_started_ms: i64,
+    pub drain_ended_ms: i64,
     pub events_per_s: f64,
     pub turns_per_s: f64,
     pub tokens_per_s: f64,
     pub latency_p50_ms: i64,
     pub latency_p99_ms: i64,
     pub latency_max_ms: i64,
+    /// Idle worker: turns of each probe conversation, and its publish → enriched-event-seen
+    /// times in ms (sorted).
+    pub idle_conversation_turns: usize,
+    pub idle_latency_ms: Vec<f64>,
+    /// Seconds each stage was busy (the worker's `convoflow_stage_busy_seconds`).
+    pub stage_busy_s: std::collections::BTreeMap<String, f64>,
+    /// Share of the tokens each model computed that was padding.
+    pub padding: std::collections::BTreeMap<String, f64>,
+    /// CUDA: libtorch's allocator peak (all models together), MiB.
+    pub gpu_peak_allocated_mib: Option<f64>,
+    pub gpu_peak_reserved_mib: Option<f64>,
 }
 
 /// GET /readyz on the worker's telemetry port until it answers 200.
@@ -67,6 +91,8 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
     let found = crate::demo::find_models(Some(&base.models));
     let mut cfg = base.clone();
     cfg.models = found.models;
+    cfg.models.stand_in = base.models.stand_in;
+    cfg.models.load_strategy = base.models.load_strategy;
     let run_id = format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_millis());
     cfg.kafka.input_topic = format!("convoflow-bench-{run_id}");
     cfg.kafka.output_topic = format!("convoflow-bench-{run_id}.enriched");
@@ -75,13 +101,28 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
     cfg.kafka.create_topics = true;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     cfg.telemetry.listen = format!("127.0.0.1:{port}");
+    // the in-process broker lives as long as this function
+    let _mock = if args.mock_broker {
+        let mock = rdkafka::mocking::MockCluster::new(3).context("starting librdkafka's mock cluster")?;
+        cfg.kafka.brokers = mock.bootstrap_servers();
+        cfg.kafka.create_topics = false; // the mock cluster's admin API hangs; topics are made here
+        cfg.kafka.session_timeout_ms = 6_000;
+        for topic in [&cfg.kafka.input_topic, &cfg.kafka.output_topic, &cfg.kafka.dlq_topic()] {
+            mock.create_topic(topic, args.partitions, 1).with_context(|| format!("creating {topic}"))?;
+        }
+        Some(mock)
+    } else {
+        None
+    };
     let store_dir = std::env::temp_dir().join(format!("convoflow-bench-{run_id}"));
     cfg.qdrant.backend = crate::config::StoreBackend::Edge;
     cfg.qdrant.data_dir = store_dir.clone();
     if cfg.models.embedding.is_none() && cfg.qdrant.dense_dim.is_none() {
         cfg.qdrant.dense_dim = Some(384);
     }
-    admin::ensure_topics(&cfg.kafka, std::slice::from_ref(&cfg.kafka.input_topic), args.partitions as usize).await?;
+    if !args.mock_broker {
+        admin::ensure_topics(&cfg.kafka, std::slice::from_ref(&cfg.kafka.input_topic), args.partitions as usize).await?;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let worker = tokio::spawn(crate::worker::run(cfg.clone(), stop.clone()));
@@ -110,6 +151,13 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         Ok((inputs, outputs))
     })
     .await??;
+    let idle_latency_ms = idle_probes(&cfg, args.idle_probes, args.idle_turns).await?;
+    let metrics_text = crate::telemetry::prometheus().render();
+    let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
+    let gpu = match device {
+        tch::Device::Cuda(i) => crate::infer::cuda::memory_stats(i).ok(),
+        _ => None,
+    };
     stop.store(true, Ordering::SeqCst);
     worker.await.context("worker task")??;
 
@@ -132,7 +180,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
     let tokens: i64 = outputs.iter().map(|(_, e)| e.total_tokens).sum();
     let report = E2eReport {
         brokers: cfg.kafka.brokers.clone(),
-        device: format!("{:?}", crate::infer::device::parse_device(&cfg.gpu.device)?),
+        device: format!("{device:?}"),
         models: found.lines,
         conversations: args.conversations,
         events: outputs.len(),
@@ -140,17 +188,118 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         tokens,
         points,
         seconds,
+        drain_started_ms: first_in,
+        drain_ended_ms: last_out,
         events_per_s: outputs.len() as f64 / seconds,
         turns_per_s: turns as f64 / seconds,
         tokens_per_s: tokens as f64 / seconds,
         latency_p50_ms: readback::percentile(&latencies, 0.5),
         latency_p99_ms: readback::percentile(&latencies, 0.99),
         latency_max_ms: latencies.last().copied().unwrap_or_default(),
+        idle_conversation_turns: args.idle_turns,
+        idle_latency_ms,
+        stage_busy_s: metric_values(&metrics_text, crate::telemetry::STAGE_BUSY_SECONDS, "stage"),
+        padding: padding_shares(&metrics_text),
+        gpu_peak_allocated_mib: gpu.map(|m| m.allocated_peak as f64 / 1_048_576.0),
+        gpu_peak_reserved_mib: gpu.map(|m| m.reserved_peak as f64 / 1_048_576.0),
     };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// One conversation of `turns` turns (sample turns, renumbered), for the idle probes.
+fn long_conversation(id: u64, turns: usize) -> crate::event::Conversation {
+    let g = crate::sample::SampleGenerator::new(id);
+    let mut conv = g.conversation(0);
+    conv.conversation_id = format!("idle-probe-{id}");
+    let mut all = Vec::with_capacity(turns);
+    let mut n = 0;
+    while all.len() < turns {
+        all.extend(g.conversation(n).turns);
+        n += 1;
+    }
+    all.truncate(turns);
+    for (i, t) in all.iter_mut().enumerate() {
+        t.turn_id = format!("t{i:04}");
+        t.ts = conv.started_at + i as i64 * 1_000;
+    }
+    conv.turns = all;
+    conv
+}
+
+/// With the worker idle: publishes `probes` single conversations of `turns` turns, one at a
+/// time, each timed from the publish call until a consumer of the output topic sees its
+/// enriched event (ms, ascending).
+async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<Vec<f64>> {
+    if probes == 0 {
+        return Ok(vec![]);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // let the worker go idle
+    let codec = crate::worker::input_codec(&cfg.codec)?;
+    let producer = crate::sink::producer::EventProducer::new(&cfg.kafka)?;
+    let tail = {
+        let k = cfg.kafka.clone();
+        tokio::task::spawn_blocking(move || readback::tail(&k, &k.output_topic)).await??
+    };
+    let tail = Arc::new(tail);
+    let mut out = Vec::with_capacity(probes);
+    for i in 0..probes {
+        let conv = long_conversation(900_000 + i as u64, turns);
+        let payload = codec.encode(&conv)?;
+        let started = Instant::now();
+        let out_rec = crate::sink::producer::Outgoing {
+            topic: &cfg.kafka.input_topic,
+            key: Some(conv.conversation_id.as_bytes()),
+            payload: Some(&payload),
+            headers: None,
+        };
+        let delivery = producer.enqueue(out_rec).await?;
+        let (t, id) = (tail.clone(), conv.conversation_id.clone());
+        let seen = tokio::task::spawn_blocking(move || readback::wait_for_event(&t, &id, Duration::from_secs(30))).await??;
+        let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+        let _ = delivery.await;
+        match seen {
+            Some((_, event)) if event.turns.len() == turns => out.push(elapsed),
+            Some((_, event)) => bail!("the idle probe came back with {} turns, not {turns}", event.turns.len()),
+            None => bail!("the idle probe {i} was not enriched within 30 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+/// Values of a labelled metric in Prometheus text: label value -> value.
+fn metric_values(text: &str, name: &str, label: &str) -> std::collections::BTreeMap<String, f64> {
+    let prefix = format!("{name}{{{label}=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (value_of_label, rest) = rest.split_once('"')?;
+            let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+            Some((value_of_label.to_string(), value))
+        })
+        .collect()
+}
+
+/// Padding share per model task, from `convoflow_model_tokens_total{task, kind}`.
+fn padding_shares(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut real = std::collections::BTreeMap::<String, f64>::new();
+    let mut padded = std::collections::BTreeMap::<String, f64>::new();
+    for line in text.lines().filter(|l| l.starts_with(crate::telemetry::MODEL_TOKENS)) {
+        let field = |key: &str| line.split(&format!("{key}=\"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_string);
+        let (Some(task), Some(kind), Some(v)) = (field("task"), field("kind"), line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        else {
+            continue;
+        };
+        match kind.as_str() {
+            "real" => real.insert(task, v),
+            _ => padded.insert(task, v),
+        };
+    }
+    padded.into_iter().filter(|(_, p)| *p > 0.0).map(|(t, p)| (t.clone(), 1.0 - real.get(&t).copied().unwrap_or(0.0) / p)).collect()
 }
 
 pub fn print(r: &E2eReport) {
@@ -170,4 +319,17 @@ pub fn print(r: &E2eReport) {
     println!("  {:<36} {:>12}", "latency p50 ms (input → enriched)", r.latency_p50_ms);
     println!("  {:<36} {:>12}", "latency p99 ms", r.latency_p99_ms);
     println!("  {:<36} {:>12}", "latency max ms", r.latency_max_ms);
+    if !r.idle_latency_ms.is_empty() {
+        let ms: Vec<String> = r.idle_latency_ms.iter().map(|v| format!("{v:.0}")).collect();
+        println!("  idle worker, one {}-turn conversation, publish → enriched event seen: {} ms", r.idle_conversation_turns, ms.join(" / "));
+    }
+    let busy: Vec<String> = r.stage_busy_s.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+    println!("  stage busy seconds: {}", busy.join(", "));
+    let padding: Vec<String> = r.padding.iter().map(|(k, v)| format!("{k} {:.1} %", v * 100.0)).collect();
+    if !padding.is_empty() {
+        println!("  padding share: {}", padding.join(", "));
+    }
+    if let (Some(a), Some(res)) = (r.gpu_peak_allocated_mib, r.gpu_peak_reserved_mib) {
+        println!("  GPU allocator peak: {a:.0} MiB allocated, {res:.0} MiB reserved (three models)");
+    }
 }

@@ -25,6 +25,8 @@ pub struct ModelsBenchArgs {
     pub threads: usize,
     pub json: Option<PathBuf>,
     pub dump_turns: Option<PathBuf>,
+    /// Also time each model on inputs of exactly these lengths in tokens (the cost curve).
+    pub lengths: Vec<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,6 +39,10 @@ pub struct ModelResult {
     pub tokens_per_s: f64,
     pub padding_ratio: f64,
     pub batches: usize,
+    /// CUDA: the model's weights, and the most memory its run took beyond what was allocated
+    /// before it (activations, outputs), MiB.
+    pub weights_mib: Option<f64>,
+    pub peak_activations_mib: Option<f64>,
 }
 
 impl ModelResult {
@@ -50,6 +56,8 @@ impl ModelResult {
             tokens_per_s: stats.real_tokens as f64 / seconds,
             padding_ratio: stats.padding_ratio(),
             batches: stats.batches,
+            weights_mib: None,
+            peak_activations_mib: None,
         }
     }
 }
@@ -98,6 +106,29 @@ fn run_task(model: &Model, turns: &[&str], budget: &Budget) -> Result<BatchStats
     })
 }
 
+/// `count` inputs of exactly `length` tokens (special tokens included) cut from the model's
+/// tokens of the generated turns, through the model (padding-free batches): the cost of one
+/// input of that length.
+fn fixed_length(task: &str, model: &Model, turns: &[String], length: usize, count: usize, budget: &Budget) -> Result<ModelResult> {
+    let tok = &model.tokenizer;
+    let mut stream: Vec<u32> = Vec::new();
+    for t in turns {
+        stream.extend(tok.encode_plain(t)?.get_ids());
+        if stream.len() > length * 4 {
+            break;
+        }
+    }
+    let content = length.saturating_sub(tok.prefix_ids.len() + tok.suffix_ids.len()).max(1);
+    anyhow::ensure!(stream.len() >= content, "not enough generated text for {length}-token inputs");
+    let seqs: Vec<Vec<i64>> =
+        (0..count).map(|i| tok.wrap(&[], &stream[(i * 7) % (stream.len() - content + 1)..][..content])).collect();
+    model.run_sequences(&seqs[..seqs.len().min(8)], budget)?; // warm-up at this shape
+    let started = Instant::now();
+    let (_, stats) = model.run_sequences(&seqs, budget)?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(ModelResult::new(&format!("{task}@{length}"), model.folder.path.display().to_string(), count, secs, &stats))
+}
+
 pub fn run_models(args: &ModelsBenchArgs) -> Result<BenchReport> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads as i32);
@@ -120,19 +151,71 @@ pub fn run_models(args: &ModelsBenchArgs) -> Result<BenchReport> {
         }
     }
     anyhow::ensure!(!loaded.is_empty(), "no model folder (embedding/, ner/, sentiment/) under {}", args.models.display());
+    let cuda = match dev {
+        tch::Device::Cuda(i) => Some(i),
+        _ => None,
+    };
     let mut results = Vec::new();
     let mut total = BatchStats::default();
     let all_started = Instant::now();
     for (sub, model) in &loaded {
+        let before = cuda.and_then(|i| {
+            crate::infer::cuda::reset_peak(i).ok()?;
+            crate::infer::cuda::memory_stats(i).ok()
+        });
         let started = Instant::now();
         let stats = run_task(model, &refs, &args.budget)?;
         let secs = started.elapsed().as_secs_f64();
         total.add(&stats);
-        results.push(ModelResult::new(sub, model.folder.path.display().to_string(), turns.len(), secs, &stats));
+        let mut result = ModelResult::new(sub, model.folder.path.display().to_string(), turns.len(), secs, &stats);
+        if let (Some(i), Some(before)) = (cuda, before) {
+            let after = crate::infer::cuda::memory_stats(i)?;
+            result.weights_mib = Some(model.parameter_bytes as f64 / 1_048_576.0);
+            result.peak_activations_mib = Some(after.allocated_peak.saturating_sub(before.allocated) as f64 / 1_048_576.0);
+        }
+        results.push(result);
     }
     let secs = all_started.elapsed().as_secs_f64();
     let together = format!("{} models, one after the other", loaded.len());
     results.push(ModelResult::new("all", together, turns.len(), secs, &total));
+    for &length in &args.lengths {
+        for (sub, model) in &loaded {
+            results.push(fixed_length(sub, model, &turns, length, args.turns, &args.budget)?);
+        }
+    }
+    if loaded.len() > 1 {
+        // all at once, each model on its own thread (and CUDA stream), like the worker runs them
+        let started = Instant::now();
+        let stats = std::thread::scope(|scope| -> Result<BatchStats> {
+            let handles: Vec<_> = std::mem::take(&mut loaded)
+                .into_iter()
+                .map(|(_, model)| {
+                    let (refs, budget) = (&refs, &args.budget);
+                    // tch tensors are Send, not Sync: each model moves to its thread
+                    scope.spawn(move || -> Result<BatchStats> {
+                        let _stream = match cuda {
+                            Some(i) => {
+                                let s = crate::infer::cuda::Stream::from_pool(i, false)?;
+                                let g = crate::infer::cuda::StreamGuard::new(&s)?;
+                                Some((s, g))
+                            }
+                            None => None,
+                        };
+                        run_task(&model, refs, budget)
+                    })
+                })
+                .collect();
+            let mut total = BatchStats::default();
+            for h in handles {
+                let stats = h.join().map_err(|_| anyhow::anyhow!("a model thread panicked"))??;
+                total.add(&stats);
+            }
+            Ok(total)
+        })?;
+        let secs = started.elapsed().as_secs_f64();
+        let together = format!("{} models at once, one thread (and CUDA stream) each", loaded.len());
+        results.push(ModelResult::new("concurrent", together, turns.len(), secs, &stats));
+    }
     let gpu = match dev {
         tch::Device::Cuda(i) => crate::infer::cuda::memory_stats(i).ok(),
         _ => None,
@@ -162,18 +245,21 @@ pub fn print_report(r: &BenchReport) {
     if let (Some(a), Some(r)) = (r.gpu_peak_allocated_mib, r.gpu_peak_reserved_mib) {
         println!("GPU allocator peak: {a:.0} MiB allocated, {r:.0} MiB reserved");
     }
-    println!("| task | turns | seconds | turns/s | tokens/s | padding | batches |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| task | turns | seconds | turns/s | tokens/s | padding | batches | weights MiB | peak activations MiB |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mib = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
     for m in &r.results {
         println!(
-            "| {} | {} | {:.2} | {:.1} | {:.0} | {:.1}% | {} |",
+            "| {} | {} | {:.2} | {:.1} | {:.0} | {:.1}% | {} | {} | {} |",
             m.task,
             m.turns,
             m.seconds,
             m.turns_per_s,
             m.tokens_per_s,
             m.padding_ratio * 100.0,
-            m.batches
+            m.batches,
+            mib(m.weights_mib),
+            mib(m.peak_activations_mib)
         );
     }
 }

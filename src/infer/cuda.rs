@@ -35,6 +35,7 @@ unsafe extern "C" {
     fn cf_stream_wait(waiter: *const RawStream, producer: *const RawStream, err: *mut c_char, errlen: usize) -> c_int;
     fn cf_memory_stats(device: c_int, out: *mut RawMemory, err: *mut c_char, errlen: usize) -> c_int;
     fn cf_reset_peak(device: c_int, err: *mut c_char, errlen: usize) -> c_int;
+    fn cf_set_allocator_settings(settings: *const c_char, err: *mut c_char, errlen: usize) -> c_int;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +163,18 @@ pub fn reset_peak(device: usize) -> Result<(), CudaError> {
     ensure(device)?;
     // SAFETY: a plain call with a device index checked above
     call(|e, n| unsafe { cf_reset_peak(device as c_int, e, n) })
+}
+
+/// Caps the caching allocator at `fraction` of each device's memory (libtorch's
+/// `per_process_memory_fraction`): an allocation beyond it fails as out of memory, which the
+/// model runtime handles by splitting the batch. Call before the first CUDA allocation.
+pub fn set_memory_fraction(fraction: f64) -> Result<(), CudaError> {
+    if !available() {
+        return Err(CudaError("no CUDA device".into()));
+    }
+    let settings = std::ffi::CString::new(format!("per_process_memory_fraction:{fraction}")).expect("no NUL");
+    // SAFETY: a NUL-terminated string that outlives the call
+    call(|e, n| unsafe { cf_set_allocator_settings(settings.as_ptr(), e, n) })
 }
 
 #[cfg(test)]

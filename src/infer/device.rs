@@ -33,6 +33,20 @@ pub fn parse_dtype(spec: &str, device: Device) -> anyhow::Result<Kind> {
     }
 }
 
+/// Process-wide settings of the device the models run on: CPU intra-op threads, or the CUDA
+/// caching allocator's share of the GPU's memory (`gpu.memory_fraction`).
+pub fn configure(device: Device, gpu: &crate::config::GpuConfig) -> anyhow::Result<()> {
+    match device {
+        Device::Cpu if gpu.cpu_threads > 0 => tch::set_num_threads(gpu.cpu_threads as i32),
+        Device::Cuda(_) if gpu.memory_fraction < 1.0 => {
+            super::cuda::set_memory_fraction(gpu.memory_fraction)?;
+            tracing::info!(fraction = gpu.memory_fraction, "CUDA caching allocator capped");
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// One line per fact, for `convoflow check`.
 pub fn report() -> Vec<String> {
     let mut lines = vec![

@@ -132,11 +132,7 @@ impl Encoder {
             head_dim: cfg.head_dim(),
             pad_id: cfg.pad_token_id.unwrap_or(if family == Family::Roberta { 1 } else { 0 }),
             hidden_size: h,
-            // RoBERTa reserves the first pad_id + 1 positions
-            max_positions: match family {
-                Family::Bert => cfg.max_position_embeddings,
-                Family::Roberta => cfg.max_position_embeddings - cfg.pad_token_id.unwrap_or(1) - 1,
-            },
+            max_positions: cfg.max_positions()?,
             device,
             kind,
         })

@@ -91,6 +91,15 @@ impl HfConfig {
     pub fn head_dim(&self) -> i64 {
         self.hidden_size / self.num_attention_heads
     }
+
+    /// Longest input the model takes, special tokens included (RoBERTa reserves the first
+    /// pad_id + 1 positions).
+    pub fn max_positions(&self) -> Result<i64, ModelError> {
+        Ok(match self.family()? {
+            Family::Bert => self.max_position_embeddings,
+            Family::Roberta => self.max_position_embeddings - self.pad_token_id.unwrap_or(1) - 1,
+        })
+    }
 }
 
 /// A validated model folder.

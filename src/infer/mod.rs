@@ -10,6 +10,7 @@ pub mod model;
 pub mod ner;
 pub mod random;
 pub mod runner;
+pub mod tokenize;
 pub mod weights;
 
 pub use hf::{ModelError, ModelFolder};

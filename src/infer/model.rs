@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use tokenizers::Tokenizer;
 
 use super::batch::{BatchStats, Budget, RunError, plan, run_splitting};
 use super::encoder::{Encoder, Linear};
 use super::hf::{Family, ModelError, ModelFolder};
+use super::tokenize::ModelTokenizer;
 use super::weights::Weights;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,19 +41,10 @@ pub struct Batch {
 pub struct Model {
     pub task: Task,
     pub labels: Vec<String>,
-    /// Truncates at the model's maximum length, adds special tokens.
-    pub tokenizer: Tokenizer,
-    /// No truncation (NER windows over long texts).
-    untruncated: Tokenizer,
-    /// Special tokens around one sequence ([CLS] ... [SEP] / <s> ... </s>).
-    prefix_ids: Vec<i64>,
-    /// WordPiece continuation prefix ("##"), for word-level NER aggregation.
-    subword_prefix: Option<String>,
-    unk_id: Option<u32>,
-    suffix_ids: Vec<i64>,
+    /// The model's tokenizer (also usable without the model, by the preparation stage).
+    pub tokenizer: ModelTokenizer,
     encoder: Encoder,
     head: Head,
-    pad_id: u32,
     pub folder: ModelFolder,
     /// Bytes of all weights as loaded (device dtype).
     pub parameter_bytes: u64,
@@ -90,36 +81,8 @@ impl Model {
                 },
             },
         };
-        let tok_err = |e: tokenizers::Error| ModelError::Tokenizer(e.to_string());
-        let mut tokenizer = Tokenizer::from_file(&folder.tokenizer).map_err(tok_err)?;
-        tokenizer.with_padding(None);
-        let mut untruncated = tokenizer.clone();
-        untruncated.with_truncation(None).map_err(tok_err)?;
-        // what the post-processor adds around a sequence: encode one token with and without
-        let probe = "a";
-        let with = untruncated.encode(probe, true).map_err(tok_err)?;
-        let without = untruncated.encode(probe, false).map_err(tok_err)?;
-        let ids = |e: &tokenizers::Encoding| e.get_ids().iter().map(|&i| i64::from(i)).collect::<Vec<_>>();
-        let (with, without) = (ids(&with), ids(&without));
-        let at = with.windows(without.len()).position(|w| w == without.as_slice()).ok_or_else(|| {
-            ModelError::Tokenizer("the post-processor does not keep the sequence contiguous".into())
-        })?;
-        let prefix_ids = with[..at].to_vec();
-        let subword_prefix = match tokenizer.get_model() {
-            tokenizers::ModelWrapper::WordPiece(w) => Some(w.continuing_subword_prefix.clone()),
-            tokenizers::ModelWrapper::BPE(b) => b.continuing_subword_prefix.clone(),
-            _ => None,
-        };
-        let unk_id = ["[UNK]", "<unk>"].iter().find_map(|t| tokenizer.token_to_id(t));
-        let suffix_ids = with[at + without.len()..].to_vec();
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: encoder.max_positions as usize,
-                ..Default::default()
-            }))
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let pad_id = cfg.pad_token_id.unwrap_or(0) as u32;
-        Ok(Self { task, labels, tokenizer, untruncated, prefix_ids, subword_prefix, unk_id, suffix_ids, encoder, head, pad_id, folder, parameter_bytes })
+        let tokenizer = ModelTokenizer::load(&folder)?;
+        Ok(Self { task, labels, tokenizer, encoder, head, folder, parameter_bytes })
     }
 
     pub fn device(&self) -> Device {
@@ -132,11 +95,7 @@ impl Model {
 
     /// Tokenizes `texts` (with special tokens, truncated to the model's length) into a padded batch.
     pub fn tokenize(&self, texts: &[&str]) -> Result<Batch, ModelError> {
-        let encodings = self
-            .tokenizer
-            .encode_batch_char_offsets(texts.to_vec(), true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(self.batch_from(encodings))
+        Ok(self.batch_from(self.tokenizer.encode_truncated_with_offsets(texts)?))
     }
 
     pub fn batch_from(&self, encodings: Vec<tokenizers::Encoding>) -> Batch {
@@ -154,7 +113,7 @@ impl Model {
         let mut mask = Vec::with_capacity(seqs.len() * max_len);
         for seq in seqs {
             ids.extend_from_slice(seq);
-            ids.extend(std::iter::repeat_n(i64::from(self.pad_id), max_len - seq.len()));
+            ids.extend(std::iter::repeat_n(i64::from(self.tokenizer.pad_id), max_len - seq.len()));
             mask.extend(std::iter::repeat_n(1i64, seq.len()));
             mask.extend(std::iter::repeat_n(0i64, max_len - seq.len()));
         }
@@ -167,9 +126,11 @@ impl Model {
     /// Embedding → [batch, hidden]; TokenClassification → [batch, seq, labels] probabilities;
     /// SequenceClassification → [batch, labels] probabilities.
     pub fn forward(&self, batch: &Batch) -> Tensor {
-        self.forward_tensors(&batch.input_ids, &batch.attention_mask)
+        self.forward_tensors(&batch.input_ids, &batch.attention_mask).to_device(Device::Cpu)
     }
 
+    /// Encoder and head, the result left on the model's device (no synchronisation: kernels
+    /// are only queued on the current stream).
     fn forward_tensors(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
         let hidden = self.encoder.forward(input_ids, attention_mask);
@@ -192,7 +153,7 @@ impl Model {
                 out_proj.forward(&dense.forward(&cls).tanh()).to_kind(Kind::Float).softmax(-1, Kind::Float)
             }
         };
-        out.to_device(Device::Cpu)
+        out
     }
 }
 
@@ -207,52 +168,75 @@ fn upload(host: Tensor, device: Device) -> Tensor {
     }
 }
 
+/// One NER input as the preparation stage makes it: the turn text and its encoding by the NER
+/// model's tokenizer (no special tokens, not truncated, character offsets).
+#[derive(Debug, Clone)]
+pub struct NerInput {
+    pub text: String,
+    pub encoding: tokenizers::Encoding,
+}
+
 impl Model {
     /// Token ids with special tokens, truncated to the model's length.
     pub fn encode_ids(&self, texts: &[&str]) -> Result<Vec<Vec<i64>>, ModelError> {
-        let encodings =
-            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(encodings.iter().map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect()).collect())
+        self.tokenizer.encode_ids(texts)
     }
 
     /// Runs id sequences through encoder and head in token-budget batches. Returns one output
-    /// per sequence, in input order: [hidden] or [labels] rows, or [len, labels] for tokens.
-    /// A batch that runs the device out of memory is split in two and retried.
+    /// per sequence, in input order: [hidden] or [labels] rows, or [len, labels] for tokens,
+    /// on the CPU. A batch that runs the device out of memory is split in two and retried.
+    /// On CUDA the batches are queued back to back on the current stream and read once, at
+    /// the end (one synchronisation per call, not per batch).
     pub fn run_sequences(&self, seqs: &[Vec<i64>], budget: &Budget) -> Result<(Vec<Tensor>, BatchStats), ModelError> {
         let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        let mut outputs: Vec<Option<Tensor>> = (0..seqs.len()).map(|_| None).collect();
+        let mut groups_out: Vec<(Vec<usize>, Tensor)> = Vec::new();
         let mut stats = BatchStats::default();
         let run = |group: &[usize]| {
             let group_seqs: Vec<&[i64]> = group.iter().map(|&i| seqs[i].as_slice()).collect();
             // tch's tensor ops panic on a libtorch error; an out-of-memory one is recoverable
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            catch_torch(|| {
                 let (ids, mask, max_len) = self.padded(&group_seqs);
                 (self.forward_tensors(&ids, &mask), max_len)
-            }))
-            .map_err(|panic| {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "inference failed".into());
-                if msg.contains("out of memory") { RunError::OutOfMemory(msg) } else { RunError::Other(msg) }
             })
         };
         let accept = |group: &[usize], (out, max_len): (Tensor, usize)| {
-            for (row, &i) in group.iter().enumerate() {
-                let t = out.get(row as i64);
-                outputs[i] = Some(if self.task == Task::TokenClassification { t.narrow(0, 0, lengths[i] as i64) } else { t });
-            }
             stats.add(&BatchStats {
                 sequences: group.len(),
                 batches: 1,
                 real_tokens: group.iter().map(|&i| lengths[i]).sum(),
                 padded_tokens: group.len() * max_len,
             });
+            groups_out.push((group.to_vec(), out));
         };
         let splits = run_splitting(plan(&lengths, budget), run, accept).map_err(|e| ModelError::Inference(format!("{e:?}")))?;
         if splits > 0 {
             tracing::warn!(splits, "batches split after running out of device memory; consider a smaller max_batch_tokens");
+        }
+        // the read: one device → host copy (classification, embeddings) or one per batch
+        // (token outputs of different lengths), after everything was queued
+        let host = catch_torch(|| {
+            if self.task == Task::TokenClassification || groups_out.is_empty() {
+                groups_out.iter().map(|(_, t)| t.to_device(Device::Cpu)).collect::<Vec<_>>()
+            } else {
+                let all = Tensor::cat(&groups_out.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0).to_device(Device::Cpu);
+                let mut at = 0;
+                groups_out
+                    .iter()
+                    .map(|(g, _)| {
+                        let part = all.narrow(0, at, g.len() as i64);
+                        at += g.len() as i64;
+                        part
+                    })
+                    .collect()
+            }
+        })
+        .map_err(|e| ModelError::Inference(format!("{e:?}")))?;
+        let mut outputs: Vec<Option<Tensor>> = (0..seqs.len()).map(|_| None).collect();
+        for ((group, _), out) in groups_out.iter().zip(host) {
+            for (row, &i) in group.iter().enumerate() {
+                let t = out.get(row as i64);
+                outputs[i] = Some(if self.task == Task::TokenClassification { t.narrow(0, 0, lengths[i] as i64) } else { t });
+            }
         }
         Ok((outputs.into_iter().map(|o| o.expect("every sequence is planned")).collect(), stats))
     }
@@ -263,13 +247,23 @@ impl Model {
 
     /// Sentence embeddings (Embedding models), L2-normalised, in input order.
     pub fn embed(&self, texts: &[&str], budget: &Budget) -> Result<(Vec<Vec<f32>>, BatchStats), ModelError> {
-        let (out, stats) = self.run_sequences(&self.encode_ids(texts)?, budget)?;
+        self.embed_ids(&self.encode_ids(texts)?, budget)
+    }
+
+    /// `embed` of sequences tokenized already (special tokens included).
+    pub fn embed_ids(&self, seqs: &[Vec<i64>], budget: &Budget) -> Result<(Vec<Vec<f32>>, BatchStats), ModelError> {
+        let (out, stats) = self.run_sequences(seqs, budget)?;
         Ok((out.iter().map(Self::rows).collect(), stats))
     }
 
     /// Label probabilities per text (SequenceClassification models), in input order.
     pub fn classify(&self, texts: &[&str], budget: &Budget) -> Result<(Vec<Vec<f32>>, BatchStats), ModelError> {
-        let (out, stats) = self.run_sequences(&self.encode_ids(texts)?, budget)?;
+        self.classify_ids(&self.encode_ids(texts)?, budget)
+    }
+
+    /// `classify` of sequences tokenized already (special tokens included).
+    pub fn classify_ids(&self, seqs: &[Vec<i64>], budget: &Budget) -> Result<(Vec<Vec<f32>>, BatchStats), ModelError> {
+        let (out, stats) = self.run_sequences(seqs, budget)?;
         Ok((out.iter().map(Self::rows).collect(), stats))
     }
 
@@ -293,24 +287,36 @@ impl Model {
         overlap: usize,
         aggregation: super::ner::Aggregation,
     ) -> Result<(Vec<Vec<crate::event::Entity>>, BatchStats), ModelError> {
-        let content_max = self.max_positions() - self.prefix_ids.len() - self.suffix_ids.len();
+        let inputs: Vec<NerInput> = self
+            .tokenizer
+            .encode_untruncated(texts)?
+            .into_iter()
+            .zip(texts)
+            .map(|(encoding, text)| NerInput { text: text.to_string(), encoding })
+            .collect();
+        self.entities_of(&inputs, budget, overlap, aggregation)
+    }
+
+    /// `entities_with` of texts tokenized already (by `ModelTokenizer::encode_untruncated`).
+    pub fn entities_of(
+        &self,
+        inputs: &[NerInput],
+        budget: &Budget,
+        overlap: usize,
+        aggregation: super::ner::Aggregation,
+    ) -> Result<(Vec<Vec<crate::event::Entity>>, BatchStats), ModelError> {
+        let tok = &self.tokenizer;
+        let content_max = tok.content_capacity();
         let overlap = overlap.min(content_max / 2);
-        let encodings = self
-            .untruncated
-            .encode_batch_char_offsets(texts.to_vec(), false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         // (text index, first content token, end) of every window
         let mut windows: Vec<(usize, usize, usize)> = Vec::new();
         let mut seqs: Vec<Vec<i64>> = Vec::new();
-        for (t, enc) in encodings.iter().enumerate() {
-            let ids = enc.get_ids();
+        for (t, input) in inputs.iter().enumerate() {
+            let ids = input.encoding.get_ids();
             let mut start = 0;
             loop {
                 let end = (start + content_max).min(ids.len());
-                let mut seq = self.prefix_ids.clone();
-                seq.extend(ids[start..end].iter().map(|&i| i64::from(i)));
-                seq.extend_from_slice(&self.suffix_ids);
-                seqs.push(seq);
+                seqs.push(tok.wrap(&[], &ids[start..end]));
                 windows.push((t, start, end));
                 if end >= ids.len() {
                     break;
@@ -319,10 +325,10 @@ impl Model {
             }
         }
         let (out, stats) = self.run_sequences(&seqs, budget)?;
-        let mut per_text: Vec<Vec<(usize, Vec<f32>)>> = encodings.iter().map(|e| vec![(0, vec![]); e.len()]).collect();
-        let mut best_margin: Vec<Vec<Option<usize>>> = encodings.iter().map(|e| vec![None; e.len()]).collect();
+        let mut per_text: Vec<Vec<Vec<f32>>> = inputs.iter().map(|i| vec![vec![]; i.encoding.len()]).collect();
+        let mut best_margin: Vec<Vec<Option<usize>>> = inputs.iter().map(|i| vec![None; i.encoding.len()]).collect();
         for ((t, start, end), probs) in windows.iter().zip(&out) {
-            let content = probs.narrow(0, self.prefix_ids.len() as i64, (end - start) as i64);
+            let content = probs.narrow(0, tok.prefix_ids.len() as i64, (end - start) as i64);
             let rows = Vec::<Vec<f32>>::try_from(&content).expect("a float matrix");
             for (k, row) in rows.into_iter().enumerate() {
                 let token = start + k;
@@ -330,24 +336,23 @@ impl Model {
                 let margin = k.min(end - start - 1 - k);
                 if best_margin[*t][token].is_none_or(|m| margin > m) {
                     best_margin[*t][token] = Some(margin);
-                    per_text[*t][token] = (token, row);
+                    per_text[*t][token] = row;
                 }
             }
         }
-        let entities = texts
+        let entities = inputs
             .iter()
-            .zip(&encodings)
             .zip(per_text)
-            .map(|((text, enc), rows)| {
-                let probs: Vec<Vec<f32>> = rows.into_iter().map(|(_, r)| r).collect();
+            .map(|(input, probs)| {
+                let (text, enc) = (input.text.as_str(), &input.encoding);
                 match aggregation {
                     super::ner::Aggregation::Simple => super::ner::aggregate_tokens(text, enc.get_offsets(), &probs, &self.labels),
                     super::ner::Aggregation::First => {
                         let info = super::ner::WordInfo {
                             tokens: enc.get_tokens(),
                             ids: enc.get_ids(),
-                            subword_prefix: self.subword_prefix.as_deref(),
-                            unk_id: self.unk_id,
+                            subword_prefix: tok.subword_prefix.as_deref(),
+                            unk_id: tok.unk_id,
                         };
                         super::ner::aggregate_first(text, enc.get_offsets(), &probs, &self.labels, &info)
                     }
@@ -356,4 +361,17 @@ impl Model {
             .collect();
         Ok((entities, stats))
     }
+}
+
+/// Runs libtorch work, turning its panics (tch panics on a libtorch error) into a `RunError`:
+/// out of memory (recoverable by splitting) or anything else.
+fn catch_torch<T>(f: impl FnOnce() -> T) -> Result<T, RunError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "inference failed".into());
+        if msg.contains("out of memory") { RunError::OutOfMemory(msg) } else { RunError::Other(msg) }
+    })
 }

@@ -9,7 +9,8 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow};
 
-use super::Task;
+use super::model::NerInput;
+use super::{Model, Task};
 use super::batch::{BatchStats, Budget};
 use super::manager::{LoadReport, ManagedModel};
 use super::ner::Aggregation;
@@ -23,11 +24,37 @@ pub enum Output {
     Probabilities(Vec<Vec<f32>>),
 }
 
-type Reply = mpsc::Sender<Result<(Output, BatchStats)>>;
+/// What a model thread is given: texts (it tokenizes them), or inputs the preparation stage
+/// tokenized already with this model's tokenizer.
+#[derive(Debug)]
+pub enum ModelInput {
+    Texts(Vec<String>),
+    /// Id sequences with special tokens (embedding, sequence classification).
+    Ids(Vec<Vec<i64>>),
+    /// Encodings of whole turns (token classification).
+    Ner(Vec<NerInput>),
+}
+
+impl ModelInput {
+    pub fn len(&self) -> usize {
+        match self {
+            ModelInput::Texts(t) => t.len(),
+            ModelInput::Ids(s) => s.len(),
+            ModelInput::Ner(n) => n.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The result of one submitted job.
+pub type Reply = Result<(Output, BatchStats)>;
 
 struct Job {
-    texts: Vec<String>,
-    reply: Reply,
+    input: ModelInput,
+    reply: mpsc::Sender<Reply>,
 }
 
 pub struct ModelThread {
@@ -95,20 +122,13 @@ impl ModelThread {
                     return;
                 }
                 for job in jobs_rx {
-                    let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
-                    let result = model
-                        .with(|m| {
-                            Ok(match task {
-                                Task::Embedding => m.embed(&texts, &budget).map(|(o, s)| (Output::Embeddings(o), s))?,
-                                Task::SequenceClassification => {
-                                    m.classify(&texts, &budget).map(|(o, s)| (Output::Probabilities(o), s))?
-                                }
-                                Task::TokenClassification => m
-                                    .entities_with(&texts, &budget, ner.window_overlap, ner.aggregation)
-                                    .map(|(o, s)| (Output::Entities(o), s))?,
-                            })
-                        })
-                        .and_then(|r: Result<_>| r);
+                    let started = std::time::Instant::now();
+                    let result = model.with(|m| run_job(m, task, job.input, &budget, ner)).and_then(|r| r);
+                    metrics::counter!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
+                        .increment(started.elapsed().as_secs_f64());
+                    if let Ok((_, stats)) = &result {
+                        record_batch_stats(task, stats);
+                    }
                     report_once(&model);
                     let _ = job.reply.send(result);
                 }
@@ -125,13 +145,65 @@ impl ModelThread {
         })
     }
 
+    /// A zero-cost stand-in for a model (a test double, for measuring the stages around the
+    /// models): answers every job at once with outputs of the right shape — the unit vector
+    /// e₀ of the model's hidden size per embedding input, no entities, a uniform distribution
+    /// over the labels — without loading any weights.
+    pub fn spawn_stand_in(task: Task, name: String, config: &super::hf::HfConfig) -> Result<Self> {
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (report_tx, report_rx) = mpsc::channel::<LoadReport>();
+        let dim = config.hidden_size as usize;
+        let labels = config.labels().len().max(1);
+        let report = LoadReport {
+            task,
+            name: format!("{name} (zero-cost stand-in)"),
+            seconds: 0.0,
+            parameter_bytes: 0,
+            device: tch::Device::Cpu,
+            kind: tch::Kind::Float,
+        };
+        report_tx.send(report).expect("the receiver is here");
+        let handle = std::thread::Builder::new()
+            .name(format!("stand-in-{}", task_name(task)))
+            .spawn(move || {
+                for job in jobs_rx {
+                    let n = job.input.len();
+                    let out = match task {
+                        Task::Embedding => {
+                            let mut unit = vec![0f32; dim];
+                            unit[0] = 1.0;
+                            Output::Embeddings(vec![unit; n])
+                        }
+                        Task::TokenClassification => Output::Entities(vec![vec![]; n]),
+                        Task::SequenceClassification => Output::Probabilities(vec![vec![1.0 / labels as f32; labels]; n]),
+                    };
+                    let _ = job.reply.send(Ok((out, BatchStats::default())));
+                }
+            })
+            .context("starting a stand-in model thread")?;
+        Ok(Self {
+            task,
+            name,
+            jobs: Some(jobs_tx),
+            handle: Some(handle),
+            report: std::sync::Mutex::new(report_rx),
+            loaded: std::sync::OnceLock::new(),
+        })
+    }
+
     /// Queues texts for the model; the result arrives on the returned receiver.
-    pub fn submit(&self, texts: Vec<String>) -> Result<mpsc::Receiver<Result<(Output, BatchStats)>>> {
+    pub fn submit(&self, texts: Vec<String>) -> Result<mpsc::Receiver<Reply>> {
+        self.submit_input(ModelInput::Texts(texts))
+    }
+
+    /// Queues an input; jobs run one after the other in submission order, so a caller can
+    /// submit the next micro-batch while this one runs. The result arrives on the receiver.
+    pub fn submit_input(&self, input: ModelInput) -> Result<mpsc::Receiver<Reply>> {
         let (reply, result) = mpsc::channel();
         self.jobs
             .as_ref()
             .expect("jobs sender lives until drop")
-            .send(Job { texts, reply })
+            .send(Job { input, reply })
             .map_err(|_| anyhow!("the {} model thread stopped", self.name))?;
         Ok(result)
     }
@@ -167,7 +239,46 @@ impl Drop for ModelThread {
     }
 }
 
-fn task_name(task: Task) -> &'static str {
+/// One job on the model: what `task` computes for the input.
+fn run_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: NerSettings) -> Result<(Output, BatchStats)> {
+    let texts = |t: &[String]| t.iter().map(String::as_str).collect::<Vec<_>>();
+    Ok(match (task, input) {
+        (Task::Embedding, ModelInput::Texts(t)) => m.embed(&texts(&t), budget).map(|(o, s)| (Output::Embeddings(o), s))?,
+        (Task::Embedding, ModelInput::Ids(ids)) => m.embed_ids(&ids, budget).map(|(o, s)| (Output::Embeddings(o), s))?,
+        (Task::SequenceClassification, ModelInput::Texts(t)) => {
+            m.classify(&texts(&t), budget).map(|(o, s)| (Output::Probabilities(o), s))?
+        }
+        (Task::SequenceClassification, ModelInput::Ids(ids)) => {
+            m.classify_ids(&ids, budget).map(|(o, s)| (Output::Probabilities(o), s))?
+        }
+        (Task::TokenClassification, ModelInput::Texts(t)) => m
+            .entities_with(&texts(&t), budget, ner.window_overlap, ner.aggregation)
+            .map(|(o, s)| (Output::Entities(o), s))?,
+        (Task::TokenClassification, ModelInput::Ner(inputs)) => m
+            .entities_of(&inputs, budget, ner.window_overlap, ner.aggregation)
+            .map(|(o, s)| (Output::Entities(o), s))?,
+        (task, input) => anyhow::bail!("a {task:?} model cannot take {} input", input.kind()),
+    })
+}
+
+impl ModelInput {
+    fn kind(&self) -> &'static str {
+        match self {
+            ModelInput::Texts(_) => "text",
+            ModelInput::Ids(_) => "token-id",
+            ModelInput::Ner(_) => "NER-encoding",
+        }
+    }
+}
+
+/// Padding share and sizes of what a model computed (per task).
+fn record_batch_stats(task: Task, stats: &BatchStats) {
+    let name = task_name(task);
+    metrics::counter!(crate::telemetry::MODEL_TOKENS, "task" => name, "kind" => "real").increment(stats.real_tokens as u64);
+    metrics::counter!(crate::telemetry::MODEL_TOKENS, "task" => name, "kind" => "padded").increment(stats.padded_tokens as u64);
+}
+
+pub fn task_name(task: Task) -> &'static str {
     match task {
         Task::Embedding => "embedding",
         Task::TokenClassification => "ner",

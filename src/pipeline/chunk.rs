@@ -1,7 +1,8 @@
 //! Token-aware chunking of turns: a turn longer than `max_tokens` becomes overlapping windows,
-//! each one Qdrant point. Token counts come from a `tokenizers` tokenizer: the embedding model's
-//! tokenizer.json when configured, otherwise a built-in word-level tokenizer (BERT normaliser and
-//! pre-tokeniser: one token per word or punctuation mark).
+//! each one Qdrant point. Tokens are the embedding model's when one is configured (so a chunk is
+//! exactly what the model sees, and its ids go to the model without a second tokenization),
+//! otherwise those of `chunk.tokenizer` or of a built-in word-level tokenizer (BERT normaliser
+//! and pre-tokeniser: one token per word or punctuation mark). Special tokens are not counted.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,12 +21,16 @@ pub struct TextChunk {
     pub bytes: std::ops::Range<usize>,
     /// Character (Unicode scalar) range in the turn text (what events report).
     pub chars: std::ops::Range<usize>,
+    /// Token range in `ChunkedText::ids`.
+    pub tokens: std::ops::Range<usize>,
     pub token_count: usize,
 }
 
 #[derive(Debug, Clone)]
 pub struct ChunkedText {
     pub token_count: usize,
+    /// The turn's token ids (no special tokens); chunks index into them.
+    pub ids: Vec<u32>,
     pub chunks: Vec<TextChunk>,
 }
 
@@ -62,6 +67,10 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 }
 
 impl Chunker {
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
     pub fn new(tokenizer: Tokenizer, max_tokens: usize, overlap: usize) -> Result<Self> {
         if max_tokens == 0 || overlap >= max_tokens {
             bail!("chunk.max_tokens must be > 0 and chunk.overlap_tokens < max_tokens (got {max_tokens}, {overlap})");
@@ -77,14 +86,16 @@ impl Chunker {
         // offsets; they still count, and windows take their bounds from real offsets.
         let offsets = encoding.get_offsets();
         let n = offsets.len();
+        let ids = encoding.get_ids().to_vec();
         let mut chunks = Vec::new();
         if n == 0 {
-            return Ok(ChunkedText { token_count: 0, chunks });
+            return Ok(ChunkedText { token_count: 0, ids, chunks });
         }
         let char_of = CharIndex::new(text);
         if n <= self.max_tokens {
-            chunks.push(TextChunk { index: 0, bytes: 0..text.len(), chars: 0..char_of.at(text.len()), token_count: n });
-            return Ok(ChunkedText { token_count: n, chunks });
+            let chars = 0..char_of.at(text.len());
+            chunks.push(TextChunk { index: 0, bytes: 0..text.len(), chars, tokens: 0..n, token_count: n });
+            return Ok(ChunkedText { token_count: n, ids, chunks });
         }
         let stride = self.max_tokens - self.overlap;
         let mut start = 0;
@@ -95,6 +106,7 @@ impl Chunker {
                 index: chunks.len(),
                 chars: char_of.at(bytes.start)..char_of.at(bytes.end),
                 bytes,
+                tokens: start..end,
                 token_count: end - start,
             });
             if end == n {
@@ -102,7 +114,7 @@ impl Chunker {
             }
             start += stride;
         }
-        Ok(ChunkedText { token_count: n, chunks })
+        Ok(ChunkedText { token_count: n, ids, chunks })
     }
 }
 
@@ -147,6 +159,8 @@ mod tests {
         assert_eq!(pieces, ["un deux trois quatre", "quatre cinq six sept", "sept huit neuf dix"]);
         assert_eq!(out.chunks.iter().map(|c| c.index).collect::<Vec<_>>(), [0, 1, 2]);
         assert_eq!(out.chunks[2].token_count, 4);
+        assert_eq!(out.chunks[1].tokens, 3..7, "windows index the turn's ids");
+        assert_eq!(out.ids.len(), 10);
     }
 
     #[test]

@@ -1,51 +1,41 @@
-//! The enrichment stage: turns a decoded conversation into its `EnrichedConversation` (and the
-//! dense vectors of its chunks).
+//! Enrichment: what turns a decoded conversation into its `EnrichedConversation` and the dense
+//! vectors of its chunks.
 //!
-//! `Enricher` is the interface the worker calls with a micro-batch of conversations.
 //! `TextEnricher` is the part that needs no model: chunking, token counts, BM25 term weights
-//! and point ids. `ModelEnricher` wraps it with the configured models, each on its own thread
-//! (and CUDA stream): embeddings of every chunk, entities and sentiment of every turn, all three
-//! submitted at once for the whole micro-batch; then the per-conversation sentiment trajectory,
-//! entity counts and model versions.
+//! and point ids (the preparation stage runs it). `Models` holds the configured models, each on
+//! its own thread (and CUDA stream): the infer stage submits a prepared micro-batch to all of
+//! them at once and goes on with the next one; the write stage collects the outputs in order
+//! and applies them to the events: entities and sentiment of every turn, the per-conversation
+//! sentiment trajectory and entity counts, dense vectors of every chunk, model versions.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::Instant;
 
-use anyhow::Result;
-
-use anyhow::Context;
+use anyhow::{Context, Result};
 
 use super::bm25::{Bm25Params, document_vector};
-use super::chunk::Chunker;
+use super::chunk::{ChunkedText, Chunker};
+use super::prepare::{Decided, ModelInputs, Prepared};
 use crate::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
-use crate::infer::batch::BatchStats;
-use crate::infer::manager::ManagedModel;
-use crate::infer::runner::{ModelThread, NerSettings, Output};
-use crate::infer::{ModelFolder, Task};
 use crate::event::{
-    Chunk, Conversation, EnrichedConversation, EnrichedTurn, ModelInfo, Sentiment, SentimentPoint, SourceRef, point_id,
+    Chunk, Conversation, EnrichedConversation, EnrichedTurn, Entity, ModelInfo, Sentiment, SentimentPoint, SourceRef,
+    point_id,
 };
+use crate::infer::manager::ManagedModel;
+use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
+use crate::infer::{ModelFolder, Task};
 
-/// One decoded input event ready for enrichment.
+/// One decoded input event ready for text enrichment.
 pub struct EnrichInput<'a> {
     pub conversation: &'a Conversation,
     pub source: SourceRef,
 }
 
-/// One enriched event and, with an embedding model, one dense vector per chunk (in event
-/// order: turn by turn, chunk by chunk).
-#[derive(Debug, Clone)]
-pub struct Enriched {
+/// A conversation's text enrichment and each turn's chunking (with the token ids).
+pub struct TextEnriched {
     pub event: EnrichedConversation,
-    pub dense: Option<Vec<Vec<f32>>>,
-}
-
-pub trait Enricher: Send + Sync {
-    /// Enriches a batch; the output is in input order, one event per input.
-    fn enrich_batch(&self, batch: &[EnrichInput<'_>]) -> Result<Vec<Enriched>>;
-    /// The models behind this enricher (empty for the model-free one).
-    fn models(&self) -> Vec<ModelInfo> {
-        vec![]
-    }
+    pub chunked: Vec<ChunkedText>,
 }
 
 pub struct TextEnricher {
@@ -59,40 +49,43 @@ impl TextEnricher {
     }
 
     pub fn enrich_one(&self, input: &EnrichInput<'_>) -> Result<EnrichedConversation> {
-        let conv = input.conversation;
+        Ok(self.enrich(input.conversation, input.source.clone())?.event)
+    }
+
+    /// The event without model outputs, and each turn's chunking.
+    pub fn enrich(&self, conv: &Conversation, source: SourceRef) -> Result<TextEnriched> {
         let mut total_tokens = 0i64;
-        let turns = conv
-            .turns
-            .iter()
-            .map(|turn| {
-                let chunked = self.chunker.chunk(&turn.text)?;
-                total_tokens += chunked.token_count as i64;
-                let chunks: Vec<Chunk> = chunked
-                    .chunks
-                    .iter()
-                    .map(|c| Chunk {
-                        index: c.index as i32,
-                        start: c.chars.start as i32,
-                        end: c.chars.end as i32,
-                        token_count: c.token_count as i32,
-                        point_id: point_id(&conv.conversation_id, &turn.turn_id, c.index).to_string(),
-                        sparse: document_vector(&turn.text[c.bytes.clone()], &self.bm25),
-                    })
-                    .collect();
-                Ok(EnrichedTurn {
-                    turn_id: turn.turn_id.clone(),
-                    speaker: turn.speaker.clone(),
-                    role: turn.role.clone(),
-                    ts: turn.ts,
-                    token_count: chunked.token_count as i32,
-                    point_ids: chunks.iter().map(|c| c.point_id.clone()).collect(),
-                    chunks,
-                    entities: vec![],
-                    sentiment: None,
+        let mut chunked_turns = Vec::with_capacity(conv.turns.len());
+        let mut turns = Vec::with_capacity(conv.turns.len());
+        for turn in &conv.turns {
+            let chunked = self.chunker.chunk(&turn.text)?;
+            total_tokens += chunked.token_count as i64;
+            let chunks: Vec<Chunk> = chunked
+                .chunks
+                .iter()
+                .map(|c| Chunk {
+                    index: c.index as i32,
+                    start: c.chars.start as i32,
+                    end: c.chars.end as i32,
+                    token_count: c.token_count as i32,
+                    point_id: point_id(&conv.conversation_id, &turn.turn_id, c.index).to_string(),
+                    sparse: document_vector(&turn.text[c.bytes.clone()], &self.bm25),
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(EnrichedConversation {
+                .collect();
+            turns.push(EnrichedTurn {
+                turn_id: turn.turn_id.clone(),
+                speaker: turn.speaker.clone(),
+                role: turn.role.clone(),
+                ts: turn.ts,
+                token_count: chunked.token_count as i32,
+                point_ids: chunks.iter().map(|c| c.point_id.clone()).collect(),
+                chunks,
+                entities: vec![],
+                sentiment: None,
+            });
+            chunked_turns.push(chunked);
+        }
+        let event = EnrichedConversation {
             conversation_id: conv.conversation_id.clone(),
             tenant: conv.tenant.clone(),
             channel: conv.channel.clone(),
@@ -102,16 +95,11 @@ impl TextEnricher {
             entity_counts: BTreeMap::new(),
             total_tokens,
             models: vec![],
-            source: input.source.clone(),
+            source,
             attributes: conv.attributes.clone(),
             processed_at: chrono::Utc::now().timestamp_millis(),
-        })
-    }
-}
-
-impl Enricher for TextEnricher {
-    fn enrich_batch(&self, batch: &[EnrichInput<'_>]) -> Result<Vec<Enriched>> {
-        batch.iter().map(|input| Ok(Enriched { event: self.enrich_one(input)?, dense: None })).collect()
+        };
+        Ok(TextEnriched { event, chunked: chunked_turns })
     }
 }
 
@@ -119,43 +107,76 @@ impl Enricher for TextEnricher {
 struct Running {
     thread: ModelThread,
     info: ModelInfo,
-    /// Embedding models: put before every chunk's text.
-    document_prefix: String,
 }
 
-/// The text enricher plus the configured models (any subset of the three).
-pub struct ModelEnricher {
-    text: TextEnricher,
+/// The configured models (any subset of the three), each on its own thread.
+pub struct Models {
     embedding: Option<Running>,
     ner: Option<Running>,
     sentiment: Option<Running>,
 }
 
-impl ModelEnricher {
+/// Results of one submitted micro-batch, one receiver per model.
+pub struct Pending {
+    embedding: Option<mpsc::Receiver<Reply>>,
+    ner: Option<mpsc::Receiver<Reply>>,
+    sentiment: Option<mpsc::Receiver<Reply>>,
+    submitted: Instant,
+}
+
+/// Why the models did not give a micro-batch its outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFailure {
+    /// The model failed on this input (an input it cannot run: retried message by message,
+    /// then dead-lettered).
+    #[error("the {task} model failed on this input: {message}")]
+    Input { task: &'static str, message: String },
+    /// A model thread is gone: a fault of the worker, not of the data.
+    #[error("the {0} model thread stopped")]
+    ThreadGone(&'static str),
+}
+
+/// Model outputs of a micro-batch, in submission order.
+#[derive(Default)]
+pub struct Outputs {
+    entities: Option<std::vec::IntoIter<Vec<Entity>>>,
+    probabilities: Option<std::vec::IntoIter<Vec<f32>>>,
+    dense: Option<std::vec::IntoIter<Vec<f32>>>,
+}
+
+impl Models {
     /// Starts one thread per configured model; with `load_strategy: eager` each is loaded and
-    /// warmed up before this returns.
-    pub fn new(text: TextEnricher, models: &ModelsConfig, gpu: &GpuConfig) -> Result<Self> {
+    /// warmed up before this returns. None when no model is configured.
+    pub fn new(models: &ModelsConfig, gpu: &GpuConfig) -> Result<Option<Self>> {
+        if models.embedding.is_none() && models.ner.is_none() && models.sentiment.is_none() {
+            return Ok(None);
+        }
         let device = crate::infer::device::parse_device(&gpu.device)?;
-        if device == tch::Device::Cpu && gpu.cpu_threads > 0 {
-            tch::set_num_threads(gpu.cpu_threads as i32);
+        if models.stand_in {
+            tracing::warn!("models.stand_in: the models are zero-cost stand-ins (a benchmark double): outputs are placeholders");
+        } else {
+            crate::infer::device::configure(device, gpu)?;
         }
         let eager = models.load_strategy == LoadStrategy::Eager;
         let start = |cfg: &Option<ModelConfig>, task: Task, label: &str| -> Result<Option<Running>> {
             let Some(cfg) = cfg else { return Ok(None) };
             let folder = ModelFolder::open(&cfg.path).with_context(|| format!("the {label} model {}", cfg.name))?;
             let version = folder.content_version().with_context(|| format!("reading {}", cfg.path.display()))?;
-            let managed = ManagedModel::new(task, cfg.clone(), device)?;
-            let thread = ModelThread::spawn(managed, eager, NerSettings::default())
-                .with_context(|| format!("starting the {label} model {}", cfg.name))?;
+            let thread = if models.stand_in {
+                ModelThread::spawn_stand_in(task, cfg.name.clone(), &folder.config)?
+            } else {
+                let managed = ManagedModel::new(task, cfg.clone(), device)?;
+                ModelThread::spawn(managed, eager, NerSettings::default())
+                    .with_context(|| format!("starting the {label} model {}", cfg.name))?
+            };
             let info = ModelInfo { task: label.into(), name: cfg.name.clone(), version };
-            Ok(Some(Running { thread, info, document_prefix: cfg.document_prefix.clone() }))
+            Ok(Some(Running { thread, info }))
         };
-        Ok(Self {
+        Ok(Some(Self {
             embedding: start(&models.embedding, Task::Embedding, "embedding")?,
             ner: start(&models.ner, Task::TokenClassification, "ner")?,
             sentiment: start(&models.sentiment, Task::SequenceClassification, "sentiment")?,
-            text,
-        })
+        }))
     }
 
     fn running(&self) -> impl Iterator<Item = &Running> {
@@ -166,82 +187,95 @@ impl ModelEnricher {
     pub fn ready(&self) -> bool {
         self.running().all(|r| r.thread.is_loaded())
     }
-}
 
-impl Enricher for ModelEnricher {
-    fn models(&self) -> Vec<ModelInfo> {
+    pub fn infos(&self) -> Vec<ModelInfo> {
         self.running().map(|r| r.info.clone()).collect()
     }
 
-    fn enrich_batch(&self, batch: &[EnrichInput<'_>]) -> Result<Vec<Enriched>> {
-        let mut events = batch.iter().map(|i| self.text.enrich_one(i)).collect::<Result<Vec<_>>>()?;
-        let turn_texts: Vec<String> =
-            batch.iter().flat_map(|i| i.conversation.turns.iter().map(|t| t.text.clone())).collect();
-        // Submit to all model threads first, then wait: the three models work at once.
-        let ner = self.ner.as_ref().map(|m| m.thread.submit(turn_texts.clone())).transpose()?;
-        let sentiment = self.sentiment.as_ref().map(|m| m.thread.submit(turn_texts)).transpose()?;
-        let embedding = match &self.embedding {
-            Some(m) => {
-                let mut chunk_texts = Vec::new();
-                for (input, event) in batch.iter().zip(&events) {
-                    for (turn, enriched) in input.conversation.turns.iter().zip(&event.turns) {
-                        for text in crate::event::chunk_texts(&turn.text, &enriched.chunks) {
-                            chunk_texts.push(format!("{}{text}", m.document_prefix));
-                        }
-                    }
-                }
-                Some(m.thread.submit(chunk_texts)?)
+    /// Queues the model inputs of every valid message of `batch` (taken out of it) on every
+    /// model thread at once and returns without waiting.
+    pub fn submit(&self, batch: &mut [Prepared]) -> Result<Pending, ModelFailure> {
+        let mut all = ModelInputs::default();
+        for p in batch.iter_mut() {
+            if let Decided::Valid(v) = &mut p.decided {
+                let inputs = std::mem::take(&mut v.inputs);
+                all.embedding.extend(inputs.embedding);
+                all.ner.extend(inputs.ner);
+                all.sentiment.extend(inputs.sentiment);
             }
-            None => None,
+        }
+        let submit = |m: &Option<Running>, input: ModelInput| -> Result<Option<mpsc::Receiver<Reply>>, ModelFailure> {
+            match m {
+                Some(r) => r.thread.submit_input(input).map(Some).map_err(|_| ModelFailure::ThreadGone(r.info_task())),
+                None => Ok(None),
+            }
         };
-        let submitted = std::time::Instant::now();
-        let wait = |rx: std::sync::mpsc::Receiver<Result<(Output, BatchStats)>>, task: &'static str| -> Result<Output> {
-            let out = rx.recv().map_err(|_| anyhow::anyhow!("a model thread stopped"))??.0;
-            // submit → result: includes queueing behind the other models on a shared device
+        Ok(Pending {
+            ner: submit(&self.ner, ModelInput::Ner(all.ner))?,
+            sentiment: submit(&self.sentiment, ModelInput::Ids(all.sentiment))?,
+            embedding: submit(&self.embedding, ModelInput::Ids(all.embedding))?,
+            submitted: Instant::now(),
+        })
+    }
+
+    /// Waits for a submitted micro-batch's outputs (blocking).
+    pub fn collect(&self, pending: Pending) -> Result<Outputs, ModelFailure> {
+        let submitted = pending.submitted;
+        let wait = |rx: Option<mpsc::Receiver<Reply>>, task: &'static str| -> Result<Option<Output>, ModelFailure> {
+            let Some(rx) = rx else { return Ok(None) };
+            let reply = rx.recv().map_err(|_| ModelFailure::ThreadGone(task))?;
+            let (out, _) = reply.map_err(|e| ModelFailure::Input { task, message: format!("{e:#}") })?;
+            // submit → result: includes queueing behind earlier micro-batches and other models
             metrics::histogram!(crate::telemetry::MODEL_SECONDS, "task" => task).record(submitted.elapsed().as_secs_f64());
-            Ok(out)
+            Ok(Some(out))
         };
-        if let Some(rx) = ner {
-            let Output::Entities(all) = wait(rx, "ner")? else { anyhow::bail!("the NER thread returned another output") };
-            let mut all = all.into_iter();
-            for event in &mut events {
-                for turn in &mut event.turns {
-                    turn.entities = all.next().expect("one result per turn");
-                    for e in &turn.entities {
-                        *event.entity_counts.entry(e.label.clone()).or_default() += 1;
-                    }
+        let mut outputs = Outputs::default();
+        if let Some(out) = wait(pending.ner, "ner")? {
+            let Output::Entities(e) = out else { unreachable!("the NER thread returns entities") };
+            outputs.entities = Some(e.into_iter());
+        }
+        if let Some(out) = wait(pending.sentiment, "sentiment")? {
+            let Output::Probabilities(p) = out else { unreachable!("the sentiment thread returns probabilities") };
+            outputs.probabilities = Some(p.into_iter());
+        }
+        if let Some(out) = wait(pending.embedding, "embedding")? {
+            let Output::Embeddings(d) = out else { unreachable!("the embedding thread returns embeddings") };
+            outputs.dense = Some(d.into_iter());
+        }
+        Ok(outputs)
+    }
+}
+
+impl Running {
+    fn info_task(&self) -> &'static str {
+        crate::infer::runner::task_name(self.thread.task)
+    }
+}
+
+impl Outputs {
+    /// Gives one valid conversation its share of the outputs (in submission order): entities and
+    /// sentiment per turn, the trajectory and entity counts, the models; the dense vectors of
+    /// its chunks are returned.
+    pub fn apply(&mut self, event: &mut EnrichedConversation, models: &[ModelInfo]) -> Option<Vec<Vec<f32>>> {
+        if let Some(all) = &mut self.entities {
+            for turn in &mut event.turns {
+                turn.entities = all.next().expect("one entity list per turn");
+                for e in &turn.entities {
+                    *event.entity_counts.entry(e.label.clone()).or_default() += 1;
                 }
             }
         }
-        if let Some(rx) = sentiment {
-            let Output::Probabilities(all) = wait(rx, "sentiment")? else { anyhow::bail!("the sentiment thread returned another output") };
-            let mut all = all.into_iter();
-            for event in &mut events {
-                for turn in &mut event.turns {
-                    let probabilities = all.next().expect("one result per turn");
-                    let (stars, score) = crate::infer::stars(&probabilities);
-                    event.sentiment_trajectory.push(SentimentPoint { turn_id: turn.turn_id.clone(), ts: turn.ts, stars, score });
-                    turn.sentiment = Some(Sentiment { stars, score, probabilities });
-                }
+        if let Some(all) = &mut self.probabilities {
+            for turn in &mut event.turns {
+                let probabilities = all.next().expect("one distribution per turn");
+                let (stars, score) = crate::infer::stars(&probabilities);
+                event.sentiment_trajectory.push(SentimentPoint { turn_id: turn.turn_id.clone(), ts: turn.ts, stars, score });
+                turn.sentiment = Some(Sentiment { stars, score, probabilities });
             }
         }
-        let mut dense = match embedding {
-            Some(rx) => {
-                let Output::Embeddings(all) = wait(rx, "embedding")? else { anyhow::bail!("the embedding thread returned another output") };
-                Some(all.into_iter())
-            }
-            None => None,
-        };
-        let models = self.models();
-        Ok(events
-            .into_iter()
-            .map(|mut event| {
-                event.models = models.clone();
-                let chunks: usize = event.turns.iter().map(|t| t.chunks.len()).sum();
-                let vectors = dense.as_mut().map(|d| d.by_ref().take(chunks).collect());
-                Enriched { event, dense: vectors }
-            })
-            .collect())
+        event.models = models.to_vec();
+        let chunks: usize = event.turns.iter().map(|t| t.chunks.len()).sum();
+        self.dense.as_mut().map(|d| d.by_ref().take(chunks).collect())
     }
 }
 
@@ -256,9 +290,9 @@ mod tests {
         let enricher = TextEnricher::new(Chunker::new(builtin_tokenizer(), 6, 2).unwrap(), Bm25Params::default());
         let conv = SampleGenerator::new(3).conversation(1);
         let source = SourceRef { topic: "in".into(), partition: 2, offset: 40 };
-        let out = enricher.enrich_batch(&[EnrichInput { conversation: &conv, source: source.clone() }]).unwrap();
-        assert!(out[0].dense.is_none());
-        let e = &out[0].event;
+        let out = enricher.enrich(&conv, source.clone()).unwrap();
+        assert_eq!(out.chunked.len(), conv.turns.len(), "one chunking per turn");
+        let e = &out.event;
         assert_eq!(e.source, source);
         assert_eq!(e.turns.len(), conv.turns.len());
         assert_eq!(e.total_tokens, e.turns.iter().map(|t| i64::from(t.token_count)).sum::<i64>());

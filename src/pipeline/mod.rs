@@ -5,3 +5,4 @@ pub mod bm25;
 pub mod chunk;
 pub mod enrich;
 pub mod offsets;
+pub mod prepare;

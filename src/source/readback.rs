@@ -19,6 +19,46 @@ fn partitions(cfg: &KafkaConfig, topic: &str) -> Result<i32> {
     Ok(admin::partition_count(cfg, topic, Duration::from_secs(30))?.unwrap_or(0) as i32)
 }
 
+/// A consumer of `topic` that sees only what is written from now on (assigned at each
+/// partition's high watermark, read now, so nothing written after this call is missed).
+pub fn tail(cfg: &KafkaConfig, topic: &str) -> Result<BaseConsumer> {
+    let c: BaseConsumer = base_client_config(cfg)
+        .set("group.id", "convoflow-readback")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string())
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions(cfg, topic)? {
+        let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
+    }
+    c.assign(&tpl)?;
+    Ok(c)
+}
+
+/// Polls a `tail` consumer of the (Avro) output topic until the enriched event of
+/// `conversation_id` arrives: (output record timestamp, event), or None after `timeout`.
+pub fn wait_for_event(
+    consumer: &BaseConsumer,
+    conversation_id: &str,
+    timeout: Duration,
+) -> Result<Option<(i64, EnrichedConversation)>> {
+    let codec = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro)?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(20)) {
+            let m = m?;
+            if m.key() == Some(conversation_id.as_bytes()) {
+                if let Some(payload) = m.payload() {
+                    return Ok(Some((m.timestamp().to_millis().unwrap_or_default(), codec.decode(payload)?)));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// A consumer assigned every partition of `topic` from the beginning (no group membership,
 /// nothing committed).
 fn reader(cfg: &KafkaConfig, topic: &str) -> Result<BaseConsumer> {

@@ -37,6 +37,13 @@ pub const QUEUE_DEPTH: &str = "convoflow_queue_depth";
 pub const ENRICH_SECONDS: &str = "convoflow_enrich_seconds";
 pub const MODEL_SECONDS: &str = "convoflow_model_seconds";
 pub const END_TO_END_SECONDS: &str = "convoflow_end_to_end_seconds";
+/// Seconds each stage spent working (not waiting), by `stage`: prepare, embedding, ner,
+/// sentiment (the model threads), write.
+pub const STAGE_BUSY_SECONDS: &str = "convoflow_stage_busy_seconds";
+/// Micro-batches waiting in front of each stage, by `stage`.
+pub const STAGE_QUEUE_DEPTH: &str = "convoflow_stage_queue_depth";
+/// Tokens the models computed, by `task` and `kind` (real, padded: real + padding).
+pub const MODEL_TOKENS: &str = "convoflow_model_tokens_total";
 // Qdrant
 pub const STORE_UPSERT_SECONDS: &str = "convoflow_store_upsert_seconds";
 pub const STORE_POINTS: &str = "convoflow_store_points_total";
@@ -58,6 +65,7 @@ pub const READY: &str = "convoflow_ready";
 pub const ALL: &[&str] = &[
     MESSAGES, TURNS, TOKENS, DLQ, TOMBSTONES, LAG, COMMIT_SECONDS, COMMIT_FAILURES, REBALANCES, ASSIGNED_PARTITIONS, PAUSED,
     BATCH_MESSAGES, BATCH_TURNS, BATCH_TOKENS, IN_FLIGHT, QUEUE_DEPTH, ENRICH_SECONDS, MODEL_SECONDS, END_TO_END_SECONDS,
+    STAGE_BUSY_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS,
     STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
     GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, READY,
 ];

@@ -3,6 +3,7 @@
 // through c10's device-generic interfaces, so no CUDA headers are needed. Every entry point
 // catches C++ exceptions and reports them as a message; none is called unless
 // cf_cuda_guard_available() says the CUDA backend is registered.
+#include <c10/core/AllocatorConfig.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
@@ -116,5 +117,12 @@ int cf_reset_peak(int device, char* err, size_t errlen) {
   return guarded(err, errlen, [&] {
     c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(static_cast<c10::DeviceIndex>(device));
   });
+}
+
+// Caching-allocator settings in PYTORCH_CUDA_ALLOC_CONF syntax (e.g.
+// "per_process_memory_fraction:0.95"); takes effect for allocations made after the call, so it
+// is called before the first model is loaded.
+int cf_set_allocator_settings(const char* settings, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] { c10::CachingAllocator::setAllocatorSettings(settings); });
 }
 }

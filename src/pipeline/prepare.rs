@@ -1,0 +1,178 @@
+//! The preparation stage: everything about a micro-batch that needs only the CPU — decode,
+//! validate, chunk, count tokens, BM25 weights, point ids — and the models' inputs, each turn
+//! tokenized once per model here (chunks carry the embedding model's token ids, NER gets its
+//! encodings with character offsets, sentiment its ids), so the model threads only pad, upload
+//! and run. Messages of a batch are prepared in parallel on rayon's pool, in input order.
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use super::enrich::{TextEnricher, TextEnriched};
+use crate::codec::RecordCodec;
+use crate::config::Config;
+use crate::event::{Conversation, EnrichedConversation, SourceRef, ValidationError};
+use crate::infer::ModelFolder;
+use crate::infer::model::NerInput;
+use crate::infer::tokenize::ModelTokenizer;
+use crate::sink::dlq::Rejection;
+use crate::source::InboundMessage;
+
+/// What became of one input message before any model ran.
+pub enum Decided {
+    Tombstone,
+    Rejected(Rejection),
+    Valid(Box<Valid>),
+}
+
+/// A valid conversation: its text enrichment and the inputs of each configured model.
+pub struct Valid {
+    pub conversation: Conversation,
+    pub event: EnrichedConversation,
+    pub inputs: ModelInputs,
+}
+
+/// Model inputs of one conversation, tokenized already. Empty for a model that is not configured.
+#[derive(Debug, Default)]
+pub struct ModelInputs {
+    /// One id sequence (special tokens, document prefix, chunk ids) per chunk, in event order.
+    pub embedding: Vec<Vec<i64>>,
+    /// One encoding per turn.
+    pub ner: Vec<NerInput>,
+    /// One id sequence per turn.
+    pub sentiment: Vec<Vec<i64>>,
+}
+
+/// One input message through the preparation stage.
+pub struct Prepared {
+    pub msg: InboundMessage,
+    pub decided: Decided,
+}
+
+/// The embedding model's tokenizer and the ids of its document prefix.
+struct EmbeddingTokens {
+    tokenizer: ModelTokenizer,
+    leading: Vec<i64>,
+}
+
+pub struct Preparer {
+    input_codec: RecordCodec<Conversation>,
+    max_turn_bytes: usize,
+    text: TextEnricher,
+    embedding: Option<EmbeddingTokens>,
+    ner: Option<ModelTokenizer>,
+    sentiment: Option<ModelTokenizer>,
+    /// Whose tokens `token_count` counts (for `convoflow check`).
+    pub chunk_tokens: String,
+}
+
+impl Preparer {
+    /// The model-free part (chunking, token counts, BM25, point ids).
+    pub fn text(&self) -> &TextEnricher {
+        &self.text
+    }
+
+    /// The configured codec, chunker and model tokenizers (read from the model folders; the
+    /// models themselves are not needed here).
+    pub fn new(cfg: &Config) -> Result<Self> {
+        let m = &cfg.models;
+        let tokenizer = |c: &Option<crate::config::ModelConfig>| -> Result<Option<ModelTokenizer>> {
+            c.as_ref()
+                .map(|c| {
+                    let folder = ModelFolder::open(&c.path).with_context(|| format!("the model {}", c.name))?;
+                    ModelTokenizer::load(&folder).with_context(|| format!("the tokenizer of {}", c.name))
+                })
+                .transpose()
+        };
+        let embedding = match (&m.embedding, tokenizer(&m.embedding)?) {
+            (Some(c), Some(tokenizer)) => {
+                let leading = tokenizer.leading_ids(&c.document_prefix)?;
+                Some(EmbeddingTokens { tokenizer, leading })
+            }
+            _ => None,
+        };
+        let text = crate::worker::build_text_enricher(cfg, embedding.as_ref().map(|e| (&e.tokenizer, e.leading.len())))?;
+        let chunk_tokens = match (&m.embedding, &cfg.pipeline.chunk.tokenizer) {
+            (Some(e), _) => format!("the embedding model's ({})", e.name),
+            (None, Some(path)) => path.display().to_string(),
+            (None, None) => "built-in word-level".into(),
+        };
+        Ok(Self {
+            chunk_tokens,
+            input_codec: crate::worker::input_codec(&cfg.codec)?,
+            max_turn_bytes: cfg.pipeline.max_turn_bytes,
+            text,
+            embedding,
+            ner: tokenizer(&m.ner)?,
+            sentiment: tokenizer(&m.sentiment)?,
+        })
+    }
+
+    /// Prepares a micro-batch, messages in parallel, output in input order.
+    pub fn prepare(&self, batch: Vec<InboundMessage>) -> Vec<Prepared> {
+        batch
+            .into_par_iter()
+            .map(|msg| {
+                let decided = self.decide(&msg);
+                Prepared { msg, decided }
+            })
+            .collect()
+    }
+
+    /// Prepares one message (also used to retry a message alone).
+    pub fn decide(&self, msg: &InboundMessage) -> Decided {
+        let Some(payload) = &msg.payload else {
+            return match &msg.key {
+                Some(_) => Decided::Tombstone,
+                None => Decided::Rejected(Rejection {
+                    class: "validation",
+                    message: "tombstone (null value) without a key: no conversation to delete".into(),
+                }),
+            };
+        };
+        let conversation = match self.input_codec.decode(payload) {
+            Ok(c) => c,
+            Err(e) => return Decided::Rejected(Rejection { class: e.class(), message: e.to_string() }),
+        };
+        let checked = conversation.validate(self.max_turn_bytes).and_then(|()| match &msg.key {
+            Some(key) if key.as_slice() != conversation.conversation_id.as_bytes() => Err(ValidationError::KeyMismatch {
+                key: String::from_utf8_lossy(key).into_owned(),
+                conversation_id: conversation.conversation_id.clone(),
+            }),
+            _ => Ok(()),
+        });
+        if let Err(e) = checked {
+            return Decided::Rejected(Rejection { class: "validation", message: e.to_string() });
+        }
+        match self.enrich(&conversation, source_ref(msg)) {
+            Ok((event, inputs)) => Decided::Valid(Box::new(Valid { conversation, event, inputs })),
+            Err(e) => Decided::Rejected(Rejection { class: "enrichment", message: format!("{e:#}") }),
+        }
+    }
+
+    fn enrich(&self, conversation: &Conversation, source: SourceRef) -> Result<(EnrichedConversation, ModelInputs)> {
+        let TextEnriched { event, chunked } = self.text.enrich(conversation, source)?;
+        let mut inputs = ModelInputs::default();
+        if let Some(e) = &self.embedding {
+            for turn in &chunked {
+                for chunk in &turn.chunks {
+                    inputs.embedding.push(e.tokenizer.wrap(&e.leading, &turn.ids[chunk.tokens.clone()]));
+                }
+            }
+        }
+        if let Some(t) = &self.ner {
+            for turn in &conversation.turns {
+                inputs.ner.push(NerInput { text: turn.text.clone(), encoding: t.encode_untruncated_one(&turn.text)? });
+            }
+        }
+        if let Some(t) = &self.sentiment {
+            for turn in &conversation.turns {
+                inputs.sentiment.push(t.encode_ids_one(&turn.text)?);
+            }
+        }
+        Ok((event, inputs))
+    }
+}
+
+pub fn source_ref(msg: &InboundMessage) -> SourceRef {
+    SourceRef { topic: msg.tp.topic.to_string(), partition: msg.tp.partition, offset: msg.offset }
+}
