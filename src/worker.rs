@@ -224,7 +224,7 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        metrics::counter!(telemetry::STAGE_BUSY_SECONDS, "stage" => self.0).increment(self.1.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::STAGE_BUSY_SECONDS, "stage" => self.0).record(self.1.elapsed().as_secs_f64());
     }
 }
 

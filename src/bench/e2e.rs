@@ -59,7 +59,7 @@ pub struct E2eReport {
     /// times in ms (sorted).
     pub idle_conversation_turns: usize,
     pub idle_latency_ms: Vec<f64>,
-    /// Seconds each stage was busy (the worker's `convoflow_stage_busy_seconds`).
+    /// Seconds each stage was busy (the worker's `convoflow_stage_busy_seconds_sum`).
     pub stage_busy_s: std::collections::BTreeMap<String, f64>,
     /// Share of the tokens each model computed that was padding.
     pub padding: std::collections::BTreeMap<String, f64>,
@@ -198,7 +198,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         latency_max_ms: latencies.last().copied().unwrap_or_default(),
         idle_conversation_turns: args.idle_turns,
         idle_latency_ms,
-        stage_busy_s: metric_values(&metrics_text, crate::telemetry::STAGE_BUSY_SECONDS, "stage"),
+        stage_busy_s: metric_values(&metrics_text, &format!("{}_sum", crate::telemetry::STAGE_BUSY_SECONDS), "stage"),
         padding: padding_shares(&metrics_text),
         gpu_peak_allocated_mib: gpu.map(|m| m.allocated_peak as f64 / 1_048_576.0),
         gpu_peak_reserved_mib: gpu.map(|m| m.reserved_peak as f64 / 1_048_576.0),

@@ -124,8 +124,8 @@ impl ModelThread {
                 for job in jobs_rx {
                     let started = std::time::Instant::now();
                     let result = model.with(|m| run_job(m, task, job.input, &budget, ner)).and_then(|r| r);
-                    metrics::counter!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
-                        .increment(started.elapsed().as_secs_f64());
+                    metrics::histogram!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
+                        .record(started.elapsed().as_secs_f64());
                     if let Ok((_, stats)) = &result {
                         record_batch_stats(task, stats);
                     }
@@ -241,7 +241,9 @@ impl Drop for ModelThread {
 
 /// One job on the model: what `task` computes for the input.
 fn run_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: NerSettings) -> Result<(Output, BatchStats)> {
-    let texts = |t: &[String]| t.iter().map(String::as_str).collect::<Vec<_>>();
+    fn texts(t: &[String]) -> Vec<&str> {
+        t.iter().map(String::as_str).collect()
+    }
     Ok(match (task, input) {
         (Task::Embedding, ModelInput::Texts(t)) => m.embed(&texts(&t), budget).map(|(o, s)| (Output::Embeddings(o), s))?,
         (Task::Embedding, ModelInput::Ids(ids)) => m.embed_ids(&ids, budget).map(|(o, s)| (Output::Embeddings(o), s))?,

@@ -37,8 +37,8 @@ pub const QUEUE_DEPTH: &str = "convoflow_queue_depth";
 pub const ENRICH_SECONDS: &str = "convoflow_enrich_seconds";
 pub const MODEL_SECONDS: &str = "convoflow_model_seconds";
 pub const END_TO_END_SECONDS: &str = "convoflow_end_to_end_seconds";
-/// Seconds each stage spent working (not waiting), by `stage`: prepare, embedding, ner,
-/// sentiment (the model threads), write.
+/// Histogram of each stage's working time per micro-batch (not waiting), by `stage`: prepare,
+/// embedding, ner, sentiment (the model threads), write; `_sum` = busy seconds.
 pub const STAGE_BUSY_SECONDS: &str = "convoflow_stage_busy_seconds";
 /// Micro-batches waiting in front of each stage, by `stage`.
 pub const STAGE_QUEUE_DEPTH: &str = "convoflow_stage_queue_depth";
