@@ -112,13 +112,14 @@ pub struct PipelineConfig {
     pub queue_capacity: usize,
     /// Most messages enriched together in one micro-batch.
     pub max_batch_messages: usize,
-    /// Longest a micro-batch waits to fill while the next stage has room (0 = it leaves at
-    /// once; while the next stage is busy, a batch fills up to max_batch_messages anyway).
+    /// Extra time a micro-batch waits to fill (0 = it leaves at once while fewer than
+    /// `batches_in_flight` batches are in flight; otherwise when full or when one ends).
     pub max_batch_wait_ms: u64,
     /// Micro-batches prepared (decoded, chunked, tokenized) at the same time.
     pub prepare_workers: usize,
     /// Micro-batches queued on the models ahead of the writer (>= 1; 2+ keeps the GPU busy while
-    /// the store and the broker take the previous batch).
+    /// the store and the broker take the previous batch); below this many in flight, a partial
+    /// batch leaves at once.
     pub batches_in_flight: usize,
     /// A turn's text over this many bytes sends the message to the DLQ.
     pub max_turn_bytes: usize,

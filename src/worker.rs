@@ -243,19 +243,20 @@ impl Pipeline {
         let (prepared_tx, prepared_rx) = mpsc::channel(p.prepare_workers);
         let (inflight_tx, mut inflight_rx) = mpsc::channel(p.batches_in_flight);
         let linger = Duration::from_millis(p.max_batch_wait_ms);
+        let flight = Arc::new(Flight::default());
         let stages = [
-            tokio::spawn(form_batches(rx, batch_tx, p.max_batch_messages, linger)),
-            tokio::spawn(prepare_batches(batch_rx, prepared_tx, self.preparer.clone(), self.shared.clone(), p.prepare_workers)),
+            tokio::spawn(form_batches(rx, batch_tx, flight.clone(), p.max_batch_messages, p.batches_in_flight, linger)),
+            tokio::spawn(prepare_batches(batch_rx, prepared_tx, self.preparer.clone(), self.shared.clone(), flight.clone(), p.prepare_workers)),
             tokio::spawn(submit_batches(prepared_rx, inflight_tx, self.models.clone())),
         ];
         let mut deliveries = JoinSet::new();
         while let Some(inflight) = inflight_rx.recv().await {
             record_depth(STAGE_WRITE, inflight_rx.len());
-            if self.failure.is_some() {
-                continue; // stopping: what is still queued is neither written nor completed
-            }
-            let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
-            self.write(inflight, &mut deliveries).instrument(span).await;
+            if self.failure.is_none() {
+                let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
+                self.write(inflight, &mut deliveries).instrument(span).await;
+            } // else stopping: what is still queued is neither written nor completed
+            flight.ended();
             while deliveries.try_join_next().is_some() {}
         }
         for stage in stages {
@@ -437,44 +438,71 @@ impl Pipeline {
     }
 }
 
+/// Micro-batches between the batch stage and the end of the write stage, and a signal when one
+/// ends (the batch stage waits on it).
+#[derive(Default)]
+struct Flight {
+    batches: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+impl Flight {
+    fn started(&self) {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn ended(&self) {
+        self.batches.fetch_sub(1, Ordering::SeqCst);
+        self.ended.notify_one();
+    }
+
+    fn count(&self) -> usize {
+        self.batches.load(Ordering::SeqCst)
+    }
+}
+
 /// The batch stage: forms micro-batches of up to `max` messages. A batch takes what is already
-/// queued and leaves as soon as the prepare stage has room (after `linger` at most, when set);
-/// while that stage is busy, the batch keeps filling. So an idle worker handles a lone message
-/// at once, and a loaded one runs full batches.
+/// queued and leaves at once while fewer than `room` batches are in flight (an idle worker
+/// handles a lone conversation immediately and the models always have work queued, like
+/// text-embeddings-inference forming the next batch while the model runs); otherwise it keeps
+/// filling until it is full or a batch in flight ends. `linger` > 0 holds every batch that
+/// long for more messages first.
 async fn form_batches(
     mut rx: mpsc::Receiver<InboundMessage>,
     tx: mpsc::Sender<Vec<InboundMessage>>,
+    flight: Arc<Flight>,
     max: usize,
+    room: usize,
     linger: Duration,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while batch.len() < max {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
         let linger_until = Instant::now() + linger;
-        let permit = loop {
-            if batch.len() >= max {
-                break tx.reserve().await;
+        let mut open = true;
+        loop {
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
             }
-            let lingering = Instant::now() < linger_until;
+            let lingering = open && Instant::now() < linger_until;
+            if batch.len() >= max || !open || (flight.count() < room && !lingering) {
+                break;
+            }
             tokio::select! {
-                biased;
-                permit = tx.reserve(), if !lingering => break permit,
                 m = rx.recv() => match m {
                     Some(m) => batch.push(m),
-                    None => break tx.reserve().await,
+                    None => open = false,
                 },
+                _ = flight.ended.notified() => {}
                 _ = tokio::time::sleep_until(linger_until), if lingering => {}
             }
-        };
+        }
         metrics::gauge!(telemetry::QUEUE_DEPTH).set(rx.len() as f64);
-        match permit {
-            Ok(permit) => permit.send(batch),
-            Err(_) => return,
+        flight.started();
+        if tx.send(batch).await.is_err() {
+            return;
         }
     }
 }
@@ -486,6 +514,7 @@ async fn prepare_batches(
     tx: mpsc::Sender<Vec<Prepared>>,
     preparer: Arc<Preparer>,
     shared: Arc<SharedSource>,
+    flight: Arc<Flight>,
     workers: usize,
 ) {
     use futures::StreamExt;
@@ -507,7 +536,9 @@ async fn prepare_batches(
     let mut batches = std::pin::pin!(batches);
     while let Some(prepared) = batches.next().await {
         let prepared = prepared.expect("preparation does not panic");
-        if !prepared.is_empty() && tx.send(prepared).await.is_err() {
+        if prepared.is_empty() {
+            flight.ended(); // every message was revoked meanwhile
+        } else if tx.send(prepared).await.is_err() {
             return;
         }
     }
