@@ -32,6 +32,9 @@ pub struct EdgeStore {
     optimize_every: usize,
     since_optimize: AtomicUsize,
     optimizing: Arc<AtomicBool>,
+    /// The background optimization pass, if one was started: it holds the shard (and so the
+    /// directory's lock) until it ends, so `flush` waits for it.
+    optimizer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl EdgeStore {
@@ -43,6 +46,7 @@ impl EdgeStore {
             optimize_every,
             since_optimize: AtomicUsize::new(0),
             optimizing: Arc::new(AtomicBool::new(false)),
+            optimizer: std::sync::Mutex::new(None),
         }
     }
 
@@ -74,18 +78,22 @@ impl EdgeStore {
         }
         self.since_optimize.store(0, Ordering::Relaxed);
         let (Ok(shard), flag) = (self.shard(), self.optimizing.clone()) else { return };
-        std::thread::Builder::new()
-            .name("edge-optimize".into())
-            .spawn(move || {
-                let started = std::time::Instant::now();
-                match shard.optimize() {
-                    Ok(_) => info!(elapsed_ms = started.elapsed().as_millis() as u64, "edge collection optimized"),
-                    Err(e) => warn!(error = %e, "edge optimization failed"),
-                }
-                flag.store(false, Ordering::Release);
-            })
-            .map(drop)
-            .unwrap_or_else(|e| warn!(error = %e, "could not start the edge optimizer"));
+        let started = std::thread::Builder::new().name("edge-optimize".into()).spawn(move || {
+            let started = std::time::Instant::now();
+            match shard.optimize() {
+                Ok(_) => info!(elapsed_ms = started.elapsed().as_millis() as u64, "edge collection optimized"),
+                Err(e) => warn!(error = %e, "edge optimization failed"),
+            }
+            flag.store(false, Ordering::Release);
+        });
+        match started {
+            // a previous pass has ended (the flag was clear): its handle is replaced
+            Ok(handle) => *self.optimizer.lock().expect("not poisoned") = Some(handle),
+            Err(e) => {
+                self.optimizing.store(false, Ordering::Release);
+                warn!(error = %e, "could not start the edge optimizer");
+            }
+        }
     }
 }
 
@@ -301,9 +309,17 @@ impl VectorStore for EdgeStore {
         self.blocking(|s| s.optimize().map(drop)).await
     }
 
+    /// Waits for a running optimization pass (it holds the directory until it ends: a process
+    /// that reopens the store right after the worker stops would find it locked), then flushes.
     async fn flush(&self) -> Result<(), StoreError> {
         if self.shard().is_err() {
             return Ok(());
+        }
+        if let Some(pass) = self.optimizer.lock().expect("not poisoned").take() {
+            tokio::task::spawn_blocking(move || pass.join())
+                .await
+                .map_err(|e| StoreError::Permanent(format!("edge task failed: {e}")))?
+                .map_err(|_| StoreError::Permanent("the edge optimizer panicked".into()))?;
         }
         self.blocking(|s| s.flush()).await
     }
