@@ -315,7 +315,8 @@ impl VectorStore for EdgeStore {
         if self.shard().is_err() {
             return Ok(());
         }
-        if let Some(pass) = self.optimizer.lock().expect("not poisoned").take() {
+        let running = self.optimizer.lock().expect("not poisoned").take();
+        if let Some(pass) = running {
             tokio::task::spawn_blocking(move || pass.join())
                 .await
                 .map_err(|e| StoreError::Permanent(format!("edge task failed: {e}")))?
