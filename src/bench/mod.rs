@@ -145,8 +145,8 @@ pub fn run_models(args: &ModelsBenchArgs) -> Result<BenchReport> {
         let dir: &Path = &args.models.join(sub);
         if dir.exists() {
             let model = Model::load(dir, task, dev, kind).with_context(|| format!("loading {}", dir.display()))?;
-            // warm-up: first kernels, allocator growth
-            run_task(&model, &refs[..refs.len().min(16)], &args.budget)?;
+            // warm-up: first kernels, allocator growth, a range of shapes
+            run_task(&model, &refs[..refs.len().min(256)], &args.budget)?;
             loaded.push((sub, model));
         }
     }
