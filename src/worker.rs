@@ -12,6 +12,7 @@ use rdkafka::message::{Message, OwnedHeaders};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use rayon::prelude::*;
 use tracing::{Instrument, error, info, warn};
 
 use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireFormat};
@@ -25,7 +26,7 @@ use crate::sink::dlq::{self, Rejection};
 use crate::sink::producer::{EventProducer, Outgoing};
 use crate::sink::store::points::{PayloadText, points_for};
 use crate::sink::store::writer::StoreWriter;
-use crate::sink::store::{self, Bootstrap, StoreError, VectorStore};
+use crate::sink::store::{self, Bootstrap, StoreError, StorePoint, VectorStore};
 use crate::telemetry::{self, Readiness};
 use crate::source::{self, InboundMessage, SharedSource, SourceSettings, admin};
 
@@ -115,22 +116,28 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         .await??
     };
     readiness.models_warm.store(true, Ordering::Relaxed);
+    let shared = Arc::new(SharedSource::default());
+    let producer = EventProducer::new(kafka)?;
+    let emitter = Emitter {
+        output_codec: output_codec(&cfg.codec)?,
+        producer: producer.clone(),
+        output_topic: kafka.output_topic.clone(),
+        dlq_topic,
+        group_id: kafka.group_id.clone(),
+        shared: shared.clone(),
+        stats: Stats::default(),
+    };
     let pipeline = Pipeline {
         store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry),
         payload_text: cfg.qdrant.payload_text,
         stop: stop.clone(),
         failure: None,
-        output_codec: output_codec(&cfg.codec)?,
         model_infos: models.as_ref().map(Models::infos).unwrap_or_default(),
         preparer: Arc::new(preparer),
         models: models.map(Arc::new),
         readiness: readiness.clone(),
-        producer: EventProducer::new(kafka)?,
-        output_topic: kafka.output_topic.clone(),
-        dlq_topic,
-        group_id: kafka.group_id.clone(),
-        shared: Arc::new(SharedSource::default()),
-        stats: Stats::default(),
+        emitter: Some(emitter),
+        shared,
     };
     let consumer = source::create_consumer(
         kafka,
@@ -151,7 +158,6 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         .context("starting the source thread")?;
     info!(input = %kafka.input_topic, output = %kafka.output_topic, group = %kafka.group_id, "worker started");
 
-    let producer = pipeline.producer.clone();
     let (stats, failure) = pipeline.run(rx, &cfg.pipeline).await;
     tokio::task::spawn_blocking(move || poll_thread.join())
         .await?
@@ -188,16 +194,29 @@ struct Pipeline {
     /// Set to stop the source when a sink or a model thread fails for good.
     stop: Arc<AtomicBool>,
     failure: Option<anyhow::Error>,
-    output_codec: RecordCodec<EnrichedConversation>,
     preparer: Arc<Preparer>,
     models: Option<Arc<Models>>,
     model_infos: Vec<ModelInfo>,
+    /// The emit stage (moved into its task by `run`).
+    emitter: Option<Emitter>,
+    shared: Arc<SharedSource>,
+}
+
+/// The emit stage: encodes a stored batch's records, enqueues them in input order on the
+/// idempotent producer and hands their deliveries to a task that completes the offsets.
+struct Emitter {
+    output_codec: RecordCodec<EnrichedConversation>,
     producer: EventProducer,
     output_topic: String,
     dlq_topic: String,
     group_id: String,
     shared: Arc<SharedSource>,
     stats: Stats,
+}
+
+/// A batch whose points the store acknowledged, for the emit stage.
+struct Stored {
+    batch: Vec<Prepared>,
 }
 
 /// A prepared micro-batch whose model inputs are queued on the model threads.
@@ -211,7 +230,8 @@ struct InFlight {
 
 const STAGE_PREPARE: &str = "prepare";
 const STAGE_INFER: &str = "infer";
-const STAGE_WRITE: &str = "write";
+const STAGE_STORE: &str = "store";
+const STAGE_EMIT: &str = "emit";
 
 /// Adds the time until it is dropped to the stage's busy seconds.
 struct Busy(&'static str, std::time::Instant);
@@ -249,22 +269,30 @@ impl Pipeline {
             tokio::spawn(prepare_batches(batch_rx, prepared_tx, self.preparer.clone(), self.shared.clone(), flight.clone(), p.prepare_workers)),
             tokio::spawn(submit_batches(prepared_rx, inflight_tx, self.models.clone())),
         ];
-        let mut deliveries = JoinSet::new();
+        let (stored_tx, stored_rx) = mpsc::channel(2);
+        let emitter = self.emitter.take().expect("run once");
+        let emit = tokio::spawn(emitter.run(stored_rx, flight.clone()));
         while let Some(inflight) = inflight_rx.recv().await {
-            record_depth(STAGE_WRITE, inflight_rx.len());
-            if self.failure.is_none() {
-                let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
-                self.write(inflight, &mut deliveries).instrument(span).await;
-            } // else stopping: what is still queued is neither written nor completed
-            flight.ended();
-            while deliveries.try_join_next().is_some() {}
+            record_depth(STAGE_STORE, inflight_rx.len());
+            let stored = match self.failure {
+                None => {
+                    let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
+                    self.store(inflight).instrument(span).await
+                }
+                Some(_) => None, // stopping: what is still queued is neither written nor completed
+            };
+            match stored {
+                Some(stored) if stored_tx.send(stored).await.is_ok() => {}
+                _ => flight.ended(),
+            }
         }
+        drop(stored_tx);
         for stage in stages {
             let _ = stage.await;
         }
-        while deliveries.join_next().await.is_some() {}
-        self.stats.points = self.store.counters.upserted_points.load(Ordering::Relaxed);
-        (self.stats, self.failure)
+        let mut stats = emit.await.unwrap_or_default();
+        stats.points = self.store.counters.upserted_points.load(Ordering::Relaxed);
+        (stats, self.failure)
     }
 
     /// Stops the worker without completing the batch at hand: nothing of it is committed.
@@ -274,18 +302,23 @@ impl Pipeline {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    async fn write(&mut self, inflight: InFlight, deliveries: &mut JoinSet<()>) {
+    /// The store stage: the batch's model outputs, then its points upserted (acknowledged).
+    /// None when the batch ends here (nothing left of it, or a failure that stops the worker).
+    async fn store(&mut self, inflight: InFlight) -> Option<Stored> {
         let InFlight { mut batch, pending, formed } = inflight;
         let dense = match self.model_outputs(&mut batch, pending).await {
             Ok(dense) => dense,
-            Err(e) => return self.fail(anyhow::Error::new(e).context("running the models"), batch.len()),
+            Err(e) => {
+                self.fail(anyhow::Error::new(e).context("running the models"), batch.len());
+                return None;
+            }
         };
-        let _busy = Busy::start(STAGE_WRITE); // from here on: the write stage's own work
+        let _busy = Busy::start(STAGE_STORE); // from here on: the stage's own work
         // messages of partitions revoked while the batch was in flight: the next owner re-reads them
         let (batch, dense): (Vec<Prepared>, Vec<Option<Vec<Vec<f32>>>>) =
             batch.into_iter().zip(dense).filter(|(p, _)| self.shared.is_current(&p.msg.tp, p.msg.generation)).unzip();
         if batch.is_empty() {
-            return;
+            return None;
         }
         metrics::counter!(telemetry::MESSAGES).increment(batch.len() as u64);
         metrics::histogram!(telemetry::BATCH_MESSAGES).record(batch.len() as f64);
@@ -303,51 +336,27 @@ impl Pipeline {
             metrics::histogram!(telemetry::BATCH_TURNS).record(turns as f64);
             metrics::histogram!(telemetry::BATCH_TOKENS).record(tokens as f64);
         }
-        if let Err(e) = self.write_store(&batch, &dense).await {
+        // the points of every message, built on rayon's pool (entities, payloads, sparse vectors)
+        let payload_text = self.payload_text;
+        let (batch, points) = tokio::task::spawn_blocking(move || {
+            let points: Vec<Vec<StorePoint>> = batch
+                .par_iter()
+                .zip(dense.into_par_iter())
+                .map(|(p, dense)| match &p.decided {
+                    Decided::Valid(v) => points_for(&v.conversation, &v.event, dense.as_deref(), payload_text),
+                    _ => vec![],
+                })
+                .collect();
+            (batch, points)
+        })
+        .await
+        .expect("building points does not panic");
+        if let Err(e) = self.write_store(&batch, points).await {
             self.readiness.store_reachable.store(false, Ordering::Relaxed);
-            return self.fail(anyhow::Error::new(e).context("writing to the vector store"), batch.len());
+            self.fail(anyhow::Error::new(e).context("writing to the vector store"), batch.len());
+            return None;
         }
-
-        // Enqueue in input order: the idempotent producer keeps that order per partition.
-        let mut pending = Vec::with_capacity(batch.len());
-        for Prepared { msg, decided } in batch {
-            let record = match decided {
-                Decided::Valid(v) => match self.output_codec.encode(&v.event) {
-                    Ok(bytes) => {
-                        self.stats.enriched += 1;
-                        (false, Some(v.event.conversation_id.into_bytes()), Some(bytes), None)
-                    }
-                    Err(e) => self.dead_letter(&msg, Rejection { class: "encoding", message: e.to_string() }),
-                },
-                Decided::Tombstone => {
-                    self.stats.tombstones += 1;
-                    metrics::counter!(telemetry::TOMBSTONES).increment(1);
-                    (false, msg.key.clone(), None, None)
-                }
-                Decided::Rejected(why) => self.dead_letter(&msg, why),
-            };
-            let (to_dlq, key, payload, headers) = record;
-            let topic = if to_dlq { self.dlq_topic.as_str() } else { self.output_topic.as_str() };
-            let out = Outgoing { topic, key: key.as_deref(), payload: payload.as_deref(), headers };
-            match self.producer.enqueue(out).await {
-                Ok(delivery) => pending.push((msg.tp.clone(), msg.offset, msg.generation, msg.timestamp_ms, delivery)),
-                // Not completed: the offset stays uncommitted and the message is re-read later.
-                Err(e) => error!(error = %e, tp = %msg.tp, offset = msg.offset, "could not enqueue a record"),
-            }
-        }
-        let shared = self.shared.clone();
-        let producer = self.producer.clone();
-        deliveries.spawn(async move {
-            for (tp, offset, generation, event_ms, delivery) in pending {
-                if await_delivery(&producer, delivery).await {
-                    shared.complete(&tp, offset, generation);
-                    if let Some(t0) = event_ms.filter(|t| *t > 0) {
-                        let ms = chrono::Utc::now().timestamp_millis() - t0;
-                        metrics::histogram!(telemetry::END_TO_END_SECONDS).record(ms.max(0) as f64 / 1000.0);
-                    }
-                }
-            }
-        });
+        Some(Stored { batch })
     }
 
     /// Waits for the batch's model outputs and applies them to its events; returns the dense
@@ -411,11 +420,11 @@ impl Pipeline {
     /// Writes the batch to the vector store in input order: the points of each enriched
     /// conversation, and for a tombstone the deletion of that conversation's points (after the
     /// upserts before it, so a later re-creation is not deleted). Acknowledged on return.
-    async fn write_store(&self, batch: &[Prepared], dense: &[Option<Vec<Vec<f32>>>]) -> Result<(), StoreError> {
+    async fn write_store(&self, batch: &[Prepared], per_message: Vec<Vec<StorePoint>>) -> Result<(), StoreError> {
         let mut points = Vec::new();
-        for (p, dense) in batch.iter().zip(dense) {
+        for (p, message_points) in batch.iter().zip(per_message) {
             match &p.decided {
-                Decided::Valid(v) => points.extend(points_for(&v.conversation, &v.event, dense.as_deref(), self.payload_text)),
+                Decided::Valid(_) => points.extend(message_points),
                 Decided::Tombstone => {
                     let key = p.msg.key.as_deref().expect("tombstones have keys");
                     self.store.upsert_all(&points).await?;
@@ -426,6 +435,78 @@ impl Pipeline {
             }
         }
         self.store.upsert_all(&points).await
+    }
+
+}
+
+impl Emitter {
+    async fn run(mut self, mut rx: mpsc::Receiver<Stored>, flight: Arc<Flight>) -> Stats {
+        let mut deliveries = JoinSet::new();
+        while let Some(stored) = rx.recv().await {
+            record_depth(STAGE_EMIT, rx.len());
+            self.emit(stored.batch, &mut deliveries).await;
+            flight.ended();
+            while deliveries.try_join_next().is_some() {}
+        }
+        while deliveries.join_next().await.is_some() {}
+        self.stats
+    }
+
+    async fn emit(&mut self, batch: Vec<Prepared>, deliveries: &mut JoinSet<()>) {
+        let _busy = Busy::start(STAGE_EMIT);
+        // encode every event on rayon's pool, then enqueue in input order: the idempotent
+        // producer keeps that order per partition
+        let codec = self.output_codec.clone();
+        let (batch, encoded) = tokio::task::spawn_blocking(move || {
+            let encoded: Vec<Option<Result<Vec<u8>, String>>> = batch
+                .par_iter()
+                .map(|p| match &p.decided {
+                    Decided::Valid(v) => Some(codec.encode(&v.event).map_err(|e| e.to_string())),
+                    _ => None,
+                })
+                .collect();
+            (batch, encoded)
+        })
+        .await
+        .expect("encoding does not panic");
+        let mut pending = Vec::with_capacity(batch.len());
+        for (Prepared { msg, decided }, encoded) in batch.into_iter().zip(encoded) {
+            let record = match (decided, encoded) {
+                (Decided::Valid(v), Some(Ok(bytes))) => {
+                    self.stats.enriched += 1;
+                    (false, Some(v.event.conversation_id.into_bytes()), Some(bytes), None)
+                }
+                (Decided::Valid(_), Some(Err(e))) => self.dead_letter(&msg, Rejection { class: "encoding", message: e }),
+                (Decided::Valid(_), None) => unreachable!("every valid event is encoded"),
+                (Decided::Tombstone, _) => {
+                    self.stats.tombstones += 1;
+                    metrics::counter!(telemetry::TOMBSTONES).increment(1);
+                    (false, msg.key.clone(), None, None)
+                }
+                (Decided::Rejected(why), _) => self.dead_letter(&msg, why),
+            };
+            let (to_dlq, key, payload, headers) = record;
+            let topic = if to_dlq { self.dlq_topic.as_str() } else { self.output_topic.as_str() };
+            let out = Outgoing { topic, key: key.as_deref(), payload: payload.as_deref(), headers };
+            match self.producer.enqueue(out).await {
+                Ok(delivery) => pending.push((msg.tp.clone(), msg.offset, msg.generation, msg.timestamp_ms, delivery)),
+                // Not completed: the offset stays uncommitted and the message is re-read later.
+                Err(e) => error!(error = %e, tp = %msg.tp, offset = msg.offset, "could not enqueue a record"),
+            }
+        }
+        let shared = self.shared.clone();
+        let producer = self.producer.clone();
+        deliveries.spawn(async move {
+            for (tp, offset, generation, event_ms, delivery) in pending {
+                if await_delivery(&producer, delivery).await {
+                    shared.complete(&tp, offset, generation);
+                    if let Some(t0) = event_ms.filter(|t| *t > 0) {
+                        let ms = chrono::Utc::now().timestamp_millis() - t0;
+                        metrics::histogram!(telemetry::END_TO_END_SECONDS).record(ms.max(0) as f64 / 1000.0);
+                    }
+                }
+            }
+        });
     }
 
     /// The DLQ record of a rejected message: (to the DLQ, key, value, headers).
