@@ -281,9 +281,12 @@ impl Pipeline {
                 }
                 Some(_) => None, // stopping: what is still queued is neither written nor completed
             };
-            match stored {
-                Some(stored) if stored_tx.send(stored).await.is_ok() => {}
-                _ => flight.ended(),
+            let forwarded = match stored {
+                Some(stored) => stored_tx.send(stored).await.is_ok(),
+                None => false,
+            };
+            if !forwarded {
+                flight.ended();
             }
         }
         drop(stored_tx);
