@@ -59,6 +59,9 @@ pub struct E2eReport {
     /// times in ms (sorted).
     pub idle_conversation_turns: usize,
     pub idle_latency_ms: Vec<f64>,
+    /// The same probes, publish call → the worker's enqueue of the enriched event (its output
+    /// record's timestamp): without the output's delivery and the reading consumer's fetch.
+    pub idle_worker_ms: Vec<f64>,
     /// Seconds each stage was busy (the worker's `convoflow_stage_busy_seconds_sum`).
     pub stage_busy_s: std::collections::BTreeMap<String, f64>,
     /// Share of the tokens each model computed that was padding.
@@ -151,7 +154,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         Ok((inputs, outputs))
     })
     .await??;
-    let idle_latency_ms = idle_probes(&cfg, args.idle_probes, args.idle_turns).await?;
+    let (idle_latency_ms, idle_worker_ms) = idle_probes(&cfg, args.idle_probes, args.idle_turns).await?;
     let metrics_text = crate::telemetry::prometheus().render();
     let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
     let gpu = match device {
@@ -198,6 +201,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         latency_max_ms: latencies.last().copied().unwrap_or_default(),
         idle_conversation_turns: args.idle_turns,
         idle_latency_ms,
+        idle_worker_ms,
         stage_busy_s: metric_values(&metrics_text, &format!("{}_sum", crate::telemetry::STAGE_BUSY_SECONDS), "stage"),
         padding: padding_shares(&metrics_text),
         gpu_peak_allocated_mib: gpu.map(|m| m.allocated_peak as f64 / 1_048_576.0),
@@ -231,10 +235,10 @@ fn long_conversation(id: u64, turns: usize) -> crate::event::Conversation {
 
 /// With the worker idle: publishes `probes` single conversations of `turns` turns, one at a
 /// time, each timed from the publish call until a consumer of the output topic sees its
-/// enriched event (ms, ascending).
-async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<Vec<f64>> {
+/// enriched event, and until the output record's timestamp (ms, each ascending).
+async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     if probes == 0 {
-        return Ok(vec![]);
+        return Ok((vec![], vec![]));
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // let the worker go idle
     let codec = crate::worker::input_codec(&cfg.codec)?;
@@ -244,11 +248,12 @@ async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<Vec<f6
         tokio::task::spawn_blocking(move || readback::tail(&k, &k.output_topic)).await??
     };
     let tail = Arc::new(tail);
-    let mut out = Vec::with_capacity(probes);
+    let (mut out, mut worker) = (Vec::with_capacity(probes), Vec::with_capacity(probes));
     for i in 0..probes {
         let conv = long_conversation(900_000 + i as u64, turns);
         let payload = codec.encode(&conv)?;
         let started = Instant::now();
+        let published_ms = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
         let out_rec = crate::sink::producer::Outgoing {
             topic: &cfg.kafka.input_topic,
             key: Some(conv.conversation_id.as_bytes()),
@@ -261,14 +266,18 @@ async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<Vec<f6
         let elapsed = started.elapsed().as_secs_f64() * 1000.0;
         let _ = delivery.await;
         match seen {
-            Some((_, event)) if event.turns.len() == turns => out.push(elapsed),
+            Some((ts, event)) if event.turns.len() == turns => {
+                out.push(elapsed);
+                worker.push(ts as f64 - published_ms);
+            }
             Some((_, event)) => bail!("the idle probe came back with {} turns, not {turns}", event.turns.len()),
             None => bail!("the idle probe {i} was not enriched within 30 s"),
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     out.sort_by(f64::total_cmp);
-    Ok(out)
+    worker.sort_by(f64::total_cmp);
+    Ok((out, worker))
 }
 
 /// Values of a labelled metric in Prometheus text: label value -> value.
@@ -322,6 +331,8 @@ pub fn print(r: &E2eReport) {
     if !r.idle_latency_ms.is_empty() {
         let ms: Vec<String> = r.idle_latency_ms.iter().map(|v| format!("{v:.0}")).collect();
         println!("  idle worker, one {}-turn conversation, publish → enriched event seen: {} ms", r.idle_conversation_turns, ms.join(" / "));
+        let ms: Vec<String> = r.idle_worker_ms.iter().map(|v| format!("{v:.0}")).collect();
+        println!("    publish → enriched event enqueued by the worker (its record timestamp): {} ms", ms.join(" / "));
     }
     let busy: Vec<String> = r.stage_busy_s.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
     println!("  stage busy seconds: {}", busy.join(", "));
