@@ -223,7 +223,7 @@ fn default_dtype() -> String {
     "fp16".into()
 }
 fn default_batch_size() -> usize {
-    64
+    256
 }
 fn default_max_batch_tokens() -> usize {
     16_384

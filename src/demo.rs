@@ -55,7 +55,7 @@ pub fn find_models(configured: Option<&ModelsConfig>) -> DemoModels {
         name: name.into(),
         path,
         dtype: "fp16".into(),
-        batch_size: 64,
+        batch_size: 256,
         max_batch_tokens: 16_384,
         document_prefix: prefix.into(),
         query_template: query.into(),
