@@ -255,9 +255,10 @@ fn record_depth(stage: &'static str, depth: usize) {
 impl Pipeline {
     /// The stages, each a task connected to the next by a bounded channel, so several
     /// micro-batches are in flight and every stage works at once: batch → prepare (CPU cores)
-    /// → infer (queues each batch on the model threads and goes on) → write (this task: model
-    /// outputs, store, output topic, completion, in input order). A full channel stops the
-    /// stage before it, and in the end the source pauses its partitions.
+    /// → infer (queues each batch on the model threads and goes on) → store (this task: model
+    /// outputs, points upserted) → emit (output topic / DLQ, completion), all in input order.
+    /// A full channel stops the stage before it, and in the end the source pauses its
+    /// partitions.
     async fn run(mut self, rx: mpsc::Receiver<InboundMessage>, p: &PipelineConfig) -> (Stats, Option<anyhow::Error>) {
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let (prepared_tx, prepared_rx) = mpsc::channel(p.prepare_workers);
