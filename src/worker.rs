@@ -268,19 +268,20 @@ impl Pipeline {
         let stages = [
             tokio::spawn(form_batches(rx, batch_tx, flight.clone(), p.max_batch_messages, p.batches_in_flight, linger)),
             tokio::spawn(prepare_batches(batch_rx, prepared_tx, self.preparer.clone(), self.shared.clone(), flight.clone(), p.prepare_workers)),
-            tokio::spawn(submit_batches(prepared_rx, inflight_tx, self.models.clone())),
+            tokio::spawn(submit_batches(prepared_rx, inflight_tx, self.models.clone(), flight.clone())),
         ];
         let (stored_tx, stored_rx) = mpsc::channel(2);
         let emitter = self.emitter.take().expect("run once");
         let emit = tokio::spawn(emitter.run(stored_rx, flight.clone()));
         while let Some(inflight) = inflight_rx.recv().await {
             record_depth(STAGE_STORE, inflight_rx.len());
-            let stored = match self.failure {
-                None => {
-                    let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
-                    self.store(inflight).instrument(span).await
-                }
-                Some(_) => None, // stopping: what is still queued is neither written nor completed
+            // stopping (a failure, or the source is gone): what is still queued is neither
+            // written nor completed; the next owner of its partitions re-reads it
+            let stored = if self.failure.is_none() && !flight.is_abandoned() {
+                let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
+                self.store(inflight).instrument(span).await
+            } else {
+                None
             };
             let forwarded = match stored {
                 Some(stored) => stored_tx.send(stored).await.is_ok(),
@@ -529,9 +530,21 @@ impl Emitter {
 struct Flight {
     batches: std::sync::atomic::AtomicUsize,
     ended: tokio::sync::Notify,
+    /// Set when the source has stopped for good (shutdown or failure: it committed what was
+    /// complete and left): work still in the pipeline can no longer be completed, so the
+    /// stages drop it instead of running it, and the worker exits promptly.
+    abandoned: AtomicBool,
 }
 
 impl Flight {
+    fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
+    }
+
     fn started(&self) {
         self.batches.fetch_add(1, Ordering::SeqCst);
     }
@@ -585,11 +598,16 @@ async fn form_batches(
             }
         }
         metrics::gauge!(telemetry::QUEUE_DEPTH).set(rx.len() as f64);
+        if !open {
+            break; // the source is gone: nothing of this batch can be completed any more
+        }
         flight.started();
         if tx.send(batch).await.is_err() {
-            return;
+            break;
         }
     }
+    flight.abandon();
+    flight.ended.notify_one();
 }
 
 /// The prepare stage: up to `workers` micro-batches at once on blocking threads (each spreads
@@ -609,8 +627,11 @@ async fn prepare_batches(
         next
     })
     .map(|batch: Vec<InboundMessage>| {
-        let (preparer, shared) = (preparer.clone(), shared.clone());
+        let (preparer, shared, flight) = (preparer.clone(), shared.clone(), flight.clone());
         tokio::task::spawn_blocking(move || {
+            if flight.is_abandoned() {
+                return vec![];
+            }
             let _busy = Busy::start(STAGE_PREPARE);
             // messages of partitions revoked meanwhile are dropped: the next owner re-reads them
             let current: Vec<InboundMessage> = batch.into_iter().filter(|m| shared.is_current(&m.tp, m.generation)).collect();
@@ -622,7 +643,7 @@ async fn prepare_batches(
     while let Some(prepared) = batches.next().await {
         let prepared = prepared.expect("preparation does not panic");
         if prepared.is_empty() {
-            flight.ended(); // every message was revoked meanwhile
+            flight.ended(); // every message was revoked meanwhile, or the source is gone
         } else if tx.send(prepared).await.is_err() {
             return;
         }
@@ -637,9 +658,14 @@ async fn submit_batches(
     mut rx: mpsc::Receiver<Vec<Prepared>>,
     tx: mpsc::Sender<InFlight>,
     models: Option<Arc<Models>>,
+    flight: Arc<Flight>,
 ) {
     while let Some(mut batch) = rx.recv().await {
         record_depth(STAGE_INFER, rx.len());
+        if flight.is_abandoned() {
+            flight.ended(); // not run: nothing of it could be completed
+            continue;
+        }
         let formed = std::time::Instant::now();
         let Ok(permit) = tx.reserve().await else { return };
         let pending = models.as_ref().map(|m| m.submit(&mut batch));

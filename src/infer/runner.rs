@@ -4,6 +4,8 @@
 //! one GPU. Callers submit texts and get a receiver for the result, so the three models work at
 //! the same time on one micro-batch.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -62,6 +64,9 @@ pub struct ModelThread {
     pub name: String,
     jobs: Option<mpsc::Sender<Job>>,
     handle: Option<JoinHandle<()>>,
+    /// Set on drop: jobs still queued are answered with an error instead of being run, so a
+    /// stopping worker waits for the job at hand only.
+    cancelled: Arc<AtomicBool>,
     /// Behind a mutex so the thread handle can be shared (`Sync`) by the enrichment stage.
     report: std::sync::Mutex<mpsc::Receiver<LoadReport>>,
     loaded: std::sync::OnceLock<LoadReport>,
@@ -90,6 +95,8 @@ impl ModelThread {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let (report_tx, report_rx) = mpsc::channel::<LoadReport>();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let cancel = cancelled.clone();
         let handle = std::thread::Builder::new()
             .name(format!("model-{}", task_name(task)))
             .spawn(move || {
@@ -122,6 +129,10 @@ impl ModelThread {
                     return;
                 }
                 for job in jobs_rx {
+                    if cancel.load(Ordering::SeqCst) {
+                        let _ = job.reply.send(Err(anyhow!("the model thread is stopping")));
+                        continue;
+                    }
                     let started = std::time::Instant::now();
                     let result = model.with(|m| run_job(m, task, job.input, &budget, ner)).and_then(|r| r);
                     metrics::histogram!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
@@ -140,6 +151,7 @@ impl ModelThread {
             name,
             jobs: Some(jobs_tx),
             handle: Some(handle),
+            cancelled,
             report: std::sync::Mutex::new(report_rx),
             loaded: std::sync::OnceLock::new(),
         })
@@ -186,6 +198,7 @@ impl ModelThread {
             name,
             jobs: Some(jobs_tx),
             handle: Some(handle),
+            cancelled: Arc::new(AtomicBool::new(false)),
             report: std::sync::Mutex::new(report_rx),
             loaded: std::sync::OnceLock::new(),
         })
@@ -232,6 +245,7 @@ impl ModelThread {
 
 impl Drop for ModelThread {
     fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::SeqCst); // queued jobs are not run
         drop(self.jobs.take()); // ends the thread's job loop
         if let Some(h) = self.handle.take() {
             let _ = h.join();
