@@ -598,8 +598,10 @@ async fn form_batches(
             }
         }
         metrics::gauge!(telemetry::QUEUE_DEPTH).set(rx.len() as f64);
-        if !open {
-            break; // the source is gone: nothing of this batch can be completed any more
+        if !open || rx.is_closed() {
+            // the source is gone (it committed what was complete and left the group): nothing
+            // of this batch, nor of what is still queued, can be completed any more
+            break;
         }
         flight.started();
         if tx.send(batch).await.is_err() {
