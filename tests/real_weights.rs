@@ -80,6 +80,19 @@ fn multilingual_e5_small_matches_transformers_and_finds_paraphrases_across_langu
     }
 }
 
+/// multilingual-e5-small as the worker's embedding model, with the e5 prefixes.
+fn e5_small_config() -> convoflow::config::ModelConfig {
+    convoflow::config::ModelConfig {
+        name: "e5-small".into(),
+        path: env_path("CONVOFLOW_E5_SMALL"),
+        dtype: "fp32".into(),
+        batch_size: 64,
+        max_batch_tokens: 16_384,
+        document_prefix: "passage: ".into(),
+        query_template: "query: {query}".into(),
+    }
+}
+
 /// Tokenize once: the worker's preparation stage cuts each turn into chunks with the embedding
 /// model's own tokenizer and hands the model the chunk's ids after the document prefix's ids.
 /// Those inputs, through the model, give what transformers gives for "passage: " + text
@@ -87,7 +100,7 @@ fn multilingual_e5_small_matches_transformers_and_finds_paraphrases_across_langu
 #[test]
 fn prepared_chunk_ids_embed_like_transformers_on_prefixed_text() {
     use convoflow::codec::{RecordCodec, WireFormat};
-    use convoflow::config::{Config, ModelConfig};
+    use convoflow::config::Config;
     use convoflow::event::{Conversation, Turn};
     use convoflow::pipeline::offsets::TopicPartition;
     use convoflow::pipeline::prepare::{Decided, Preparer};
@@ -103,15 +116,7 @@ fn prepared_chunk_ids_embed_like_transformers_on_prefixed_text() {
     assert!(passages.len() >= 4, "the fixture holds passages");
 
     let mut cfg = Config::default();
-    cfg.models.embedding = Some(ModelConfig {
-        name: "e5-small".into(),
-        path: env_path("CONVOFLOW_E5_SMALL"),
-        dtype: "fp32".into(),
-        batch_size: 64,
-        max_batch_tokens: 16_384,
-        document_prefix: "passage: ".into(),
-        query_template: "query: {query}".into(),
-    });
+    cfg.models.embedding = Some(e5_small_config());
     let preparer = Preparer::new(&cfg).unwrap();
     let mut conv = convoflow::sample::SampleGenerator::new(1).conversation(0);
     conv.turns = passages
@@ -149,18 +154,10 @@ fn prepared_chunk_ids_embed_like_transformers_on_prefixed_text() {
 /// second chunking tokenizer, is a start-up error rather than a silent truncation.
 #[test]
 fn chunk_settings_are_checked_against_the_embedding_model() {
-    use convoflow::config::{Config, ModelConfig};
+    use convoflow::config::Config;
     use convoflow::pipeline::prepare::Preparer;
     let mut cfg = Config::default();
-    cfg.models.embedding = Some(ModelConfig {
-        name: "e5-small".into(),
-        path: env_path("CONVOFLOW_E5_SMALL"),
-        dtype: "fp32".into(),
-        batch_size: 64,
-        max_batch_tokens: 16_384,
-        document_prefix: "passage: ".into(),
-        query_template: "query: {query}".into(),
-    });
+    cfg.models.embedding = Some(e5_small_config());
     let ok = Preparer::new(&cfg).unwrap();
     assert!(ok.chunk_tokens.contains("embedding model"), "{}", ok.chunk_tokens);
     cfg.pipeline.chunk.max_tokens = 600;

@@ -22,12 +22,7 @@ fn partitions(cfg: &KafkaConfig, topic: &str) -> Result<i32> {
 /// A consumer of `topic` that sees only what is written from now on (assigned at each
 /// partition's high watermark, read now, so nothing written after this call is missed).
 pub fn tail(cfg: &KafkaConfig, topic: &str) -> Result<BaseConsumer> {
-    let c: BaseConsumer = base_client_config(cfg)
-        .set("group.id", "convoflow-readback")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string())
-        .create()?;
+    let c = unassigned(cfg, Some("10"))?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions(cfg, topic)? {
         let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;
@@ -62,17 +57,26 @@ pub fn wait_for_event(
 /// A consumer assigned every partition of `topic` from the beginning (no group membership,
 /// nothing committed).
 fn reader(cfg: &KafkaConfig, topic: &str) -> Result<BaseConsumer> {
-    let c: BaseConsumer = base_client_config(cfg)
-        .set("group.id", "convoflow-readback")
-        .set("enable.auto.commit", "false")
-        .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string())
-        .create()?;
+    let c = unassigned(cfg, None)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions(cfg, topic)? {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     c.assign(&tpl)?;
     Ok(c)
+}
+
+/// A consumer for reading back (no group membership, nothing committed), not assigned yet;
+/// `fetch_wait_ms` shortens the broker's wait for data (the tail of a topic, for latency).
+fn unassigned(cfg: &KafkaConfig, fetch_wait_ms: Option<&str>) -> Result<BaseConsumer> {
+    let mut c = base_client_config(cfg);
+    c.set("group.id", "convoflow-readback")
+        .set("enable.auto.commit", "false")
+        .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string());
+    if let Some(ms) = fetch_wait_ms {
+        c.set("fetch.wait.max.ms", ms);
+    }
+    Ok(c.create()?)
 }
 
 /// Records retained in `topic` (high − low watermark, summed over partitions).
