@@ -29,12 +29,15 @@ fn main() {
 /// events and allocator statistics that tch does not expose. Needs no CUDA headers.
 fn build_cuda_shim() {
     println!("cargo:rerun-if-changed=src/infer/shim/cuda_shim.cpp");
+    println!("cargo:rerun-if-changed=src/infer/shim/qlinear_shim.cpp");
     let libtorch = std::env::var("LIBTORCH").expect("LIBTORCH must point at libtorch (source scripts/env.sh)");
     let include = std::path::Path::new(&libtorch).join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
         .cpp(true)
         .file("src/infer/shim/cuda_shim.cpp")
+        // int8 Linear layers on CPU (quantized::linear_dynamic), see the file
+        .file("src/infer/shim/qlinear_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -1,4 +1,4 @@
-//! Model inference on CPU with the reference-config fixtures (2 layers, random weights):
+//! Model inference on CPU (fp32 and int8) with the reference-config fixtures (2 layers, random weights):
 //! `scripts/setup` builds them; `CONVOFLOW_MODEL_FIXTURES` (scripts/env.sh) points at them.
 //!   source scripts/env.sh && cargo bench --bench models
 //! For the side-by-side comparison with transformers use scripts/bench-models.
@@ -19,24 +19,26 @@ fn models(c: &mut Criterion) {
     let turns = generate_turns(32, 17);
     let refs: Vec<&str> = turns.iter().map(String::as_str).collect();
     let budget = Budget::default();
-    let mut group = c.benchmark_group("models, 32 generated turns, CPU fp32");
-    group.sample_size(10);
-    group.throughput(Throughput::Elements(refs.len() as u64));
-    for (name, task) in [
-        ("embed-xlmr", Task::Embedding),
-        ("ner-camembert", Task::TokenClassification),
-        ("sentiment-bert", Task::SequenceClassification),
-    ] {
-        let model = Model::load(&PathBuf::from(&dir).join(name), task, Device::Cpu, Kind::Float).unwrap();
-        group.bench_function(name, |b| {
-            b.iter(|| match task {
-                Task::Embedding => model.embed(&refs, &budget).unwrap().1,
-                Task::TokenClassification => model.entities(&refs, &budget, 128).unwrap().1,
-                Task::SequenceClassification => model.classify(&refs, &budget).unwrap().1,
-            })
-        });
+    for (label, kind) in [("fp32", Kind::Float), ("int8", Kind::QInt8)] {
+        let mut group = c.benchmark_group(format!("models, 32 generated turns, CPU {label}"));
+        group.sample_size(10);
+        group.throughput(Throughput::Elements(refs.len() as u64));
+        for (name, task) in [
+            ("embed-xlmr", Task::Embedding),
+            ("ner-camembert", Task::TokenClassification),
+            ("sentiment-bert", Task::SequenceClassification),
+        ] {
+            let model = Model::load(&PathBuf::from(&dir).join(name), task, Device::Cpu, kind).unwrap();
+            group.bench_function(name, |b| {
+                b.iter(|| match task {
+                    Task::Embedding => model.embed(&refs, &budget).unwrap().1,
+                    Task::TokenClassification => model.entities(&refs, &budget, 128).unwrap().1,
+                    Task::SequenceClassification => model.classify(&refs, &budget).unwrap().1,
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(benches, models);

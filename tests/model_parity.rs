@@ -362,3 +362,137 @@ fn model_threads_run_the_three_models_at_once_with_the_same_results() {
     );
     assert!(format!("{:#}", broken.err().unwrap()).contains("missing config.json"));
 }
+
+// ---- int8 (dynamic quantization of the encoder's Linear layers, CPU) against fp32 ----
+
+/// Outputs of `model` for `texts` through the production path (token-budget batches), one
+/// per text: [hidden] / [labels] rows, or [len, labels] for token classification.
+fn outputs(model: &Model, texts: &[&str]) -> Vec<Tensor> {
+    let seqs = model.encode_ids(texts).unwrap();
+    model.run_sequences(&seqs, &Default::default()).unwrap().0
+}
+
+/// The fixture's texts and generated turns (1–5 sample sentences each, French and English).
+fn int8_texts(name: &str, turns: usize) -> Vec<String> {
+    let mut all = texts(&expected(name));
+    all.extend(convoflow::bench::generate_turns(turns, 23));
+    all
+}
+
+/// (agreeing, total) argmax positions over the last dimension of each pair of outputs.
+fn argmax_agreement(a: &[Tensor], b: &[Tensor]) -> (i64, i64) {
+    a.iter().zip(b).fold((0, 0), |(same, total), (x, y)| {
+        let (ax, ay) = (x.argmax(-1, false), y.argmax(-1, false));
+        (same + ax.eq_tensor(&ay).sum(Kind::Int64).int64_value(&[]), total + ax.numel() as i64)
+    })
+}
+
+fn max_abs_difference(a: &[Tensor], b: &[Tensor]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+fn load_kind(path: &Path, task: Task, kind: Kind) -> Model {
+    Model::load(path, task, Device::Cpu, kind).unwrap()
+}
+
+/// Lowest cosine similarity between int8 and fp32 embeddings of the same texts (both
+/// L2-normalised), and the largest absolute difference.
+fn int8_embedding_cosine(path: &Path, texts: &[&str]) -> (f64, f64) {
+    let fp32 = outputs(&load_kind(path, Task::Embedding, Kind::Float), texts);
+    let int8 = outputs(&load_kind(path, Task::Embedding, Kind::QInt8), texts);
+    let lowest = fp32.iter().zip(&int8).map(|(a, b)| (a * b).sum(Kind::Float).double_value(&[])).fold(f64::MAX, f64::min);
+    (lowest, max_abs_difference(&fp32, &int8))
+}
+
+#[test]
+fn int8_token_classification_agrees_with_fp32_per_token() {
+    let path = fixtures().join("ner-camembert");
+    let texts = int8_texts("ner-camembert", 128);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let fp32 = outputs(&load_kind(&path, Task::TokenClassification, Kind::Float), &refs);
+    let int8 = outputs(&load_kind(&path, Task::TokenClassification, Kind::QInt8), &refs);
+    let (same, total) = argmax_agreement(&fp32, &int8);
+    let agreement = same as f64 / total as f64;
+    let diff = max_abs_difference(&fp32, &int8);
+    println!("camembert NER int8 vs fp32: per-token argmax agreement {agreement:.4} ({same}/{total}), max |Δp| {diff:.2e}");
+    assert!(total > 2000, "enough tokens to measure: {total}");
+    assert!(agreement >= 0.99, "per-token argmax agreement {agreement} ({same}/{total})");
+    assert!(diff > 0.0, "int8 gave exactly the fp32 probabilities: nothing was quantized");
+}
+
+#[test]
+fn int8_sequence_classification_agrees_with_fp32_per_text() {
+    let path = fixtures().join("sentiment-bert");
+    let texts = int8_texts("sentiment-bert", 256);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let fp32 = outputs(&load_kind(&path, Task::SequenceClassification, Kind::Float), &refs);
+    let int8 = outputs(&load_kind(&path, Task::SequenceClassification, Kind::QInt8), &refs);
+    let (same, total) = argmax_agreement(&fp32, &int8);
+    let agreement = same as f64 / total as f64;
+    let diff = max_abs_difference(&fp32, &int8);
+    println!("bert sentiment int8 vs fp32: per-text argmax agreement {agreement:.4} ({same}/{total}), max |Δp| {diff:.2e}");
+    assert_eq!(total as usize, texts.len());
+    assert!(agreement >= 0.99, "per-text argmax agreement {agreement} ({same}/{total})");
+    assert!(diff > 0.0, "int8 gave exactly the fp32 probabilities: nothing was quantized");
+}
+
+#[test]
+fn int8_embeddings_agree_with_fp32_on_the_reference_architecture() {
+    let texts = int8_texts("embed-xlmr", 64);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (cosine, diff) = int8_embedding_cosine(&fixtures().join("embed-xlmr"), &refs);
+    println!("xlm-roberta embeddings int8 vs fp32: lowest cosine {cosine:.5}, max |Δ| {diff:.2e}");
+    assert!(cosine >= 0.99, "lowest cosine {cosine}");
+    assert!(diff > 0.0, "int8 gave exactly the fp32 embeddings: nothing was quantized");
+}
+
+fn real_weights(var: &str) -> PathBuf {
+    PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests with scripts/test")))
+}
+
+fn real_weight_texts(expected_file: &str) -> Vec<String> {
+    let exp: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join(expected_file)).unwrap()).unwrap();
+    let mut all = texts(&exp);
+    all.extend(convoflow::bench::generate_turns(64, 29));
+    all
+}
+
+#[test]
+fn int8_minilm_embeddings_agree_with_fp32() {
+    let texts = real_weight_texts("minilm-expected.json");
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (cosine, diff) = int8_embedding_cosine(&real_weights("CONVOFLOW_MINILM"), &refs);
+    println!("all-MiniLM-L6-v2 int8 vs fp32 ({} texts): lowest cosine {cosine:.5}, max |Δ| {diff:.2e}", texts.len());
+    assert!(cosine >= 0.99, "lowest cosine {cosine}");
+    assert!(diff > 0.0, "nothing was quantized");
+}
+
+#[test]
+fn int8_multilingual_e5_small_embeddings_agree_with_fp32() {
+    let texts = real_weight_texts("e5small-expected.json");
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (cosine, diff) = int8_embedding_cosine(&real_weights("CONVOFLOW_E5_SMALL"), &refs);
+    println!("multilingual-e5-small int8 vs fp32 ({} texts): lowest cosine {cosine:.5}, max |Δ| {diff:.2e}", texts.len());
+    assert!(cosine >= 0.99, "lowest cosine {cosine}");
+    assert!(diff > 0.0, "nothing was quantized");
+}
+
+#[test]
+fn int8_is_loaded_through_the_manager_on_cpu() {
+    use convoflow::config::ModelConfig;
+    use convoflow::infer::manager::ManagedModel;
+    let cfg = ModelConfig {
+        name: "fixture/sentiment-bert".into(),
+        path: fixtures().join("sentiment-bert"),
+        dtype: "int8".into(),
+        batch_size: 8,
+        max_batch_tokens: 4096,
+        document_prefix: String::new(),
+        query_template: "{query}".into(),
+    };
+    let managed = ManagedModel::new(Task::SequenceClassification, cfg.clone(), Device::Cpu).unwrap();
+    managed.ensure_loaded().unwrap();
+    assert_eq!(managed.report().unwrap().kind, Kind::QInt8);
+    let err = ManagedModel::new(Task::SequenceClassification, cfg, Device::Cuda(0)).err().expect("int8 on CUDA is refused");
+    assert!(format!("{err:#}").contains("CPU only"), "{err:#}");
+}

@@ -20,16 +20,24 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
     }
 }
 
-/// fp32 on CPU whatever is configured; fp16/bf16/fp32 on CUDA as configured.
+/// The compute dtype of a model. CUDA: fp32, fp16 or bf16 as configured. CPU: int8 (dynamic
+/// quantization of the encoder's Linear layers, returned as `Kind::QInt8`), otherwise fp32
+/// (fp16/bf16 configured on CPU run fp32). int8 on CUDA is a configuration error.
 pub fn parse_dtype(spec: &str, device: Device) -> anyhow::Result<Kind> {
-    if device == Device::Cpu {
-        return Ok(Kind::Float);
-    }
-    match spec {
-        "fp32" | "float32" => Ok(Kind::Float),
-        "fp16" | "float16" => Ok(Kind::Half),
-        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
-        other => anyhow::bail!("dtype must be fp32, fp16 or bf16, got {other:?}"),
+    let kind = match spec {
+        "fp32" | "float32" => Kind::Float,
+        "fp16" | "float16" => Kind::Half,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        "int8" | "qint8" => Kind::QInt8,
+        other => anyhow::bail!("dtype must be fp32, fp16, bf16 or int8 (CPU only), got {other:?}"),
+    };
+    match (device, kind) {
+        (Device::Cpu, Kind::QInt8) => Ok(Kind::QInt8),
+        (Device::Cpu, _) => Ok(Kind::Float),
+        (_, Kind::QInt8) => anyhow::bail!(
+            "dtype int8 runs on CPU only (dynamic int8 quantization with fbgemm); on {device:?} use fp16, bf16 or fp32"
+        ),
+        (_, kind) => Ok(kind),
     }
 }
 
@@ -59,4 +67,22 @@ pub fn report() -> Vec<String> {
         lines.push(format!("cudart {} cudnn {}", tch::utils::version_cudart(), tch::utils::version_cudnn()));
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtypes_per_device() {
+        assert_eq!(parse_dtype("int8", Device::Cpu).unwrap(), Kind::QInt8);
+        assert_eq!(parse_dtype("fp16", Device::Cpu).unwrap(), Kind::Float, "CPU runs fp16/bf16 configs in fp32");
+        assert_eq!(parse_dtype("bf16", Device::Cpu).unwrap(), Kind::Float);
+        assert_eq!(parse_dtype("fp32", Device::Cpu).unwrap(), Kind::Float);
+        assert_eq!(parse_dtype("fp16", Device::Cuda(0)).unwrap(), Kind::Half);
+        assert_eq!(parse_dtype("bf16", Device::Cuda(0)).unwrap(), Kind::BFloat16);
+        let err = parse_dtype("int8", Device::Cuda(0)).unwrap_err().to_string();
+        assert!(err.contains("int8") && err.contains("CPU only"), "{err}");
+        assert!(parse_dtype("int4", Device::Cpu).is_err(), "an unknown dtype is an error on CPU too");
+    }
 }

@@ -5,11 +5,13 @@
 use tch::{Device, Kind, Tensor};
 
 use super::hf::{Family, HfConfig, ModelError};
+use super::quant::QLinear;
 use super::weights::Weights;
 
-pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
+/// A dense layer: fp32 (or the device dtype), or int8 weights with fp32 activations on CPU.
+pub enum Linear {
+    Dense { weight: Tensor, bias: Tensor },
+    Int8(QLinear),
 }
 
 impl Linear {
@@ -18,11 +20,37 @@ impl Linear {
             let full = format!("{name}.{suffix}");
             if base { w.base(&full, shape) } else { w.get(&full, shape) }
         };
-        Ok(Self { weight: get("weight", &[out_dim, in_dim])?, bias: get("bias", &[out_dim])? })
+        Ok(Self::Dense { weight: get("weight", &[out_dim, in_dim])?, bias: get("bias", &[out_dim])? })
+    }
+
+    /// One layer computing `parts` side by side (their outputs concatenated): one GEMM instead
+    /// of several over the same input.
+    fn fused(parts: Vec<Linear>) -> Self {
+        let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = parts
+            .into_iter()
+            .map(|p| match p {
+                Self::Dense { weight, bias } => (weight, bias),
+                Self::Int8(_) => unreachable!("layers are fused before quantization"),
+            })
+            .unzip();
+        Self::Dense { weight: Tensor::cat(&weights, 0), bias: Tensor::cat(&biases, 0) }
+    }
+
+    /// The same layer with int8 weights (dynamic quantization, CPU).
+    fn quantized(self) -> Result<Self, ModelError> {
+        match self {
+            Self::Dense { weight, bias } => {
+                Ok(Self::Int8(QLinear::new(&weight, &bias).map_err(|e| ModelError::Inference(format!("int8 quantization: {e}")))?))
+            }
+            int8 => Ok(int8),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, Some(&self.bias))
+        match self {
+            Self::Dense { weight, bias } => x.linear(weight, Some(bias)),
+            Self::Int8(q) => q.forward(x),
+        }
     }
 }
 
@@ -56,9 +84,8 @@ enum Activation {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// query, key and value projections fused: [3 * hidden, hidden]
+    qkv: Linear,
     attn_out: Linear,
     attn_norm: LayerNorm,
     intermediate: Linear,
@@ -84,7 +111,13 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// `kind` is the compute dtype; `Kind::QInt8` (CPU only) keeps embeddings, layer norms,
+    /// attention, the feed-forward output layer and the heads in fp32 and runs the other Linear
+    /// layers of the encoder (query/key/value, attention output, intermediate) with int8 weights.
     pub fn load(cfg: &HfConfig, w: &Weights, device: Device, kind: Kind) -> Result<Self, ModelError> {
+        if kind == Kind::QInt8 && device != Device::Cpu {
+            return Err(ModelError::Inference(format!("int8 runs on CPU only, not on {device:?}")));
+        }
         let family = cfg.family()?;
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
@@ -108,16 +141,28 @@ impl Encoder {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
-                Ok(Layer {
-                    query: Linear::load(w, &format!("{p}.attention.self.query"), h, h, true)?,
-                    key: Linear::load(w, &format!("{p}.attention.self.key"), h, h, true)?,
-                    value: Linear::load(w, &format!("{p}.attention.self.value"), h, h, true)?,
+                let qkv = ["query", "key", "value"]
+                    .iter()
+                    .map(|n| Linear::load(w, &format!("{p}.attention.self.{n}"), h, h, true))
+                    .collect::<Result<Vec<_>, ModelError>>()?;
+                let mut layer = Layer {
+                    qkv: Linear::fused(qkv),
                     attn_out: Linear::load(w, &format!("{p}.attention.output.dense"), h, h, true)?,
                     attn_norm: LayerNorm::load(w, &format!("{p}.attention.output.LayerNorm"), h, eps)?,
                     intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), cfg.intermediate_size, h, true)?,
                     output: Linear::load(w, &format!("{p}.output.dense"), h, cfg.intermediate_size, true)?,
                     out_norm: LayerNorm::load(w, &format!("{p}.output.LayerNorm"), h, eps)?,
-                })
+                };
+                if kind == Kind::QInt8 {
+                    // The feed-forward output layer stays fp32: its input (after the activation)
+                    // has the widest, most outlier-heavy range, and one scale per batch for it
+                    // cost the most accuracy (all-MiniLM-L6-v2: lowest cosine to fp32 0.982
+                    // with it in int8, 0.991 without; tests/model_parity.rs).
+                    layer.qkv = layer.qkv.quantized()?;
+                    layer.attn_out = layer.attn_out.quantized()?;
+                    layer.intermediate = layer.intermediate.quantized()?;
+                }
+                Ok(layer)
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Self {
@@ -150,12 +195,34 @@ impl Encoder {
     }
 
     /// Last hidden states [batch, seq, hidden] for `input_ids` and `attention_mask` (both
-    /// [batch, seq], int64, 1 = token, 0 = padding).
+    /// [batch, seq], int64, 1 = token, 0 = padding). Padding positions come back as zeros.
+    ///
+    /// Everything but attention works token by token, so it runs on the real tokens only,
+    /// packed as [tokens, hidden] rows: padding costs nothing in the Linear layers, layer norms
+    /// and activations; attention scatters the rows back to [batch, seq] around
+    /// `scaled_dot_product_attention` with the key mask.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
         let (b, t) = input_ids.size2().expect("input_ids is [batch, seq]");
+        let (h, slots) = (self.hidden_size, b * t);
         let positions = self.position_ids(input_ids);
-        let mut x = Tensor::embedding(&self.word, input_ids, -1, false, false)
-            + Tensor::embedding(&self.position, &positions, -1, false, false);
+        // flat indices of the real tokens in the [b * t] slots; None when there is no padding
+        // (CPU only: measured there; on CUDA `nonzero` would add a device synchronisation)
+        let rows = if self.device == Device::Cpu {
+            let rows = attention_mask.reshape([-1]).nonzero().squeeze_dim(1);
+            (rows.size()[0] < slots).then_some(rows)
+        } else {
+            None
+        };
+        let pack = |y: Tensor| match &rows {
+            Some(r) => y.index_select(0, r),
+            None => y,
+        };
+        let unpack = |y: &Tensor| match &rows {
+            Some(r) => Tensor::zeros([slots, y.size()[1]], (y.kind(), y.device())).index_copy(0, r, y),
+            None => y.shallow_clone(),
+        };
+        let mut x = Tensor::embedding(&self.word, &pack(input_ids.reshape([-1])), -1, false, false)
+            + Tensor::embedding(&self.position, &pack(positions.reshape([-1])), -1, false, false);
         if let Some(tt) = &self.token_type {
             x += tt.get(0); // token type 0 for every token (single-segment inputs)
         }
@@ -163,23 +230,26 @@ impl Encoder {
         // boolean key mask [b, 1, 1, t]: true = attend
         let key_mask = attention_mask.to_kind(Kind::Bool).view([b, 1, 1, t]);
         for layer in &self.layers {
-            let split = |y: Tensor| y.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
-            let q = split(layer.query.forward(&x));
-            let k = split(layer.key.forward(&x));
-            let v = split(layer.value.forward(&x));
+            // [tokens, 3h] -> q, k, v as [b, heads, t, head_dim] views
+            let qkv = unpack(&layer.qkv.forward(&x)).view([b, t, 3, self.heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
+            let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
             let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&key_mask), 0.0, false, None, false)
                 .transpose(1, 2)
-                .contiguous()
-                .view([b, t, self.hidden_size]);
-            let attn = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx) + &x));
-            let inter = layer.intermediate.forward(&attn);
-            let inter = match self.activation {
-                Activation::Gelu => inter.gelu("none"),
-                Activation::GeluTanh => inter.gelu("tanh"),
-                Activation::Relu => inter.relu(),
+                .reshape([slots, h]);
+            // residual adds and the activation in place: no new [tokens, 4h] buffer per layer
+            let mut y = layer.attn_out.forward(&pack(ctx));
+            y += &x;
+            let attn = layer.attn_norm.forward(&y);
+            let mut inter = layer.intermediate.forward(&attn);
+            let _ = match self.activation {
+                Activation::Gelu => inter.gelu_("none"),
+                Activation::GeluTanh => inter.gelu_("tanh"),
+                Activation::Relu => inter.relu_(),
             };
-            x = layer.out_norm.forward(&(layer.output.forward(&inter) + &attn));
+            let mut y = layer.output.forward(&inter);
+            y += &attn;
+            x = layer.out_norm.forward(&y);
         }
-        x
+        unpack(&x).view([b, t, h])
     }
 }

@@ -28,6 +28,8 @@ impl Weights {
             .keys()
             .find_map(|k| k.strip_suffix("embeddings.word_embeddings.weight").map(str::to_string))
             .ok_or_else(|| ModelError::MissingTensor { name: "embeddings.word_embeddings.weight".into() })?;
+        // int8 models load in fp32: the encoder quantizes its Linear layers itself
+        let kind = if kind == Kind::QInt8 { Kind::Float } else { kind };
         Ok(Self { tensors, prefix, device, kind })
     }
 
