@@ -457,24 +457,24 @@ fn real_weight_texts(expected_file: &str) -> Vec<String> {
     all
 }
 
+/// Real weights in int8 against the same weights in fp32, on the fixture texts + generated turns.
+fn assert_int8_embeddings_agree(expected_file: &str, weights_var: &str, label: &str) {
+    let texts = real_weight_texts(expected_file);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (cosine, diff) = int8_embedding_cosine(&real_weights(weights_var), &refs);
+    println!("{label} int8 vs fp32 ({} texts): lowest cosine {cosine:.5}, max |Δ| {diff:.2e}", texts.len());
+    assert!(cosine >= 0.99, "{label}: lowest cosine {cosine}");
+    assert!(diff > 0.0, "{label}: nothing was quantized");
+}
+
 #[test]
 fn int8_minilm_embeddings_agree_with_fp32() {
-    let texts = real_weight_texts("minilm-expected.json");
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let (cosine, diff) = int8_embedding_cosine(&real_weights("CONVOFLOW_MINILM"), &refs);
-    println!("all-MiniLM-L6-v2 int8 vs fp32 ({} texts): lowest cosine {cosine:.5}, max |Δ| {diff:.2e}", texts.len());
-    assert!(cosine >= 0.99, "lowest cosine {cosine}");
-    assert!(diff > 0.0, "nothing was quantized");
+    assert_int8_embeddings_agree("minilm-expected.json", "CONVOFLOW_MINILM", "all-MiniLM-L6-v2");
 }
 
 #[test]
 fn int8_multilingual_e5_small_embeddings_agree_with_fp32() {
-    let texts = real_weight_texts("e5small-expected.json");
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let (cosine, diff) = int8_embedding_cosine(&real_weights("CONVOFLOW_E5_SMALL"), &refs);
-    println!("multilingual-e5-small int8 vs fp32 ({} texts): lowest cosine {cosine:.5}, max |Δ| {diff:.2e}", texts.len());
-    assert!(cosine >= 0.99, "lowest cosine {cosine}");
-    assert!(diff > 0.0, "nothing was quantized");
+    assert_int8_embeddings_agree("e5small-expected.json", "CONVOFLOW_E5_SMALL", "multilingual-e5-small");
 }
 
 #[test]
