@@ -224,8 +224,8 @@ struct InFlight {
     batch: Vec<Prepared>,
     /// The models' results (None without models).
     pending: Option<Result<Pending, ModelFailure>>,
-    /// When the batch left the batcher (for the enrichment latency).
-    formed: std::time::Instant,
+    /// When the batch was submitted to the models (for the enrichment latency).
+    submitted: std::time::Instant,
 }
 
 const STAGE_PREPARE: &str = "prepare";
@@ -310,7 +310,7 @@ impl Pipeline {
     /// The store stage: the batch's model outputs, then its points upserted (acknowledged).
     /// None when the batch ends here (nothing left of it, or a failure that stops the worker).
     async fn store(&mut self, inflight: InFlight) -> Option<Stored> {
-        let InFlight { mut batch, pending, formed } = inflight;
+        let InFlight { mut batch, pending, submitted } = inflight;
         let dense = match self.model_outputs(&mut batch, pending).await {
             Ok(dense) => dense,
             Err(e) => {
@@ -335,7 +335,7 @@ impl Pipeline {
             })
             .fold((0usize, 0i64), |(t, k), (a, b)| (t + a, k + b));
         if turns > 0 {
-            metrics::histogram!(telemetry::ENRICH_SECONDS).record(formed.elapsed().as_secs_f64());
+            metrics::histogram!(telemetry::ENRICH_SECONDS).record(submitted.elapsed().as_secs_f64());
             metrics::counter!(telemetry::TURNS).increment(turns as u64);
             metrics::counter!(telemetry::TOKENS).increment(tokens.max(0) as u64);
             metrics::histogram!(telemetry::BATCH_TURNS).record(turns as f64);
@@ -668,10 +668,10 @@ async fn submit_batches(
             flight.ended(); // not run: nothing of it could be completed
             continue;
         }
-        let formed = std::time::Instant::now();
+        let submitted = std::time::Instant::now();
         let Ok(permit) = tx.reserve().await else { return };
         let pending = models.as_ref().map(|m| m.submit(&mut batch));
-        permit.send(InFlight { batch, pending, formed });
+        permit.send(InFlight { batch, pending, submitted });
     }
 }
 

@@ -404,16 +404,22 @@ fn int8_embedding_cosine(path: &Path, texts: &[&str]) -> (f64, f64) {
     (lowest, max_abs_difference(&fp32, &int8))
 }
 
+/// Argmax agreement of a classification fixture in int8 against fp32 on `n` texts:
+/// (agreeing, compared, largest probability difference, texts).
+fn int8_argmax_agreement(name: &str, task: Task, n: usize) -> (i64, i64, f64, usize) {
+    let path = fixtures().join(name);
+    let texts = int8_texts(name, n);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let fp32 = outputs(&load_kind(&path, task, Kind::Float), &refs);
+    let int8 = outputs(&load_kind(&path, task, Kind::QInt8), &refs);
+    let (same, total) = argmax_agreement(&fp32, &int8);
+    (same, total, max_abs_difference(&fp32, &int8), texts.len())
+}
+
 #[test]
 fn int8_token_classification_agrees_with_fp32_per_token() {
-    let path = fixtures().join("ner-camembert");
-    let texts = int8_texts("ner-camembert", 128);
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let fp32 = outputs(&load_kind(&path, Task::TokenClassification, Kind::Float), &refs);
-    let int8 = outputs(&load_kind(&path, Task::TokenClassification, Kind::QInt8), &refs);
-    let (same, total) = argmax_agreement(&fp32, &int8);
+    let (same, total, diff, _) = int8_argmax_agreement("ner-camembert", Task::TokenClassification, 128);
     let agreement = same as f64 / total as f64;
-    let diff = max_abs_difference(&fp32, &int8);
     println!("camembert NER int8 vs fp32: per-token argmax agreement {agreement:.4} ({same}/{total}), max |Δp| {diff:.2e}");
     assert!(total > 2000, "enough tokens to measure: {total}");
     assert!(agreement >= 0.99, "per-token argmax agreement {agreement} ({same}/{total})");
@@ -422,16 +428,10 @@ fn int8_token_classification_agrees_with_fp32_per_token() {
 
 #[test]
 fn int8_sequence_classification_agrees_with_fp32_per_text() {
-    let path = fixtures().join("sentiment-bert");
-    let texts = int8_texts("sentiment-bert", 256);
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let fp32 = outputs(&load_kind(&path, Task::SequenceClassification, Kind::Float), &refs);
-    let int8 = outputs(&load_kind(&path, Task::SequenceClassification, Kind::QInt8), &refs);
-    let (same, total) = argmax_agreement(&fp32, &int8);
+    let (same, total, diff, texts) = int8_argmax_agreement("sentiment-bert", Task::SequenceClassification, 256);
     let agreement = same as f64 / total as f64;
-    let diff = max_abs_difference(&fp32, &int8);
     println!("bert sentiment int8 vs fp32: per-text argmax agreement {agreement:.4} ({same}/{total}), max |Δp| {diff:.2e}");
-    assert_eq!(total as usize, texts.len());
+    assert_eq!(total as usize, texts);
     assert!(agreement >= 0.99, "per-text argmax agreement {agreement} ({same}/{total})");
     assert!(diff > 0.0, "int8 gave exactly the fp32 probabilities: nothing was quantized");
 }

@@ -4,7 +4,7 @@
 //! `TextEnricher` is the part that needs no model: chunking, token counts, BM25 term weights
 //! and point ids (the preparation stage runs it). `Models` holds the configured models, each on
 //! its own thread (and CUDA stream): the infer stage submits a prepared micro-batch to all of
-//! them at once and goes on with the next one; the write stage collects the outputs in order
+//! them at once and goes on with the next one; the store stage collects the outputs in order
 //! and applies them to the events: entities and sentiment of every turn, the per-conversation
 //! sentiment trajectory and entity counts, dense vectors of every chunk, model versions.
 
