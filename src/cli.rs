@@ -258,9 +258,8 @@ pub async fn produce(cfg: &Config, args: ProduceArgs) -> Result<()> {
     if admin::partition_count(&cfg.kafka, &topic, Duration::from_secs(15))?.is_none() {
         admin::ensure_topics(&cfg.kafka, std::slice::from_ref(&topic), args.partitions).await?;
     }
-    let mut codec_cfg = cfg.codec.clone();
-    codec_cfg.input = args.format;
-    let codec = worker::input_codec(&codec_cfg)?;
+    // Confluent framing: the Conversation schema registered under the topic's subject
+    let codec = worker::writer_codec::<Conversation>(&cfg.codec, args.format, &topic, None)?;
     let producer = EventProducer::new(&cfg.kafka)?;
     let started = Instant::now();
     let mut deliveries = Vec::with_capacity(events.len());

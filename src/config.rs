@@ -46,8 +46,229 @@ pub struct KafkaConfig {
     pub compression: String,
     /// Largest message produced (the DLQ copies input messages whole).
     pub message_max_bytes: u32,
-    /// Extra librdkafka properties for consumer and producer (e.g. security.protocol).
+    /// Authentication and encryption, applied to every client (consumer, producer, admin,
+    /// lag monitor, read-back).
+    pub security: KafkaSecurity,
+    /// Extra librdkafka properties for every client (tuning only: what `security` covers and
+    /// anything secret is refused here).
     pub client: BTreeMap<String, String>,
+}
+
+/// A secret (password, key passphrase): read from the file or the environment, never shown —
+/// `Debug` and `Serialize` print `[redacted]`, and `convoflow check` says only whether it is set.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(secrecy::SecretString);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(secrecy::SecretString::from(value.into()))
+    }
+
+    /// The value, for the one place that hands it to a client library.
+    pub fn expose(&self) -> &str {
+        use secrecy::ExposeSecret;
+        self.0.expose_secret()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+/// "set" or "not set", for reports.
+pub fn set_or_not<T>(secret: &Option<T>) -> &'static str {
+    if secret.is_some() { "set" } else { "not set" }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn librdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl)
+    }
+
+    pub fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    /// OAuth 2 client credentials (OIDC): `username` is the client id, `password` the client
+    /// secret, `token_endpoint` the token URL.
+    #[serde(rename = "OAUTHBEARER")]
+    OauthBearer,
+}
+
+impl SaslMechanism {
+    pub fn librdkafka(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::OauthBearer => "OAUTHBEARER",
+        }
+    }
+}
+
+/// `kafka.security`; every key settable from the environment, e.g.
+/// `CONVOFLOW__KAFKA__SECURITY__SASL__PASSWORD`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// plaintext | ssl | sasl_plaintext | sasl_ssl
+    pub protocol: SecurityProtocol,
+    pub sasl: SaslConfig,
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SaslConfig {
+    /// PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER
+    pub mechanism: SaslMechanism,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// OAUTHBEARER: the OAuth token endpoint URL.
+    pub token_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate(s) (PEM) that signed the brokers' certificates; unset = the system's.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for brokers that require mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub key: Option<PathBuf>,
+    pub key_password: Option<Secret>,
+}
+
+impl KafkaSecurity {
+    /// The librdkafka properties, secrets included (only for `ClientConfig`; never print them).
+    pub fn client_properties(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![("security.protocol", self.protocol.librdkafka().to_string())];
+        if self.protocol.uses_sasl() {
+            let s = &self.sasl;
+            out.push(("sasl.mechanism", s.mechanism.librdkafka().to_string()));
+            if s.mechanism == SaslMechanism::OauthBearer {
+                out.push(("sasl.oauthbearer.method", "oidc".into()));
+                out.extend(s.username.clone().map(|u| ("sasl.oauthbearer.client.id", u)));
+                out.extend(s.password.as_ref().map(|p| ("sasl.oauthbearer.client.secret", p.expose().to_string())));
+                out.extend(s.token_endpoint.clone().map(|u| ("sasl.oauthbearer.token.endpoint.url", u)));
+            } else {
+                out.extend(s.username.clone().map(|u| ("sasl.username", u)));
+                out.extend(s.password.as_ref().map(|p| ("sasl.password", p.expose().to_string())));
+            }
+        }
+        if self.protocol.uses_tls() {
+            let t = &self.tls;
+            let path = |p: &PathBuf| p.display().to_string();
+            out.extend(t.ca.as_ref().map(|p| ("ssl.ca.location", path(p))));
+            out.extend(t.cert.as_ref().map(|p| ("ssl.certificate.location", path(p))));
+            out.extend(t.key.as_ref().map(|p| ("ssl.key.location", path(p))));
+            out.extend(t.key_password.as_ref().map(|p| ("ssl.key.password", p.expose().to_string())));
+        }
+        out
+    }
+
+    /// What `convoflow check` shows: no secret, only whether each is set.
+    pub fn describe(&self) -> String {
+        let mut out = self.protocol.librdkafka().to_string();
+        if self.protocol.uses_sasl() {
+            let s = &self.sasl;
+            out += &format!(
+                ", SASL {} as {} (password {})",
+                s.mechanism.librdkafka(),
+                s.username.as_deref().unwrap_or("<no username>"),
+                set_or_not(&s.password)
+            );
+        }
+        if self.protocol.uses_tls() {
+            let t = &self.tls;
+            let shown = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
+            out += &format!(
+                ", TLS CA {}, client cert {}, key {} (key password {})",
+                t.ca.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "system".into()),
+                shown(&t.cert),
+                shown(&t.key),
+                set_or_not(&t.key_password)
+            );
+        }
+        out
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.protocol.uses_sasl() {
+            let s = &self.sasl;
+            if s.username.as_deref().unwrap_or("").is_empty() || s.password.is_none() {
+                bail!(
+                    "kafka.security.protocol {} needs sasl.username and sasl.password \
+                     (CONVOFLOW__KAFKA__SECURITY__SASL__PASSWORD)",
+                    self.protocol.librdkafka()
+                );
+            }
+            if s.mechanism == SaslMechanism::OauthBearer && s.token_endpoint.is_none() {
+                bail!("kafka.security.sasl.mechanism OAUTHBEARER needs sasl.token_endpoint");
+            }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            bail!("kafka.security.tls.cert and tls.key go together");
+        }
+        if self.protocol.uses_tls() {
+            for path in [&self.tls.ca, &self.tls.cert, &self.tls.key].into_iter().flatten() {
+                if !path.exists() {
+                    bail!("kafka.security.tls: {} does not exist", path.display());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// librdkafka properties that `kafka.client` may not set: `kafka.security` owns them, or they
+/// hold secrets (which belong in redacted settings, not in a pass-through map). TLS tuning such
+/// as `ssl.endpoint.identification.algorithm` stays allowed.
+fn refused_client_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase().replace('_', ".");
+    k == "security.protocol"
+        || k.starts_with("sasl.")
+        || ["ssl.key", "ssl.keystore", "ssl.certificate", "ssl.ca"].iter().any(|p| k.starts_with(p))
+        || ["password", "secret", "pasword", "passwd", "token", "credential", "jaas"].iter().any(|w| k.contains(w))
 }
 
 impl Default for KafkaConfig {
@@ -65,6 +286,7 @@ impl Default for KafkaConfig {
             auto_offset_reset: "earliest".into(),
             compression: "lz4".into(),
             message_max_bytes: 16 * 1024 * 1024,
+            security: KafkaSecurity::default(),
             client: BTreeMap::new(),
         }
     }
@@ -89,6 +311,56 @@ pub struct CodecConfig {
     pub confluent_schemas: BTreeMap<u32, PathBuf>,
     /// Confluent wire format: the id EnrichedConversation is registered under, for output.
     pub confluent_output_schema_id: Option<u32>,
+    /// A Schema Registry (Confluent REST API): input ids resolve through it (after
+    /// `confluent_schemas`), and with `output: confluent` the output schema is registered or
+    /// looked up under its subject at start.
+    pub schema_registry: Option<SchemaRegistryConfig>,
+}
+
+/// How the subject of the output schema is named (Confluent's strategies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectStrategy {
+    /// `<topic>-value`
+    #[default]
+    TopicName,
+    /// the record's full name, `dev.convoflow.v1.EnrichedConversation`
+    RecordName,
+    /// `<topic>-<record full name>`
+    TopicRecordName,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// Base URL of the Confluent-compatible API (`http://registry:8081`; Apicurio:
+    /// `http://host:8080/apis/ccompat/v7`).
+    pub url: String,
+    /// HTTP basic auth.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// CA certificate (PEM) of an https registry; unset = the bundled web roots.
+    pub ca: Option<PathBuf>,
+    pub subject_strategy: SubjectStrategy,
+    /// Register the output schema if the subject does not have it (else: look it up, and
+    /// refuse to start when it is not registered).
+    pub auto_register: bool,
+    /// Per request.
+    pub timeout_ms: u64,
+}
+
+impl Default for SchemaRegistryConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            username: None,
+            password: None,
+            ca: None,
+            subject_strategy: SubjectStrategy::TopicName,
+            auto_register: true,
+            timeout_ms: 5_000,
+        }
+    }
 }
 
 impl Default for CodecConfig {
@@ -99,6 +371,7 @@ impl Default for CodecConfig {
             input_writer_schemas: vec![],
             confluent_schemas: BTreeMap::new(),
             confluent_output_schema_id: None,
+            schema_registry: None,
         }
     }
 }
@@ -357,11 +630,34 @@ impl Config {
         if k.input_topic == k.output_topic || k.dlq_topic() == k.input_topic {
             bail!("kafka.output_topic and the dead-letter topic must differ from input_topic");
         }
+        if let Some(key) = k.client.keys().find(|key| refused_client_key(key)) {
+            // the key only: its value may be a secret
+            bail!(
+                "kafka.client.{key} is not accepted: security settings and secrets go in kafka.security \
+                 (protocol, sasl.mechanism/username/password, tls.ca/cert/key/key_password; each settable as \
+                 CONVOFLOW__KAFKA__SECURITY__…, e.g. CONVOFLOW__KAFKA__SECURITY__SASL__PASSWORD)"
+            );
+        }
+        k.security.validate()?;
         if self.codec.output == WireFormat::Auto {
             bail!("codec.output must be avro, confluent or json");
         }
-        if self.codec.output == WireFormat::Confluent && self.codec.confluent_output_schema_id.is_none() {
-            bail!("codec.output = confluent needs codec.confluent_output_schema_id");
+        if self.codec.output == WireFormat::Confluent
+            && self.codec.confluent_output_schema_id.is_none()
+            && self.codec.schema_registry.is_none()
+        {
+            bail!("codec.output = confluent needs codec.schema_registry (or a fixed codec.confluent_output_schema_id)");
+        }
+        if let Some(r) = &self.codec.schema_registry {
+            if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+                bail!("codec.schema_registry.url must be an http:// or https:// URL, got {:?}", r.url);
+            }
+            if r.password.is_some() && r.username.is_none() {
+                bail!("codec.schema_registry.password needs a username");
+            }
+            if r.timeout_ms == 0 {
+                bail!("codec.schema_registry.timeout_ms must be > 0");
+            }
         }
         let p = &self.pipeline;
         if p.max_in_flight == 0 || p.queue_capacity == 0 || p.max_batch_messages == 0 {

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use rayon::prelude::*;
 use tracing::{Instrument, error, info, warn};
 
+use crate::codec::registry::{self, RegistryLookup, SchemaRegistry};
 use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireFormat};
 use crate::config::{CodecConfig, Config, PipelineConfig};
 use crate::event::{Conversation, EnrichedConversation, ModelInfo};
@@ -30,28 +31,52 @@ use crate::sink::store::{self, Bootstrap, StoreError, StorePoint, VectorStore};
 use crate::telemetry::{self, Readiness};
 use crate::source::{self, InboundMessage, SharedSource, SourceSettings, admin};
 
-/// Codec for input conversations, with the configured extra writer schemas and Confluent ids.
+/// Codec for input conversations, with the configured extra writer schemas and Confluent ids
+/// (fixed ones from `codec.confluent_schemas`, then the Schema Registry's, which must be
+/// reachable at start).
 pub fn input_codec(cfg: &CodecConfig) -> Result<RecordCodec<Conversation>> {
     let mut schemas = AvroSchemas::new(Conversation::SCHEMA)?;
     for path in &cfg.input_writer_schemas {
         let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         schemas.add_writer_schema(&json).with_context(|| format!("parsing {}", path.display()))?;
     }
-    if !cfg.confluent_schemas.is_empty() {
+    let mut fixed = std::collections::HashMap::new();
+    for (id, path) in &cfg.confluent_schemas {
+        let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        fixed.insert(*id, apache_avro::Schema::parse_str(&json).with_context(|| format!("parsing {}", path.display()))?);
+    }
+    if let Some(registry_cfg) = &cfg.schema_registry {
+        let registry = Arc::new(SchemaRegistry::new(registry_cfg)?);
+        registry.check().context("the schema registry (codec.schema_registry) at start")?;
+        schemas = schemas.with_confluent(Arc::new(RegistryLookup::new(registry, fixed)), None);
+    } else if !fixed.is_empty() {
         let mut lookup = InMemorySchemaLookup::default();
-        for (id, path) in &cfg.confluent_schemas {
-            let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            lookup.insert(*id, apache_avro::Schema::parse_str(&json).with_context(|| format!("parsing {}", path.display()))?);
+        for (id, schema) in fixed {
+            lookup.insert(id, schema);
         }
         schemas = schemas.with_confluent(Arc::new(lookup), None);
     }
     Ok(RecordCodec::with_schemas(cfg.input, schemas))
 }
 
-pub fn output_codec(cfg: &CodecConfig) -> Result<RecordCodec<EnrichedConversation>> {
-    let schemas = AvroSchemas::new(EnrichedConversation::SCHEMA)?
-        .with_confluent(Arc::new(InMemorySchemaLookup::default()), cfg.confluent_output_schema_id);
-    Ok(RecordCodec::with_schemas(cfg.output, schemas))
+/// Codec writing `T` to `topic` in `format`; for the Confluent framing, the schema id comes
+/// from the Schema Registry (registered or looked up under the topic's subject; an
+/// incompatible schema refuses to start) or from a fixed `fixed_id`.
+pub fn writer_codec<T: Record>(cfg: &CodecConfig, format: WireFormat, topic: &str, fixed_id: Option<u32>) -> Result<RecordCodec<T>> {
+    let mut id = fixed_id;
+    if format == WireFormat::Confluent
+        && let Some(registry_cfg) = &cfg.schema_registry
+    {
+        let registry = SchemaRegistry::new(registry_cfg)?;
+        id = Some(registry::writer_schema_id(registry_cfg, &registry, topic, T::SCHEMA)?);
+    }
+    let schemas = AvroSchemas::new(T::SCHEMA)?.with_confluent(Arc::new(InMemorySchemaLookup::default()), id);
+    Ok(RecordCodec::with_schemas(format, schemas))
+}
+
+/// Codec of the enriched events on `kafka.output_topic`.
+pub fn output_codec(cfg: &Config) -> Result<RecordCodec<EnrichedConversation>> {
+    writer_codec(&cfg.codec, cfg.codec.output, &cfg.kafka.output_topic, cfg.codec.confluent_output_schema_id)
 }
 
 /// The text enricher (chunking, token counts, BM25, point ids). With an embedding model
@@ -119,7 +144,10 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     let shared = Arc::new(SharedSource::default());
     let producer = EventProducer::new(kafka)?;
     let emitter = Emitter {
-        output_codec: output_codec(&cfg.codec)?,
+        output_codec: {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || output_codec(&cfg)).await??
+        },
         producer: producer.clone(),
         output_topic: kafka.output_topic.clone(),
         dlq_topic,
@@ -266,7 +294,15 @@ impl Pipeline {
         let linger = Duration::from_millis(p.max_batch_wait_ms);
         let flight = Arc::new(Flight::default());
         let stages = [
-            tokio::spawn(form_batches(rx, batch_tx, flight.clone(), p.max_batch_messages, p.batches_in_flight, linger)),
+            tokio::spawn({
+                let (flight, preparer) = (flight.clone(), self.preparer.clone());
+                let (max, room) = (p.max_batch_messages, p.batches_in_flight);
+                async move {
+                    form_batches(rx, batch_tx, flight, max, room, linger).await;
+                    // the source is gone: a lookup waiting for the registry gives up
+                    preparer.interrupt();
+                }
+            }),
             tokio::spawn(prepare_batches(batch_rx, prepared_tx, self.preparer.clone(), self.shared.clone(), flight.clone(), p.prepare_workers)),
             tokio::spawn(submit_batches(prepared_rx, inflight_tx, self.models.clone(), flight.clone())),
         ];
@@ -311,6 +347,14 @@ impl Pipeline {
     /// None when the batch ends here (nothing left of it, or a failure that stops the worker).
     async fn store(&mut self, inflight: InFlight) -> Option<Stored> {
         let InFlight { mut batch, pending, submitted } = inflight;
+        if let Some(reason) = batch.iter().find_map(|p| match &p.decided {
+            Decided::Unfinished(reason) => Some(reason.clone()),
+            _ => None,
+        }) {
+            // only when the worker was already stopping; never dead-lettered, never completed
+            self.fail(anyhow!("a message could not be decoded: {reason}"), batch.len());
+            return None;
+        }
         let dense = match self.model_outputs(&mut batch, pending).await {
             Ok(dense) => dense,
             Err(e) => {
@@ -436,7 +480,7 @@ impl Pipeline {
                     points.clear();
                     self.store.delete_conversation(&String::from_utf8_lossy(key)).await?;
                 }
-                Decided::Rejected(_) => {}
+                Decided::Rejected(_) | Decided::Unfinished(_) => {}
             }
         }
         self.store.upsert_all(&points).await
@@ -489,6 +533,11 @@ impl Emitter {
                     (false, msg.key.clone(), None, None)
                 }
                 (Decided::Rejected(why), _) => self.dead_letter(&msg, why),
+                (Decided::Unfinished(reason), _) => {
+                    // not completed: the offset stays uncommitted and the message is re-read
+                    error!(tp = %msg.tp, offset = msg.offset, reason, "a message was left unfinished");
+                    continue;
+                }
             };
             let (to_dlq, key, payload, headers) = record;
             let topic = if to_dlq { self.dlq_topic.as_str() } else { self.output_topic.as_str() };
@@ -704,10 +753,21 @@ async fn await_delivery(producer: &EventProducer, mut delivery: rdkafka::produce
 /// Input codec sanity for `check`: what the worker will accept.
 pub fn describe_codecs(cfg: &CodecConfig) -> Result<String> {
     let input = input_codec(cfg)?;
+    let fingerprint: String = input.schemas().reader_fingerprint().to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let registry = match &cfg.schema_registry {
+        Some(r) => format!(
+            "; schema registry {} (reachable; user {}, password {}, subjects {:?}, auto_register {})",
+            r.url,
+            r.username.as_deref().unwrap_or("-"),
+            crate::config::set_or_not(&r.password),
+            r.subject_strategy,
+            r.auto_register
+        ),
+        None => String::new(),
+    };
     Ok(format!(
-        "input {:?} (reader fingerprint {:016x}), output {:?}",
+        "input {:?} (single-object fingerprint {fingerprint}), output {:?}{registry}",
         input.format(),
-        input.schemas().reader_fingerprint(),
         if cfg.output == WireFormat::Auto { WireFormat::Avro } else { cfg.output }
     ))
 }

@@ -7,18 +7,26 @@ use std::sync::Arc;
 
 use apache_avro::{Schema, rabin::Rabin, reader::datum::GenericDatumReader, writer::datum::GenericDatumWriter};
 
+use super::canonical::schema_fingerprint;
 use super::{CONFLUENT_MAGIC, CodecError, Record, SINGLE_OBJECT_MAGIC, head_hex};
 
-/// Rabin (CRC-64-AVRO) fingerprint of a schema's parsing canonical form, as a u64.
-pub fn fingerprint(schema: &Schema) -> u64 {
+/// The fingerprint earlier convoflow versions wrote: the `apache-avro` crate's Rabin fingerprint
+/// of its own canonical form, which keeps logical types (AVRO-4004). Still accepted on input so
+/// topics written by those versions keep decoding; never written.
+pub fn legacy_fingerprint(schema: &Schema) -> u64 {
     let bytes = schema.fingerprint::<Rabin>().bytes;
     u64::from_le_bytes(bytes[..8].try_into().expect("Rabin fingerprints are 8 bytes"))
 }
 
-/// Resolves a Confluent schema id to the writer schema. A Schema Registry client implements
-/// this later; `InMemorySchemaLookup` serves configured or test schemas.
+/// Resolves a Confluent schema id to the writer schema: `InMemorySchemaLookup` serves
+/// configured schemas, `registry::RegistryLookup` asks a Schema Registry. An id nobody knows is
+/// `UnknownSchemaId` (the message's fault); a lookup that cannot be done now is `Unavailable`.
 pub trait SchemaLookup: Send + Sync {
-    fn schema_by_id(&self, id: u32) -> Option<Arc<Schema>>;
+    fn schema_by_id(&self, id: u32) -> Result<Arc<Schema>, CodecError>;
+
+    /// Stop waiting for a dependency (the worker is stopping): pending and later lookups that
+    /// would wait return `Unavailable` at once.
+    fn interrupt(&self) {}
 }
 
 #[derive(Default)]
@@ -33,8 +41,8 @@ impl InMemorySchemaLookup {
 }
 
 impl SchemaLookup for InMemorySchemaLookup {
-    fn schema_by_id(&self, id: u32) -> Option<Arc<Schema>> {
-        self.by_id.get(&id).cloned()
+    fn schema_by_id(&self, id: u32) -> Result<Arc<Schema>, CodecError> {
+        self.by_id.get(&id).cloned().ok_or(CodecError::UnknownSchemaId(id))
     }
 }
 
@@ -56,17 +64,26 @@ fn parse(json: &str) -> Result<Schema, CodecError> {
 impl AvroSchemas {
     pub fn new(reader_schema_json: &str) -> Result<Self, CodecError> {
         let reader = parse(reader_schema_json)?;
-        let reader_fingerprint = fingerprint(&reader);
-        let mut writers = HashMap::new();
-        writers.insert(reader_fingerprint, Arc::new(reader.clone()));
-        Ok(Self { reader, reader_fingerprint, writers, confluent: None, confluent_write_id: None })
+        let reader_fingerprint = schema_fingerprint(reader_schema_json)?;
+        let mut schemas =
+            Self { reader: reader.clone(), reader_fingerprint, writers: HashMap::new(), confluent: None, confluent_write_id: None };
+        schemas.add_writer(reader_fingerprint, reader);
+        Ok(schemas)
+    }
+
+    /// Known under its specification fingerprint and under the one earlier versions wrote.
+    fn add_writer(&mut self, fp: u64, schema: Schema) {
+        let schema = Arc::new(schema);
+        self.writers.insert(legacy_fingerprint(&schema), schema.clone());
+        self.writers.insert(fp, schema);
     }
 
     /// Accept data written with another version of the schema (resolved to the reader schema).
+    /// Returns its fingerprint.
     pub fn add_writer_schema(&mut self, schema_json: &str) -> Result<u64, CodecError> {
         let schema = parse(schema_json)?;
-        let fp = fingerprint(&schema);
-        self.writers.insert(fp, Arc::new(schema));
+        let fp = schema_fingerprint(schema_json)?;
+        self.add_writer(fp, schema);
         Ok(fp)
     }
 
@@ -75,6 +92,13 @@ impl AvroSchemas {
         self.confluent = Some(lookup);
         self.confluent_write_id = write_id;
         self
+    }
+
+    /// See `SchemaLookup::interrupt`.
+    pub fn interrupt(&self) {
+        if let Some(lookup) = &self.confluent {
+            lookup.interrupt();
+        }
     }
 
     pub fn reader_fingerprint(&self) -> u64 {
@@ -102,7 +126,7 @@ impl AvroSchemas {
 
     pub fn encode_confluent<T: Record>(&self, record: &T) -> Result<Vec<u8>, CodecError> {
         let id = self.confluent_write_id.ok_or_else(|| {
-            CodecError::Schema("Confluent encoding needs codec.confluent_schema_id".into())
+            CodecError::Schema("Confluent encoding needs codec.schema_registry or codec.confluent_output_schema_id".into())
         })?;
         let mut out = Vec::with_capacity(256);
         out.push(CONFLUENT_MAGIC);
@@ -143,11 +167,7 @@ impl AvroSchemas {
         }
         let id_bytes = bytes.get(1..5).ok_or(CodecError::Truncated("Confluent schema id"))?;
         let id = u32::from_be_bytes(id_bytes.try_into().expect("4 bytes"));
-        let writer = self
-            .confluent
-            .as_ref()
-            .and_then(|lookup| lookup.schema_by_id(id))
-            .ok_or(CodecError::UnknownSchemaId(id))?;
+        let writer = self.confluent.as_ref().ok_or(CodecError::UnknownSchemaId(id))?.schema_by_id(id)?;
         self.read(&writer, &bytes[5..])
     }
 }

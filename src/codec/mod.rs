@@ -4,11 +4,14 @@
 //! in the configured `WireFormat`; `Auto` reads any of them by their first bytes.
 
 mod avro;
+pub mod canonical;
 mod json;
+pub mod registry;
 
 use std::sync::Arc;
 
-pub use avro::{AvroSchemas, InMemorySchemaLookup, SchemaLookup, fingerprint};
+pub use avro::{AvroSchemas, InMemorySchemaLookup, SchemaLookup, legacy_fingerprint};
+pub use canonical::{parsing_canonical_form, schema_fingerprint};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::event::{Conversation, EnrichedConversation};
@@ -52,11 +55,20 @@ pub enum CodecError {
     TrailingBytes(usize),
     #[error("schema: {0}")]
     Schema(String),
+    /// Not the message's fault: a dependency (the Schema Registry) cannot answer now.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl CodecError {
+    /// A fault of a dependency rather than of the bytes: never dead-lettered.
+    pub fn is_runtime(&self) -> bool {
+        matches!(self, CodecError::Unavailable(_))
+    }
+
     pub fn class(&self) -> &'static str {
         match self {
+            CodecError::Unavailable(_) => "unavailable",
             CodecError::UnknownFingerprint(_) | CodecError::UnknownSchemaId(_) => "unknown-schema",
             CodecError::Schema(_) => "schema",
             _ => "deserialization",
@@ -105,6 +117,11 @@ impl<T: Record> RecordCodec<T> {
 
     pub fn schemas(&self) -> &AvroSchemas {
         &self.avro
+    }
+
+    /// Stop waiting for the Schema Registry (see `SchemaLookup::interrupt`).
+    pub fn interrupt(&self) {
+        self.avro.interrupt();
     }
 
     pub fn encode(&self, record: &T) -> Result<Vec<u8>, CodecError> {

@@ -38,14 +38,40 @@ fn every_format_round_trips_a_conversation() {
     }
 }
 
+/// Fingerprints of the shipped schemas as fastavro 1.13 computes them
+/// (`scripts/fixtures/avro_interop.py fingerprint`), hex of the 8 header
+/// bytes. A schema change changes them: recompute with fastavro, never with this crate.
+const FASTAVRO_CONVERSATION: &str = "e27b53e39cf92f4a";
+const FASTAVRO_ENRICHED: &str = "11b29f63a92394a9";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[test]
-fn single_object_header_is_magic_plus_rabin_fingerprint() {
+fn single_object_header_carries_the_specification_fingerprint() {
     let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
     let bytes = codec.encode(&sample()).unwrap();
     assert_eq!(&bytes[..2], &[0xC3, 0x01]);
-    let schema = apache_avro::Schema::parse_str(Conversation::SCHEMA).unwrap();
-    assert_eq!(&bytes[2..10], &fingerprint(&schema).to_le_bytes());
-    assert_eq!(codec.schemas().reader_fingerprint(), fingerprint(&schema));
+    assert_eq!(hex(&bytes[2..10]), FASTAVRO_CONVERSATION);
+    assert_eq!(hex(&codec.schemas().reader_fingerprint().to_le_bytes()), FASTAVRO_CONVERSATION);
+    let enriched = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro).unwrap();
+    assert_eq!(hex(&enriched.schemas().reader_fingerprint().to_le_bytes()), FASTAVRO_ENRICHED);
+}
+
+/// Events written by earlier convoflow versions carry the `apache-avro` crate's fingerprint
+/// (logical types kept in its canonical form, AVRO-4004): they still decode.
+#[test]
+fn fingerprints_of_earlier_versions_still_decode() {
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let conv = sample();
+    let mut bytes = codec.encode(&conv).unwrap();
+    let legacy = legacy_fingerprint(&apache_avro::Schema::parse_str(Conversation::SCHEMA).unwrap());
+    assert_ne!(hex(&legacy.to_le_bytes()), FASTAVRO_CONVERSATION, "the crate's form differs (AVRO-4004)");
+    bytes[2..10].copy_from_slice(&legacy.to_le_bytes());
+    assert_eq!(codec.decode(&bytes).unwrap(), conv);
+    let auto = RecordCodec::<Conversation>::new(WireFormat::Auto).unwrap();
+    assert_eq!(auto.decode(&bytes).unwrap(), conv);
 }
 
 #[test]

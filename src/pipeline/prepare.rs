@@ -22,6 +22,9 @@ pub enum Decided {
     Tombstone,
     Rejected(Rejection),
     Valid(Box<Valid>),
+    /// Could not be decided because a dependency (the Schema Registry) did not answer before
+    /// the worker began to stop: neither dead-lettered nor completed, so it is re-read.
+    Unfinished(String),
 }
 
 /// A valid conversation: its text enrichment and the inputs of each configured model.
@@ -107,6 +110,11 @@ impl Preparer {
         })
     }
 
+    /// Stop waiting for the Schema Registry: the worker is stopping.
+    pub fn interrupt(&self) {
+        self.input_codec.interrupt();
+    }
+
     /// Prepares a micro-batch, messages in parallel, output in input order.
     pub fn prepare(&self, batch: Vec<InboundMessage>) -> Vec<Prepared> {
         batch
@@ -131,6 +139,7 @@ impl Preparer {
         };
         let conversation = match self.input_codec.decode(payload) {
             Ok(c) => c,
+            Err(e) if e.is_runtime() => return Decided::Unfinished(e.to_string()),
             Err(e) => return Decided::Rejected(Rejection { class: e.class(), message: e.to_string() }),
         };
         let checked = conversation.validate(self.max_turn_bytes).and_then(|()| match &msg.key {

@@ -33,7 +33,8 @@ impl EventProducer {
             .set("linger.ms", "5")
             .set("compression.type", &cfg.compression)
             .set("message.max.bytes", cfg.message_max_bytes.to_string());
-        let producer: FutureProducer = c.create().context("creating the Kafka producer")?;
+        let producer: FutureProducer =
+            c.create().map_err(crate::source::redact_config_error).context("creating the Kafka producer")?;
         Ok(Self { producer })
     }
 

@@ -1,22 +1,70 @@
 //! Topic checks and creation at start-up.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::error::KafkaError;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::base_client_config;
+use tracing::debug;
+
+use super::{base_client_config, redact_config_error};
 use crate::config::KafkaConfig;
 
-/// Partition count of `topic`, or None if the cluster does not know it.
+/// Records the errors that no retry can fix — authentication (wrong credentials or mechanism)
+/// and TLS (certificate not trusted) — which librdkafka reports only through the error callback
+/// while it keeps retrying, and a metadata request only as a transport failure at its timeout.
+#[derive(Default)]
+struct SecurityProbe {
+    failure: Mutex<Option<String>>,
+}
+
+impl ClientContext for SecurityProbe {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        if matches!(code, Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) {
+            let mut failure = self.failure.lock().expect("probe lock");
+            failure.get_or_insert_with(|| reason.to_string());
+        } else {
+            debug!(error = %error, reason, "Kafka client error while probing");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for SecurityProbe {}
+
+/// Partition count of `topic`, or None if the cluster does not know it. This is the first
+/// contact with the cluster at start: wrong credentials or an untrusted broker certificate fail
+/// here at once with librdkafka's own reason, instead of a transport error after `timeout`.
 pub fn partition_count(cfg: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Option<usize>> {
-    let probe: BaseConsumer = base_client_config(cfg).create().context("creating a metadata client")?;
-    let metadata = probe
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("fetching metadata of {topic} from {}", cfg.brokers))?;
+    let probe: BaseConsumer<SecurityProbe> = base_client_config(cfg)
+        .create_with_context(SecurityProbe::default())
+        .map_err(redact_config_error)
+        .context("creating a metadata client")?;
+    let deadline = Instant::now() + timeout;
+    let metadata = loop {
+        let attempt = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(500));
+        let result = probe.fetch_metadata(Some(topic), attempt);
+        let _ = probe.poll(Duration::ZERO); // serves the error callback
+        if let Some(reason) = probe.context().failure.lock().expect("probe lock").take() {
+            bail!(
+                "Kafka at {} refused the connection: {reason} (check kafka.security: protocol {}, credentials, tls.ca)",
+                cfg.brokers,
+                cfg.security.protocol.librdkafka()
+            );
+        }
+        match result {
+            Ok(m) => break m,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(anyhow::Error::new(e).context(format!("fetching metadata of {topic} from {}", cfg.brokers)));
+            }
+            Err(_) => {}
+        }
+    };
     Ok(metadata
         .topics()
         .iter()
@@ -28,7 +76,8 @@ pub fn partition_count(cfg: &KafkaConfig, topic: &str, timeout: Duration) -> Res
 /// Creates `topics` with `partitions` partitions (replication: the broker default) where
 /// missing. "Already exists" is success, so several workers may start at once.
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String], partitions: usize) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = base_client_config(cfg).create().context("creating an admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        base_client_config(cfg).create().map_err(redact_config_error).context("creating an admin client")?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions as i32, TopicReplication::Fixed(-1)))

@@ -164,14 +164,30 @@ fn tpl_offsets(tpl: &TopicPartitionList) -> Vec<(String, i32, i64)> {
 
 pub type SourceConsumer = BaseConsumer<SourceContext>;
 
-/// Librdkafka settings shared by every client of this worker.
+/// Librdkafka settings shared by every client of this worker: brokers, `kafka.security`
+/// (secrets included, so never print a `ClientConfig`; create clients through
+/// `redact_config_error`) and the `kafka.client` tuning pass-through.
 pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in cfg.security.client_properties() {
+        c.set(k, v);
+    }
     for (k, v) in &cfg.client {
         c.set(k, v);
     }
     c
+}
+
+/// A client-creation error without the property's value: rdkafka's `ClientConfig` error prints
+/// the value, which may be a secret set under a misspelt name.
+pub fn redact_config_error(e: rdkafka::error::KafkaError) -> anyhow::Error {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, description, key, _value) => {
+            anyhow::anyhow!("invalid Kafka client property {key:?}: {description}")
+        }
+        other => anyhow::Error::new(other),
+    }
 }
 
 pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_drain: Duration) -> Result<SourceConsumer> {
@@ -185,6 +201,7 @@ pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_d
         .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string());
     let consumer: SourceConsumer = c
         .create_with_context(SourceContext { shared, rebalance_drain })
+        .map_err(redact_config_error)
         .context("creating the Kafka consumer")?;
     consumer.subscribe(&[&cfg.input_topic]).context("subscribing to the input topic")?;
     Ok(consumer)

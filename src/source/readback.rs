@@ -76,12 +76,12 @@ fn unassigned(cfg: &KafkaConfig, fetch_wait_ms: Option<&str>) -> Result<BaseCons
     if let Some(ms) = fetch_wait_ms {
         c.set("fetch.wait.max.ms", ms);
     }
-    Ok(c.create()?)
+    c.create().map_err(super::redact_config_error)
 }
 
 /// Records retained in `topic` (high − low watermark, summed over partitions).
 pub fn topic_size(cfg: &KafkaConfig, topic: &str) -> Result<usize> {
-    let c: BaseConsumer = base_client_config(cfg).create()?;
+    let c: BaseConsumer = base_client_config(cfg).create().map_err(super::redact_config_error)?;
     let mut n = 0;
     for p in 0..partitions(cfg, topic)? {
         let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;

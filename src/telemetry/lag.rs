@@ -32,7 +32,8 @@ impl LagMonitor {
         let consumer: BaseConsumer = base_client_config(cfg)
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
-            .create()?;
+            .create()
+            .map_err(crate::source::redact_config_error)?;
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
         let handle = std::thread::Builder::new().name("lag-monitor".into()).spawn(move || {

@@ -58,6 +58,9 @@ pub const GPU_POWER: &str = "convoflow_gpu_power_watts";
 pub const TORCH_ALLOCATED: &str = "convoflow_torch_allocated_bytes";
 pub const TORCH_RESERVED: &str = "convoflow_torch_reserved_bytes";
 pub const TORCH_PEAK: &str = "convoflow_torch_allocated_peak_bytes";
+// Schema Registry
+/// Failed Schema Registry requests (each retry counts); the input waits while they fail.
+pub const REGISTRY_ERRORS: &str = "convoflow_schema_registry_errors_total";
 // Readiness
 pub const READY: &str = "convoflow_ready";
 
@@ -67,7 +70,7 @@ pub const ALL: &[&str] = &[
     BATCH_MESSAGES, BATCH_TURNS, BATCH_TOKENS, IN_FLIGHT, QUEUE_DEPTH, ENRICH_SECONDS, MODEL_SECONDS, END_TO_END_SECONDS,
     STAGE_BUSY_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS,
     STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
-    GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, READY,
+    GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, REGISTRY_ERRORS, READY,
 ];
 
 /// The process-wide Prometheus recorder (installed once, on first use).
