@@ -333,6 +333,7 @@ async fn check(config: Option<&Path>) -> Result<()> {
     }
     check_store(&cfg).await;
     let k = &cfg.kafka;
+    println!("kafka {}: security {}", k.brokers, k.security.describe());
     let mut missing = vec![];
     for topic in [&k.input_topic, &k.output_topic, &k.dlq_topic()] {
         match admin::partition_count(k, topic, Duration::from_secs(10))? {

@@ -249,13 +249,6 @@ impl KafkaSecurity {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             bail!("kafka.security.tls.cert and tls.key go together");
         }
-        if self.protocol.uses_tls() {
-            for path in [&self.tls.ca, &self.tls.cert, &self.tls.key].into_iter().flatten() {
-                if !path.exists() {
-                    bail!("kafka.security.tls: {} does not exist", path.display());
-                }
-            }
-        }
         Ok(())
     }
 }
@@ -542,7 +535,7 @@ pub struct QdrantConfig {
     pub edge_optimize_every_points: usize,
     /// qdrant: gRPC endpoint (`https://` for TLS).
     pub url: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     pub timeout_ms: u64,
     pub connect_timeout_ms: u64,
     /// Dense vector dimension; None = the embedding model's hidden size.

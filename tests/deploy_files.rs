@@ -147,13 +147,24 @@ fn dashboard_and_prometheus_config_use_what_the_worker_exports() {
 #[test]
 fn kubernetes_manifests_agree_with_the_configuration() {
     let configmap = yaml("deploy/k8s/configmap.yaml");
-    let cfg = load_config(configmap["data"]["convoflow.yaml"].as_str().unwrap(), vec![]);
-    let port: u16 = cfg.telemetry.listen.rsplit(':').next().unwrap().parse().unwrap();
-
     let deployment = yaml("deploy/k8s/deployment.yaml");
     assert_eq!(deployment["kind"], "Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
+    // secrets reach the worker only as environment overrides from Secrets
+    let env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(e["valueFrom"]["secretKeyRef"]["name"].is_string(), "{e}: from a Secret");
+            (e["name"].as_str().unwrap().to_string(), format!("from-{}", e["valueFrom"]["secretKeyRef"]["key"].as_str().unwrap()))
+        })
+        .collect();
+    let text = configmap["data"]["convoflow.yaml"].as_str().unwrap();
+    assert!(!text.contains("password:") && !text.contains("api_key:"), "no secret in the ConfigMap");
+    let cfg = load_config(text, env);
+    let port: u16 = cfg.telemetry.listen.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(container["ports"][0]["containerPort"], port);
     assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], 1);
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
@@ -177,4 +188,19 @@ fn kubernetes_manifests_agree_with_the_configuration() {
     assert_eq!(trigger["metadata"]["consumerGroup"], cfg.kafka.group_id.as_str());
     assert_eq!(trigger["metadata"]["topic"], cfg.kafka.input_topic.as_str());
     assert_eq!(trigger["metadata"]["bootstrapServers"], cfg.kafka.brokers.as_str());
+    let auth = yaml("deploy/k8s/keda-trigger-auth.yaml");
+    assert_eq!(trigger["authenticationRef"]["name"], auth["metadata"]["name"]);
+
+    // the secrets land in the redacted settings they are meant for
+    assert_eq!(cfg.kafka.security.protocol, convoflow::config::SecurityProtocol::SaslSsl);
+    assert!(cfg.qdrant.url.starts_with("https://"), "Qdrant over TLS");
+    let with_secrets = &cfg;
+    assert_eq!(with_secrets.kafka.security.sasl.password.as_ref().unwrap().expose(), "from-sasl-password");
+    assert_eq!(with_secrets.codec.schema_registry.as_ref().unwrap().password.as_ref().unwrap().expose(), "from-password");
+    assert_eq!(with_secrets.qdrant.api_key.as_ref().unwrap().expose(), "from-api-key");
+    let shown = format!("{with_secrets:?}");
+    assert!(!shown.contains("from-sasl-password") && !shown.contains("from-api-key"), "Debug redacts secrets");
+    let tls_mount = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "tls").unwrap();
+    let ca = cfg.kafka.security.tls.ca.as_ref().unwrap();
+    assert!(ca.starts_with(tls_mount["mountPath"].as_str().unwrap()), "the CA file is mounted");
 }

@@ -210,7 +210,7 @@ async fn qdrant_backend_passes_the_contract_when_qdrant_url_is_set() {
     let cfg = QdrantConfig {
         backend: StoreBackend::Qdrant,
         url: url.clone(),
-        api_key: std::env::var("QDRANT_API_KEY").ok(),
+        api_key: std::env::var("QDRANT_API_KEY").ok().map(convoflow::config::Secret::new),
         collection: format!("convoflow-contract-{}", std::process::id()),
         ..Default::default()
     };

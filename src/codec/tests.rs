@@ -67,6 +67,8 @@ fn fingerprints_of_earlier_versions_still_decode() {
     let conv = sample();
     let mut bytes = codec.encode(&conv).unwrap();
     let legacy = legacy_fingerprint(&apache_avro::Schema::parse_str(Conversation::SCHEMA).unwrap());
+    let legacy_enriched = legacy_fingerprint(&apache_avro::Schema::parse_str(EnrichedConversation::SCHEMA).unwrap());
+    println!("earlier fingerprints: conversation {}, enriched {}", hex(&legacy.to_le_bytes()), hex(&legacy_enriched.to_le_bytes()));
     assert_ne!(hex(&legacy.to_le_bytes()), FASTAVRO_CONVERSATION, "the crate's form differs (AVRO-4004)");
     bytes[2..10].copy_from_slice(&legacy.to_le_bytes());
     assert_eq!(codec.decode(&bytes).unwrap(), conv);

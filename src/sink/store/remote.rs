@@ -39,7 +39,7 @@ impl RemoteStore {
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .skip_compatibility_check();
-        if let Some(key) = cfg.api_key.as_deref().filter(|k| !k.is_empty()) {
+        if let Some(key) = cfg.api_key.as_ref().map(crate::config::Secret::expose).filter(|k| !k.is_empty()) {
             builder = builder.api_key(key.to_string());
         }
         let client = builder.build().map_err(|e| StoreError::Permanent(format!("Qdrant client for {}: {e}", cfg.url)))?;
