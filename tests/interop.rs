@@ -101,6 +101,41 @@ fn single_object_bytes_written_by_fastavro_decode_and_ours_decode_in_fastavro() 
     assert_eq!(decoded.len(), convs.len());
 }
 
+/// Apache Avro Java 1.12 (Maven Central, scripts/avro-java): the same fingerprints, and its
+/// `BinaryMessageDecoder` reads our single-object bytes (it refuses unknown fingerprints) and
+/// its `BinaryMessageEncoder` writes them again byte for byte, which we read back.
+#[test]
+fn apache_avro_java_reads_and_writes_the_same_single_object_bytes() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/avro-java");
+    let java = |args: &[&str], stdin: &str| -> Vec<String> {
+        let mut child = Command::new(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("scripts/avro-java");
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "avro-java {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+    };
+    for path in [CONVERSATION, ENRICHED] {
+        let text = std::fs::read_to_string(path).unwrap();
+        let theirs = java(&["fingerprint", path], "");
+        assert_eq!(parsing_canonical_form(&text).unwrap(), theirs[0], "{path}");
+        assert_eq!(hex(&schema_fingerprint(&text).unwrap().to_le_bytes()), theirs[1], "{path}");
+    }
+    let convs = conversations(55, 5);
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let ours: Vec<String> = convs.iter().map(|c| hex(&codec.encode(c).unwrap())).collect();
+    let theirs = java(&["reencode", CONVERSATION], &(ours.join("\n") + "\n"));
+    assert_eq!(theirs, ours, "Java decodes our bytes and writes the same bytes");
+    for (bytes, conv) in theirs.iter().zip(&convs) {
+        assert_eq!(&codec.decode(&unhex(bytes)).unwrap(), conv);
+    }
+}
+
 fn worker_config(topics: &Topics, input: WireFormat, output: WireFormat, registry: Option<String>) -> Config {
     let mut cfg = in_process_config(topics);
     cfg.pipeline.shutdown_timeout_ms = 3_000;
@@ -184,8 +219,12 @@ async fn third_party_producers_and_consumers_around_the_worker() {
     let expected: BTreeSet<&str> = convs.iter().map(|c| c.conversation_id.as_str()).collect();
     assert_eq!(ids, expected, "every conversation enriched once, read by AvroDeserializer");
     for e in &enriched {
-        let conv = convs.iter().find(|c| c.conversation_id == e["conversation_id"]).unwrap();
+        let (i, conv) = convs.iter().enumerate().find(|(_, c)| c.conversation_id == e["conversation_id"]).unwrap();
         assert_eq!(e["turns"].as_array().unwrap().len(), conv.turns.len());
+        // schema evolution: the older writer has no `attributes`, so the reader's default
+        // applies; the newer writer's `priority` is ignored
+        let expected = if (4..6).contains(&i) { serde_json::json!({}) } else { serde_json::to_value(&conv.attributes).unwrap() };
+        assert_eq!(e["attributes"], expected, "conversation {i}");
     }
     assert_eq!(read_topic(&topics.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0, "nothing dead-lettered");
 

@@ -217,7 +217,7 @@ async fn qdrant_backend_passes_the_contract_when_qdrant_url_is_set() {
     contract(|| store::open(&cfg).unwrap(), &cfg.collection).await;
     let mut client = qdrant_client::Qdrant::from_url(&url).skip_compatibility_check();
     if let Some(key) = &cfg.api_key {
-        client = client.api_key(key.clone());
+        client = client.api_key(key.expose().to_string());
     }
     client.build().unwrap().delete_collection(&cfg.collection).await.unwrap();
 }

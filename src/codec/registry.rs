@@ -307,6 +307,74 @@ mod tests {
         assert_eq!(subject(SubjectStrategy::TopicRecordName, "out", name), format!("out-{name}"));
     }
 
+    /// A one-shot HTTP test double on loopback: answers one request with `status` and `body`,
+    /// and hands back the request's head.
+    fn one_answer(status: u16, body: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let served = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut request_body = vec![0; length];
+            std::io::Read::read_exact(&mut reader, &mut request_body).unwrap();
+            let mut stream = stream;
+            write!(stream, "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+            head + &String::from_utf8(request_body).unwrap()
+        });
+        (url, served)
+    }
+
+    /// Basic auth as RFC 7617 says, the Confluent content type, and the schema as JSON text.
+    #[test]
+    fn registering_sends_credentials_and_reads_the_id() {
+        let (url, served) = one_answer(200, r#"{"id":42}"#);
+        let cfg = SchemaRegistryConfig {
+            url,
+            username: Some("svc".into()),
+            password: Some(Secret::new("s3cr3t")),
+            ..Default::default()
+        };
+        let registry = SchemaRegistry::new(&cfg).unwrap();
+        assert_eq!(registry.register("out-value", r#"{"type":"string"}"#).unwrap(), 42);
+        let request = served.join().unwrap();
+        assert!(request.starts_with("POST /subjects/out-value/versions HTTP/1.1"), "{request}");
+        assert!(request.contains("authorization: Basic c3ZjOnMzY3IzdA==") || request.contains("Authorization: Basic c3ZjOnMzY3IzdA=="), "{request}");
+        assert!(request.to_ascii_lowercase().contains("content-type: application/vnd.schemaregistry.v1+json"), "{request}");
+        assert!(request.ends_with(r#"{"schema":"{\"type\":\"string\"}"}"#), "{request}");
+    }
+
+    /// 409 is a refusal the caller reports (incompatible); 5xx is "unavailable" (retried);
+    /// 404 on an id is "unknown id" (the message's fault).
+    #[test]
+    fn answers_are_classified() {
+        let (url, served) = one_answer(409, r#"{"error_code":409,"message":"incompatible"}"#);
+        let registry = SchemaRegistry::new(&SchemaRegistryConfig { url, ..Default::default() }).unwrap();
+        assert!(matches!(registry.register("s", "{}"), Err(RegistryError::Refused { status: 409, .. })));
+        served.join().unwrap();
+        let (url, served) = one_answer(503, "busy");
+        let registry = SchemaRegistry::new(&SchemaRegistryConfig { url, ..Default::default() }).unwrap();
+        assert!(matches!(registry.schema_by_id(3), Err(RegistryError::Unavailable { .. })));
+        served.join().unwrap();
+        let (url, served) = one_answer(404, r#"{"error_code":40403,"message":"not found"}"#);
+        let lookup = RegistryLookup::new(Arc::new(SchemaRegistry::new(&SchemaRegistryConfig { url, ..Default::default() }).unwrap()), HashMap::new());
+        assert!(matches!(lookup.schema_by_id(3), Err(CodecError::UnknownSchemaId(3))));
+        served.join().unwrap();
+    }
+
     /// Nothing listens on the port: unavailable (retried by lookups), never "unknown id".
     #[test]
     fn an_unreachable_registry_is_unavailable_not_unknown() {
