@@ -715,4 +715,33 @@ mod tests {
         assert!(err.contains("brokres"), "{err}");
         assert_eq!(Config::default().kafka.dlq_topic(), "conversations.dlq");
     }
+
+    /// Secrets from the environment land in `kafka.security`; every report of them says only
+    /// "set"; SASL without a password is refused.
+    #[test]
+    fn security_from_the_environment_is_reported_without_secrets() {
+        let env = [
+            ("CONVOFLOW__KAFKA__SECURITY__PROTOCOL", "sasl_ssl"),
+            ("CONVOFLOW__KAFKA__SECURITY__SASL__MECHANISM", "SCRAM-SHA-256"),
+            ("CONVOFLOW__KAFKA__SECURITY__SASL__USERNAME", "svc"),
+            ("CONVOFLOW__KAFKA__SECURITY__SASL__PASSWORD", "pw-0123456789"),
+            ("CONVOFLOW__KAFKA__SECURITY__TLS__CA", "/etc/ca.pem"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg = Config::load_with_env(None, env.clone()).unwrap();
+        let s = &cfg.kafka.security;
+        assert_eq!((s.protocol, s.sasl.mechanism), (SecurityProtocol::SaslSsl, SaslMechanism::ScramSha256));
+        let props = s.client_properties();
+        assert!(props.contains(&("sasl.password", "pw-0123456789".to_string())));
+        assert!(props.contains(&("sasl.mechanism", "SCRAM-SHA-256".to_string())));
+        assert!(props.contains(&("ssl.ca.location", "/etc/ca.pem".to_string())));
+        let described = s.describe();
+        assert!(described.contains("password set") && described.contains("svc"), "{described}");
+        for shown in [described, format!("{cfg:?}"), serde_json::to_string(&cfg).unwrap()] {
+            assert!(!shown.contains("pw-0123456789"), "{shown}");
+        }
+        let without: Vec<_> = env.into_iter().filter(|(k, _)| !k.ends_with("PASSWORD")).collect();
+        let err = format!("{:#}", Config::load_with_env(None, without).unwrap_err());
+        assert!(err.contains("sasl.password"), "{err}");
+    }
 }

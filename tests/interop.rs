@@ -344,9 +344,55 @@ async fn registry_outages_pause_instead_of_dead_lettering() {
 
     outage.up().await;
     assert_eq!(wait_for(6, 60).await.unwrap(), 6, "enriched once the registry is back");
+
+    // an id the registry does not know is the message's fault: dead-lettered as unknown-schema
+    let mut unknown = vec![0u8];
+    unknown.extend_from_slice(&987_654u32.to_be_bytes());
+    unknown.extend_from_slice(b"\x02ab");
+    produce_raw(&topics.input, &[(Some(b"c-unknown".to_vec()), Some(unknown))]).await;
+    let dlq = topics.dlq();
+    let dead = tokio::task::spawn_blocking(move || read_topic(&dlq, 1, Duration::from_secs(30), Duration::ZERO)).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].headers["dlq.error.class"], "unknown-schema");
+    assert!(dead[0].headers["dlq.error.message"].contains("987654"), "{:?}", dead[0].headers);
     stop.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(20), run).await.unwrap().unwrap().unwrap();
-    assert_eq!(read_topic(&topics.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0);
+    assert_eq!(read_topic(&topics.output, 7, Duration::from_secs(1), Duration::ZERO).len(), 6, "nothing else emitted");
+}
+
+/// With `auto_register: false` the output schema must be registered already: a clear refusal
+/// when it is not, its id when it is.
+#[test]
+fn lookup_only_uses_the_registered_output_schema() {
+    let topic = unique("lookup-only");
+    let mut codec = convoflow::config::CodecConfig::default();
+    codec.schema_registry = Some(SchemaRegistryConfig { url: registry_url(), auto_register: false, ..Default::default() });
+    let err = worker::writer_codec::<EnrichedConversation>(&codec, WireFormat::Confluent, &topic, None).err().unwrap();
+    let err = format!("{err:#}");
+    assert!(err.contains("not registered under subject") && err.contains(&format!("{topic}-value")), "{err}");
+    // registered by someone else (as Confluent's clients send it: without the trailing newline)
+    let text = std::fs::read_to_string(ENRICHED).unwrap();
+    let answer = ureq::post(format!("{}/subjects/{topic}-value/versions", registry_url()))
+        .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        .send(serde_json::json!({ "schema": text.trim_end() }).to_string())
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let id = answer["id"].as_u64().unwrap() as u32;
+    let codec = worker::writer_codec::<EnrichedConversation>(&codec, WireFormat::Confluent, &topic, None).unwrap();
+    let g = SampleGenerator::new(3);
+    let event = worker::build_text_enricher(&Config::default(), None)
+        .unwrap()
+        .enrich_one(&convoflow::pipeline::enrich::EnrichInput {
+            conversation: &g.conversation(0),
+            source: convoflow::event::SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+        })
+        .unwrap();
+    let bytes = codec.encode(&event).unwrap();
+    assert_eq!(bytes[0], 0);
+    assert_eq!(u32::from_be_bytes(bytes[1..5].try_into().unwrap()), id);
 }
 
 /// The output subject holds a schema the EnrichedConversation schema is not backward
