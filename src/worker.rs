@@ -132,6 +132,12 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     store.ensure_collection(&spec, Bootstrap::CreateIfMissing).await.context("bootstrapping the vector store")?;
     info!(backend = store.backend(), collection = %spec.name, dim = spec.dense_dim, "vector store ready");
     readiness.store_reachable.store(true, Ordering::Relaxed);
+    // the output schema's registry id before the models load (a registry that is down or refuses
+    // the schema stops the start at once)
+    let output_codec = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || output_codec(&cfg)).await??
+    };
     let (preparer, models) = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || -> Result<_> {
@@ -144,10 +150,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     let shared = Arc::new(SharedSource::default());
     let producer = EventProducer::new(kafka)?;
     let emitter = Emitter {
-        output_codec: {
-            let cfg = cfg.clone();
-            tokio::task::spawn_blocking(move || output_codec(&cfg)).await??
-        },
+        output_codec,
         producer: producer.clone(),
         output_topic: kafka.output_topic.clone(),
         dlq_topic,

@@ -46,8 +46,12 @@ pub fn partition_count(cfg: &KafkaConfig, topic: &str, timeout: Duration) -> Res
         .map_err(redact_config_error)
         .context("creating a metadata client")?;
     let deadline = Instant::now() + timeout;
+    // short attempts first, so an authentication failure is seen within a second; longer ones
+    // after, for clusters far away (TLS + SASL round trips before the first answer)
+    let mut attempt_limit = Duration::from_millis(500);
     let metadata = loop {
-        let attempt = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(500));
+        let attempt = deadline.saturating_duration_since(Instant::now()).min(attempt_limit);
+        attempt_limit = (attempt_limit * 2).min(Duration::from_secs(4));
         let result = probe.fetch_metadata(Some(topic), attempt);
         let _ = probe.poll(Duration::ZERO); // serves the error callback
         if let Some(reason) = probe.context().failure.lock().expect("probe lock").take() {
