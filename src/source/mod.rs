@@ -225,18 +225,25 @@ pub fn run_poll_loop(
     let mut paused = false;
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        let (want_pause, may_resume) = {
+        let (want_pause, may_resume, rebalanced) = {
             let mut state = shared.lock();
             flush_backlog(&mut state, &tx);
-            if std::mem::take(&mut state.rebalanced) {
-                paused = false; // a new assignment starts unpaused
-            }
+            let rebalanced = std::mem::take(&mut state.rebalanced);
             let in_flight = state.tracker.in_flight();
             (
                 !state.backlog.is_empty() || in_flight >= settings.max_in_flight,
                 state.backlog.is_empty() && in_flight <= settings.max_in_flight / 2,
+                rebalanced,
             )
         };
+        if rebalanced {
+            // librdkafka keeps a partition's pause flag across revoke and assign (librdkafka
+            // #1849): a partition paused before the rebalance would never be fetched again.
+            // Resume the whole new assignment (as rust-arroyo does), then re-apply the pause
+            // from the current backlog and in-flight work below.
+            set_paused(&consumer, false);
+            paused = false;
+        }
         if want_pause && !paused {
             paused = set_paused(&consumer, true);
         } else if paused && may_resume {

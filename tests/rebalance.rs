@@ -1,0 +1,71 @@
+//! Rebalances under backpressure against the real broker (scripts/test exports KAFKA_BROKERS).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::flaky_store::FlakyStore;
+use common::*;
+use convoflow::sample::SampleGenerator;
+use convoflow::sink::store;
+use convoflow::worker;
+
+async fn wait_until(what: &str, timeout: Duration, check: impl Fn() -> bool + Send + Sync + Clone + 'static) {
+    let started = Instant::now();
+    loop {
+        let c = check.clone();
+        if tokio::task::spawn_blocking(move || c()).await.unwrap() {
+            return;
+        }
+        assert!(started.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// librdkafka keeps a partition's pause flag across revoke and assign: a member paused by
+/// backpressure when another joins and leaves again must still fetch every partition it gets
+/// afterwards. Member A is stalled (its store behind `FlakyStore::stalled`, a test double that
+/// holds upserts) until its partitions pause; B joins, takes its share, and leaves; A's store is
+/// released and every partition must drain to lag 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_paused_before_a_rebalance_are_fetched_after_it() {
+    let topics = Topics::new("paused-rebalance");
+    create_topic(&topics.input, 4).await;
+    let g = SampleGenerator::new(9);
+    let convs: Vec<_> = (0..40).map(|i| g.conversation(i)).collect();
+    produce_conversations(&topics.input, &convs).await;
+
+    let mut a = in_process_config(&topics);
+    a.qdrant.dense_dim = Some(8);
+    a.pipeline.max_in_flight = 4; // pauses at once behind the stalled store
+    a.pipeline.shutdown_timeout_ms = 3_000;
+    let gated = Arc::new(FlakyStore::stalled(store::open(&a.qdrant).unwrap()));
+    let stop_a = Arc::new(AtomicBool::new(false));
+    let member_a = tokio::spawn(worker::run_with_store(a.clone(), stop_a.clone(), gated.clone()));
+    wait_until("A pauses its 4 partitions", Duration::from_secs(30), || {
+        convoflow::telemetry::prometheus().render().contains("convoflow_partitions_paused 4")
+    })
+    .await;
+
+    let mut b = a.clone();
+    b.qdrant.data_dir = store_dir(&topics.group, "member-b");
+    let stop_b = Arc::new(AtomicBool::new(false));
+    let member_b = tokio::spawn(worker::run(b, stop_b.clone()));
+    let (group, input) = (topics.group.clone(), topics.input.clone());
+    wait_until("B commits its share", Duration::from_secs(60), move || committed(&group, &input).values().any(|o| *o > 0)).await;
+    stop_b.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), member_b).await.unwrap().unwrap().unwrap();
+
+    // A gets every partition back, some of them paused by it before the first rebalance
+    gated.closed.store(false, Ordering::SeqCst);
+    let (group, input) = (topics.group.clone(), topics.input.clone());
+    wait_until("every partition drains to lag 0", Duration::from_secs(90), move || {
+        let lag = lag(&group, &input);
+        lag.len() == 4 && lag.values().all(|l| *l == 0)
+    })
+    .await;
+    stop_a.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), member_a).await.unwrap().unwrap().unwrap();
+}
