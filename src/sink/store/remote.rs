@@ -26,6 +26,20 @@ use crate::config::QdrantConfig;
 
 /// Oldest server with everything convoflow uses (Query API with fusion, sparse IDF).
 const MIN_SERVER: (u64, u64) = (1, 10);
+/// The qdrant-client release linked (Cargo.lock; a unit test keeps the two equal): servers more
+/// than one minor version away get a warning.
+const CLIENT_VERSION: (u64, u64) = (1, 20);
+
+/// (major, minor) of a version string such as `1.19.0` or `v1.19`.
+fn major_minor(v: &str) -> Option<(u64, u64)> {
+    let mut it = v.split('.').map(|p| p.trim_start_matches('v').parse::<u64>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// Whether a server version is far enough from the client's to warn about.
+fn versions_drift(server: (u64, u64), client: (u64, u64)) -> bool {
+    server.0 != client.0 || server.1.abs_diff(client.1) > 1
+}
 
 pub struct RemoteStore {
     client: Qdrant,
@@ -48,19 +62,15 @@ impl RemoteStore {
 
     async fn check_server_version(&self) -> Result<(), StoreError> {
         let reply = self.client.health_check().await.map_err(|e| classify(&self.url, e))?;
-        let parse = |v: &str| -> Option<(u64, u64)> {
-            let mut it = v.split('.').map(|p| p.trim_start_matches('v').parse::<u64>().ok());
-            Some((it.next()??, it.next()??))
-        };
-        let client_version = parse(env!("CARGO_PKG_VERSION")).unwrap_or((1, 20));
-        match parse(&reply.version) {
+        match major_minor(&reply.version) {
             Some(server) if server < MIN_SERVER => Err(StoreError::Permanent(format!(
                 "Qdrant server at {} is version {}; convoflow needs {}.{} or newer",
                 self.url, reply.version, MIN_SERVER.0, MIN_SERVER.1
             ))),
             Some(server) => {
-                if server.0 != client_version.0 || server.1.abs_diff(client_version.1) > 1 {
-                    warn!(server = %reply.version, client = "qdrant-client 1.20", "Qdrant server and client versions differ by more than one minor version");
+                if versions_drift(server, CLIENT_VERSION) {
+                    let client = format!("qdrant-client {}.{}", CLIENT_VERSION.0, CLIENT_VERSION.1);
+                    warn!(server = %reply.version, client, "Qdrant server and client versions differ by more than one minor version");
                 }
                 info!(url = %self.url, server = %reply.version, "connected to Qdrant");
                 Ok(())
@@ -268,5 +278,23 @@ impl VectorStore for RemoteStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    /// The version compared with the server's is qdrant-client's (as locked), not convoflow's
+    /// own package version, which made every server look far away.
+    #[test]
+    fn servers_are_compared_with_the_linked_client_version() {
+        let lock = include_str!("../../../Cargo.lock");
+        let at = lock.find("name = \"qdrant-client\"\nversion = \"").expect("qdrant-client in Cargo.lock");
+        let version = lock[at..].lines().nth(1).unwrap().trim_start_matches("version = ").trim_matches('"');
+        assert_eq!(major_minor(version), Some(CLIENT_VERSION), "update CLIENT_VERSION to {version}");
+        assert!(!versions_drift((1, 19), CLIENT_VERSION) && !versions_drift((1, 21), CLIENT_VERSION));
+        assert!(versions_drift((1, 17), CLIENT_VERSION) && versions_drift((2, 20), CLIENT_VERSION));
+        assert_eq!(major_minor("v1.19.0"), Some((1, 19)));
     }
 }
