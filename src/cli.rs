@@ -264,7 +264,7 @@ pub async fn produce(cfg: &Config, args: ProduceArgs) -> Result<()> {
     let started = Instant::now();
     let mut deliveries = Vec::with_capacity(events.len());
     for event in &events {
-        event.validate(usize::MAX).with_context(|| format!("conversation {}", event.conversation_id))?;
+        event.validate(&crate::event::EventLimits::UNBOUNDED).with_context(|| format!("conversation {}", event.conversation_id))?;
         let payload = codec.encode(event)?;
         let out = Outgoing { topic: &topic, key: Some(event.conversation_id.as_bytes()), payload: Some(&payload), headers: None };
         deliveries.push(producer.enqueue(out).await?);

@@ -389,6 +389,11 @@ pub struct PipelineConfig {
     pub batches_in_flight: usize,
     /// A turn's text over this many bytes sends the message to the DLQ.
     pub max_turn_bytes: usize,
+    /// An event with more turns goes to the DLQ (bounds the memory one event can take).
+    pub max_turns_per_event: usize,
+    /// An event (the encoded message value) over this many bytes goes to the DLQ before it is
+    /// decoded; also the Avro decoder's allocation limit.
+    pub max_event_bytes: usize,
     /// On SIGTERM/SIGINT: how long in-flight work may take to finish before exit.
     pub shutdown_timeout_ms: u64,
     pub chunk: ChunkConfig,
@@ -405,6 +410,8 @@ impl Default for PipelineConfig {
             prepare_workers: 2,
             batches_in_flight: 3,
             max_turn_bytes: 1 << 20,
+            max_turns_per_event: 10_000,
+            max_event_bytes: 8 << 20,
             shutdown_timeout_ms: 8_000,
             chunk: ChunkConfig::default(),
             bm25: Bm25Params::default(),
@@ -655,6 +662,9 @@ impl Config {
         let p = &self.pipeline;
         if p.max_in_flight == 0 || p.queue_capacity == 0 || p.max_batch_messages == 0 {
             bail!("pipeline.max_in_flight, queue_capacity and max_batch_messages must be > 0");
+        }
+        if p.max_turns_per_event == 0 || p.max_event_bytes == 0 || p.max_turn_bytes == 0 {
+            bail!("pipeline.max_turns_per_event, max_event_bytes and max_turn_bytes must be > 0");
         }
         if p.prepare_workers == 0 || p.batches_in_flight == 0 {
             bail!("pipeline.prepare_workers and batches_in_flight must be > 0");

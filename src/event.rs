@@ -63,21 +63,62 @@ pub enum ValidationError {
     TurnTooLarge { turn_id: String, bytes: usize, limit: usize },
     #[error("message key {key:?} differs from conversation_id {conversation_id:?}")]
     KeyMismatch { key: String, conversation_id: String },
+    #[error("the event has {turns} turns, over the limit of {limit} (pipeline.max_turns_per_event)")]
+    TooManyTurns { turns: usize, limit: usize },
+    #[error("the event is {bytes} bytes, over the limit of {limit} (pipeline.max_event_bytes)")]
+    EventTooLarge { bytes: usize, limit: usize },
+    #[error("{field} contains a NUL character (ids must not: point ids are built from them)")]
+    NulInId { field: &'static str },
+    #[error("{field} is {millis} ms since the epoch, outside the representable time range")]
+    TimeOutOfRange { field: String, millis: i64 },
+}
+
+/// Bounds on one event, checked before any enrichment (the DLQ takes what exceeds them).
+#[derive(Debug, Clone, Copy)]
+pub struct EventLimits {
+    /// One turn's text, in bytes (`pipeline.max_turn_bytes`).
+    pub max_turn_bytes: usize,
+    /// Turns in one event (`pipeline.max_turns_per_event`).
+    pub max_turns: usize,
+}
+
+impl EventLimits {
+    pub const UNBOUNDED: EventLimits = EventLimits { max_turn_bytes: usize::MAX, max_turns: usize::MAX };
+}
+
+fn time_in_range(millis: i64) -> bool {
+    chrono::DateTime::from_timestamp_millis(millis).is_some()
 }
 
 impl Conversation {
-    /// Checks what the schema cannot express. `max_turn_bytes` bounds one turn's text.
-    pub fn validate(&self, max_turn_bytes: usize) -> Result<(), ValidationError> {
+    /// Checks what the schema cannot express, and the configured bounds.
+    pub fn validate(&self, limits: &EventLimits) -> Result<(), ValidationError> {
+        let max_turn_bytes = limits.max_turn_bytes;
         if self.conversation_id.trim().is_empty() {
             return Err(ValidationError::EmptyConversationId);
         }
+        if self.conversation_id.contains('\0') {
+            return Err(ValidationError::NulInId { field: "conversation_id" });
+        }
         if self.turns.is_empty() {
             return Err(ValidationError::NoTurns);
+        }
+        if self.turns.len() > limits.max_turns {
+            return Err(ValidationError::TooManyTurns { turns: self.turns.len(), limit: limits.max_turns });
+        }
+        if !time_in_range(self.started_at) {
+            return Err(ValidationError::TimeOutOfRange { field: "started_at".into(), millis: self.started_at });
         }
         let mut seen = HashSet::with_capacity(self.turns.len());
         for (index, turn) in self.turns.iter().enumerate() {
             if turn.turn_id.trim().is_empty() {
                 return Err(ValidationError::EmptyTurnId { index });
+            }
+            if turn.turn_id.contains('\0') {
+                return Err(ValidationError::NulInId { field: "turn_id" });
+            }
+            if !time_in_range(turn.ts) {
+                return Err(ValidationError::TimeOutOfRange { field: format!("turn {:?} ts", turn.turn_id), millis: turn.ts });
             }
             if !seen.insert(turn.turn_id.as_str()) {
                 return Err(ValidationError::DuplicateTurnId { turn_id: turn.turn_id.clone() });
@@ -225,20 +266,32 @@ mod tests {
 
     #[test]
     fn validation_rejects_what_the_schema_cannot() {
-        assert_eq!(conv(vec![("1", "hi")]).validate(10), Ok(()));
-        assert_eq!(conv(vec![]).validate(10), Err(ValidationError::NoTurns));
+        let ten = EventLimits { max_turn_bytes: 10, max_turns: 3 };
+        assert_eq!(conv(vec![("1", "hi")]).validate(&ten), Ok(()));
+        assert_eq!(
+            conv(vec![("1", "a"), ("2", "b"), ("3", "c"), ("4", "d")]).validate(&ten),
+            Err(ValidationError::TooManyTurns { turns: 4, limit: 3 })
+        );
+        assert_eq!(conv(vec![("1\u{0}2", "a")]).validate(&ten), Err(ValidationError::NulInId { field: "turn_id" }));
+        let mut c = conv(vec![("1", "a")]);
+        c.turns[0].ts = i64::MAX;
+        assert!(matches!(c.validate(&ten), Err(ValidationError::TimeOutOfRange { .. })));
+        let mut c = conv(vec![("1", "a")]);
+        c.conversation_id.push('\0');
+        assert_eq!(c.validate(&ten), Err(ValidationError::NulInId { field: "conversation_id" }));
+        assert_eq!(conv(vec![]).validate(&ten), Err(ValidationError::NoTurns));
         assert!(matches!(
-            conv(vec![("1", "a"), ("1", "b")]).validate(10),
+            conv(vec![("1", "a"), ("1", "b")]).validate(&ten),
             Err(ValidationError::DuplicateTurnId { .. })
         ));
         assert!(matches!(
-            conv(vec![("1", "0123456789A")]).validate(10),
+            conv(vec![("1", "0123456789A")]).validate(&ten),
             Err(ValidationError::TurnTooLarge { bytes: 11, limit: 10, .. })
         ));
-        assert!(matches!(conv(vec![(" ", "a")]).validate(10), Err(ValidationError::EmptyTurnId { index: 0 })));
+        assert!(matches!(conv(vec![(" ", "a")]).validate(&ten), Err(ValidationError::EmptyTurnId { index: 0 })));
         let mut c = conv(vec![("1", "a")]);
         c.conversation_id = "".into();
-        assert_eq!(c.validate(10), Err(ValidationError::EmptyConversationId));
+        assert_eq!(c.validate(&ten), Err(ValidationError::EmptyConversationId));
     }
 
     #[test]

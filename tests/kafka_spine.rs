@@ -196,6 +196,19 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
     wrong_fp[3] ^= 0x5a;
     let mut huge = g.conversation(98);
     huge.turns[0].text = "bla ".repeat(5 * 1024 * 1024 / 4); // a 5 MB turn
+    let mut many_turns = g.conversation(96);
+    let template = many_turns.turns[0].clone();
+    many_turns.turns = (0..20_000)
+        .map(|i| convoflow::event::Turn { turn_id: format!("t{i}"), text: "ok".into(), ..template.clone() })
+        .collect();
+    let mut nul_id = g.conversation(95);
+    nul_id.turns[0].turn_id = "t\u{0}1".into();
+    let mut far_ts = g.conversation(94);
+    far_ts.turns[0].ts = i64::MAX;
+    let mut nine_mb = g.conversation(93);
+    nine_mb.turns = (0..9)
+        .map(|i| convoflow::event::Turn { turn_id: format!("big{i}"), text: "x".repeat(1_000_000), ..template.clone() })
+        .collect();
     let poison: Vec<(&str, Vec<u8>)> = vec![
         ("random bytes", (1..513u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()),
         ("truncated avro", good_bytes[..good_bytes.len() / 2].to_vec()),
@@ -204,6 +217,10 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
         ("missing required fields", br#"{"tenant":"acme","started_at":1,"turns":[]}"#.to_vec()),
         ("invalid utf-8 json", b"{\"conversation_id\":\"c\xff\xfe\",\"tenant\":\"t\",\"started_at\":1,\"turns\":[]}".to_vec()),
         ("key differs from conversation_id", codec.encode(&g.conversation(97)).unwrap()),
+        ("20,000 turns", codec.encode(&many_turns).unwrap()),
+        ("NUL in a turn id", codec.encode(&nul_id).unwrap()),
+        ("ts out of range", codec.encode(&far_ts).unwrap()),
+        ("9 MB event", codec.encode(&nine_mb).unwrap()),
     ];
     let mut records = Vec::new();
     for (i, (name, bytes)) in poison.iter().enumerate() {
@@ -223,8 +240,19 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
 
     assert_eq!(dlq.len(), poison.len(), "each poison message dead-lettered once");
     assert_eq!(by_source(&out).len(), poison.len() + 1, "every valid message enriched");
-    let expected_class =
-        ["deserialization", "deserialization", "unknown-schema", "validation", "deserialization", "deserialization", "validation"];
+    let expected_class = [
+        "deserialization",
+        "deserialization",
+        "unknown-schema",
+        "validation",
+        "deserialization",
+        "deserialization",
+        "validation",
+        "validation",
+        "validation",
+        "validation",
+        "validation",
+    ];
     for (((name, bytes), pos), class) in poison.iter().zip(&poison_positions).zip(expected_class) {
         let rec = dlq
             .iter()
@@ -249,6 +277,10 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
     assert!(msg("missing required fields").contains("missing field `conversation_id`"));
     assert!(msg("wrong fingerprint").contains("unknown writer schema fingerprint"));
     assert!(msg("key differs from conversation_id").contains("differs from conversation_id"));
+    assert!(msg("20,000 turns").contains("max_turns_per_event"), "{}", msg("20,000 turns"));
+    assert!(msg("NUL in a turn id").contains("NUL"), "{}", msg("NUL in a turn id"));
+    assert!(msg("ts out of range").contains("outside the representable time range"), "{}", msg("ts out of range"));
+    assert!(msg("9 MB event").contains("max_event_bytes"), "{}", msg("9 MB event"));
     assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past the poison");
 }
 

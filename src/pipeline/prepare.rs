@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::enrich::{TextEnricher, TextEnriched};
 use crate::codec::RecordCodec;
 use crate::config::Config;
-use crate::event::{Conversation, EnrichedConversation, SourceRef, ValidationError};
+use crate::event::{Conversation, EnrichedConversation, EventLimits, SourceRef, ValidationError};
 use crate::infer::ModelFolder;
 use crate::infer::model::NerInput;
 use crate::infer::tokenize::ModelTokenizer;
@@ -59,7 +59,8 @@ struct EmbeddingTokens {
 
 pub struct Preparer {
     input_codec: RecordCodec<Conversation>,
-    max_turn_bytes: usize,
+    limits: EventLimits,
+    max_event_bytes: usize,
     text: TextEnricher,
     embedding: Option<EmbeddingTokens>,
     ner: Option<ModelTokenizer>,
@@ -77,6 +78,10 @@ impl Preparer {
     /// The configured codec, chunker and model tokenizers (read from the model folders; the
     /// models themselves are not needed here).
     pub fn new(cfg: &Config) -> Result<Self> {
+        // no single Avro allocation (a string, bytes, a block) larger than an event may be: a
+        // few bytes claiming a huge length are refused instead of allocated (process-wide; the
+        // first worker configured sets it)
+        apache_avro::util::max_allocation_bytes(cfg.pipeline.max_event_bytes.max(1 << 20));
         let m = &cfg.models;
         let tokenizer = |c: &Option<crate::config::ModelConfig>| -> Result<Option<ModelTokenizer>> {
             c.as_ref()
@@ -102,7 +107,8 @@ impl Preparer {
         Ok(Self {
             chunk_tokens,
             input_codec: crate::worker::input_codec(&cfg.codec)?,
-            max_turn_bytes: cfg.pipeline.max_turn_bytes,
+            limits: EventLimits { max_turn_bytes: cfg.pipeline.max_turn_bytes, max_turns: cfg.pipeline.max_turns_per_event },
+            max_event_bytes: cfg.pipeline.max_event_bytes,
             text,
             embedding,
             ner: tokenizer(&m.ner)?,
@@ -137,12 +143,16 @@ impl Preparer {
                 }),
             };
         };
+        if payload.len() > self.max_event_bytes {
+            let e = ValidationError::EventTooLarge { bytes: payload.len(), limit: self.max_event_bytes };
+            return Decided::Rejected(Rejection { class: "validation", message: e.to_string() });
+        }
         let conversation = match self.input_codec.decode(payload) {
             Ok(c) => c,
             Err(e) if e.is_runtime() => return Decided::Unfinished(e.to_string()),
             Err(e) => return Decided::Rejected(Rejection { class: e.class(), message: e.to_string() }),
         };
-        let checked = conversation.validate(self.max_turn_bytes).and_then(|()| match &msg.key {
+        let checked = conversation.validate(&self.limits).and_then(|()| match &msg.key {
             Some(key) if key.as_slice() != conversation.conversation_id.as_bytes() => Err(ValidationError::KeyMismatch {
                 key: String::from_utf8_lossy(key).into_owned(),
                 conversation_id: conversation.conversation_id.clone(),
