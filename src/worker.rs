@@ -526,14 +526,16 @@ impl Emitter {
             let record = match (decided, encoded) {
                 (Decided::Valid(v), Some(Ok(bytes))) => {
                     self.stats.enriched += 1;
-                    (false, Some(v.event.conversation_id.into_bytes()), Some(bytes), None)
+                    let headers = (!msg.headers.is_empty()).then(|| dlq::carried(&msg));
+                    (false, Some(v.event.conversation_id.into_bytes()), Some(bytes), headers)
                 }
                 (Decided::Valid(_), Some(Err(e))) => self.dead_letter(&msg, Rejection { class: "encoding", message: e }),
                 (Decided::Valid(_), None) => unreachable!("every valid event is encoded"),
                 (Decided::Tombstone, _) => {
                     self.stats.tombstones += 1;
                     metrics::counter!(telemetry::TOMBSTONES).increment(1);
-                    (false, msg.key.clone(), None, None)
+                    let headers = (!msg.headers.is_empty()).then(|| dlq::carried(&msg));
+                    (false, msg.key.clone(), None, headers)
                 }
                 (Decided::Rejected(why), _) => self.dead_letter(&msg, why),
                 (Decided::Unfinished(reason), _) => {

@@ -284,6 +284,29 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
     assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past the poison");
 }
 
+/// The input record's headers (trace context) come out on its enriched event and on its DLQ
+/// copy, before the DLQ's own headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_headers_are_carried_to_the_output_and_the_dlq() {
+    let topics = Topics::new("headers");
+    create_topic(&topics.input, 1).await;
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let conv = SampleGenerator::new(61).conversation(0);
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let headers = [("traceparent", trace), ("tenant-hint", "acme")];
+    produce_with_headers(&topics.input, conv.conversation_id.as_bytes(), &codec.encode(&conv).unwrap(), &headers).await;
+    produce_with_headers(&topics.input, b"bad", b"not an event", &[("traceparent", trace)]).await;
+    let mut worker = Worker::start("headers", &topics, &[]);
+    let out = read_topic(&topics.output, 1, Duration::from_secs(60), Duration::ZERO);
+    let dlq = read_topic(&topics.dlq(), 1, Duration::from_secs(30), Duration::ZERO);
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
+    assert_eq!(out[0].headers["traceparent"], trace);
+    assert_eq!(out[0].headers["tenant-hint"], "acme");
+    assert_eq!(dlq[0].headers["traceparent"], trace);
+    assert_eq!(dlq[0].headers["dlq.error.class"], "deserialization");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_within_10s_with_processed_work_committed() {
     let topics = Topics::new("term");

@@ -132,6 +132,7 @@ fn prepared_chunk_ids_embed_like_transformers_on_prefixed_text() {
         key: Some(conv.conversation_id.clone().into_bytes()),
         payload: Some(payload),
         timestamp_ms: None,
+        headers: vec![],
     };
     let Decided::Valid(valid) = preparer.decide(&msg) else { panic!("a valid conversation") };
     assert_eq!(valid.inputs.embedding.len(), passages.len(), "one chunk per short turn");

@@ -8,6 +8,8 @@
 //! | `dlq.original.topic` / `dlq.original.partition` / `dlq.original.offset` | where it was read |
 //! | `dlq.original.timestamp` | the original record timestamp (ms), when it had one |
 //! | `dlq.worker` | the consumer group of the worker that rejected it |
+//!
+//! The original record's own headers come first, unchanged (trace context survives).
 
 use rdkafka::message::{Header, OwnedHeaders};
 
@@ -33,7 +35,7 @@ pub fn headers(msg: &InboundMessage, why: &Rejection, group_id: &str) -> OwnedHe
     let offset = msg.offset.to_string();
     // keep the reason readable and bounded even for huge inputs
     let message: String = why.message.chars().take(2_000).collect();
-    let mut h = OwnedHeaders::new()
+    let mut h = carried(msg)
         .insert(Header { key: ERROR_CLASS, value: Some(why.class) })
         .insert(Header { key: ERROR_MESSAGE, value: Some(message.as_str()) })
         .insert(Header { key: ORIGINAL_TOPIC, value: Some(&*msg.tp.topic) })
@@ -44,4 +46,11 @@ pub fn headers(msg: &InboundMessage, why: &Rejection, group_id: &str) -> OwnedHe
         h = h.insert(Header { key: ORIGINAL_TIMESTAMP, value: Some(ts.to_string().as_str()) });
     }
     h
+}
+
+/// The input record's headers, for the records produced from it (enriched event, DLQ copy).
+pub fn carried(msg: &InboundMessage) -> OwnedHeaders {
+    msg.headers.iter().fold(OwnedHeaders::new_with_capacity(msg.headers.len() + 7), |h, header| {
+        h.insert(Header { key: header.key.as_str(), value: header.value.as_deref() })
+    })
 }

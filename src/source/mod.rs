@@ -38,6 +38,24 @@ pub struct InboundMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub timestamp_ms: Option<i64>,
+    /// The record's headers, in order (trace context and the like), carried onto its enriched
+    /// event and its dead-letter record.
+    pub headers: Vec<InboundHeader>,
+}
+
+/// One Kafka record header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundHeader {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The headers of a record as read.
+fn headers_of<M: Message>(m: &M) -> Vec<InboundHeader> {
+    use rdkafka::message::Headers;
+    m.headers()
+        .map(|h| h.iter().map(|h| InboundHeader { key: h.key.to_string(), value: h.value.map(<[u8]>::to_vec) }).collect())
+        .unwrap_or_default()
 }
 
 /// State shared by the poll thread, the rebalance callbacks and the pipeline.
@@ -261,6 +279,7 @@ pub fn run_poll_loop(
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
                         timestamp_ms: m.timestamp().to_millis(),
+                        headers: headers_of(&m),
                     });
                     flush_backlog(&mut state, &tx);
                 } else {

@@ -98,6 +98,16 @@ pub async fn produce_raw(topic: &str, records: &[(Option<Vec<u8>>, Option<Vec<u8
     out
 }
 
+/// Produces one record with headers; returns its (partition, offset).
+pub async fn produce_with_headers(topic: &str, key: &[u8], payload: &[u8], headers: &[(&str, &str)]) -> (i32, i64) {
+    let h = headers.iter().fold(rdkafka::message::OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(rdkafka::message::Header { key: k, value: Some(*v) })
+    });
+    let record = FutureRecord::<[u8], [u8]>::to(topic).key(key).payload(payload).headers(h);
+    let d = producer().send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    (d.partition, d.offset)
+}
+
 /// Avro-encodes conversations and produces them keyed by conversation id.
 pub async fn produce_conversations(topic: &str, events: &[Conversation]) -> Vec<(i32, i64)> {
     let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
