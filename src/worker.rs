@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -157,6 +159,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         group_id: kafka.group_id.clone(),
         shared: shared.clone(),
         stats: Stats::default(),
+        message_max_bytes: kafka.message_max_bytes as usize,
     };
     let pipeline = Pipeline {
         store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry),
@@ -243,6 +246,8 @@ struct Emitter {
     group_id: String,
     shared: Arc<SharedSource>,
     stats: Stats,
+    /// The producer's `message.max.bytes` (`kafka.message_max_bytes`).
+    message_max_bytes: usize,
 }
 
 /// A batch whose points the store acknowledged, for the emit stage.
@@ -544,13 +549,49 @@ impl Emitter {
                     continue;
                 }
             };
-            let (to_dlq, key, payload, headers) = record;
-            let topic = if to_dlq { self.dlq_topic.as_str() } else { self.output_topic.as_str() };
-            let out = Outgoing { topic, key: key.as_deref(), payload: payload.as_deref(), headers };
-            match self.producer.enqueue(out).await {
-                Ok(delivery) => pending.push((msg.tp.clone(), msg.offset, msg.generation, msg.timestamp_ms, delivery)),
-                // Not completed: the offset stays uncommitted and the message is re-read later.
-                Err(e) => error!(error = %e, tp = %msg.tp, offset = msg.offset, "could not enqueue a record"),
+            let mut record = record;
+            let mut truncated = false;
+            loop {
+                let (to_dlq, key, payload, headers) = &record;
+                let topic = if *to_dlq { self.dlq_topic.as_str() } else { self.output_topic.as_str() };
+                let out = Outgoing { topic, key: key.as_deref(), payload: payload.as_deref(), headers: headers.clone() };
+                match self.producer.enqueue(out).await {
+                    Ok(delivery) => {
+                        pending.push((msg.tp.clone(), msg.offset, msg.generation, msg.timestamp_ms, delivery));
+                        break;
+                    }
+                    // too large to produce, for good: an enriched event goes to the DLQ instead
+                    // (the input was fine, its result is not deliverable); a DLQ copy too large
+                    // itself keeps the start of the value and says so
+                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) if !*to_dlq => {
+                        let bytes = payload.as_ref().map_or(0, Vec::len);
+                        self.stats.enriched -= 1;
+                        let why = Rejection {
+                            class: "output-too-large",
+                            message: format!(
+                                "the enriched event is {bytes} bytes, over kafka.message_max_bytes {}",
+                                self.message_max_bytes
+                            ),
+                        };
+                        record = self.dead_letter(&msg, why);
+                    }
+                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) if !truncated => {
+                        truncated = true;
+                        let original = msg.payload.as_ref().map_or(0, Vec::len);
+                        let keep = original.min(self.message_max_bytes / 2);
+                        let headers = record.3.take().unwrap_or_default().insert(rdkafka::message::Header {
+                            key: dlq::VALUE_TRUNCATED,
+                            value: Some(original.to_string().as_str()),
+                        });
+                        warn!(tp = %msg.tp, offset = msg.offset, original, keep, "the DLQ copy is too large: its value is truncated");
+                        record = (true, record.1.take(), msg.payload.as_ref().map(|p| p[..keep].to_vec()), Some(headers));
+                    }
+                    // Not completed: the offset stays uncommitted and the message is re-read later.
+                    Err(e) => {
+                        error!(error = %e, tp = %msg.tp, offset = msg.offset, "could not enqueue a record");
+                        break;
+                    }
+                }
             }
         }
         let shared = self.shared.clone();

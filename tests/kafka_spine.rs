@@ -284,6 +284,49 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
     assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past the poison");
 }
 
+/// An enriched event larger than the producer's `message.max.bytes` goes to the DLQ (class
+/// `output-too-large`, the input unchanged) instead of stalling its partition; a DLQ copy that is
+/// itself too large keeps the start of the value and says so; the partition moves on to lag 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_too_large_to_produce_are_dead_lettered_and_the_partition_moves_on() {
+    let topics = Topics::new("too-large");
+    create_topic(&topics.input, 1).await;
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let g = SampleGenerator::new(71);
+    let with_turns = |n: u64, turns: usize| {
+        let mut c = g.conversation(n);
+        let t = c.turns[0].clone();
+        c.turns = (0..turns)
+            .map(|i| convoflow::event::Turn {
+                turn_id: format!("t{i}"),
+                text: "the quick brown fox jumps over the lazy dog again and again".into(),
+                ..t.clone()
+            })
+            .collect();
+        (Some(c.conversation_id.clone().into_bytes()), Some(codec.encode(&c).unwrap()))
+    };
+    // 200 turns: ~17 KB in, ~41 KB enriched; 370 turns: ~31 KB in, over the limit itself
+    let records = vec![with_turns(0, 2), with_turns(1, 200), with_turns(2, 370), with_turns(3, 2)];
+    let (big, bigger) = (records[1].1.clone().unwrap(), records[2].1.clone().unwrap());
+    assert!(big.len() < 25_000 && bigger.len() > 30_000, "{} {}", big.len(), bigger.len());
+    produce_raw(&topics.input, &records).await;
+    let mut worker = Worker::start("too-large", &topics, &[("CONVOFLOW__KAFKA__MESSAGE_MAX_BYTES", "30000")]);
+    let dlq = read_topic(&topics.dlq(), 2, Duration::from_secs(60), Duration::ZERO);
+    let out = read_topic(&topics.output, 2, Duration::from_secs(30), Duration::ZERO);
+    std::thread::sleep(Duration::from_millis(1500));
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
+    assert_eq!(out.len(), 2, "the small ones are enriched");
+    assert_eq!(dlq.len(), 2);
+    assert!(dlq.iter().all(|r| r.headers["dlq.error.class"] == "output-too-large"), "{:?}", dlq[0].headers);
+    assert!(dlq[0].headers["dlq.error.message"].contains("over kafka.message_max_bytes 30000"));
+    assert_eq!(dlq[0].payload.as_deref(), Some(big.as_slice()), "the input, unchanged");
+    assert!(!dlq[0].headers.contains_key("dlq.value.truncated"));
+    assert_eq!(dlq[1].headers["dlq.value.truncated"], bigger.len().to_string());
+    assert_eq!(dlq[1].payload.as_deref(), Some(&bigger[..15_000]), "the start of the input");
+    assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past them");
+}
+
 /// The input record's headers (trace context) come out on its enriched event and on its DLQ
 /// copy, before the DLQ's own headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

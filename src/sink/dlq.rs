@@ -3,11 +3,12 @@
 //!
 //! | header | value |
 //! | --- | --- |
-//! | `dlq.error.class` | `deserialization`, `unknown-schema`, `schema`, `validation`, `enrichment`, `encoding` |
+//! | `dlq.error.class` | `deserialization`, `unknown-schema`, `schema`, `validation`, `enrichment`, `encoding`, `output-too-large` |
 //! | `dlq.error.message` | human-readable reason |
 //! | `dlq.original.topic` / `dlq.original.partition` / `dlq.original.offset` | where it was read |
 //! | `dlq.original.timestamp` | the original record timestamp (ms), when it had one |
 //! | `dlq.worker` | the consumer group of the worker that rejected it |
+//! | `dlq.value.truncated` | only when the copy would exceed `kafka.message_max_bytes`: the original value's length (the value holds its start) |
 //!
 //! The original record's own headers come first, unchanged (trace context survives).
 
@@ -22,6 +23,7 @@ pub const ORIGINAL_PARTITION: &str = "dlq.original.partition";
 pub const ORIGINAL_OFFSET: &str = "dlq.original.offset";
 pub const ORIGINAL_TIMESTAMP: &str = "dlq.original.timestamp";
 pub const WORKER: &str = "dlq.worker";
+pub const VALUE_TRUNCATED: &str = "dlq.value.truncated";
 
 /// Why a message is dead-lettered.
 #[derive(Debug, Clone)]
