@@ -69,3 +69,30 @@ async fn partitions_paused_before_a_rebalance_are_fetched_after_it() {
     stop_a.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(30), member_a).await.unwrap().unwrap().unwrap();
 }
+
+/// The lag gauge covers every partition of the input topic, not only those this worker holds:
+/// with no partition assigned (a rebalance in progress, a broker outage, another member holding
+/// them) a backlog still shows. Before, unassigned partitions were reported as 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_reported_for_partitions_this_worker_does_not_hold() {
+    let topics = Topics::new("lag-unheld");
+    create_topic(&topics.input, 3).await;
+    let g = SampleGenerator::new(19);
+    let convs: Vec<_> = (0..12).map(|i| g.conversation(i)).collect();
+    produce_conversations(&topics.input, &convs).await;
+    let cfg = in_process_config(&topics);
+    let shared = Arc::new(convoflow::source::SharedSource::default()); // holds nothing
+    let readiness = Arc::new(convoflow::telemetry::Readiness::default());
+    let _monitor = convoflow::telemetry::lag::LagMonitor::start(&cfg.kafka, shared, readiness, Duration::from_millis(200)).unwrap();
+    let topic = topics.input.clone();
+    wait_until("lag of all 3 partitions, summing to 12", Duration::from_secs(20), move || {
+        let text = convoflow::telemetry::prometheus().render();
+        let lags: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with("convoflow_consumer_lag{") && l.contains(&format!("topic=\"{topic}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        lags.len() == 3 && lags.iter().sum::<f64>() == 12.0
+    })
+    .await;
+}

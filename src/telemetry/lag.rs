@@ -1,8 +1,10 @@
-//! Consumer lag per assigned partition: the partition's high watermark minus the group's
-//! committed offset, refreshed every few seconds on a thread of its own. It asks the broker
-//! through a separate, never-subscribed consumer of the same group (a subscribed consumer's
-//! `committed()` can hang at close with rdkafka 0.39), so lag keeps rising while the worker's
-//! partitions are paused. Revoked partitions are set to 0: their new owner reports them.
+//! Consumer lag of the group on every partition of the input topic: the partition's high
+//! watermark minus the group's committed offset, refreshed every few seconds on a thread of its
+//! own. It asks the broker through a separate, never-subscribed consumer of the same group (a
+//! subscribed consumer's `committed()` can hang at close with rdkafka 0.39), so lag keeps rising
+//! while the worker's partitions are paused. Every partition is reported whoever holds it — or
+//! nobody, during a rebalance or a broker outage — so the gauge never shows a backlog as 0;
+//! several workers report the same values (aggregate with `max`, not `sum`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -36,8 +38,8 @@ impl LagMonitor {
             .map_err(crate::source::redact_config_error)?;
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
+        let topic = cfg.input_topic.clone();
         let handle = std::thread::Builder::new().name("lag-monitor".into()).spawn(move || {
-            let mut reported: BTreeSet<(String, i32)> = BTreeSet::new();
             while !flag.load(Ordering::Relaxed) {
                 let (assigned, in_flight) = {
                     let state = shared.lock();
@@ -48,13 +50,9 @@ impl LagMonitor {
                 metrics::gauge!(IN_FLIGHT).set(in_flight as f64);
                 metrics::gauge!(ASSIGNED_PARTITIONS).set(assigned.len() as f64);
                 readiness.partitions_assigned.store(!assigned.is_empty(), Ordering::Relaxed);
-                for (topic, partition) in reported.difference(&assigned) {
-                    metrics::gauge!(LAG, "topic" => topic.clone(), "partition" => partition.to_string()).set(0.0);
-                }
-                if let Err(e) = refresh(&consumer, &assigned) {
+                if let Err(e) = refresh(&consumer, &topic) {
                     debug!(error = %e, "lag refresh failed; trying again");
                 }
-                reported = assigned;
                 // sleep in small steps so the monitor stops promptly
                 let mut slept = Duration::ZERO;
                 while slept < interval && !flag.load(Ordering::Relaxed) {
@@ -67,13 +65,16 @@ impl LagMonitor {
     }
 }
 
-fn refresh(consumer: &BaseConsumer, assigned: &BTreeSet<(String, i32)>) -> anyhow::Result<()> {
-    if assigned.is_empty() {
-        return Ok(());
-    }
+fn refresh(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<()> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
     let mut tpl = TopicPartitionList::new();
-    for (topic, partition) in assigned {
-        tpl.add_partition(topic, *partition);
+    for t in metadata.topics().iter().filter(|t| t.name() == topic && t.error().is_none()) {
+        for p in t.partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(());
     }
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(5))?;
     for e in committed.elements() {
