@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use rayon::prelude::*;
-use tracing::{Instrument, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::codec::registry::{self, RegistryLookup, SchemaRegistry};
 use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireFormat};
@@ -269,6 +269,15 @@ const STAGE_INFER: &str = "infer";
 const STAGE_STORE: &str = "store";
 const STAGE_EMIT: &str = "emit";
 
+/// Counts messages dropped by `stage` because their partition moved to another member.
+fn count_stale(stage: &'static str, messages: usize) {
+    if messages > 0 {
+        debug!(stage, messages, "dropped work of partitions that moved to another member");
+        metrics::counter!(telemetry::STALE_BATCHES, "stage" => stage).increment(1);
+        metrics::counter!(telemetry::STALE_MESSAGES, "stage" => stage).increment(messages as u64);
+    }
+}
+
 /// Adds the time until it is dropped to the stage's busy seconds.
 struct Busy(&'static str, std::time::Instant);
 
@@ -372,8 +381,10 @@ impl Pipeline {
         };
         let _busy = Busy::start(STAGE_STORE); // from here on: the stage's own work
         // messages of partitions revoked while the batch was in flight: the next owner re-reads them
+        let before = batch.len();
         let (batch, dense): (Vec<Prepared>, Vec<Option<Vec<Vec<f32>>>>) =
             batch.into_iter().zip(dense).filter(|(p, _)| self.shared.is_current(&p.msg.tp, p.msg.generation)).unzip();
+        count_stale(STAGE_STORE, before - batch.len());
         if batch.is_empty() {
             return None;
         }
@@ -408,6 +419,15 @@ impl Pipeline {
         })
         .await
         .expect("building points does not panic");
+        // checked again right before writing: a partition may have moved while the points were
+        // built, and a late write could bring back points its new owner deleted
+        let before = batch.len();
+        let (batch, points): (Vec<Prepared>, Vec<Vec<StorePoint>>) =
+            batch.into_iter().zip(points).filter(|(p, _)| self.shared.is_current(&p.msg.tp, p.msg.generation)).unzip();
+        count_stale(STAGE_STORE, before - batch.len());
+        if batch.is_empty() {
+            return None;
+        }
         if let Err(e) = self.write_store(&batch, points).await {
             self.readiness.store_reachable.store(false, Ordering::Relaxed);
             self.fail(anyhow::Error::new(e).context("writing to the vector store"), batch.len());
@@ -511,6 +531,15 @@ impl Emitter {
 
     async fn emit(&mut self, batch: Vec<Prepared>, deliveries: &mut JoinSet<()>) {
         let _busy = Busy::start(STAGE_EMIT);
+        // a partition that moved while the batch was stored: its new owner re-reads and emits
+        // these messages; emitting them here too would duplicate them (completion would be
+        // ignored anyway)
+        let before = batch.len();
+        let batch: Vec<Prepared> = batch.into_iter().filter(|p| self.shared.is_current(&p.msg.tp, p.msg.generation)).collect();
+        count_stale(STAGE_EMIT, before - batch.len());
+        if batch.is_empty() {
+            return;
+        }
         // encode every event on rayon's pool, then enqueue in input order: the idempotent
         // producer keeps that order per partition
         let codec = self.output_codec.clone();

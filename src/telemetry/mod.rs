@@ -42,6 +42,10 @@ pub const END_TO_END_SECONDS: &str = "convoflow_end_to_end_seconds";
 pub const STAGE_BUSY_SECONDS: &str = "convoflow_stage_busy_seconds";
 /// Micro-batches waiting in front of each stage, by `stage`.
 pub const STAGE_QUEUE_DEPTH: &str = "convoflow_stage_queue_depth";
+/// Batches (parts of batches) dropped by `stage` (store, emit) because their partition moved to
+/// another member after they were read; `STALE_MESSAGES` counts their messages.
+pub const STALE_BATCHES: &str = "convoflow_stale_batches_total";
+pub const STALE_MESSAGES: &str = "convoflow_stale_messages_total";
 /// Tokens the models computed, by `task` and `kind` (real, padded: real + padding).
 pub const MODEL_TOKENS: &str = "convoflow_model_tokens_total";
 // Qdrant
@@ -68,7 +72,7 @@ pub const READY: &str = "convoflow_ready";
 pub const ALL: &[&str] = &[
     MESSAGES, TURNS, TOKENS, DLQ, TOMBSTONES, LAG, COMMIT_SECONDS, COMMIT_FAILURES, REBALANCES, ASSIGNED_PARTITIONS, PAUSED,
     BATCH_MESSAGES, BATCH_TURNS, BATCH_TOKENS, IN_FLIGHT, QUEUE_DEPTH, ENRICH_SECONDS, MODEL_SECONDS, END_TO_END_SECONDS,
-    STAGE_BUSY_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS,
+    STAGE_BUSY_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS, STALE_BATCHES, STALE_MESSAGES,
     STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
     GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, REGISTRY_ERRORS, READY,
 ];
