@@ -11,7 +11,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use convoflow::codec::{RecordCodec, WireFormat, parsing_canonical_form, schema_fingerprint};
@@ -146,23 +146,6 @@ fn worker_config(topics: &Topics, input: WireFormat, output: WireFormat, registr
     cfg
 }
 
-/// Runs the worker in-process until `done` holds or `timeout`, then stops it.
-async fn run_until(cfg: Config, timeout: Duration, done: impl Fn() -> bool + Send + Sync + 'static) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = tokio::spawn(worker::run(cfg, stop.clone()));
-    let done = Arc::new(done);
-    let started = Instant::now();
-    while !worker.is_finished() && started.elapsed() < timeout {
-        let check = done.clone();
-        if tokio::task::spawn_blocking(move || check()).await.unwrap() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(20), worker).await.expect("the worker stops").expect("no panic")
-}
-
 /// conversation.avsc as an older writer would have it (no `attributes`, which the reader
 /// defaults) and as a newer one (an added `priority` the reader does not know).
 fn schema_versions(dir: &std::path::Path) -> (String, String) {
@@ -207,7 +190,7 @@ async fn third_party_producers_and_consumers_around_the_worker() {
     // output in the Confluent framing, schema registered under <output>-value
     let out = topics.output.clone();
     let cfg = worker_config(&topics, WireFormat::Auto, WireFormat::Confluent, Some(registry_url()));
-    run_until(cfg, Duration::from_secs(90), move || read_topic(&out, 8, Duration::from_millis(300), Duration::ZERO).len() >= 8)
+    run_until(cfg.clone(), convoflow::sink::store::open(&cfg.qdrant).unwrap(), Duration::from_secs(90), move || read_topic(&out, 8, Duration::from_millis(300), Duration::ZERO).len() >= 8)
         .await
         .unwrap();
     let args = ["consume", ENRICHED, "--brokers", &brokers, "--topic", &topics.output, "--framing", "confluent"];
@@ -226,7 +209,7 @@ async fn third_party_producers_and_consumers_around_the_worker() {
         let expected = if (4..6).contains(&i) { serde_json::json!({}) } else { serde_json::to_value(&conv.attributes).unwrap() };
         assert_eq!(e["attributes"], expected, "conversation {i}");
     }
-    assert_eq!(read_topic(&topics.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0, "nothing dead-lettered");
+    assert_eq!(records_in(&topics.dlq()), 0, "nothing dead-lettered");
 
     // the same input, output as single-object bytes, read by fastavro
     let single = Topics::new("interop-so");
@@ -234,7 +217,7 @@ async fn third_party_producers_and_consumers_around_the_worker() {
     cfg.kafka.input_topic = topics.input.clone();
     cfg.kafka.dlq_topic = single.dlq();
     let out = single.output.clone();
-    run_until(cfg, Duration::from_secs(90), move || read_topic(&out, 8, Duration::from_millis(300), Duration::ZERO).len() >= 8)
+    run_until(cfg.clone(), convoflow::sink::store::open(&cfg.qdrant).unwrap(), Duration::from_secs(90), move || read_topic(&out, 8, Duration::from_millis(300), Duration::ZERO).len() >= 8)
         .await
         .unwrap();
     let args = ["consume", ENRICHED, "--brokers", &brokers, "--topic", &single.output, "--count", "8", "--timeout", "30"];
@@ -245,7 +228,7 @@ async fn third_party_producers_and_consumers_around_the_worker() {
         let decoded = ours.decode(record.payload.as_ref().unwrap()).unwrap();
         assert!(enriched.iter().any(|l| serde_json::from_str::<Value>(l).unwrap()["conversation_id"] == decoded.conversation_id));
     }
-    assert_eq!(read_topic(&single.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0);
+    assert_eq!(records_in(&single.dlq()), 0, "nothing dead-lettered");
 }
 
 /// A loopback TCP proxy in front of the real registry, which the test can take down and bring
@@ -338,8 +321,8 @@ async fn registry_outages_pause_instead_of_dead_lettering() {
 
     publish(&newer, &convs[4..6]); // a new id: the worker must ask the registry
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(read_topic(&topics.output, 5, Duration::from_secs(1), Duration::ZERO).len(), 4, "it waits");
-    assert_eq!(read_topic(&topics.dlq(), 0, Duration::from_secs(1), Duration::ZERO).len(), 0, "not dead-lettered");
+    assert_eq!(records_in(&topics.output), 4, "it waits");
+    assert_eq!(records_in(&topics.dlq()), 0, "not dead-lettered");
     assert!(!run.is_finished(), "the worker keeps running");
 
     outage.up().await;
@@ -357,7 +340,7 @@ async fn registry_outages_pause_instead_of_dead_lettering() {
     assert!(dead[0].headers["dlq.error.message"].contains("987654"), "{:?}", dead[0].headers);
     stop.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(20), run).await.unwrap().unwrap().unwrap();
-    assert_eq!(read_topic(&topics.output, 7, Duration::from_secs(1), Duration::ZERO).len(), 6, "nothing else emitted");
+    assert_eq!(records_in(&topics.output), 6, "nothing else emitted");
 }
 
 /// With `auto_register: false` the output schema must be registered already: a clear refusal

@@ -4,25 +4,13 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::flaky_store::FlakyStore;
 use common::*;
 use convoflow::sample::SampleGenerator;
 use convoflow::sink::store;
 use convoflow::worker;
-
-async fn wait_until(what: &str, timeout: Duration, check: impl Fn() -> bool + Send + Sync + Clone + 'static) {
-    let started = Instant::now();
-    loop {
-        let c = check.clone();
-        if tokio::task::spawn_blocking(move || c()).await.unwrap() {
-            return;
-        }
-        assert!(started.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 /// librdkafka keeps a partition's pause flag across revoke and assign: a member paused by
 /// backpressure when another joins and leaves again must still fetch every partition it gets

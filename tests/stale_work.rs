@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::flaky_store::FlakyStore;
 use common::*;
@@ -33,11 +33,10 @@ async fn a_batch_whose_partition_moved_is_not_emitted_late() {
     let gated = Arc::new(FlakyStore::stalled(store::open(&a.qdrant).unwrap()));
     let stop_a = Arc::new(AtomicBool::new(false));
     let member_a = tokio::spawn(worker::run_with_store(a.clone(), stop_a.clone(), gated.clone()));
-    let started = Instant::now();
-    while !convoflow::telemetry::prometheus().render().contains("convoflow_partitions_paused 2") {
-        assert!(started.elapsed() < Duration::from_secs(30), "A never paused");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until("A pauses its 2 partitions", Duration::from_secs(30), || {
+        convoflow::telemetry::prometheus().render().contains("convoflow_partitions_paused 2")
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await; // its first batch is inside the stalled write
 
     let mut b = a.clone();
@@ -46,17 +45,7 @@ async fn a_batch_whose_partition_moved_is_not_emitted_late() {
     let member_b = tokio::spawn(worker::run(b, stop_b.clone()));
     // B has taken its partition once something of the group is committed
     let (group, input) = (topics.group.clone(), topics.input.clone());
-    let started = Instant::now();
-    while !tokio::task::spawn_blocking({
-        let (group, input) = (group.clone(), input.clone());
-        move || committed(&group, &input).values().any(|o| *o > 0)
-    })
-    .await
-    .unwrap()
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "B never committed");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_until("B commits", Duration::from_secs(60), move || committed(&group, &input).values().any(|o| *o > 0)).await;
     gated.closed.store(false, Ordering::SeqCst); // A's stale write completes now
 
     let out = topics.output.clone();

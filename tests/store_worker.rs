@@ -6,16 +6,16 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::flaky_store::FlakyStore;
 use common::*;
 use convoflow::config::Config;
 use convoflow::event::Conversation;
 use convoflow::sample::SampleGenerator;
-use convoflow::sink::store::{self, Bootstrap, SearchFilter, StoreError, VectorStore};
-use convoflow::worker;
+use convoflow::sink::store::{self, Bootstrap, SearchFilter, StoreError};
+
 
 fn config(topics: &Topics) -> Config {
     let mut cfg = in_process_config(topics);
@@ -27,29 +27,6 @@ fn config(topics: &Topics) -> Config {
 fn conversations(n: u64) -> Vec<Conversation> {
     let g = SampleGenerator::new(11);
     (0..n).map(|i| g.conversation(i)).collect()
-}
-
-/// Runs the worker in-process until `done` holds (checked every 200 ms off the runtime, it
-/// reads Kafka), the worker stops by itself, or `timeout`; then stops it and returns its result.
-async fn run_until(
-    cfg: Config,
-    store: Arc<dyn VectorStore>,
-    timeout: Duration,
-    done: impl Fn() -> bool + Send + Sync + 'static,
-) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = tokio::spawn(worker::run_with_store(cfg, stop.clone(), store));
-    let done = Arc::new(done);
-    let started = Instant::now();
-    while !worker.is_finished() && started.elapsed() < timeout {
-        let check = done.clone();
-        if tokio::task::spawn_blocking(move || check()).await.unwrap() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(20), worker).await.expect("the worker stops").expect("no panic")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,6 +108,43 @@ pub async fn produce_with_headers(topic: &str, key: &[u8], payload: &[u8], heade
     (d.partition, d.offset)
 }
 
+/// Runs the worker in-process until `done` holds (checked every 200 ms off the runtime, it
+/// reads Kafka), the worker stops by itself, or `timeout`; then stops it and returns its result.
+pub async fn run_until(
+    cfg: convoflow::config::Config,
+    store: Arc<dyn convoflow::sink::store::VectorStore>,
+    timeout: Duration,
+    done: impl Fn() -> bool + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = tokio::spawn(convoflow::worker::run_with_store(cfg, stop.clone(), store));
+    let done = Arc::new(done);
+    let started = Instant::now();
+    while !worker.is_finished() && started.elapsed() < timeout {
+        let check = done.clone();
+        if tokio::task::spawn_blocking(move || check()).await.unwrap() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(20), worker).await.expect("the worker stops").expect("no panic")
+}
+
+/// Waits (checking off the runtime every 250 ms: `check` may read Kafka) until `check` holds;
+/// panics naming `what` after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, check: impl Fn() -> bool + Send + Sync + Clone + 'static) {
+    let started = Instant::now();
+    loop {
+        let c = check.clone();
+        if tokio::task::spawn_blocking(move || c()).await.unwrap() {
+            return;
+        }
+        assert!(started.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Avro-encodes conversations and produces them keyed by conversation id.
 pub async fn produce_conversations(topic: &str, events: &[Conversation]) -> Vec<(i32, i64)> {
     let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
@@ -221,6 +258,18 @@ pub fn high_watermarks(topic: &str) -> BTreeMap<i32, i64> {
 }
 
 /// Lag per partition: high watermark minus committed offset.
+/// Records in `topic` now (high − low watermark over its partitions): an exact count that does
+/// not depend on how fast a reader fetches.
+pub fn records_in(topic: &str) -> i64 {
+    let c: BaseConsumer = client().create().unwrap();
+    (0..partition_count(topic))
+        .map(|p| {
+            let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+            high - low
+        })
+        .sum()
+}
+
 pub fn lag(group: &str, topic: &str) -> BTreeMap<i32, i64> {
     let committed = committed(group, topic);
     high_watermarks(topic).into_iter().map(|(p, high)| (p, high - committed[&p].max(0))).collect()
