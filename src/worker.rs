@@ -269,13 +269,18 @@ const STAGE_INFER: &str = "infer";
 const STAGE_STORE: &str = "store";
 const STAGE_EMIT: &str = "emit";
 
-/// Counts messages dropped by `stage` because their partition moved to another member.
-fn count_stale(stage: &'static str, messages: usize) {
-    if messages > 0 {
-        debug!(stage, messages, "dropped work of partitions that moved to another member");
+/// Keeps the items whose message still belongs to this member's current assignment; drops (and
+/// counts, by `stage`) those of partitions that moved to another member since they were read.
+fn keep_current<T>(shared: &SharedSource, stage: &'static str, items: Vec<T>, msg: impl Fn(&T) -> &InboundMessage) -> Vec<T> {
+    let before = items.len();
+    let kept: Vec<T> = items.into_iter().filter(|item| shared.is_current(&msg(item).tp, msg(item).generation)).collect();
+    let dropped = before - kept.len();
+    if dropped > 0 {
+        debug!(stage, messages = dropped, "dropped work of partitions that moved to another member");
         metrics::counter!(telemetry::STALE_BATCHES, "stage" => stage).increment(1);
-        metrics::counter!(telemetry::STALE_MESSAGES, "stage" => stage).increment(messages as u64);
+        metrics::counter!(telemetry::STALE_MESSAGES, "stage" => stage).increment(dropped as u64);
     }
+    kept
 }
 
 /// Adds the time until it is dropped to the stage's busy seconds.
@@ -381,10 +386,8 @@ impl Pipeline {
         };
         let _busy = Busy::start(STAGE_STORE); // from here on: the stage's own work
         // messages of partitions revoked while the batch was in flight: the next owner re-reads them
-        let before = batch.len();
         let (batch, dense): (Vec<Prepared>, Vec<Option<Vec<Vec<f32>>>>) =
-            batch.into_iter().zip(dense).filter(|(p, _)| self.shared.is_current(&p.msg.tp, p.msg.generation)).unzip();
-        count_stale(STAGE_STORE, before - batch.len());
+            keep_current(&self.shared, STAGE_STORE, batch.into_iter().zip(dense).collect(), |(p, _)| &p.msg).into_iter().unzip();
         if batch.is_empty() {
             return None;
         }
@@ -421,10 +424,8 @@ impl Pipeline {
         .expect("building points does not panic");
         // checked again right before writing: a partition may have moved while the points were
         // built, and a late write could bring back points its new owner deleted
-        let before = batch.len();
         let (batch, points): (Vec<Prepared>, Vec<Vec<StorePoint>>) =
-            batch.into_iter().zip(points).filter(|(p, _)| self.shared.is_current(&p.msg.tp, p.msg.generation)).unzip();
-        count_stale(STAGE_STORE, before - batch.len());
+            keep_current(&self.shared, STAGE_STORE, batch.into_iter().zip(points).collect(), |(p, _)| &p.msg).into_iter().unzip();
         if batch.is_empty() {
             return None;
         }
@@ -534,9 +535,7 @@ impl Emitter {
         // a partition that moved while the batch was stored: its new owner re-reads and emits
         // these messages; emitting them here too would duplicate them (completion would be
         // ignored anyway)
-        let before = batch.len();
-        let batch: Vec<Prepared> = batch.into_iter().filter(|p| self.shared.is_current(&p.msg.tp, p.msg.generation)).collect();
-        count_stale(STAGE_EMIT, before - batch.len());
+        let batch = keep_current(&self.shared, STAGE_EMIT, batch, |p| &p.msg);
         if batch.is_empty() {
             return;
         }
@@ -560,16 +559,14 @@ impl Emitter {
             let record = match (decided, encoded) {
                 (Decided::Valid(v), Some(Ok(bytes))) => {
                     self.stats.enriched += 1;
-                    let headers = (!msg.headers.is_empty()).then(|| dlq::carried(&msg));
-                    (false, Some(v.event.conversation_id.into_bytes()), Some(bytes), headers)
+                    (false, Some(v.event.conversation_id.into_bytes()), Some(bytes), msg.carried_headers())
                 }
                 (Decided::Valid(_), Some(Err(e))) => self.dead_letter(&msg, Rejection { class: "encoding", message: e }),
                 (Decided::Valid(_), None) => unreachable!("every valid event is encoded"),
                 (Decided::Tombstone, _) => {
                     self.stats.tombstones += 1;
                     metrics::counter!(telemetry::TOMBSTONES).increment(1);
-                    let headers = (!msg.headers.is_empty()).then(|| dlq::carried(&msg));
-                    (false, msg.key.clone(), None, headers)
+                    (false, msg.key.clone(), None, msg.carried_headers())
                 }
                 (Decided::Rejected(why), _) => self.dead_letter(&msg, why),
                 (Decided::Unfinished(reason), _) => {

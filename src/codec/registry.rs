@@ -50,8 +50,8 @@ pub struct RegisteredSchema {
 pub struct SchemaRegistry {
     agent: ureq::Agent,
     base: String,
-    username: Option<String>,
-    password: Option<Secret>,
+    /// `Basic base64(user:password)`, made once.
+    authorization: Option<Secret>,
 }
 
 impl SchemaRegistry {
@@ -80,8 +80,11 @@ impl SchemaRegistry {
         Ok(Self {
             agent: builder.build().into(),
             base: cfg.url.trim_end_matches('/').to_string(),
-            username: cfg.username.clone(),
-            password: cfg.password.clone(),
+            authorization: cfg.username.as_ref().map(|user| {
+                let password = cfg.password.as_ref().map(Secret::expose).unwrap_or("");
+                let pair = format!("{user}:{password}");
+                Secret::new(format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair)))
+            }),
         })
     }
 
@@ -89,32 +92,22 @@ impl SchemaRegistry {
         &self.base
     }
 
-    /// One request; `Ok((status, body))` for any HTTP answer.
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), RegistryError> {
+    /// One request: GET without a body, POST with one; `Ok((status, body))` for any HTTP answer.
+    fn call(&self, path: &str, body: Option<&Value>) -> Result<(u16, Value), RegistryError> {
         let url = format!("{}{path}", self.base);
         let unavailable = |reason: String| RegistryError::Unavailable { url: self.base.clone(), reason };
-        let auth = self.username.as_ref().map(|user| {
-            use std::io::Write;
-            let mut raw = Vec::new();
-            let _ = write!(raw, "{user}:{}", self.password.as_ref().map(Secret::expose).unwrap_or(""));
-            format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, raw))
-        });
+        let auth = self.authorization.as_ref().map(Secret::expose);
         let result = match body {
             None => {
                 let mut req = self.agent.get(&url).header("Accept", CONTENT_TYPE);
-                if let Some(a) = &auth {
+                if let Some(a) = auth {
                     req = req.header("Authorization", a);
                 }
                 req.call()
             }
             Some(body) => {
-                let mut req = match method {
-                    "PUT" => self.agent.put(&url),
-                    _ => self.agent.post(&url),
-                }
-                .header("Accept", CONTENT_TYPE)
-                .header("Content-Type", CONTENT_TYPE);
-                if let Some(a) = &auth {
+                let mut req = self.agent.post(&url).header("Accept", CONTENT_TYPE).header("Content-Type", CONTENT_TYPE);
+                if let Some(a) = auth {
                     req = req.header("Authorization", a);
                 }
                 req.send(body.to_string())
@@ -140,7 +133,7 @@ impl SchemaRegistry {
 
     /// Is the registry there (and do the credentials work)?
     pub fn check(&self) -> Result<(), RegistryError> {
-        match self.call("GET", "/subjects", None)? {
+        match self.call("/subjects", None)? {
             (200, _) => Ok(()),
             (status, body) => Err(self.refusal(status, &body)),
         }
@@ -148,7 +141,7 @@ impl SchemaRegistry {
 
     /// The schema registered under `id`; None when the registry does not know the id.
     pub fn schema_by_id(&self, id: u32) -> Result<Option<RegisteredSchema>, RegistryError> {
-        match self.call("GET", &format!("/schemas/ids/{id}"), None)? {
+        match self.call(&format!("/schemas/ids/{id}"), None)? {
             (200, body) => {
                 let schema = body.get("schema").and_then(Value::as_str).ok_or_else(|| RegistryError::Unavailable {
                     url: self.base.clone(),
@@ -164,7 +157,7 @@ impl SchemaRegistry {
 
     /// Registers `schema` (Avro) under `subject` (or finds it there): its global id.
     pub fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
-        match self.call("POST", &format!("/subjects/{subject}/versions"), Some(&json!({ "schema": schema })))? {
+        match self.call(&format!("/subjects/{subject}/versions"), Some(&json!({ "schema": schema })))? {
             (200, body) => self.id_of(&body),
             (status, body) => Err(self.refusal(status, &body)),
         }
@@ -172,7 +165,7 @@ impl SchemaRegistry {
 
     /// The id of `schema` under `subject`, if registered there.
     pub fn lookup(&self, subject: &str, schema: &str) -> Result<Option<u32>, RegistryError> {
-        match self.call("POST", &format!("/subjects/{subject}"), Some(&json!({ "schema": schema })))? {
+        match self.call(&format!("/subjects/{subject}"), Some(&json!({ "schema": schema })))? {
             (200, body) => self.id_of(&body).map(Some),
             (404, _) => Ok(None),
             (status, body) => Err(self.refusal(status, &body)),

@@ -37,7 +37,9 @@ pub fn headers(msg: &InboundMessage, why: &Rejection, group_id: &str) -> OwnedHe
     let offset = msg.offset.to_string();
     // keep the reason readable and bounded even for huge inputs
     let message: String = why.message.chars().take(2_000).collect();
-    let mut h = carried(msg)
+    let mut h = msg
+        .carried_headers()
+        .unwrap_or_default()
         .insert(Header { key: ERROR_CLASS, value: Some(why.class) })
         .insert(Header { key: ERROR_MESSAGE, value: Some(message.as_str()) })
         .insert(Header { key: ORIGINAL_TOPIC, value: Some(&*msg.tp.topic) })
@@ -48,11 +50,4 @@ pub fn headers(msg: &InboundMessage, why: &Rejection, group_id: &str) -> OwnedHe
         h = h.insert(Header { key: ORIGINAL_TIMESTAMP, value: Some(ts.to_string().as_str()) });
     }
     h
-}
-
-/// The input record's headers, for the records produced from it (enriched event, DLQ copy).
-pub fn carried(msg: &InboundMessage) -> OwnedHeaders {
-    msg.headers.iter().fold(OwnedHeaders::new_with_capacity(msg.headers.len() + 7), |h, header| {
-        h.insert(Header { key: header.key.as_str(), value: header.value.as_deref() })
-    })
 }
