@@ -3,14 +3,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::flaky_store::FlakyStore;
 use common::*;
 use convoflow::sample::SampleGenerator;
 use convoflow::sink::store;
-use convoflow::worker;
 
 /// librdkafka keeps a partition's pause flag across revoke and assign: a member paused by
 /// backpressure when another joins and leaves again must still fetch every partition it gets
@@ -25,26 +24,19 @@ async fn partitions_paused_before_a_rebalance_are_fetched_after_it() {
     let convs: Vec<_> = (0..40).map(|i| g.conversation(i)).collect();
     produce_conversations(&topics.input, &convs).await;
 
-    let mut a = in_process_config(&topics);
-    a.qdrant.dense_dim = Some(8);
-    a.pipeline.max_in_flight = 4; // pauses at once behind the stalled store
-    a.pipeline.shutdown_timeout_ms = 3_000;
+    let a = pausing_member_config(&topics);
     let gated = Arc::new(FlakyStore::stalled(store::open(&a.qdrant).unwrap()));
-    let stop_a = Arc::new(AtomicBool::new(false));
-    let member_a = tokio::spawn(worker::run_with_store(a.clone(), stop_a.clone(), gated.clone()));
+    let member_a = Member::start(a.clone(), gated.clone());
     wait_until("A pauses its 4 partitions", Duration::from_secs(30), || {
         convoflow::telemetry::prometheus().render().contains("convoflow_partitions_paused 4")
     })
     .await;
 
-    let mut b = a.clone();
-    b.qdrant.data_dir = store_dir(&topics.group, "member-b");
-    let stop_b = Arc::new(AtomicBool::new(false));
-    let member_b = tokio::spawn(worker::run(b, stop_b.clone()));
+    let b = second_member_config(&a, &topics);
+    let member_b = Member::start(b.clone(), store::open(&b.qdrant).unwrap());
     let (group, input) = (topics.group.clone(), topics.input.clone());
     wait_until("B commits its share", Duration::from_secs(60), move || committed(&group, &input).values().any(|o| *o > 0)).await;
-    stop_b.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(30), member_b).await.unwrap().unwrap().unwrap();
+    member_b.stop().await;
 
     // A gets every partition back, some of them paused by it before the first rebalance
     gated.closed.store(false, Ordering::SeqCst);
@@ -54,8 +46,7 @@ async fn partitions_paused_before_a_rebalance_are_fetched_after_it() {
         lag.len() == 4 && lag.values().all(|l| *l == 0)
     })
     .await;
-    stop_a.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(30), member_a).await.unwrap().unwrap().unwrap();
+    member_a.stop().await;
 }
 
 /// The lag gauge covers every partition of the input topic, not only those this worker holds:

@@ -5,14 +5,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::flaky_store::FlakyStore;
 use common::*;
 use convoflow::sample::SampleGenerator;
 use convoflow::sink::store;
-use convoflow::worker;
 
 /// Member A's first batch is held inside the store write (`FlakyStore::stalled`, a test double);
 /// B joins, so every partition gets a new assignment generation and is re-read by its new owner.
@@ -26,23 +25,17 @@ async fn a_batch_whose_partition_moved_is_not_emitted_late() {
     let convs: Vec<_> = (0..20).map(|i| g.conversation(i)).collect();
     produce_conversations(&topics.input, &convs).await;
 
-    let mut a = in_process_config(&topics);
-    a.qdrant.dense_dim = Some(8);
-    a.pipeline.max_in_flight = 4;
-    a.pipeline.shutdown_timeout_ms = 3_000;
+    let a = pausing_member_config(&topics);
     let gated = Arc::new(FlakyStore::stalled(store::open(&a.qdrant).unwrap()));
-    let stop_a = Arc::new(AtomicBool::new(false));
-    let member_a = tokio::spawn(worker::run_with_store(a.clone(), stop_a.clone(), gated.clone()));
+    let member_a = Member::start(a.clone(), gated.clone());
     wait_until("A pauses its 2 partitions", Duration::from_secs(30), || {
         convoflow::telemetry::prometheus().render().contains("convoflow_partitions_paused 2")
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await; // its first batch is inside the stalled write
 
-    let mut b = a.clone();
-    b.qdrant.data_dir = store_dir(&topics.group, "member-b");
-    let stop_b = Arc::new(AtomicBool::new(false));
-    let member_b = tokio::spawn(worker::run(b, stop_b.clone()));
+    let b = second_member_config(&a, &topics);
+    let member_b = Member::start(b.clone(), store::open(&b.qdrant).unwrap());
     // B has taken its partition once something of the group is committed
     let (group, input) = (topics.group.clone(), topics.input.clone());
     wait_until("B commits", Duration::from_secs(60), move || committed(&group, &input).values().any(|o| *o > 0)).await;
@@ -61,8 +54,6 @@ async fn a_batch_whose_partition_moved_is_not_emitted_late() {
     assert!(duplicated.is_empty(), "emitted again after their partition moved: {duplicated:?}");
     let stale = convoflow::telemetry::prometheus().render();
     assert!(stale.contains("convoflow_stale_batches_total{stage="), "the dropped batch is counted");
-    stop_b.store(true, Ordering::SeqCst);
-    stop_a.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(30), member_b).await.unwrap().unwrap().unwrap();
-    tokio::time::timeout(Duration::from_secs(30), member_a).await.unwrap().unwrap().unwrap();
+    member_b.stop().await;
+    member_a.stop().await;
 }

@@ -131,6 +131,43 @@ pub async fn run_until(
     tokio::time::timeout(Duration::from_secs(20), worker).await.expect("the worker stops").expect("no panic")
 }
 
+/// An in-process worker running until `stop` is called.
+pub struct Member {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    run: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Member {
+    pub fn start(cfg: convoflow::config::Config, store: Arc<dyn convoflow::sink::store::VectorStore>) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let run = tokio::spawn(convoflow::worker::run_with_store(cfg, stop.clone(), store));
+        Self { stop, run }
+    }
+
+    /// Stops it and expects a clean exit within 30 s.
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(30), self.run).await.expect("the worker stops").expect("no panic").unwrap();
+    }
+}
+
+/// A model-free member of `topics`' group that pauses at once when its store stalls
+/// (`max_in_flight` 4), with a short shutdown.
+pub fn pausing_member_config(topics: &Topics) -> convoflow::config::Config {
+    let mut cfg = in_process_config(topics);
+    cfg.qdrant.dense_dim = Some(8);
+    cfg.pipeline.max_in_flight = 4;
+    cfg.pipeline.shutdown_timeout_ms = 3_000;
+    cfg
+}
+
+/// Another member like `cfg`, with its own embedded store.
+pub fn second_member_config(cfg: &convoflow::config::Config, topics: &Topics) -> convoflow::config::Config {
+    let mut b = cfg.clone();
+    b.qdrant.data_dir = store_dir(&topics.group, "member-b");
+    b
+}
+
 /// Waits (checking off the runtime every 250 ms: `check` may read Kafka) until `check` holds;
 /// panics naming `what` after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, check: impl Fn() -> bool + Send + Sync + Clone + 'static) {
