@@ -355,6 +355,18 @@ fn model_threads_run_the_three_models_at_once_with_the_same_results() {
     let diff = probs.iter().flatten().zip(as_matrix(&exp["probabilities"]).iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff <= 1e-4, "{diff}");
 
+    // one job per text, all queued before any is read: a thread queues its next job on the
+    // model before it reads and post-processes the previous one; each reply is still its own
+    let queued: Vec<_> =
+        texts.iter().map(|t| (embed.submit(vec![t.clone()]).unwrap(), ner.submit(vec![t.clone()]).unwrap())).collect();
+    let (exp_emb, exp_ner) = (as_matrix(&expected("embed-xlmr")["embeddings"]), expected("ner-camembert"));
+    for (i, (e, n)) in queued.into_iter().enumerate() {
+        let Output::Embeddings(one) = e.recv().unwrap().unwrap().0 else { panic!("embeddings expected") };
+        assert!(relative_error(&one, &exp_emb[i..=i]) <= 1e-4, "queued embedding job {i}");
+        let Output::Entities(one) = n.recv().unwrap().unwrap().0 else { panic!("entities expected") };
+        assert_eq!(spans(&one[0]), expected_spans(&exp_ner, i), "queued NER job {i}");
+    }
+
     let broken = ModelThread::spawn(
         ManagedModel::new(Task::Embedding, ModelConfig { path: fixtures().join("missing"), ..cfg("embed-xlmr") }, Device::Cpu).unwrap(),
         true,

@@ -62,6 +62,11 @@ pub struct E2eReport {
     /// The same probes, publish call → the worker's enqueue of the enriched event (its output
     /// record's timestamp): without the output's delivery and the reading consumer's fetch.
     pub idle_worker_ms: Vec<f64>,
+    /// Busy milliseconds of each stage for one idle probe (median): the rest of
+    /// `idle_worker_ms` is waiting (consumer fetch, queues, producer linger).
+    pub idle_stage_busy_ms: std::collections::BTreeMap<String, f64>,
+    /// Seconds each model thread spent per phase ("ner/device"; `convoflow_model_phase_seconds`).
+    pub model_phase_s: std::collections::BTreeMap<String, f64>,
     /// Seconds each stage was busy (the worker's `convoflow_stage_busy_seconds_sum`).
     pub stage_busy_s: std::collections::BTreeMap<String, f64>,
     /// Share of the tokens each model computed that was padding.
@@ -154,7 +159,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         Ok((inputs, outputs))
     })
     .await??;
-    let (idle_latency_ms, idle_worker_ms) = idle_probes(&cfg, args.idle_probes, args.idle_turns).await?;
+    let idle = idle_probes(&cfg, args.idle_probes, args.idle_turns).await?;
     let metrics_text = crate::telemetry::prometheus().render();
     let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
     let gpu = match device {
@@ -200,9 +205,11 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         latency_p99_ms: readback::percentile(&latencies, 0.99),
         latency_max_ms: latencies.last().copied().unwrap_or_default(),
         idle_conversation_turns: args.idle_turns,
-        idle_latency_ms,
-        idle_worker_ms,
+        idle_latency_ms: idle.latency_ms,
+        idle_worker_ms: idle.worker_ms,
+        idle_stage_busy_ms: idle.stage_median_ms,
         stage_busy_s: metric_values(&metrics_text, &format!("{}_sum", crate::telemetry::STAGE_BUSY_SECONDS), "stage"),
+        model_phase_s: labelled_values(&metrics_text, &format!("{}_sum", crate::telemetry::MODEL_PHASE_SECONDS)),
         padding: padding_shares(&metrics_text),
         gpu_peak_allocated_mib: gpu.map(|m| m.allocated_peak as f64 / 1_048_576.0),
         gpu_peak_reserved_mib: gpu.map(|m| m.reserved_peak as f64 / 1_048_576.0),
@@ -235,10 +242,10 @@ fn long_conversation(id: u64, turns: usize) -> crate::event::Conversation {
 
 /// With the worker idle: publishes `probes` single conversations of `turns` turns, one at a
 /// time, each timed from the publish call until a consumer of the output topic sees its
-/// enriched event, and until the output record's timestamp (ms, each ascending).
-async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+/// enriched event, and until the output record's timestamp (ms, in probe order).
+async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<IdleProbes> {
     if probes == 0 {
-        return Ok((vec![], vec![]));
+        return Ok(IdleProbes::default());
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // let the worker go idle
     let codec = crate::worker::input_codec(&cfg.codec)?;
@@ -249,8 +256,20 @@ async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<(Vec<f
     };
     let tail = Arc::new(tail);
     let (mut out, mut worker) = (Vec::with_capacity(probes), Vec::with_capacity(probes));
+    let mut stage_ms: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    // busy seconds per stage and model-thread phase ("ner/device"), as counted so far
+    let busy_sums = || {
+        let text = crate::telemetry::prometheus().render();
+        let mut sums = labelled_values(&text, &format!("{}_sum", crate::telemetry::STAGE_BUSY_SECONDS));
+        sums.extend(labelled_values(&text, &format!("{}_sum", crate::telemetry::MODEL_PHASE_SECONDS)));
+        sums
+    };
     for i in 0..probes {
-        let conv = long_conversation(900_000 + i as u64, turns);
+        let busy_before = busy_sums();
+        // probes come in pairs of the same turns (new conversation ids): a second run of the
+        // same shapes shows what the first paid for shapes the device had not run yet
+        let mut conv = long_conversation(900_000 + (i / 2) as u64, turns);
+        conv.conversation_id = format!("idle-probe-{i}");
         let payload = codec.encode(&conv)?;
         let started = Instant::now();
         let published_ms = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
@@ -269,15 +288,46 @@ async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<(Vec<f
             Some((ts, event)) if event.turns.len() == turns => {
                 out.push(elapsed);
                 worker.push(ts as f64 - published_ms);
+                for (stage, after) in busy_sums() {
+                    let before = busy_before.get(&stage).copied().unwrap_or_default();
+                    stage_ms.entry(stage).or_default().push((after - before) * 1000.0);
+                }
             }
             Some((_, event)) => bail!("the idle probe came back with {} turns, not {turns}", event.turns.len()),
             None => bail!("the idle probe {i} was not enriched within 30 s"),
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    out.sort_by(f64::total_cmp);
-    worker.sort_by(f64::total_cmp);
-    Ok((out, worker))
+    let stage_median_ms = stage_ms
+        .into_iter()
+        .map(|(stage, mut ms)| {
+            ms.sort_by(f64::total_cmp);
+            (stage, ms[ms.len() / 2])
+        })
+        .collect();
+    Ok(IdleProbes { latency_ms: out, worker_ms: worker, stage_median_ms })
+}
+
+/// What the idle probes measured (in probe order: pairs of the same turns).
+#[derive(Debug, Default)]
+struct IdleProbes {
+    latency_ms: Vec<f64>,
+    worker_ms: Vec<f64>,
+    /// Busy milliseconds of each stage for one probe (median over the probes).
+    stage_median_ms: std::collections::BTreeMap<String, f64>,
+}
+
+/// Values of a metric with any labels in Prometheus text: label values joined by "/" -> value.
+fn labelled_values(text: &str, name: &str) -> std::collections::BTreeMap<String, f64> {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let key: Vec<&str> = labels.split(',').filter_map(|kv| kv.split_once('=').map(|(_, v)| v.trim_matches('"'))).collect();
+            Some((key.join("/"), value.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// Values of a labelled metric in Prometheus text: label value -> value.
@@ -330,12 +380,18 @@ pub fn print(r: &E2eReport) {
     println!("  {:<36} {:>12}", "latency max ms", r.latency_max_ms);
     if !r.idle_latency_ms.is_empty() {
         let ms: Vec<String> = r.idle_latency_ms.iter().map(|v| format!("{v:.0}")).collect();
-        println!("  idle worker, one {}-turn conversation, publish → enriched event seen: {} ms", r.idle_conversation_turns, ms.join(" / "));
+        println!("  idle worker, one {}-turn conversation, publish → enriched event seen (pairs of the same turns): {} ms", r.idle_conversation_turns, ms.join(" / "));
         let ms: Vec<String> = r.idle_worker_ms.iter().map(|v| format!("{v:.0}")).collect();
         println!("    publish → enriched event enqueued by the worker (its record timestamp): {} ms", ms.join(" / "));
+        let busy: Vec<String> = r.idle_stage_busy_ms.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+        println!("    busy ms per stage for one probe (median; the rest is waiting): {}", busy.join(", "));
     }
     let busy: Vec<String> = r.stage_busy_s.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
     println!("  stage busy seconds: {}", busy.join(", "));
+    if !r.model_phase_s.is_empty() {
+        let phases: Vec<String> = r.model_phase_s.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+        println!("  model thread seconds by phase (queue / device / read): {}", phases.join(", "));
+    }
     let padding: Vec<String> = r.padding.iter().map(|(k, v)| format!("{k} {:.1} %", v * 100.0)).collect();
     if !padding.is_empty() {
         println!("  padding share: {}", padding.join(", "));

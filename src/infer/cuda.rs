@@ -33,6 +33,9 @@ unsafe extern "C" {
     fn cf_exchange_stream(s: *const RawStream, previous: *mut RawStream, err: *mut c_char, errlen: usize) -> c_int;
     fn cf_synchronize_stream(s: *const RawStream, err: *mut c_char, errlen: usize) -> c_int;
     fn cf_stream_wait(waiter: *const RawStream, producer: *const RawStream, err: *mut c_char, errlen: usize) -> c_int;
+    fn cf_event_record(s: *const RawStream, out: *mut *mut std::ffi::c_void, err: *mut c_char, errlen: usize) -> c_int;
+    fn cf_event_synchronize(event: *mut std::ffi::c_void, err: *mut c_char, errlen: usize) -> c_int;
+    fn cf_event_destroy(event: *mut std::ffi::c_void);
     fn cf_memory_stats(device: c_int, out: *mut RawMemory, err: *mut c_char, errlen: usize) -> c_int;
     fn cf_reset_peak(device: c_int, err: *mut c_char, errlen: usize) -> c_int;
     fn cf_set_allocator_settings(settings: *const c_char, err: *mut c_char, errlen: usize) -> c_int;
@@ -106,6 +109,37 @@ impl Stream {
     pub fn wait_for(&self, producer: &Stream) -> Result<(), CudaError> {
         // SAFETY: pointers to live stream values
         call(|e, n| unsafe { cf_stream_wait(&self.0, &producer.0, e, n) })
+    }
+}
+
+/// A CUDA event recorded on a stream: marks the work queued there so far, so the host can wait
+/// for exactly that work while more is queued behind it.
+#[derive(Debug)]
+pub struct Event(*mut std::ffi::c_void);
+
+// SAFETY: a CUDA event may be waited on and destroyed from any thread
+unsafe impl Send for Event {}
+
+impl Event {
+    /// Records an event on `stream` now.
+    pub fn record(stream: &Stream) -> Result<Self, CudaError> {
+        let mut raw: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: pointers to a live stream value and a live out-pointer
+        call(|e, n| unsafe { cf_event_record(&stream.0, &mut raw, e, n) })?;
+        Ok(Self(raw))
+    }
+
+    /// Blocks until the work queued on the stream before the event has run.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        // SAFETY: the event lives until drop
+        call(|e, n| unsafe { cf_event_synchronize(self.0, e, n) })
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: made by cf_event_record, destroyed once
+        unsafe { cf_event_destroy(self.0) }
     }
 }
 

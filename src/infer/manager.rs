@@ -51,7 +51,8 @@ impl ManagedModel {
         let started = Instant::now();
         let model = Model::load(&self.config.path, self.task, self.device, self.kind)
             .with_context(|| format!("loading {} from {}", self.config.name, self.config.path.display()))?;
-        warm_up(&model)?;
+        let budget = Budget { max_batch_tokens: self.config.max_batch_tokens, max_batch_size: self.config.batch_size };
+        warm_up(&model, &budget)?;
         let report = LoadReport {
             task: self.task,
             name: self.config.name.clone(),
@@ -88,13 +89,31 @@ impl ManagedModel {
 }
 
 /// One small batch through the model: first kernels, allocator pools, lazy initialisation.
-fn warm_up(model: &Model) -> Result<()> {
+/// On a GPU also a sweep of batch shapes up to the budget (lengths 16 … the model's limit, a
+/// few rows and a full batch each): CUDA loads kernels lazily, at their first launch, and the
+/// caching allocator grows at its first large batch — both would otherwise land on the first
+/// minutes of real traffic (and on an idle worker's first conversation of a new shape).
+fn warm_up(model: &Model, budget: &Budget) -> Result<()> {
     let texts = ["Bonjour, je voudrais suivre ma commande.", "Hello, I would like to track my order please."];
-    let budget = Budget::default();
     match model.task {
-        Task::Embedding => drop(model.embed(&texts, &budget)?),
-        Task::TokenClassification => drop(model.entities(&texts, &budget, 128)?),
-        Task::SequenceClassification => drop(model.classify(&texts, &budget)?),
+        Task::Embedding => drop(model.embed(&texts, &Budget::default())?),
+        Task::TokenClassification => drop(model.entities(&texts, &Budget::default(), 128)?),
+        Task::SequenceClassification => drop(model.classify(&texts, &Budget::default())?),
+    }
+    if model.device() == Device::Cpu {
+        return Ok(());
+    }
+    let filler = model.tokenizer.encode_ids_one("Bonjour, je voudrais suivre ma commande, merci beaucoup.")?;
+    let token = filler.get(1).copied().unwrap_or(5);
+    let limit = model.max_positions().min(budget.max_batch_tokens);
+    let mut length = 16;
+    while length <= limit {
+        let full = (budget.max_batch_tokens / length).clamp(1, budget.max_batch_size);
+        for rows in [1, 8.min(full), full] {
+            let seqs = vec![vec![token; length]; rows];
+            drop(model.run_sequences(&seqs, budget)?);
+        }
+        length *= 2;
     }
     Ok(())
 }

@@ -185,9 +185,16 @@ impl Model {
     /// Runs id sequences through encoder and head in token-budget batches. Returns one output
     /// per sequence, in input order: [hidden] or [labels] rows, or [len, labels] for tokens,
     /// on the CPU. A batch that runs the device out of memory is split in two and retried.
-    /// On CUDA the batches are queued back to back on the current stream and read once, at
-    /// the end (one synchronisation per call, not per batch).
     pub fn run_sequences(&self, seqs: &[Vec<i64>], budget: &Budget) -> Result<(Vec<Tensor>, BatchStats), ModelError> {
+        self.launch_sequences(seqs, budget)?.wait()
+    }
+
+    /// `run_sequences` without waiting: on CUDA every batch is queued back to back on the
+    /// current stream, followed by the copies of the results to (pinned) host memory and an
+    /// event, and nothing waits for the device: `Launched::wait` reads them. A caller can
+    /// queue its next work first, so the GPU has it while this thread reads and post-processes.
+    /// On the CPU the work is done on return.
+    pub fn launch_sequences(&self, seqs: &[Vec<i64>], budget: &Budget) -> Result<Launched, ModelError> {
         let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
         let mut groups_out: Vec<(Vec<usize>, Tensor)> = Vec::new();
         let mut stats = BatchStats::default();
@@ -212,33 +219,34 @@ impl Model {
         if splits > 0 {
             tracing::warn!(splits, "batches split after running out of device memory; consider a smaller max_batch_tokens");
         }
+        let token_outputs = self.task == Task::TokenClassification;
+        let device = self.device();
         // the read: one device → host copy (classification, embeddings) or one per batch
-        // (token outputs of different lengths), after everything was queued
-        let host = catch_torch(|| {
-            if self.task == Task::TokenClassification || groups_out.is_empty() {
-                groups_out.iter().map(|(_, t)| t.to_device(Device::Cpu)).collect::<Vec<_>>()
+        // (token outputs of different lengths), queued after everything else; non-blocking
+        // copies land in pinned memory, valid once the event has passed
+        let (host, ready) = catch_torch(|| -> Result<_, String> {
+            let to_host = |t: &Tensor| match device {
+                Device::Cpu => t.shallow_clone(),
+                _ => t.to_device_(Device::Cpu, t.kind(), true, false),
+            };
+            let host = if token_outputs || groups_out.is_empty() {
+                groups_out.iter().map(|(_, t)| to_host(t)).collect::<Vec<_>>()
             } else {
-                let all = Tensor::cat(&groups_out.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0).to_device(Device::Cpu);
-                let mut at = 0;
-                groups_out
-                    .iter()
-                    .map(|(g, _)| {
-                        let part = all.narrow(0, at, g.len() as i64);
-                        at += g.len() as i64;
-                        part
-                    })
-                    .collect()
-            }
+                vec![to_host(&Tensor::cat(&groups_out.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0))]
+            };
+            let ready = match device {
+                Device::Cuda(i) => Some(
+                    super::cuda::Stream::current(i)
+                        .and_then(|s| super::cuda::Event::record(&s))
+                        .map_err(|e| e.to_string())?,
+                ),
+                _ => None,
+            };
+            Ok((host, ready))
         })
-        .map_err(|e| ModelError::Inference(format!("{e:?}")))?;
-        let mut outputs: Vec<Option<Tensor>> = (0..seqs.len()).map(|_| None).collect();
-        for ((group, _), out) in groups_out.iter().zip(host) {
-            for (row, &i) in group.iter().enumerate() {
-                let t = out.get(row as i64);
-                outputs[i] = Some(if self.task == Task::TokenClassification { t.narrow(0, 0, lengths[i] as i64) } else { t });
-            }
-        }
-        Ok((outputs.into_iter().map(|o| o.expect("every sequence is planned")).collect(), stats))
+        .map_err(|e| ModelError::Inference(format!("{e:?}")))?
+        .map_err(ModelError::Inference)?;
+        Ok(Launched { groups: groups_out.into_iter().map(|(g, _)| g).collect(), host, ready, lengths, stats, token_outputs })
     }
 
     fn rows(t: &Tensor) -> Vec<f32> {
@@ -305,11 +313,18 @@ impl Model {
         overlap: usize,
         aggregation: super::ner::Aggregation,
     ) -> Result<(Vec<Vec<crate::event::Entity>>, BatchStats), ModelError> {
+        let (windows, launched) = self.launch_entities(inputs, budget, overlap)?;
+        let (out, stats) = launched.wait()?;
+        Ok((self.entities_from(inputs, &windows, &out, aggregation), stats))
+    }
+
+    /// The first half of `entities_of`: the inputs' windows, queued on the model
+    /// (`launch_sequences`). `entities_from` turns what they return into entities.
+    pub fn launch_entities(&self, inputs: &[NerInput], budget: &Budget, overlap: usize) -> Result<(Vec<NerWindow>, Launched), ModelError> {
         let tok = &self.tokenizer;
         let content_max = tok.content_capacity();
         let overlap = overlap.min(content_max / 2);
-        // (text index, first content token, end) of every window
-        let mut windows: Vec<(usize, usize, usize)> = Vec::new();
+        let mut windows: Vec<NerWindow> = Vec::new();
         let mut seqs: Vec<Vec<i64>> = Vec::new();
         for (t, input) in inputs.iter().enumerate() {
             let ids = input.encoding.get_ids();
@@ -317,30 +332,41 @@ impl Model {
             loop {
                 let end = (start + content_max).min(ids.len());
                 seqs.push(tok.wrap(&[], &ids[start..end]));
-                windows.push((t, start, end));
+                windows.push(NerWindow { input: t, start, end });
                 if end >= ids.len() {
                     break;
                 }
                 start += content_max - overlap;
             }
         }
-        let (out, stats) = self.run_sequences(&seqs, budget)?;
+        Ok((windows, self.launch_sequences(&seqs, budget)?))
+    }
+
+    /// The second half of `entities_of`: entities per input from its windows' token outputs.
+    pub fn entities_from(
+        &self,
+        inputs: &[NerInput],
+        windows: &[NerWindow],
+        out: &[Tensor],
+        aggregation: super::ner::Aggregation,
+    ) -> Vec<Vec<crate::event::Entity>> {
+        let tok = &self.tokenizer;
         let mut per_text: Vec<Vec<Vec<f32>>> = inputs.iter().map(|i| vec![vec![]; i.encoding.len()]).collect();
         let mut best_margin: Vec<Vec<Option<usize>>> = inputs.iter().map(|i| vec![None; i.encoding.len()]).collect();
-        for ((t, start, end), probs) in windows.iter().zip(&out) {
+        for (&NerWindow { input: t, start, end }, probs) in windows.iter().zip(out) {
             let content = probs.narrow(0, tok.prefix_ids.len() as i64, (end - start) as i64);
             let rows = Vec::<Vec<f32>>::try_from(&content).expect("a float matrix");
             for (k, row) in rows.into_iter().enumerate() {
                 let token = start + k;
                 // context this window gives the token: distance to its nearer window edge
                 let margin = k.min(end - start - 1 - k);
-                if best_margin[*t][token].is_none_or(|m| margin > m) {
-                    best_margin[*t][token] = Some(margin);
-                    per_text[*t][token] = row;
+                if best_margin[t][token].is_none_or(|m| margin > m) {
+                    best_margin[t][token] = Some(margin);
+                    per_text[t][token] = row;
                 }
             }
         }
-        let entities = inputs
+        inputs
             .iter()
             .zip(per_text)
             .map(|(input, probs)| {
@@ -358,8 +384,72 @@ impl Model {
                     }
                 }
             })
-            .collect();
-        Ok((entities, stats))
+            .collect()
+    }
+}
+
+/// One window of an NER input: its content tokens `start..end` (a long input has several,
+/// overlapping).
+#[derive(Debug, Clone, Copy)]
+pub struct NerWindow {
+    pub input: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Model outputs queued on the device and on their way to the host (`Model::launch_sequences`).
+pub struct Launched {
+    groups: Vec<Vec<usize>>,
+    /// The host copies: one per group (token outputs) or one for all groups.
+    host: Vec<Tensor>,
+    /// Passed once the copies have landed (CUDA); None on the CPU, where they are done.
+    ready: Option<super::cuda::Event>,
+    lengths: Vec<usize>,
+    stats: BatchStats,
+    token_outputs: bool,
+}
+
+impl Launched {
+    /// Waits for the device and returns one output per sequence, in input order (as
+    /// `Model::run_sequences`).
+    pub fn wait(self) -> Result<(Vec<Tensor>, BatchStats), ModelError> {
+        self.wait_for_device()?;
+        Ok(self.read())
+    }
+
+    /// Blocks until the outputs are on the host (at once on the CPU).
+    pub fn wait_for_device(&self) -> Result<(), ModelError> {
+        match &self.ready {
+            Some(event) => event.synchronize().map_err(|e| ModelError::Inference(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// The outputs once `wait_for_device` returned: one per sequence, in input order.
+    fn read(self) -> (Vec<Tensor>, BatchStats) {
+        // one host tensor per group: the groups' own, or slices of the one copy of them all
+        let per_group: Vec<Tensor> = if self.token_outputs || self.host.len() != 1 || self.groups.len() == 1 {
+            self.host
+        } else {
+            let all = &self.host[0];
+            let mut at = 0;
+            self.groups
+                .iter()
+                .map(|g| {
+                    let part = all.narrow(0, at, g.len() as i64);
+                    at += g.len() as i64;
+                    part
+                })
+                .collect()
+        };
+        let mut outputs: Vec<Option<Tensor>> = (0..self.lengths.len()).map(|_| None).collect();
+        for (group, out) in self.groups.iter().zip(per_group) {
+            for (row, &i) in group.iter().enumerate() {
+                let t = out.get(row as i64);
+                outputs[i] = Some(if self.token_outputs { t.narrow(0, 0, self.lengths[i] as i64) } else { t });
+            }
+        }
+        (outputs.into_iter().map(|o| o.expect("every sequence is planned")).collect(), self.stats)
     }
 }
 

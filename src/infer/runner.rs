@@ -11,8 +11,11 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow};
 
-use super::model::NerInput;
+use tch::Tensor;
+
+use super::model::{Launched, NerInput, NerWindow};
 use super::{Model, Task};
+
 use super::batch::{BatchStats, Budget};
 use super::manager::{LoadReport, ManagedModel};
 use super::ner::Aggregation;
@@ -128,20 +131,49 @@ impl ModelThread {
                 if failed {
                     return;
                 }
-                for job in jobs_rx {
-                    if cancel.load(Ordering::SeqCst) {
-                        let _ = job.reply.send(Err(anyhow!("the model thread is stopping")));
-                        continue;
+                // One job in flight while the next is queued: the next job's batches go on the
+                // stream before the previous job's results are read and post-processed, so the
+                // GPU has work while this thread does its CPU part (a no-op split on the CPU).
+                let mut in_flight: Option<(Started, mpsc::Sender<Reply>, std::time::Duration)> = None;
+                loop {
+                    let next = if in_flight.is_some() {
+                        jobs_rx.try_recv().ok()
+                    } else {
+                        match jobs_rx.recv() {
+                            Ok(job) => Some(job),
+                            Err(_) => break,
+                        }
+                    };
+                    let launched = next.and_then(|job| {
+                        if cancel.load(Ordering::SeqCst) {
+                            let _ = job.reply.send(Err(anyhow!("the model thread is stopping")));
+                            return None;
+                        }
+                        let started = std::time::Instant::now();
+                        match model.with(|m| launch_job(m, task, job.input, &budget, ner)).and_then(|r| r) {
+                            Ok(l) => {
+                                record_phase(task, "queue", started.elapsed());
+                                Some((l, job.reply, started.elapsed()))
+                            }
+                            Err(e) => {
+                                let _ = job.reply.send(Err(e));
+                                None
+                            }
+                        }
+                    });
+                    if let Some((started_job, reply, launch_time)) = in_flight.take() {
+                        let finishing = std::time::Instant::now();
+                        let result = model.with(|m| finish_job(m, task, started_job, ner)).and_then(|r| r);
+                        // the thread's own time for the job: queueing it and reading it
+                        metrics::histogram!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
+                            .record((launch_time + finishing.elapsed()).as_secs_f64());
+                        if let Ok((_, stats)) = &result {
+                            record_batch_stats(task, stats);
+                        }
+                        report_once(&model);
+                        let _ = reply.send(result);
                     }
-                    let started = std::time::Instant::now();
-                    let result = model.with(|m| run_job(m, task, job.input, &budget, ner)).and_then(|r| r);
-                    metrics::histogram!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
-                        .record(started.elapsed().as_secs_f64());
-                    if let Ok((_, stats)) = &result {
-                        record_batch_stats(task, stats);
-                    }
-                    report_once(&model);
-                    let _ = job.reply.send(result);
+                    in_flight = launched;
                 }
             })
             .context("starting a model thread")?;
@@ -158,9 +190,10 @@ impl ModelThread {
     }
 
     /// A zero-cost stand-in for a model (a test double, for measuring the stages around the
-    /// models): answers every job at once with outputs of the right shape — the unit vector
-    /// e₀ of the model's hidden size per embedding input, no entities, a uniform distribution
-    /// over the labels — without loading any weights.
+    /// models): answers every job at once with outputs of the right shape — a pseudo-random
+    /// unit vector of the model's hidden size per embedding input (seeded by the input, so the
+    /// vector store indexes vectors as varied as real ones), no entities, a uniform
+    /// distribution over the labels — without loading any weights.
     pub fn spawn_stand_in(task: Task, name: String, config: &super::hf::HfConfig) -> Result<Self> {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (report_tx, report_rx) = mpsc::channel::<LoadReport>();
@@ -181,11 +214,7 @@ impl ModelThread {
                 for job in jobs_rx {
                     let n = job.input.len();
                     let out = match task {
-                        Task::Embedding => {
-                            let mut unit = vec![0f32; dim];
-                            unit[0] = 1.0;
-                            Output::Embeddings(vec![unit; n])
-                        }
+                        Task::Embedding => Output::Embeddings((0..n).map(|i| stand_in_vector(&job.input, i, dim)).collect()),
                         Task::TokenClassification => Output::Entities(vec![vec![]; n]),
                         Task::SequenceClassification => Output::Probabilities(vec![vec![1.0 / labels as f32; labels]; n]),
                     };
@@ -253,28 +282,100 @@ impl Drop for ModelThread {
     }
 }
 
-/// One job on the model: what `task` computes for the input.
-fn run_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: NerSettings) -> Result<(Output, BatchStats)> {
+/// The stand-in's embedding of input `i`: a unit vector from a generator seeded by a hash of
+/// the input (xorshift64*), cheap next to any real model.
+fn stand_in_vector(input: &ModelInput, i: usize, dim: usize) -> Vec<f32> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match input {
+        ModelInput::Texts(t) => t[i].hash(&mut h),
+        ModelInput::Ids(ids) => ids[i].hash(&mut h),
+        ModelInput::Ner(n) => n[i].text.hash(&mut h),
+    }
+    let mut state = h.finish() | 1;
+    let mut v: Vec<f32> = (0..dim)
+        .map(|_| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+/// A job queued on its model, not yet read (`launch_job`).
+enum Started {
+    Embeddings(Launched),
+    Probabilities(Launched),
+    Entities { inputs: Vec<NerInput>, windows: Vec<NerWindow>, launched: Launched },
+}
+
+/// Queues one job on the model: what `task` computes for the input (`finish_job` reads it).
+fn launch_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: NerSettings) -> Result<Started> {
     fn texts(t: &[String]) -> Vec<&str> {
         t.iter().map(String::as_str).collect()
     }
     Ok(match (task, input) {
-        (Task::Embedding, ModelInput::Texts(t)) => m.embed(&texts(&t), budget).map(|(o, s)| (Output::Embeddings(o), s))?,
-        (Task::Embedding, ModelInput::Ids(ids)) => m.embed_ids(&ids, budget).map(|(o, s)| (Output::Embeddings(o), s))?,
+        (Task::Embedding, ModelInput::Texts(t)) => Started::Embeddings(m.launch_sequences(&m.encode_ids(&texts(&t))?, budget)?),
+        (Task::Embedding, ModelInput::Ids(ids)) => Started::Embeddings(m.launch_sequences(&ids, budget)?),
         (Task::SequenceClassification, ModelInput::Texts(t)) => {
-            m.classify(&texts(&t), budget).map(|(o, s)| (Output::Probabilities(o), s))?
+            Started::Probabilities(m.launch_sequences(&m.encode_ids(&texts(&t))?, budget)?)
         }
-        (Task::SequenceClassification, ModelInput::Ids(ids)) => {
-            m.classify_ids(&ids, budget).map(|(o, s)| (Output::Probabilities(o), s))?
+        (Task::SequenceClassification, ModelInput::Ids(ids)) => Started::Probabilities(m.launch_sequences(&ids, budget)?),
+        (Task::TokenClassification, ModelInput::Texts(t)) => {
+            let inputs: Vec<NerInput> = m
+                .tokenizer
+                .encode_untruncated(&texts(&t))?
+                .into_iter()
+                .zip(t)
+                .map(|(encoding, text)| NerInput { text, encoding })
+                .collect();
+            let (windows, launched) = m.launch_entities(&inputs, budget, ner.window_overlap)?;
+            Started::Entities { inputs, windows, launched }
         }
-        (Task::TokenClassification, ModelInput::Texts(t)) => m
-            .entities_with(&texts(&t), budget, ner.window_overlap, ner.aggregation)
-            .map(|(o, s)| (Output::Entities(o), s))?,
-        (Task::TokenClassification, ModelInput::Ner(inputs)) => m
-            .entities_of(&inputs, budget, ner.window_overlap, ner.aggregation)
-            .map(|(o, s)| (Output::Entities(o), s))?,
+        (Task::TokenClassification, ModelInput::Ner(inputs)) => {
+            let (windows, launched) = m.launch_entities(&inputs, budget, ner.window_overlap)?;
+            Started::Entities { inputs, windows, launched }
+        }
         (task, input) => anyhow::bail!("a {task:?} model cannot take {} input", input.kind()),
     })
+}
+
+/// Waits for a queued job and turns what the model returned into its output; records the
+/// time waiting for the device and reading as `convoflow_model_phase_seconds`.
+fn finish_job(m: &Model, task: Task, started: Started, ner: NerSettings) -> Result<(Output, BatchStats)> {
+    fn rows(out: Vec<Tensor>) -> Vec<Vec<f32>> {
+        out.iter().map(|t| Vec::<f32>::try_from(t).expect("a float vector")).collect()
+    }
+    let waiting = std::time::Instant::now();
+    match &started {
+        Started::Embeddings(l) | Started::Probabilities(l) | Started::Entities { launched: l, .. } => l.wait_for_device()?,
+    }
+    record_phase(task, "device", waiting.elapsed());
+    let reading = std::time::Instant::now();
+    let finished = Ok(match started {
+        Started::Embeddings(l) => {
+            let (out, stats) = l.wait()?;
+            (Output::Embeddings(rows(out)), stats)
+        }
+        Started::Probabilities(l) => {
+            let (out, stats) = l.wait()?;
+            (Output::Probabilities(rows(out)), stats)
+        }
+        Started::Entities { inputs, windows, launched } => {
+            let (out, stats) = launched.wait()?;
+            (Output::Entities(m.entities_from(&inputs, &windows, &out, ner.aggregation)), stats)
+        }
+    });
+    record_phase(task, "read", reading.elapsed());
+    finished
+}
+
+fn record_phase(task: Task, phase: &'static str, took: std::time::Duration) {
+    metrics::histogram!(crate::telemetry::MODEL_PHASE_SECONDS, "task" => task_name(task), "phase" => phase).record(took.as_secs_f64());
 }
 
 impl ModelInput {

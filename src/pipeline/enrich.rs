@@ -52,39 +52,44 @@ impl TextEnricher {
         Ok(self.enrich(input.conversation, input.source.clone())?.event)
     }
 
-    /// The event without model outputs, and each turn's chunking.
+    /// The event without model outputs, and each turn's chunking. Turns are chunked and
+    /// tokenized in parallel on rayon's pool (in order): one long conversation alone — an idle
+    /// worker's latency — uses every core, not one.
     pub fn enrich(&self, conv: &Conversation, source: SourceRef) -> Result<TextEnriched> {
-        let mut total_tokens = 0i64;
-        let mut chunked_turns = Vec::with_capacity(conv.turns.len());
-        let mut turns = Vec::with_capacity(conv.turns.len());
-        for turn in &conv.turns {
-            let chunked = self.chunker.chunk(&turn.text)?;
-            total_tokens += chunked.token_count as i64;
-            let chunks: Vec<Chunk> = chunked
-                .chunks
-                .iter()
-                .map(|c| Chunk {
-                    index: c.index as i32,
-                    start: c.chars.start as i32,
-                    end: c.chars.end as i32,
-                    token_count: c.token_count as i32,
-                    point_id: point_id(&conv.conversation_id, &turn.turn_id, c.index).to_string(),
-                    sparse: document_vector(&turn.text[c.bytes.clone()], &self.bm25),
-                })
-                .collect();
-            turns.push(EnrichedTurn {
-                turn_id: turn.turn_id.clone(),
-                speaker: turn.speaker.clone(),
-                role: turn.role.clone(),
-                ts: turn.ts,
-                token_count: chunked.token_count as i32,
-                point_ids: chunks.iter().map(|c| c.point_id.clone()).collect(),
-                chunks,
-                entities: vec![],
-                sentiment: None,
-            });
-            chunked_turns.push(chunked);
-        }
+        use rayon::prelude::*;
+        let per_turn: Vec<(EnrichedTurn, ChunkedText)> = conv
+            .turns
+            .par_iter()
+            .map(|turn| -> Result<(EnrichedTurn, ChunkedText)> {
+                let chunked = self.chunker.chunk(&turn.text)?;
+                let chunks: Vec<Chunk> = chunked
+                    .chunks
+                    .iter()
+                    .map(|c| Chunk {
+                        index: c.index as i32,
+                        start: c.chars.start as i32,
+                        end: c.chars.end as i32,
+                        token_count: c.token_count as i32,
+                        point_id: point_id(&conv.conversation_id, &turn.turn_id, c.index).to_string(),
+                        sparse: document_vector(&turn.text[c.bytes.clone()], &self.bm25),
+                    })
+                    .collect();
+                let enriched = EnrichedTurn {
+                    turn_id: turn.turn_id.clone(),
+                    speaker: turn.speaker.clone(),
+                    role: turn.role.clone(),
+                    ts: turn.ts,
+                    token_count: chunked.token_count as i32,
+                    point_ids: chunks.iter().map(|c| c.point_id.clone()).collect(),
+                    chunks,
+                    entities: vec![],
+                    sentiment: None,
+                };
+                Ok((enriched, chunked))
+            })
+            .collect::<Result<_>>()?;
+        let total_tokens = per_turn.iter().map(|(_, c)| c.token_count as i64).sum();
+        let (turns, chunked_turns): (Vec<EnrichedTurn>, Vec<ChunkedText>) = per_turn.into_iter().unzip();
         let event = EnrichedConversation {
             conversation_id: conv.conversation_id.clone(),
             tenant: conv.tenant.clone(),

@@ -178,15 +178,16 @@ impl Preparer {
                 }
             }
         }
+        // per turn on rayon's pool, like the chunking: a long conversation alone uses every core
         if let Some(t) = &self.ner {
-            for turn in &conversation.turns {
-                inputs.ner.push(NerInput { text: turn.text.clone(), encoding: t.encode_untruncated_one(&turn.text)? });
-            }
+            inputs.ner = conversation
+                .turns
+                .par_iter()
+                .map(|turn| Ok(NerInput { text: turn.text.clone(), encoding: t.encode_untruncated_one(&turn.text)? }))
+                .collect::<Result<_>>()?;
         }
         if let Some(t) = &self.sentiment {
-            for turn in &conversation.turns {
-                inputs.sentiment.push(t.encode_ids_one(&turn.text)?);
-            }
+            inputs.sentiment = conversation.turns.par_iter().map(|turn| Ok(t.encode_ids_one(&turn.text)?)).collect::<Result<_>>()?;
         }
         Ok((event, inputs))
     }

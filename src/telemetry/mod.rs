@@ -40,6 +40,11 @@ pub const END_TO_END_SECONDS: &str = "convoflow_end_to_end_seconds";
 /// Histogram of each stage's working time per micro-batch (not waiting), by `stage`: prepare,
 /// embedding, ner, sentiment (the model threads), write; `_sum` = busy seconds.
 pub const STAGE_BUSY_SECONDS: &str = "convoflow_stage_busy_seconds";
+/// A model thread's time per job by `task` and `phase`: `queue` (padding, upload, kernel
+/// launches; on a GPU nothing waits for the device), `device` (waiting for the device to finish
+/// the job's kernels and copies), `read` (turning the copied outputs into results: rows,
+/// NER windows and entities). On the CPU the computation itself is in `queue`.
+pub const MODEL_PHASE_SECONDS: &str = "convoflow_model_phase_seconds";
 /// Micro-batches waiting in front of each stage, by `stage`.
 pub const STAGE_QUEUE_DEPTH: &str = "convoflow_stage_queue_depth";
 /// Batches (parts of batches) dropped by `stage` (store, emit) because their partition moved to
@@ -72,7 +77,7 @@ pub const READY: &str = "convoflow_ready";
 pub const ALL: &[&str] = &[
     MESSAGES, TURNS, TOKENS, DLQ, TOMBSTONES, LAG, COMMIT_SECONDS, COMMIT_FAILURES, REBALANCES, ASSIGNED_PARTITIONS, PAUSED,
     BATCH_MESSAGES, BATCH_TURNS, BATCH_TOKENS, IN_FLIGHT, QUEUE_DEPTH, ENRICH_SECONDS, MODEL_SECONDS, END_TO_END_SECONDS,
-    STAGE_BUSY_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS, STALE_BATCHES, STALE_MESSAGES,
+    STAGE_BUSY_SECONDS, MODEL_PHASE_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS, STALE_BATCHES, STALE_MESSAGES,
     STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
     GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, REGISTRY_ERRORS, READY,
 ];

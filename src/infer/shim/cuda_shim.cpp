@@ -97,6 +97,29 @@ int cf_stream_wait(const cf_stream* waiter, const cf_stream* producer, char* err
   });
 }
 
+// An event recorded on a stream now (heap-allocated; cf_event_destroy frees it): the host can
+// wait for the work queued so far on that stream without waiting for what comes after.
+int cf_event_record(const cf_stream* s, void** out, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    auto* event = new c10::Event(c10::DeviceType::CUDA);
+    try {
+      event->record(unpack(s));
+    } catch (...) {
+      delete event;
+      throw;
+    }
+    *out = event;
+  });
+}
+
+int cf_event_synchronize(void* event, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] { static_cast<c10::Event*>(event)->synchronize(); });
+}
+
+void cf_event_destroy(void* event) {
+  delete static_cast<c10::Event*>(event);
+}
+
 int cf_memory_stats(int device, cf_memory* out, char* err, size_t errlen) {
   return guarded(err, errlen, [&] {
     auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
