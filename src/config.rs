@@ -584,11 +584,22 @@ pub struct TelemetryConfig {
     pub log_format: String,
     /// Address of /metrics, /healthz, /readyz (port 0: any free port, logged at start).
     pub listen: String,
+    /// `/healthz` fails when the Kafka poll loop has not turned for this long.
+    pub liveness_poll_stall_ms: u64,
+    /// `/healthz` fails when input is in flight and no message completed for this long (not
+    /// counted while the worker waits out a store or registry outage). Above the slowest
+    /// micro-batch: on a CPU with the three models one takes ~30 s.
+    pub liveness_progress_stall_ms: u64,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log_format: "text".into(), listen: "127.0.0.1:9464".into() }
+        Self {
+            log_format: "text".into(),
+            listen: "127.0.0.1:9464".into(),
+            liveness_poll_stall_ms: 15_000,
+            liveness_progress_stall_ms: 40_000,
+        }
     }
 }
 
@@ -623,6 +634,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if self.telemetry.liveness_poll_stall_ms == 0 || self.telemetry.liveness_progress_stall_ms == 0 {
+            bail!("telemetry.liveness_poll_stall_ms and liveness_progress_stall_ms must be > 0");
+        }
         let k = &self.kafka;
         if k.brokers.trim().is_empty() || k.group_id.is_empty() || k.input_topic.is_empty() || k.output_topic.is_empty() {
             bail!("kafka.brokers, group_id, input_topic and output_topic must be set");

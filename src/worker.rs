@@ -122,7 +122,11 @@ pub async fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<()> {
 pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn VectorStore>) -> Result<()> {
     // First, so /healthz answers and /readyz says what is still missing while models load.
     let readiness = Arc::new(Readiness::default());
-    telemetry::serve(&cfg.telemetry.listen, readiness.clone()).await?;
+    let liveness = Arc::new(telemetry::liveness::Liveness::new(
+        Duration::from_millis(cfg.telemetry.liveness_poll_stall_ms),
+        Duration::from_millis(cfg.telemetry.liveness_progress_stall_ms),
+    ));
+    telemetry::serve(&cfg.telemetry.listen, readiness.clone(), liveness.clone()).await?;
     let kafka = &cfg.kafka;
     let partitions = admin::partition_count(kafka, &kafka.input_topic, Duration::from_secs(15))?
         .ok_or_else(|| anyhow!("input topic {} does not exist on {}", kafka.input_topic, kafka.brokers))?;
@@ -183,6 +187,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         max_in_flight: cfg.pipeline.max_in_flight,
         commit_interval: Duration::from_millis(kafka.commit_interval_ms),
         shutdown_timeout: Duration::from_millis(cfg.pipeline.shutdown_timeout_ms),
+        liveness,
     };
     let lag_monitor = telemetry::lag::LagMonitor::start(kafka, pipeline.shared.clone(), readiness.clone(), Duration::from_secs(2))?;
     let shared = pipeline.shared.clone();

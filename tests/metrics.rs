@@ -62,6 +62,7 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
     let mut cfg = in_process_config(&topics);
     cfg.pipeline.max_in_flight = 4; // stalls quickly: partitions pause
     cfg.telemetry.listen = format!("127.0.0.1:{port}");
+    cfg.telemetry.liveness_progress_stall_ms = 3_000; // a wedged store call fails liveness soon
     let minilm = PathBuf::from(std::env::var("CONVOFLOW_MINILM").expect("CONVOFLOW_MINILM: run with scripts/test"));
     cfg.models.embedding = Some(ModelConfig {
         name: "sentence-transformers/all-MiniLM-L6-v2".into(),
@@ -94,6 +95,10 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
     assert!(lag <= 30.0, "{lag}");
     let metrics = get(port, "/metrics").unwrap().1;
     assert!(metrics.contains("convoflow_partitions_paused"), "backpressure paused the partitions");
+    // a store call that never returns is a wedged worker: liveness fails (the orchestrator
+    // would restart it), naming why
+    let (_, body) = wait_for("liveness to fail", Duration::from_secs(30), || get(port, "/healthz").filter(|(s, _)| *s == 503)).await;
+    assert!(body.contains("no message completed") && body.contains("in flight"), "{body}");
 
     // open the gate: the worker drains and commits, lag returns to 0
     gated.closed.store(false, Ordering::SeqCst);
@@ -101,6 +106,7 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
         lag_of(&get(port, "/metrics")?.1, &topics.input).filter(|l| *l == 0.0)
     })
     .await;
+    wait_for("liveness back", Duration::from_secs(30), || get(port, "/healthz").filter(|(s, _)| *s == 200)).await;
     let metrics = get(port, "/metrics").unwrap().1;
     for name in [
         "convoflow_messages_total",

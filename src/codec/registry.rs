@@ -243,11 +243,15 @@ impl RegistryLookup {
     fn fetch(&self, id: u32) -> Result<Option<RegisteredSchema>, RegistryError> {
         let mut backoff = Duration::from_millis(100);
         let mut next_warning = Instant::now();
+        // held from the first failure until the lookup returns: waiting out the registry is
+        // not being wedged (liveness)
+        let mut waiting = None;
         loop {
             match self.registry.schema_by_id(id) {
                 Ok(found) => return Ok(found),
                 Err(e) => {
                     metrics::counter!(crate::telemetry::REGISTRY_ERRORS).increment(1);
+                    waiting.get_or_insert_with(crate::telemetry::liveness::DependencyWait::begin);
                     if self.interrupted.load(Ordering::SeqCst) {
                         return Err(e);
                     }

@@ -47,6 +47,8 @@ struct PartitionState {
 pub struct OffsetTracker {
     partitions: HashMap<TopicPartition, PartitionState>,
     last_generation: Generation,
+    /// Messages completed so far (all assignments): liveness watches it move.
+    completed: u64,
 }
 
 impl OffsetTracker {
@@ -96,11 +98,17 @@ impl OffsetTracker {
         }
         let Ok(i) = state.pending.binary_search_by_key(&offset, |&(o, _)| o) else { return false };
         state.pending[i].1 = true;
+        self.completed += 1;
         while let Some(&(o, true)) = state.pending.front() {
             state.pending.pop_front();
             state.committable = Some(o + 1);
         }
         true
+    }
+
+    /// Messages completed so far, over every assignment.
+    pub fn completed(&self) -> u64 {
+        self.completed
     }
 
     pub fn is_current(&self, tp: &TopicPartition, generation: Generation) -> bool {

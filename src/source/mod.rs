@@ -242,6 +242,8 @@ pub struct SourceSettings {
     pub max_in_flight: usize,
     pub commit_interval: Duration,
     pub shutdown_timeout: Duration,
+    /// Fed every turn of the poll loop (`/healthz`).
+    pub liveness: Arc<crate::telemetry::liveness::Liveness>,
 }
 
 /// Polls until `stop` is set, then drains, commits and leaves the group. Runs on its own thread.
@@ -261,6 +263,7 @@ pub fn run_poll_loop(
             flush_backlog(&mut state, &tx);
             let rebalanced = std::mem::take(&mut state.rebalanced);
             let in_flight = state.tracker.in_flight();
+            settings.liveness.poll_turn(in_flight, state.tracker.completed());
             (
                 !state.backlog.is_empty() || in_flight >= settings.max_in_flight,
                 state.backlog.is_empty() && in_flight <= settings.max_in_flight / 2,

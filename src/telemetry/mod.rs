@@ -5,6 +5,7 @@
 
 pub mod gpu;
 pub mod lag;
+pub mod liveness;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -130,7 +131,7 @@ impl Readiness {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends. Returns the bound address
 /// (port 0 in `listen` picks a free one).
-pub async fn serve(listen: &str, readiness: Arc<Readiness>) -> Result<SocketAddr> {
+pub async fn serve(listen: &str, readiness: Arc<Readiness>, liveness: Arc<liveness::Liveness>) -> Result<SocketAddr> {
     let handle = prometheus();
     let listener = TcpListener::bind(listen).await.with_context(|| format!("binding telemetry.listen {listen}"))?;
     let addr = listener.local_addr()?;
@@ -144,7 +145,7 @@ pub async fn serve(listen: &str, readiness: Arc<Readiness>) -> Result<SocketAddr
                     continue;
                 }
             };
-            let readiness = readiness.clone();
+            let (readiness, liveness) = (readiness.clone(), liveness.clone());
             tokio::spawn(async move {
                 // Read the whole request head (it may arrive in pieces): closing a socket with
                 // unread bytes makes the kernel reset the connection under the response.
@@ -159,7 +160,7 @@ pub async fn serve(listen: &str, readiness: Arc<Readiness>) -> Result<SocketAddr
                 }
                 let request = String::from_utf8_lossy(&buf);
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, content_type, body) = respond(path, &readiness, handle).await;
+                let (status, content_type, body) = respond(path, &readiness, &liveness, handle).await;
                 let head = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
@@ -174,14 +175,26 @@ pub async fn serve(listen: &str, readiness: Arc<Readiness>) -> Result<SocketAddr
     Ok(addr)
 }
 
-async fn respond(path: &str, readiness: &Readiness, handle: &PrometheusHandle) -> (&'static str, &'static str, String) {
+async fn respond(
+    path: &str,
+    readiness: &Readiness,
+    liveness: &liveness::Liveness,
+    handle: &PrometheusHandle,
+) -> (&'static str, &'static str, String) {
     match path.split('?').next().unwrap_or(path) {
         "/metrics" => {
             metrics::gauge!(READY).set(if readiness.ready() { 1.0 } else { 0.0 });
             tokio::task::spawn_blocking(gpu::sample).await.ok();
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
-        "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+        "/healthz" => {
+            let problems = liveness.problems();
+            if problems.is_empty() {
+                ("200 OK", "text/plain", "ok\n".into())
+            } else {
+                ("503 Service Unavailable", "text/plain", format!("not alive: {}\n", problems.join("; ")))
+            }
+        }
         "/readyz" => {
             let problems = readiness.problems();
             if problems.is_empty() {

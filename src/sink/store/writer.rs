@@ -136,6 +136,8 @@ impl StoreWriter {
                 Err(e) if e.is_transient() && attempt < self.retry.max_attempts => {
                     let delay = self.retry.backoff(attempt);
                     warn!(op = what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "vector store call failed; retrying");
+                    // waiting out the store is not being wedged (liveness)
+                    let _waiting = crate::telemetry::liveness::DependencyWait::begin();
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
                     tokio::time::sleep(delay).await;
