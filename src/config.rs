@@ -690,8 +690,8 @@ impl Config {
             bail!("pipeline.chunk.overlap_tokens must be smaller than max_tokens (> 0)");
         }
         let q = &self.qdrant;
-        if q.collection.is_empty() || q.batch.max_points == 0 || q.retry.max_attempts == 0 {
-            bail!("qdrant.collection, batch.max_points and retry.max_attempts must be set (> 0)");
+        if q.collection.is_empty() || q.batch.max_points == 0 {
+            bail!("qdrant.collection and batch.max_points must be set (> 0)");
         }
         Ok(())
     }

@@ -166,7 +166,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         message_max_bytes: kafka.message_max_bytes as usize,
     };
     let pipeline = Pipeline {
-        store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry),
+        store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry).for_worker(readiness.clone(), stop.clone()),
         payload_text: cfg.qdrant.payload_text,
         stop: stop.clone(),
         failure: None,
@@ -436,6 +436,12 @@ impl Pipeline {
         }
         if let Err(e) = self.write_store(&batch, points).await {
             self.readiness.store_reachable.store(false, Ordering::Relaxed);
+            if e.is_transient() && self.stop.load(Ordering::SeqCst) {
+                // stopping while the store is down: not a failure of the worker; the batch stays
+                // uncommitted and the next owner of its partitions re-reads it
+                warn!(messages = batch.len(), error = %e, "stopping during a vector store outage; the batch is left uncommitted");
+                return None;
+            }
             self.fail(anyhow::Error::new(e).context("writing to the vector store"), batch.len());
             return None;
         }

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,17 +16,6 @@ use convoflow::config::ModelConfig;
 use convoflow::sample::SampleGenerator;
 use convoflow::sink::store;
 use convoflow::worker;
-
-/// (status code, body) of `GET path`, or None while nothing listens.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
-}
 
 fn lag_of(metrics: &str, topic: &str) -> Option<f64> {
     let lines: Vec<f64> = metrics
@@ -78,36 +65,36 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
     let worker = tokio::spawn(worker::run_with_store(cfg, stop.clone(), gated.clone()));
 
     // the port answers before the model is loaded: alive, not ready
-    let (status, body) = wait_for("the telemetry port", Duration::from_secs(30), || get(port, "/readyz")).await;
+    let (status, body) = wait_for("the telemetry port", Duration::from_secs(30), || http_get(port, "/readyz")).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("models not loaded"), "{body}");
-    assert_eq!(get(port, "/healthz").unwrap().0, 200);
-    wait_for("readiness", Duration::from_secs(90), || get(port, "/readyz").filter(|(s, _)| *s == 200)).await;
+    assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
+    wait_for("readiness", Duration::from_secs(90), || http_get(port, "/readyz").filter(|(s, _)| *s == 200)).await;
 
     // stalled store: produced conversations pile up as lag
     let g = SampleGenerator::new(5);
     let events: Vec<_> = (0..30).map(|n| g.conversation(n)).collect();
     produce_conversations(&topics.input, &events).await;
     let lag = wait_for("lag to rise", Duration::from_secs(30), || {
-        lag_of(&get(port, "/metrics")?.1, &topics.input).filter(|l| *l >= 20.0)
+        lag_of(&http_get(port, "/metrics")?.1, &topics.input).filter(|l| *l >= 20.0)
     })
     .await;
     assert!(lag <= 30.0, "{lag}");
-    let metrics = get(port, "/metrics").unwrap().1;
+    let metrics = http_get(port, "/metrics").unwrap().1;
     assert!(metrics.contains("convoflow_partitions_paused"), "backpressure paused the partitions");
     // a store call that never returns is a wedged worker: liveness fails (the orchestrator
     // would restart it), naming why
-    let (_, body) = wait_for("liveness to fail", Duration::from_secs(30), || get(port, "/healthz").filter(|(s, _)| *s == 503)).await;
+    let (_, body) = wait_for("liveness to fail", Duration::from_secs(30), || http_get(port, "/healthz").filter(|(s, _)| *s == 503)).await;
     assert!(body.contains("no message completed") && body.contains("in flight"), "{body}");
 
     // open the gate: the worker drains and commits, lag returns to 0
     gated.closed.store(false, Ordering::SeqCst);
     wait_for("lag back to 0", Duration::from_secs(60), || {
-        lag_of(&get(port, "/metrics")?.1, &topics.input).filter(|l| *l == 0.0)
+        lag_of(&http_get(port, "/metrics")?.1, &topics.input).filter(|l| *l == 0.0)
     })
     .await;
-    wait_for("liveness back", Duration::from_secs(30), || get(port, "/healthz").filter(|(s, _)| *s == 200)).await;
-    let metrics = get(port, "/metrics").unwrap().1;
+    wait_for("liveness back", Duration::from_secs(30), || http_get(port, "/healthz").filter(|(s, _)| *s == 200)).await;
+    let metrics = http_get(port, "/metrics").unwrap().1;
     for name in [
         "convoflow_messages_total",
         "convoflow_turns_total",
@@ -123,7 +110,7 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
-    assert_eq!(get(port, "/nope").unwrap().0, 404);
+    assert_eq!(http_get(port, "/nope").unwrap().0, 404);
     stop.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(30), worker).await.unwrap().unwrap().unwrap();
 }

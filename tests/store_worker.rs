@@ -107,6 +107,47 @@ async fn transient_store_failures_are_retried_by_the_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_longer_than_the_old_retry_budget_pauses_the_worker_which_then_drains() {
+    let topics = Topics::new("store-outage");
+    create_topic(&topics.input, 1).await;
+    produce_conversations(&topics.input, &conversations(10)).await;
+    let mut cfg = config(&topics);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    cfg.telemetry.listen = format!("127.0.0.1:{port}");
+    cfg.qdrant.retry.initial_backoff_ms = 50;
+    cfg.qdrant.retry.max_backoff_ms = 500; // before: 8 attempts ≈ 2.3 s of backoff, then exit
+    let inner = store::open(&cfg.qdrant).unwrap();
+    let flaky = Arc::new(FlakyStore::new(inner.clone(), 0, StoreError::Transient("unavailable (injected)".into()), usize::MAX));
+    flaky.down.store(true, Ordering::SeqCst);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = tokio::spawn(convoflow::worker::run_with_store(cfg, stop.clone(), flaky.clone()));
+
+    // down for 8 s: the worker waits, unready but alive, nothing emitted or committed
+    let f = flaky.clone();
+    wait_until("upserts to fail", Duration::from_secs(60), move || f.calls.load(Ordering::SeqCst) >= 3).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!worker.is_finished(), "the worker waits out the outage");
+    assert!(flaky.calls.load(Ordering::SeqCst) >= 12, "it kept retrying");
+    let (status, body) = http_get(port, "/readyz").unwrap();
+    assert!(status == 503 && body.contains("vector store not reachable"), "{status} {body}");
+    assert_eq!(http_get(port, "/healthz").unwrap().0, 200, "waiting out a dependency is not a stall");
+    assert!(committed(&topics.group, &topics.input).get(&0).is_none_or(|&o| o <= 0), "nothing committed");
+    assert_eq!(records_in(&topics.output), 0, "nothing emitted");
+
+    // the store is back: ready again, everything stored, emitted and committed
+    flaky.down.store(false, Ordering::SeqCst);
+    let output = topics.output.clone();
+    wait_until("the backlog to drain", Duration::from_secs(60), move || records_in(&output) >= 10).await;
+    let group = topics.group.clone();
+    let input = topics.input.clone();
+    wait_until("the commit", Duration::from_secs(30), move || committed(&group, &input).get(&0) == Some(&10)).await;
+    assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
+    assert!(inner.count(&SearchFilter::default()).await.unwrap() >= 10);
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), worker).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_store_failure_stops_the_worker_without_committing_then_a_restart_catches_up() {
     let topics = Topics::new("store-permanent");
     create_topic(&topics.input, 1).await;

@@ -11,6 +11,7 @@ use common::flaky_store::FlakyStore;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use convoflow::config::{QdrantConfig, StoreBackend};
 use convoflow::pipeline::bm25::{Bm25Params, document_vector, query_vector};
@@ -263,7 +264,7 @@ fn small_points(n: usize) -> Vec<StorePoint> {
 async fn transient_failures_are_retried_and_nothing_is_lost() {
     let dir = temp_dir("flaky-transient");
     let store = flaky(&dir, 3, StoreError::Transient("unavailable (injected)".into()), usize::MAX).await;
-    let retry = RetryPolicy { max_attempts: 5, initial_backoff_ms: 5, max_backoff_ms: 50 };
+    let retry = RetryPolicy { max_attempts: 5, initial_backoff_ms: 5, max_backoff_ms: 50, ..RetryPolicy::default() };
     let writer = StoreWriter::new(store.clone(), BatchLimits { max_points: 100, max_bytes: 1 << 20 }, retry);
     let points = small_points(500);
     writer.upsert_all(&points).await.unwrap();
@@ -286,7 +287,7 @@ async fn too_large_batches_are_split_until_they_pass() {
 async fn permanent_failures_and_exhausted_retries_surface() {
     let dir = temp_dir("flaky-permanent");
     let store = flaky(&dir, usize::MAX, StoreError::Permanent("unauthorised (injected)".into()), usize::MAX).await;
-    let retry = RetryPolicy { max_attempts: 4, initial_backoff_ms: 1, max_backoff_ms: 5 };
+    let retry = RetryPolicy { max_attempts: 4, initial_backoff_ms: 1, max_backoff_ms: 5, ..RetryPolicy::default() };
     let writer = StoreWriter::new(store.clone(), BatchLimits::default(), retry);
     let err = writer.upsert_all(&small_points(10)).await.unwrap_err();
     assert_eq!(err, StoreError::Permanent("unauthorised (injected)".into()));
@@ -300,6 +301,53 @@ async fn permanent_failures_and_exhausted_retries_surface() {
     assert!(writer.upsert_all(&small_points(10)).await.unwrap_err().is_transient());
     assert_eq!(store.calls.load(Ordering::SeqCst), 4, "max_attempts calls, then the error");
     assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_retry_without_limit_until_max_elapsed_or_a_stop() {
+    use std::sync::atomic::AtomicBool;
+    // the default policy has no attempt limit: only max_elapsed_ms ends the retries
+    let dir = temp_dir("flaky-elapsed");
+    let store = flaky(&dir, usize::MAX, StoreError::Transient("unavailable (injected)".into()), usize::MAX).await;
+    let retry = RetryPolicy { initial_backoff_ms: 1, max_backoff_ms: 20, max_elapsed_ms: Some(600), ..RetryPolicy::default() };
+    assert_eq!(RetryPolicy::default().max_attempts, 0, "no attempt limit by default");
+    let readiness = Arc::new(convoflow::telemetry::Readiness::default());
+    readiness.store_reachable.store(true, Ordering::SeqCst);
+    let writer = StoreWriter::new(store.clone(), BatchLimits::default(), retry).for_worker(readiness.clone(), Arc::new(AtomicBool::new(false)));
+    let started = std::time::Instant::now();
+    assert!(writer.upsert_all(&small_points(10)).await.unwrap_err().is_transient());
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(500) && elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert!(store.calls.load(Ordering::SeqCst) > 20, "retried well past the old 8 attempts: {}", store.calls.load(Ordering::SeqCst));
+    assert!(!readiness.store_reachable.load(Ordering::SeqCst), "unready while the store is down");
+    drop(writer);
+    drop(store);
+
+    // no limit at all: a stop ends the wait promptly
+    let dir = temp_dir("flaky-stop");
+    let store = flaky(&dir, usize::MAX, StoreError::Transient("unavailable (injected)".into()), usize::MAX).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let retry = RetryPolicy { initial_backoff_ms: 2_000, max_backoff_ms: 10_000, ..RetryPolicy::default() };
+    let writer = StoreWriter::new(store.clone(), BatchLimits::default(), retry).for_worker(readiness.clone(), stop.clone());
+    let stopper = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            stop.store(true, Ordering::SeqCst);
+        }
+    });
+    let started = std::time::Instant::now();
+    assert!(writer.upsert_all(&small_points(10)).await.unwrap_err().is_transient());
+    assert!(started.elapsed() < Duration::from_millis(1_900), "the stop ended a 1–2 s backoff: {:?}", started.elapsed());
+    stopper.await.unwrap();
+
+    // recovery makes the worker ready again
+    let dir = temp_dir("flaky-recovers");
+    let store = flaky(&dir, 3, StoreError::Transient("unavailable (injected)".into()), usize::MAX).await;
+    let retry = RetryPolicy { initial_backoff_ms: 1, max_backoff_ms: 5, ..RetryPolicy::default() };
+    let writer = StoreWriter::new(store.clone(), BatchLimits::default(), retry).for_worker(readiness.clone(), Arc::new(AtomicBool::new(false)));
+    writer.upsert_all(&small_points(10)).await.unwrap();
+    assert!(readiness.store_reachable.load(Ordering::SeqCst), "ready again once the store answers");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

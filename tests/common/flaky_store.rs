@@ -8,7 +8,8 @@ use convoflow::sink::store::{Bootstrap, CollectionSpec, Hit, HybridQuery, Search
 
 /// Test double: the real edge store behind a wrapper that fails the first `fail_first` upserts
 /// with `failure`, (optionally) rejects upserts larger than `max_points` as too large, and
-/// holds upserts while `closed` is set (a stalled store).
+/// holds upserts while `closed` is set (a stalled store), and fails every upsert with `failure`
+/// while `down` is set (an outage).
 pub struct FlakyStore {
     pub inner: Arc<dyn VectorStore>,
     fail_first: usize,
@@ -16,6 +17,7 @@ pub struct FlakyStore {
     max_points: usize,
     pub calls: AtomicUsize,
     pub closed: AtomicBool,
+    pub down: AtomicBool,
 }
 
 #[async_trait]
@@ -30,7 +32,7 @@ impl VectorStore for FlakyStore {
         while self.closed.load(Ordering::SeqCst) {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first || self.down.load(Ordering::SeqCst) {
             return Err(self.failure.clone());
         }
         if points.len() > self.max_points {
@@ -57,7 +59,7 @@ impl VectorStore for FlakyStore {
 
 impl FlakyStore {
     pub fn new(inner: Arc<dyn VectorStore>, fail_first: usize, failure: StoreError, max_points: usize) -> Self {
-        Self { inner, fail_first, failure, max_points, calls: AtomicUsize::new(0), closed: AtomicBool::new(false) }
+        Self { inner, fail_first, failure, max_points, calls: AtomicUsize::new(0), closed: AtomicBool::new(false), down: AtomicBool::new(false) }
     }
 
     /// A store that never fails but holds upserts until `closed` is cleared.

@@ -1,11 +1,15 @@
 //! Writing to the store the way the worker needs it: upserts in batches bounded by points and
 //! bytes (a batch the store finds too large is split in halves), every call acknowledged, and
-//! transient failures retried with exponential backoff and jitter. A non-retryable error (or
-//! retries exhausted) is returned, and the caller leaves the offsets uncommitted.
+//! transient failures retried with exponential backoff and jitter — by default for as long as
+//! the outage lasts (a rolling upgrade of a Qdrant cluster takes minutes), while the worker is
+//! unready and its partitions pause behind the waiting batch; `max_elapsed_ms` or
+//! `max_attempts` bound it for those who prefer to exit. A non-retryable error (or retries
+//! exhausted, or the worker stopping during the wait) is returned, and the caller leaves the
+//! offsets uncommitted.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -15,15 +19,19 @@ use super::{StoreError, StorePoint, VectorStore};
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
-    /// Attempts per call, the first included.
+    /// Attempts per call, the first included; 0: no limit.
     pub max_attempts: u32,
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
+    /// How long one call may keep retrying transient errors, from its first attempt; unset: no
+    /// limit. (qdrant-client itself retries a timed-out request once on a fresh channel, so one
+    /// attempt can take up to twice `qdrant.timeout_ms`.)
+    pub max_elapsed_ms: Option<u64>,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 8, initial_backoff_ms: 100, max_backoff_ms: 10_000 }
+        Self { max_attempts: 0, initial_backoff_ms: 100, max_backoff_ms: 10_000, max_elapsed_ms: None }
     }
 }
 
@@ -34,6 +42,13 @@ impl RetryPolicy {
         let exp = self.initial_backoff_ms.saturating_mul(1u64 << (n.saturating_sub(1)).min(20));
         let capped = exp.min(self.max_backoff_ms) as f64;
         Duration::from_millis((capped / 2.0 + rand::random::<f64>() * capped / 2.0) as u64)
+    }
+
+    /// Whether a call that has made `attempts` attempts since `first` may retry after `delay`.
+    fn may_retry(&self, attempts: u32, first: Instant, delay: Duration) -> bool {
+        let attempts_left = self.max_attempts == 0 || attempts < self.max_attempts;
+        let time_left = self.max_elapsed_ms.is_none_or(|ms| (first.elapsed() + delay).as_millis() as u64 <= ms);
+        attempts_left && time_left
     }
 }
 
@@ -66,11 +81,32 @@ pub struct StoreWriter {
     limits: BatchLimits,
     retry: RetryPolicy,
     pub counters: Arc<WriterCounters>,
+    /// The worker's: unready while a call waits out an outage; a stop ends the wait.
+    readiness: Option<Arc<crate::telemetry::Readiness>>,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl StoreWriter {
     pub fn new(store: Arc<dyn VectorStore>, limits: BatchLimits, retry: RetryPolicy) -> Self {
-        Self { store, limits, retry, counters: Arc::default() }
+        Self { store, limits, retry, counters: Arc::default(), readiness: None, stop: None }
+    }
+
+    /// The writer of a worker: `store_reachable` is false while a call retries, and setting
+    /// `stop` ends a retry wait (the call returns its last error).
+    pub fn for_worker(mut self, readiness: Arc<crate::telemetry::Readiness>, stop: Arc<AtomicBool>) -> Self {
+        self.readiness = Some(readiness);
+        self.stop = Some(stop);
+        self
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    fn set_reachable(&self, reachable: bool) {
+        if let Some(r) = &self.readiness {
+            r.store_reachable.store(reachable, Ordering::Relaxed);
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn VectorStore> {
@@ -117,6 +153,7 @@ impl StoreWriter {
         Fut: std::future::Future<Output = Result<(), StoreError>>,
     {
         let mut attempt = 1;
+        let first = Instant::now();
         loop {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             let started = std::time::Instant::now();
@@ -132,18 +169,33 @@ impl StoreWriter {
                 };
                 metrics::counter!(crate::telemetry::STORE_ERRORS, "op" => what.to_string(), "kind" => kind).increment(1);
             }
+            let delay = self.retry.backoff(attempt);
             match result {
-                Err(e) if e.is_transient() && attempt < self.retry.max_attempts => {
-                    let delay = self.retry.backoff(attempt);
-                    warn!(op = what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "vector store call failed; retrying");
+                Err(e) if e.is_transient() && !self.stopping() && self.retry.may_retry(attempt, first, delay) => {
+                    warn!(op = what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "vector store call failed; retrying (the worker is unready, its input waits)");
+                    self.set_reachable(false);
                     // waiting out the store is not being wedged (liveness)
                     let _waiting = crate::telemetry::liveness::DependencyWait::begin();
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
-                    tokio::time::sleep(delay).await;
+                    let until = Instant::now() + delay;
+                    while Instant::now() < until && !self.stopping() {
+                        tokio::time::sleep(until.saturating_duration_since(Instant::now()).min(Duration::from_millis(100))).await;
+                    }
                     attempt += 1;
                 }
-                other => return other,
+                Ok(()) => {
+                    if attempt > 1 {
+                        self.set_reachable(true);
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    if e.is_transient() && attempt > 1 {
+                        warn!(op = what, attempts = attempt, elapsed_ms = first.elapsed().as_millis() as u64, "vector store retries ended");
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -194,7 +246,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_exponentially_with_jitter_and_a_cap() {
-        let p = RetryPolicy { max_attempts: 10, initial_backoff_ms: 100, max_backoff_ms: 1_000 };
+        let p = RetryPolicy { max_attempts: 10, initial_backoff_ms: 100, max_backoff_ms: 1_000, ..RetryPolicy::default() };
         for _ in 0..50 {
             let d1 = p.backoff(1).as_millis();
             let d3 = p.backoff(3).as_millis();
