@@ -396,6 +396,12 @@ pub struct PipelineConfig {
     pub max_event_bytes: usize,
     /// On SIGTERM/SIGINT: how long in-flight work may take to finish before exit.
     pub shutdown_timeout_ms: u64,
+    /// The dead-letter circuit breaker: this many messages in a row bound for the DLQ stop the
+    /// worker instead (a systemic fault, not bad data); 0: no limit.
+    pub dlq_max_consecutive: usize,
+    /// ... or more than this share of the last `dlq_window` messages; 1.0: no limit.
+    pub dlq_max_ratio: f64,
+    pub dlq_window: usize,
     pub chunk: ChunkConfig,
     pub bm25: Bm25Params,
 }
@@ -411,6 +417,9 @@ impl Default for PipelineConfig {
             batches_in_flight: 3,
             max_turn_bytes: 1 << 20,
             max_turns_per_event: 10_000,
+            dlq_max_consecutive: 1_000,
+            dlq_max_ratio: 0.5,
+            dlq_window: 1_000,
             max_event_bytes: 8 << 20,
             shutdown_timeout_ms: 8_000,
             chunk: ChunkConfig::default(),
@@ -676,6 +685,9 @@ impl Config {
         let p = &self.pipeline;
         if p.max_in_flight == 0 || p.queue_capacity == 0 || p.max_batch_messages == 0 {
             bail!("pipeline.max_in_flight, queue_capacity and max_batch_messages must be > 0");
+        }
+        if !(p.dlq_max_ratio > 0.0) || p.dlq_window == 0 {
+            bail!("pipeline.dlq_max_ratio must be > 0 (1.0: no limit) and dlq_window > 0");
         }
         if p.max_turns_per_event == 0 || p.max_event_bytes == 0 || p.max_turn_bytes == 0 {
             bail!("pipeline.max_turns_per_event, max_event_bytes and max_turn_bytes must be > 0");

@@ -22,6 +22,7 @@ use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireF
 use crate::config::{CodecConfig, Config, PipelineConfig};
 use crate::event::{Conversation, EnrichedConversation, ModelInfo};
 use crate::infer::tokenize::ModelTokenizer;
+use crate::pipeline::breaker::DlqBreaker;
 use crate::pipeline::chunk::{Chunker, builtin_tokenizer, load_tokenizer};
 use crate::pipeline::enrich::{ModelFailure, Models, Outputs, Pending, TextEnricher};
 use crate::pipeline::prepare::{Decided, Prepared, Preparer};
@@ -164,6 +165,9 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         shared: shared.clone(),
         stats: Stats::default(),
         message_max_bytes: kafka.message_max_bytes as usize,
+        breaker: DlqBreaker::new(cfg.pipeline.dlq_max_consecutive, cfg.pipeline.dlq_max_ratio, cfg.pipeline.dlq_window),
+        failure: None,
+        stop: stop.clone(),
     };
     let pipeline = Pipeline {
         store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry).for_worker(readiness.clone(), stop.clone()),
@@ -253,6 +257,10 @@ struct Emitter {
     stats: Stats,
     /// The producer's `message.max.bytes` (`kafka.message_max_bytes`).
     message_max_bytes: usize,
+    breaker: DlqBreaker,
+    /// Set when the breaker tripped: the worker stops, nothing from then on is emitted.
+    failure: Option<anyhow::Error>,
+    stop: Arc<AtomicBool>,
 }
 
 /// A batch whose points the store acknowledged, for the emit stage.
@@ -358,9 +366,9 @@ impl Pipeline {
         for stage in stages {
             let _ = stage.await;
         }
-        let mut stats = emit.await.unwrap_or_default();
+        let (mut stats, emit_failure) = emit.await.unwrap_or_default();
         stats.points = self.store.counters.upserted_points.load(Ordering::Relaxed);
-        (stats, self.failure)
+        (stats, self.failure.or(emit_failure))
     }
 
     /// Stops the worker without completing the batch at hand: nothing of it is committed.
@@ -529,7 +537,7 @@ impl Pipeline {
 }
 
 impl Emitter {
-    async fn run(mut self, mut rx: mpsc::Receiver<Stored>, flight: Arc<Flight>) -> Stats {
+    async fn run(mut self, mut rx: mpsc::Receiver<Stored>, flight: Arc<Flight>) -> (Stats, Option<anyhow::Error>) {
         let mut deliveries = JoinSet::new();
         while let Some(stored) = rx.recv().await {
             record_depth(STAGE_EMIT, rx.len());
@@ -538,7 +546,7 @@ impl Emitter {
             while deliveries.try_join_next().is_some() {}
         }
         while deliveries.join_next().await.is_some() {}
-        self.stats
+        (self.stats, self.failure)
     }
 
     async fn emit(&mut self, batch: Vec<Prepared>, deliveries: &mut JoinSet<()>) {
@@ -547,8 +555,8 @@ impl Emitter {
         // these messages; emitting them here too would duplicate them (completion would be
         // ignored anyway)
         let batch = keep_current(&self.shared, STAGE_EMIT, batch, |p| &p.msg);
-        if batch.is_empty() {
-            return;
+        if batch.is_empty() || self.failure.is_some() {
+            return; // after the breaker tripped: nothing more is emitted or completed
         }
         // encode every event on rayon's pool, then enqueue in input order: the idempotent
         // producer keeps that order per partition
@@ -565,6 +573,16 @@ impl Emitter {
         })
         .await
         .expect("encoding does not panic");
+        // the dead-letter breaker sees the batch before anything of it is produced
+        let outcomes = batch.iter().zip(&encoded).filter(|(p, _)| !matches!(p.decided, Decided::Unfinished(_))).map(|(p, e)| {
+            matches!(p.decided, Decided::Rejected(_)) || matches!(e, Some(Err(_)))
+        });
+        if let Err(why) = self.breaker.record(outcomes.collect::<Vec<_>>()) {
+            error!(messages = batch.len(), reason = %why, "the dead-letter breaker tripped; stopping");
+            self.failure = Some(anyhow!(why));
+            self.stop.store(true, Ordering::SeqCst);
+            return;
+        }
         let mut pending = Vec::with_capacity(batch.len());
         for (Prepared { msg, decided }, encoded) in batch.into_iter().zip(encoded) {
             let record = match (decided, encoded) {

@@ -288,6 +288,30 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
 /// `output-too-large`, the input unchanged) instead of stalling its partition; a DLQ copy that is
 /// itself too large keeps the start of the value and says so; the partition moves on to lag 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_poison_trips_the_dead_letter_breaker_instead_of_filling_the_dlq() {
+    let topics = Topics::new("breaker");
+    create_topic(&topics.input, 1).await;
+    // 40 undecodable records in a row: a systemic fault as far as the worker can tell
+    let records: Vec<_> = (0..40u32)
+        .map(|i| (Some(format!("k{i}").into_bytes()), Some((0..64u32).map(|j| (i * 31 + j * 7) as u8 ^ 0xa5).collect::<Vec<u8>>())))
+        .collect();
+    produce_raw(&topics.input, &records).await;
+    let mut cfg = in_process_config(&topics);
+    cfg.qdrant.dense_dim = Some(8);
+    cfg.pipeline.dlq_max_consecutive = 10;
+    cfg.pipeline.max_batch_messages = 4;
+    let store = convoflow::sink::store::open(&cfg.qdrant).unwrap();
+    let err = run_until(cfg, store, Duration::from_secs(60), || false).await.unwrap_err();
+    assert!(format!("{err:#}").contains("pipeline.dlq_max_consecutive 10"), "{err:#}");
+    // the batches before the trip were dead-lettered and committed; the rest was not
+    let dead = records_in(&topics.dlq());
+    // batches of at most 4: the one that reaches 10 in a row is not emitted, those before are
+    assert!((6..10).contains(&dead), "{dead} dead-lettered: the breaker trips at the batch reaching 10 in a row");
+    let committed = committed(&topics.group, &topics.input).get(&0).copied().unwrap_or(0);
+    assert_eq!(committed.max(0), dead, "exactly what was dead-lettered is committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_too_large_to_produce_are_dead_lettered_and_the_partition_moves_on() {
     let topics = Topics::new("too-large");
     create_topic(&topics.input, 1).await;
