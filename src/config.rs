@@ -549,6 +549,11 @@ pub struct QdrantConfig {
     /// edge: run an optimization pass (index build, segment merge) after this many upserted
     /// points; 0 = never.
     pub edge_optimize_every_points: usize,
+    /// edge: writes wait (the worker unready, partitions paused, retried like an outage) while
+    /// the filesystem of `data_dir` has less free space than this: the engine writes through
+    /// memory maps, and a full disk would kill the process with SIGBUS (creating a collection
+    /// alone preallocates 2 × 32 MiB of WAL). 0 = no check.
+    pub edge_min_free_bytes: u64,
     /// qdrant: gRPC endpoint (`https://` for TLS).
     pub url: String,
     pub api_key: Option<Secret>,
@@ -572,6 +577,7 @@ impl Default for QdrantConfig {
             collection: "conversations".into(),
             data_dir: PathBuf::from("./data/qdrant"),
             edge_optimize_every_points: 20_000,
+            edge_min_free_bytes: 256 << 20,
             url: "http://127.0.0.1:6334".into(),
             api_key: None,
             timeout_ms: 10_000,

@@ -147,6 +147,76 @@ async fn a_store_outage_longer_than_the_old_retry_budget_pauses_the_worker_which
     tokio::time::timeout(Duration::from_secs(30), worker).await.unwrap().unwrap().unwrap();
 }
 
+/// A tmpfs mounted for one test, unmounted on drop (the test runs as root, like scripts/test).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(name: &str, size_mib: u64) -> Self {
+        let dir = std::env::temp_dir().join(format!("convoflow-tmpfs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .expect("running mount");
+        assert!(out.status.success(), "mounting a tmpfs failed (this test needs root): {}", String::from_utf8_lossy(&out.stderr));
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pauses_the_worker_until_space_returns_instead_of_crashing() {
+    use convoflow::sink::store::edge::free_bytes;
+    let topics = Topics::new("store-disk-full");
+    create_topic(&topics.input, 1).await;
+    // 512 MiB (the engine preallocates 2 × 32 MiB of WAL when it creates the collection)
+    let disk = Tmpfs::mount("disk-full", 512);
+    let mut cfg = config(&topics);
+    cfg.qdrant.data_dir = disk.0.join("data");
+    cfg.qdrant.edge_min_free_bytes = 128 << 20;
+    cfg.qdrant.retry.initial_backoff_ms = 50;
+    cfg.qdrant.retry.max_backoff_ms = 500;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    cfg.telemetry.listen = format!("127.0.0.1:{port}");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = tokio::spawn(convoflow::worker::run(cfg.clone(), stop.clone()));
+    wait_until("readiness", Duration::from_secs(60), move || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await;
+
+    // fill the disk to 96 MiB free, under the 128 MiB reserve
+    let filler = disk.0.join("filler");
+    let fill = free_bytes(&disk.0).unwrap() - (96 << 20);
+    std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+    produce_conversations(&topics.input, &conversations(10)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!worker.is_finished(), "no crash, no exit");
+    let (status, body) = http_get(port, "/readyz").unwrap();
+    assert!(status == 503 && body.contains("vector store not reachable"), "{status} {body}");
+    assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
+    assert_eq!(records_in(&topics.output), 0, "nothing emitted");
+    assert!(committed(&topics.group, &topics.input).get(&0).is_none_or(|&o| o <= 0), "nothing committed");
+
+    // space returns: the worker resumes by itself and loses nothing
+    std::fs::remove_file(&filler).unwrap();
+    let output = topics.output.clone();
+    wait_until("the backlog to drain", Duration::from_secs(60), move || records_in(&output) >= 10).await;
+    let (group, input) = (topics.group.clone(), topics.input.clone());
+    wait_until("the commit", Duration::from_secs(30), move || committed(&group, &input).get(&0) == Some(&10)).await;
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), worker).await.unwrap().unwrap().unwrap();
+    let store = store::open(&cfg.qdrant).unwrap();
+    store.ensure_collection(&store::collection_spec(&cfg.qdrant, 8), Bootstrap::MustExist).await.unwrap();
+    assert!(store.count(&SearchFilter::default()).await.unwrap() >= 10, "every point written");
+    drop(store);
+    drop(disk);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_store_failure_stops_the_worker_without_committing_then_a_restart_catches_up() {
     let topics = Topics::new("store-permanent");

@@ -35,9 +35,51 @@ pub struct EdgeStore {
     /// The background optimization pass, if one was started: it holds the shard (and so the
     /// directory's lock) until it ends, so `flush` waits for it.
     optimizer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Writes wait while the filesystem has less free space (0: no check). Keep it above the
+    /// WAL's 2 × 32 MiB segments: the engine preallocates a segment when the WAL rolls over.
+    min_free_bytes: u64,
+}
+
+/// Bytes available to this process on the filesystem holding `path` (statvfs: `f_bavail`).
+pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and an out-pointer to a live struct
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 impl EdgeStore {
+    /// Writes wait (a transient error, retried like an outage) while the filesystem of the
+    /// store has less than `bytes` free.
+    pub fn with_min_free_bytes(mut self, bytes: u64) -> Self {
+        self.min_free_bytes = bytes;
+        self
+    }
+
+    /// A transient error while the disk is (nearly) full: the caller waits and retries, and a
+    /// write never runs the engine's memory maps into a full filesystem.
+    fn check_free_space(&self) -> Result<(), StoreError> {
+        if self.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let dir = if self.path.exists() { self.path.as_path() } else { self.path.parent().unwrap_or(&self.path) };
+        match free_bytes(dir) {
+            Ok(free) if free < self.min_free_bytes => Err(StoreError::Transient(format!(
+                "only {free} bytes free on the filesystem of {} (qdrant.edge_min_free_bytes {}): writes wait for space",
+                self.path.display(),
+                self.min_free_bytes
+            ))),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %dir.display(), "cannot read the free space of the store's filesystem");
+                Ok(())
+            }
+        }
+    }
     /// A store at `path` (the collection's directory); nothing is opened until bootstrap.
     pub fn new(path: PathBuf, optimize_every: usize) -> Self {
         Self {
@@ -47,6 +89,7 @@ impl EdgeStore {
             since_optimize: AtomicUsize::new(0),
             optimizing: Arc::new(AtomicBool::new(false)),
             optimizer: std::sync::Mutex::new(None),
+            min_free_bytes: 0,
         }
     }
 
@@ -202,6 +245,9 @@ impl VectorStore for EdgeStore {
         if let Ok(shard) = self.shard() {
             return check_layout(spec, &shard.config());
         }
+        // opening or creating a collection preallocates its WAL (2 × 32 MiB memory-mapped
+        // segments): on a full filesystem that is a SIGBUS, so refuse with a clear error first
+        self.check_free_space()?;
         let path = self.path.clone();
         let spec_owned = spec.clone();
         let shard = tokio::task::spawn_blocking(move || -> Result<EdgeShard, StoreError> {
@@ -250,6 +296,7 @@ impl VectorStore for EdgeStore {
         if points.is_empty() {
             return Ok(());
         }
+        self.check_free_space()?;
         let list = points.iter().map(to_point).collect::<Result<Vec<_>, _>>()?;
         let n = list.len();
         self.blocking(move |s| {
@@ -261,6 +308,7 @@ impl VectorStore for EdgeStore {
     }
 
     async fn delete_conversation(&self, conversation_id: &str) -> Result<(), StoreError> {
+        self.check_free_space()?;
         let f = filter(&SearchFilter { conversation_id: Some(conversation_id.to_string()), ..Default::default() })
             .expect("one condition");
         self.blocking(move |s| s.update(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(f)))).await
