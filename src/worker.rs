@@ -577,7 +577,7 @@ impl Emitter {
         let outcomes = batch.iter().zip(&encoded).filter(|(p, _)| !matches!(p.decided, Decided::Unfinished(_))).map(|(p, e)| {
             matches!(p.decided, Decided::Rejected(_)) || matches!(e, Some(Err(_)))
         });
-        if let Err(why) = self.breaker.record(outcomes.collect::<Vec<_>>()) {
+        if let Err(why) = self.breaker.record(outcomes) {
             error!(messages = batch.len(), reason = %why, "the dead-letter breaker tripped; stopping");
             self.failure = Some(anyhow!(why));
             self.stop.store(true, Ordering::SeqCst);

@@ -208,7 +208,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         idle_latency_ms: idle.latency_ms,
         idle_worker_ms: idle.worker_ms,
         idle_stage_busy_ms: idle.stage_median_ms,
-        stage_busy_s: metric_values(&metrics_text, &format!("{}_sum", crate::telemetry::STAGE_BUSY_SECONDS), "stage"),
+        stage_busy_s: labelled_values(&metrics_text, &format!("{}_sum", crate::telemetry::STAGE_BUSY_SECONDS)),
         model_phase_s: labelled_values(&metrics_text, &format!("{}_sum", crate::telemetry::MODEL_PHASE_SECONDS)),
         padding: padding_shares(&metrics_text),
         gpu_peak_allocated_mib: gpu.map(|m| m.allocated_peak as f64 / 1_048_576.0),
@@ -326,19 +326,6 @@ fn labelled_values(text: &str, name: &str) -> std::collections::BTreeMap<String,
             let (labels, value) = rest.rsplit_once("} ")?;
             let key: Vec<&str> = labels.split(',').filter_map(|kv| kv.split_once('=').map(|(_, v)| v.trim_matches('"'))).collect();
             Some((key.join("/"), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// Values of a labelled metric in Prometheus text: label value -> value.
-fn metric_values(text: &str, name: &str, label: &str) -> std::collections::BTreeMap<String, f64> {
-    let prefix = format!("{name}{{{label}=\"");
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (value_of_label, rest) = rest.split_once('"')?;
-            let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
-            Some((value_of_label.to_string(), value))
         })
         .collect()
 }

@@ -249,7 +249,7 @@ impl Model {
         Ok(Launched { groups: groups_out.into_iter().map(|(g, _)| g).collect(), host, ready, lengths, stats, token_outputs })
     }
 
-    fn rows(t: &Tensor) -> Vec<f32> {
+    pub(crate) fn rows(t: &Tensor) -> Vec<f32> {
         Vec::<f32>::try_from(t).expect("a float vector")
     }
 
@@ -426,9 +426,9 @@ impl Launched {
     }
 
     /// The outputs once `wait_for_device` returned: one per sequence, in input order.
-    fn read(self) -> (Vec<Tensor>, BatchStats) {
+    pub fn read(self) -> (Vec<Tensor>, BatchStats) {
         // one host tensor per group: the groups' own, or slices of the one copy of them all
-        let per_group: Vec<Tensor> = if self.token_outputs || self.host.len() != 1 || self.groups.len() == 1 {
+        let per_group: Vec<Tensor> = if self.token_outputs || self.groups.len() <= 1 {
             self.host
         } else {
             let all = &self.host[0];

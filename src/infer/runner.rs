@@ -152,8 +152,9 @@ impl ModelThread {
                         let started = std::time::Instant::now();
                         match model.with(|m| launch_job(m, task, job.input, &budget, ner)).and_then(|r| r) {
                             Ok(l) => {
-                                record_phase(task, "queue", started.elapsed());
-                                Some((l, job.reply, started.elapsed()))
+                                let queueing = started.elapsed();
+                                record_phase(task, "queue", queueing);
+                                Some((l, job.reply, queueing))
                             }
                             Err(e) => {
                                 let _ = job.reply.send(Err(e));
@@ -348,7 +349,7 @@ fn launch_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: Ne
 /// time waiting for the device and reading as `convoflow_model_phase_seconds`.
 fn finish_job(m: &Model, task: Task, started: Started, ner: NerSettings) -> Result<(Output, BatchStats)> {
     fn rows(out: Vec<Tensor>) -> Vec<Vec<f32>> {
-        out.iter().map(|t| Vec::<f32>::try_from(t).expect("a float vector")).collect()
+        out.iter().map(Model::rows).collect()
     }
     let waiting = std::time::Instant::now();
     match &started {
@@ -356,22 +357,22 @@ fn finish_job(m: &Model, task: Task, started: Started, ner: NerSettings) -> Resu
     }
     record_phase(task, "device", waiting.elapsed());
     let reading = std::time::Instant::now();
-    let finished = Ok(match started {
+    let finished = match started {
         Started::Embeddings(l) => {
-            let (out, stats) = l.wait()?;
+            let (out, stats) = l.read();
             (Output::Embeddings(rows(out)), stats)
         }
         Started::Probabilities(l) => {
-            let (out, stats) = l.wait()?;
+            let (out, stats) = l.read();
             (Output::Probabilities(rows(out)), stats)
         }
         Started::Entities { inputs, windows, launched } => {
-            let (out, stats) = launched.wait()?;
+            let (out, stats) = launched.read();
             (Output::Entities(m.entities_from(&inputs, &windows, &out, ner.aggregation)), stats)
         }
-    });
+    };
     record_phase(task, "read", reading.elapsed());
-    finished
+    Ok(finished)
 }
 
 fn record_phase(task: Task, phase: &'static str, took: std::time::Duration) {

@@ -187,22 +187,18 @@ async fn respond(
             tokio::task::spawn_blocking(gpu::sample).await.ok();
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
-        "/healthz" => {
-            let problems = liveness.problems();
-            if problems.is_empty() {
-                ("200 OK", "text/plain", "ok\n".into())
-            } else {
-                ("503 Service Unavailable", "text/plain", format!("not alive: {}\n", problems.join("; ")))
-            }
-        }
-        "/readyz" => {
-            let problems = readiness.problems();
-            if problems.is_empty() {
-                ("200 OK", "text/plain", "ready\n".into())
-            } else {
-                ("503 Service Unavailable", "text/plain", format!("not ready: {}\n", problems.join("; ")))
-            }
-        }
+        "/healthz" => probe_answer(&liveness.problems(), "ok", "not alive"),
+        "/readyz" => probe_answer(&readiness.problems(), "ready", "not ready"),
         _ => ("404 Not Found", "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+/// A probe's answer: 200 with `ok`, or 503 with `not_ok` and the problems.
+fn probe_answer(problems: &[impl AsRef<str>], ok: &str, not_ok: &str) -> (&'static str, &'static str, String) {
+    if problems.is_empty() {
+        ("200 OK", "text/plain", format!("{ok}\n"))
+    } else {
+        let problems: Vec<&str> = problems.iter().map(AsRef::as_ref).collect();
+        ("503 Service Unavailable", "text/plain", format!("{not_ok}: {}\n", problems.join("; ")))
     }
 }

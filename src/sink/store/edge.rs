@@ -80,6 +80,7 @@ impl EdgeStore {
             }
         }
     }
+
     /// A store at `path` (the collection's directory); nothing is opened until bootstrap.
     pub fn new(path: PathBuf, optimize_every: usize) -> Self {
         Self {
