@@ -138,7 +138,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Run { config } => {
             let cfg = Config::load(config.as_deref())?;
             let stop = Arc::new(AtomicBool::new(false));
-            spawn_signal_handler(stop.clone());
+            spawn_signal_handler(stop.clone(), std::time::Duration::from_millis(cfg.pipeline.shutdown_timeout_ms));
             worker::run(cfg, stop).await
         }
         Command::Produce { config, count, input, format, topic, seed, whole, partitions } => {
@@ -197,8 +197,13 @@ pub async fn execute(cli: Cli) -> Result<()> {
     }
 }
 
-/// First SIGTERM/SIGINT: graceful stop. A second one: exit at once.
-fn spawn_signal_handler(stop: Arc<AtomicBool>) {
+/// How long past `pipeline.shutdown_timeout_ms` a stopping worker may take before the
+/// watchdog ends the process (every wait of the shutdown is bounded; this is the backstop).
+const SHUTDOWN_WATCHDOG_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// First SIGTERM/SIGINT: graceful stop. A second one: exit at once. The process also exits (code 1) if the graceful stop has not ended by then plus
+/// `SHUTDOWN_WATCHDOG_MARGIN` (unfinished work stays uncommitted and is re-read).
+fn spawn_signal_handler(stop: Arc<AtomicBool>, shutdown_timeout: std::time::Duration) {
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
@@ -212,6 +217,15 @@ fn spawn_signal_handler(stop: Arc<AtomicBool>) {
                 std::process::exit(130);
             }
             tracing::info!("signal received: draining and committing");
+            let limit = shutdown_timeout + SHUTDOWN_WATCHDOG_MARGIN;
+            std::thread::spawn(move || {
+                std::thread::sleep(limit);
+                tracing::error!(
+                    seconds = limit.as_secs_f64(),
+                    "the graceful stop did not end in time; exiting now (unfinished work stays uncommitted)"
+                );
+                std::process::exit(1);
+            });
         }
     });
 }
@@ -260,7 +274,7 @@ pub async fn produce(cfg: &Config, args: ProduceArgs) -> Result<()> {
     }
     // Confluent framing: the Conversation schema registered under the topic's subject
     let codec = worker::writer_codec::<Conversation>(&cfg.codec, args.format, &topic, None)?;
-    let producer = EventProducer::new(&cfg.kafka)?;
+    let producer = EventProducer::new(&cfg.kafka, cfg.kafka.message_max_bytes)?;
     let started = Instant::now();
     let mut deliveries = Vec::with_capacity(events.len());
     for event in &events {

@@ -46,6 +46,10 @@ pub struct KafkaConfig {
     pub compression: String,
     /// Largest message produced (the DLQ copies input messages whole).
     pub message_max_bytes: u32,
+    /// How long librdkafka keeps retrying a record's delivery (`delivery.timeout.ms`; its
+    /// default, 5 minutes). A record not delivered by then stops the worker, its message
+    /// uncommitted: a broker outage longer than this becomes a restart.
+    pub delivery_timeout_ms: u32,
     /// Authentication and encryption, applied to every client (consumer, producer, admin,
     /// lag monitor, read-back).
     pub security: KafkaSecurity,
@@ -279,6 +283,7 @@ impl Default for KafkaConfig {
             auto_offset_reset: "earliest".into(),
             compression: "lz4".into(),
             message_max_bytes: 16 * 1024 * 1024,
+            delivery_timeout_ms: 300_000,
             security: KafkaSecurity::default(),
             client: BTreeMap::new(),
         }

@@ -11,11 +11,15 @@ fn init_logging() {
     if json { builder.json().init() } else { builder.init() }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     init_logging();
     let cli = convoflow::cli::Cli::parse();
-    match convoflow::cli::execute(cli).await {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("starting the tokio runtime");
+    let result = runtime.block_on(convoflow::cli::execute(cli));
+    // Blocking tasks still running (a model batch nobody waits for any more) are not waited
+    // for: a stopping worker exits on time, its unfinished work uncommitted.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -8,14 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedHeaders};
-use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use rayon::prelude::*;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::codec::registry::{self, RegistryLookup, SchemaRegistry};
 use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireFormat};
@@ -26,8 +22,10 @@ use crate::pipeline::breaker::DlqBreaker;
 use crate::pipeline::chunk::{Chunker, builtin_tokenizer, load_tokenizer};
 use crate::pipeline::enrich::{ModelFailure, Models, Outputs, Pending, TextEnricher};
 use crate::pipeline::prepare::{Decided, Prepared, Preparer};
-use crate::sink::dlq::{self, Rejection};
-use crate::sink::producer::{EventProducer, Outgoing};
+use crate::pipeline::emit::{EmitSettings, Emitter, Stored};
+use crate::pipeline::stage::{Busy, Flight, Halt, STAGE_INFER, STAGE_PREPARE, STAGE_STORE, keep_current, record_depth};
+use crate::sink::dlq::Rejection;
+use crate::sink::producer::EventProducer;
 use crate::sink::store::points::{PayloadText, points_for};
 use crate::sink::store::writer::StoreWriter;
 use crate::sink::store::{self, Bootstrap, StoreError, StorePoint, VectorStore};
@@ -155,25 +153,36 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     };
     readiness.models_warm.store(true, Ordering::Relaxed);
     let shared = Arc::new(SharedSource::default());
-    let producer = EventProducer::new(kafka)?;
-    let emitter = Emitter {
-        output_codec,
-        producer: producer.clone(),
-        output_topic: kafka.output_topic.clone(),
-        dlq_topic,
-        group_id: kafka.group_id.clone(),
-        shared: shared.clone(),
-        stats: Stats::default(),
-        message_max_bytes: kafka.message_max_bytes as usize,
-        breaker: DlqBreaker::new(cfg.pipeline.dlq_max_consecutive, cfg.pipeline.dlq_max_ratio, cfg.pipeline.dlq_window),
-        failure: None,
-        stop: stop.clone(),
+    // the producer's limit is the smallest of its own and what the output and DLQ topics accept
+    // (less room for the batch framing): a record over it is refused at enqueue, alone
+    let message_max_bytes = match admin::max_message_bytes(kafka, &[kafka.output_topic.clone(), dlq_topic.clone()]).await {
+        Some(topics) if topics.saturating_sub(BATCH_FRAMING) < kafka.message_max_bytes => {
+            let limit = topics.saturating_sub(BATCH_FRAMING).max(1_000);
+            info!(topics, producer = limit, configured = kafka.message_max_bytes, "the output topics accept less than kafka.message_max_bytes: producing records of at most the producer's limit");
+            limit
+        }
+        _ => kafka.message_max_bytes,
     };
+    let producer = EventProducer::new(kafka, message_max_bytes)?;
+    let halt = Arc::new(Halt::new(stop.clone()));
+    let emitter = Emitter::new(
+        output_codec,
+        producer.clone(),
+        EmitSettings {
+            output_topic: kafka.output_topic.clone(),
+            dlq_topic,
+            group_id: kafka.group_id.clone(),
+            message_max_bytes: message_max_bytes as usize,
+        },
+        DlqBreaker::new(cfg.pipeline.dlq_max_consecutive, cfg.pipeline.dlq_max_ratio, cfg.pipeline.dlq_window),
+        shared.clone(),
+        halt.clone(),
+    );
     let pipeline = Pipeline {
         store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry).for_worker(readiness.clone(), stop.clone()),
         payload_text: cfg.qdrant.payload_text,
         stop: stop.clone(),
-        failure: None,
+        halt,
         model_infos: models.as_ref().map(Models::infos).unwrap_or_default(),
         preparer: Arc::new(preparer),
         models: models.map(Arc::new),
@@ -205,7 +214,11 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     tokio::task::spawn_blocking(move || poll_thread.join())
         .await?
         .map_err(|_| anyhow!("the source thread panicked"))?;
-    producer.flush(Duration::from_secs(5))?;
+    // bounded: with the broker away, what is still queued is not waited for (it was not
+    // completed, so it is re-read after a restart)
+    if let Err(e) = producer.flush(Duration::from_secs(2)) {
+        warn!(error = %format!("{e:#}"), "records still queued at exit were not delivered; their messages stay uncommitted");
+    }
     store.flush().await.context("flushing the vector store")?;
     drop(lag_monitor);
     info!(
@@ -221,6 +234,10 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     }
 }
 
+/// Room left under a topic's `max.message.bytes` for the record batch's own framing (the broker
+/// compares whole batches with it; librdkafka checks records without it).
+const BATCH_FRAMING: u32 = 512;
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub enriched: u64,
@@ -234,38 +251,16 @@ struct Pipeline {
     store: StoreWriter,
     readiness: Arc<Readiness>,
     payload_text: PayloadText,
-    /// Set to stop the source when a sink or a model thread fails for good.
+    /// Set when the worker is stopping (a signal or a failure).
     stop: Arc<AtomicBool>,
-    failure: Option<anyhow::Error>,
+    /// The first failure that stops the worker (shared with the emit stage).
+    halt: Arc<Halt>,
     preparer: Arc<Preparer>,
     models: Option<Arc<Models>>,
     model_infos: Vec<ModelInfo>,
     /// The emit stage (moved into its task by `run`).
     emitter: Option<Emitter>,
     shared: Arc<SharedSource>,
-}
-
-/// The emit stage: encodes a stored batch's records, enqueues them in input order on the
-/// idempotent producer and hands their deliveries to a task that completes the offsets.
-struct Emitter {
-    output_codec: RecordCodec<EnrichedConversation>,
-    producer: EventProducer,
-    output_topic: String,
-    dlq_topic: String,
-    group_id: String,
-    shared: Arc<SharedSource>,
-    stats: Stats,
-    /// The producer's `message.max.bytes` (`kafka.message_max_bytes`).
-    message_max_bytes: usize,
-    breaker: DlqBreaker,
-    /// Set when the breaker tripped: the worker stops, nothing from then on is emitted.
-    failure: Option<anyhow::Error>,
-    stop: Arc<AtomicBool>,
-}
-
-/// A batch whose points the store acknowledged, for the emit stage.
-struct Stored {
-    batch: Vec<Prepared>,
 }
 
 /// A prepared micro-batch whose model inputs are queued on the model threads.
@@ -275,44 +270,6 @@ struct InFlight {
     pending: Option<Result<Pending, ModelFailure>>,
     /// When the batch was submitted to the models (for the enrichment latency).
     submitted: std::time::Instant,
-}
-
-const STAGE_PREPARE: &str = "prepare";
-const STAGE_INFER: &str = "infer";
-const STAGE_STORE: &str = "store";
-const STAGE_EMIT: &str = "emit";
-
-/// Keeps the items whose message still belongs to this member's current assignment; drops (and
-/// counts, by `stage`) those of partitions that moved to another member since they were read.
-fn keep_current<T>(shared: &SharedSource, stage: &'static str, items: Vec<T>, msg: impl Fn(&T) -> &InboundMessage) -> Vec<T> {
-    let before = items.len();
-    let kept: Vec<T> = items.into_iter().filter(|item| shared.is_current(&msg(item).tp, msg(item).generation)).collect();
-    let dropped = before - kept.len();
-    if dropped > 0 {
-        debug!(stage, messages = dropped, "dropped work of partitions that moved to another member");
-        metrics::counter!(telemetry::STALE_BATCHES, "stage" => stage).increment(1);
-        metrics::counter!(telemetry::STALE_MESSAGES, "stage" => stage).increment(dropped as u64);
-    }
-    kept
-}
-
-/// Adds the time until it is dropped to the stage's busy seconds.
-struct Busy(&'static str, std::time::Instant);
-
-impl Busy {
-    fn start(stage: &'static str) -> Self {
-        Self(stage, std::time::Instant::now())
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        metrics::histogram!(telemetry::STAGE_BUSY_SECONDS, "stage" => self.0).record(self.1.elapsed().as_secs_f64());
-    }
-}
-
-fn record_depth(stage: &'static str, depth: usize) {
-    metrics::gauge!(telemetry::STAGE_QUEUE_DEPTH, "stage" => stage).set(depth as f64);
 }
 
 impl Pipeline {
@@ -348,9 +305,14 @@ impl Pipeline {
             record_depth(STAGE_STORE, inflight_rx.len());
             // stopping (a failure, or the source is gone): what is still queued is neither
             // written nor completed; the next owner of its partitions re-reads it
-            let stored = if self.failure.is_none() && !flight.is_abandoned() {
+            let stored = if !self.halt.is_tripped() && !flight.is_abandoned() {
                 let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
-                self.store(inflight).instrument(span).await
+                tokio::select! {
+                    stored = self.store(inflight).instrument(span) => stored,
+                    // the source has left (its shutdown timeout passed): the batch cannot be
+                    // completed any more, so the worker does not wait for its models or store
+                    _ = flight.abandoned() => None,
+                }
             } else {
                 None
             };
@@ -366,16 +328,20 @@ impl Pipeline {
         for stage in stages {
             let _ = stage.await;
         }
-        let (mut stats, emit_failure) = emit.await.unwrap_or_default();
-        stats.points = self.store.counters.upserted_points.load(Ordering::Relaxed);
-        (stats, self.failure.or(emit_failure))
+        let emitted = emit.await.unwrap_or_default();
+        let stats = Stats {
+            enriched: emitted.enriched,
+            points: self.store.counters.upserted_points.load(Ordering::Relaxed),
+            dead_lettered: emitted.dead_lettered,
+            tombstones: emitted.tombstones,
+        };
+        (stats, self.halt.take())
     }
 
     /// Stops the worker without completing the batch at hand: nothing of it is committed.
     fn fail(&mut self, e: anyhow::Error, messages: usize) {
-        error!(error = %format!("{e:#}"), messages, "stopping without completing this batch");
-        self.failure = Some(e);
-        self.stop.store(true, Ordering::SeqCst);
+        warn!(messages, "stopping without completing this batch");
+        self.halt.trip(e);
     }
 
     /// The store stage: the batch's model outputs, then its points upserted (acknowledged).
@@ -536,179 +502,6 @@ impl Pipeline {
 
 }
 
-impl Emitter {
-    async fn run(mut self, mut rx: mpsc::Receiver<Stored>, flight: Arc<Flight>) -> (Stats, Option<anyhow::Error>) {
-        let mut deliveries = JoinSet::new();
-        while let Some(stored) = rx.recv().await {
-            record_depth(STAGE_EMIT, rx.len());
-            self.emit(stored.batch, &mut deliveries).await;
-            flight.ended();
-            while deliveries.try_join_next().is_some() {}
-        }
-        while deliveries.join_next().await.is_some() {}
-        (self.stats, self.failure)
-    }
-
-    async fn emit(&mut self, batch: Vec<Prepared>, deliveries: &mut JoinSet<()>) {
-        let _busy = Busy::start(STAGE_EMIT);
-        // a partition that moved while the batch was stored: its new owner re-reads and emits
-        // these messages; emitting them here too would duplicate them (completion would be
-        // ignored anyway)
-        let batch = keep_current(&self.shared, STAGE_EMIT, batch, |p| &p.msg);
-        if batch.is_empty() || self.failure.is_some() {
-            return; // after the breaker tripped: nothing more is emitted or completed
-        }
-        // encode every event on rayon's pool, then enqueue in input order: the idempotent
-        // producer keeps that order per partition
-        let codec = self.output_codec.clone();
-        let (batch, encoded) = tokio::task::spawn_blocking(move || {
-            let encoded: Vec<Option<Result<Vec<u8>, String>>> = batch
-                .par_iter()
-                .map(|p| match &p.decided {
-                    Decided::Valid(v) => Some(codec.encode(&v.event).map_err(|e| e.to_string())),
-                    _ => None,
-                })
-                .collect();
-            (batch, encoded)
-        })
-        .await
-        .expect("encoding does not panic");
-        // the dead-letter breaker sees the batch before anything of it is produced
-        let outcomes = batch.iter().zip(&encoded).filter(|(p, _)| !matches!(p.decided, Decided::Unfinished(_))).map(|(p, e)| {
-            matches!(p.decided, Decided::Rejected(_)) || matches!(e, Some(Err(_)))
-        });
-        if let Err(why) = self.breaker.record(outcomes) {
-            error!(messages = batch.len(), reason = %why, "the dead-letter breaker tripped; stopping");
-            self.failure = Some(anyhow!(why));
-            self.stop.store(true, Ordering::SeqCst);
-            return;
-        }
-        let mut pending = Vec::with_capacity(batch.len());
-        for (Prepared { msg, decided }, encoded) in batch.into_iter().zip(encoded) {
-            let record = match (decided, encoded) {
-                (Decided::Valid(v), Some(Ok(bytes))) => {
-                    self.stats.enriched += 1;
-                    (false, Some(v.event.conversation_id.into_bytes()), Some(bytes), msg.carried_headers())
-                }
-                (Decided::Valid(_), Some(Err(e))) => self.dead_letter(&msg, Rejection { class: "encoding", message: e }),
-                (Decided::Valid(_), None) => unreachable!("every valid event is encoded"),
-                (Decided::Tombstone, _) => {
-                    self.stats.tombstones += 1;
-                    metrics::counter!(telemetry::TOMBSTONES).increment(1);
-                    (false, msg.key.clone(), None, msg.carried_headers())
-                }
-                (Decided::Rejected(why), _) => self.dead_letter(&msg, why),
-                (Decided::Unfinished(reason), _) => {
-                    // not completed: the offset stays uncommitted and the message is re-read
-                    error!(tp = %msg.tp, offset = msg.offset, reason, "a message was left unfinished");
-                    continue;
-                }
-            };
-            let mut record = record;
-            let mut truncated = false;
-            loop {
-                let (to_dlq, key, payload, headers) = &record;
-                let topic = if *to_dlq { self.dlq_topic.as_str() } else { self.output_topic.as_str() };
-                let out = Outgoing { topic, key: key.as_deref(), payload: payload.as_deref(), headers: headers.clone() };
-                match self.producer.enqueue(out).await {
-                    Ok(delivery) => {
-                        pending.push((msg.tp.clone(), msg.offset, msg.generation, msg.timestamp_ms, delivery));
-                        break;
-                    }
-                    // too large to produce, for good: an enriched event goes to the DLQ instead
-                    // (the input was fine, its result is not deliverable); a DLQ copy too large
-                    // itself keeps the start of the value and says so
-                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) if !*to_dlq => {
-                        let bytes = payload.as_ref().map_or(0, Vec::len);
-                        self.stats.enriched -= 1;
-                        let why = Rejection {
-                            class: "output-too-large",
-                            message: format!(
-                                "the enriched event is {bytes} bytes, over kafka.message_max_bytes {}",
-                                self.message_max_bytes
-                            ),
-                        };
-                        record = self.dead_letter(&msg, why);
-                    }
-                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) if !truncated => {
-                        truncated = true;
-                        let original = msg.payload.as_ref().map_or(0, Vec::len);
-                        let keep = original.min(self.message_max_bytes / 2);
-                        let headers = record.3.take().unwrap_or_default().insert(rdkafka::message::Header {
-                            key: dlq::VALUE_TRUNCATED,
-                            value: Some(original.to_string().as_str()),
-                        });
-                        warn!(tp = %msg.tp, offset = msg.offset, original, keep, "the DLQ copy is too large: its value is truncated");
-                        record = (true, record.1.take(), msg.payload.as_ref().map(|p| p[..keep].to_vec()), Some(headers));
-                    }
-                    // Not completed: the offset stays uncommitted and the message is re-read later.
-                    Err(e) => {
-                        error!(error = %e, tp = %msg.tp, offset = msg.offset, "could not enqueue a record");
-                        break;
-                    }
-                }
-            }
-        }
-        let shared = self.shared.clone();
-        let producer = self.producer.clone();
-        deliveries.spawn(async move {
-            for (tp, offset, generation, event_ms, delivery) in pending {
-                if await_delivery(&producer, delivery).await {
-                    shared.complete(&tp, offset, generation);
-                    if let Some(t0) = event_ms.filter(|t| *t > 0) {
-                        let ms = chrono::Utc::now().timestamp_millis() - t0;
-                        metrics::histogram!(telemetry::END_TO_END_SECONDS).record(ms.max(0) as f64 / 1000.0);
-                    }
-                }
-            }
-        });
-    }
-
-    /// The DLQ record of a rejected message: (to the DLQ, key, value, headers).
-    fn dead_letter(&mut self, msg: &InboundMessage, why: Rejection) -> (bool, Option<Vec<u8>>, Option<Vec<u8>>, Option<OwnedHeaders>) {
-        warn!(tp = %msg.tp, offset = msg.offset, class = why.class, reason = %why.message, "dead-lettering a message");
-        self.stats.dead_lettered += 1;
-        metrics::counter!(telemetry::DLQ, "class" => why.class).increment(1);
-        let headers = dlq::headers(msg, &why, &self.group_id);
-        (true, msg.key.clone(), msg.payload.clone(), Some(headers))
-    }
-}
-
-/// Micro-batches between the batch stage and the end of the write stage, and a signal when one
-/// ends (the batch stage waits on it).
-#[derive(Default)]
-struct Flight {
-    batches: std::sync::atomic::AtomicUsize,
-    ended: tokio::sync::Notify,
-    /// Set when the source has stopped for good (shutdown or failure: it committed what was
-    /// complete and left): work still in the pipeline can no longer be completed, so the
-    /// stages drop it instead of running it, and the worker exits promptly.
-    abandoned: AtomicBool,
-}
-
-impl Flight {
-    fn abandon(&self) {
-        self.abandoned.store(true, Ordering::SeqCst);
-    }
-
-    fn is_abandoned(&self) -> bool {
-        self.abandoned.load(Ordering::SeqCst)
-    }
-
-    fn started(&self) {
-        self.batches.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn ended(&self) {
-        self.batches.fetch_sub(1, Ordering::SeqCst);
-        self.ended.notify_one();
-    }
-
-    fn count(&self) -> usize {
-        self.batches.load(Ordering::SeqCst)
-    }
-}
-
 /// The batch stage: forms micro-batches of up to `max` messages. A batch takes what is already
 /// queued and leaves at once while fewer than `room` batches are in flight (an idle worker
 /// handles a lone conversation immediately and the models always have work queued, like
@@ -822,32 +615,6 @@ async fn submit_batches(
         let Ok(permit) = tx.reserve().await else { return };
         let pending = models.as_ref().map(|m| m.submit(&mut batch));
         permit.send(InFlight { batch, pending, submitted });
-    }
-}
-
-/// Waits for a record's delivery; on failure (after librdkafka's own retries) sends it again
-/// with backoff, so nothing is dropped. False only when the producer is gone.
-async fn await_delivery(producer: &EventProducer, mut delivery: rdkafka::producer::DeliveryFuture) -> bool {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match delivery.await {
-            Ok(Ok(_)) => return true,
-            Ok(Err((e, msg))) => {
-                error!(error = %e, topic = msg.topic(), "delivery failed; sending again");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                let headers = msg.headers().cloned();
-                let out = Outgoing { topic: msg.topic(), key: msg.key(), payload: msg.payload(), headers };
-                match producer.enqueue(out).await {
-                    Ok(d) => delivery = d,
-                    Err(e) => {
-                        error!(error = %e, "re-enqueue failed");
-                        return false;
-                    }
-                }
-            }
-            Err(_) => return false,
-        }
     }
 }
 

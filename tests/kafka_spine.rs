@@ -343,12 +343,64 @@ async fn outputs_too_large_to_produce_are_dead_lettered_and_the_partition_moves_
     assert_eq!(out.len(), 2, "the small ones are enriched");
     assert_eq!(dlq.len(), 2);
     assert!(dlq.iter().all(|r| r.headers["dlq.error.class"] == "output-too-large"), "{:?}", dlq[0].headers);
-    assert!(dlq[0].headers["dlq.error.message"].contains("over kafka.message_max_bytes 30000"));
+    assert!(dlq[0].headers["dlq.error.message"].contains("limit of 30000 bytes"), "{:?}", dlq[0].headers);
     assert_eq!(dlq[0].payload.as_deref(), Some(big.as_slice()), "the input, unchanged");
     assert!(!dlq[0].headers.contains_key("dlq.value.truncated"));
     assert_eq!(dlq[1].headers["dlq.value.truncated"], bigger.len().to_string());
     assert_eq!(dlq[1].payload.as_deref(), Some(&bigger[..15_000]), "the start of the input");
     assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past them");
+}
+
+/// The output and DLQ topics accept records of at most 20,000 bytes (their own
+/// `max.message.bytes`), far below `kafka.message_max_bytes` (16 MiB): the worker produces within
+/// the topics' limit, so a record too large is refused alone (before: the broker refused the
+/// whole batch, and the small events batched with it went to the DLQ as too large).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_over_the_topics_own_size_limit_are_dead_lettered_alone_not_with_their_batch() {
+    let topics = Topics::new("broker-too-large");
+    create_topic(&topics.input, 1).await;
+    let small = [("max.message.bytes", "20000")];
+    create_topic_with(&topics.output, 1, &small).await;
+    create_topic_with(&topics.dlq(), 1, &small).await;
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let g = SampleGenerator::new(72);
+    let with_turns = |n: u64, turns: usize| {
+        let mut c = g.conversation(n);
+        let t = c.turns[0].clone();
+        c.turns = (0..turns)
+            .map(|i| convoflow::event::Turn {
+                turn_id: format!("t{i}"),
+                text: "the quick brown fox jumps over the lazy dog again and again".into(),
+                ..t.clone()
+            })
+            .collect();
+        (Some(c.conversation_id.clone().into_bytes()), Some(codec.encode(&c).unwrap()))
+    };
+    // 120 turns: ~10 KB in (its DLQ copy fits), ~25 KB enriched (too large); 370 turns: ~31 KB in
+    // (its DLQ copy is too large too: cut to half the limit)
+    let records = vec![with_turns(0, 2), with_turns(1, 120), with_turns(2, 370), with_turns(3, 2)];
+    let (big, bigger) = (records[1].1.clone().unwrap(), records[2].1.clone().unwrap());
+    assert!(big.len() < 15_000 && bigger.len() > 30_000, "{} {}", big.len(), bigger.len());
+    produce_raw(&topics.input, &records).await;
+    let mut worker = Worker::start("broker-too-large", &topics, &[]);
+    let dlq = read_topic(&topics.dlq(), 2, Duration::from_secs(60), Duration::ZERO);
+    let out = read_topic(&topics.output, 2, Duration::from_secs(30), Duration::ZERO);
+    wait_until("lag 0", Duration::from_secs(20), {
+        let (group, input) = (topics.group.clone(), topics.input.clone());
+        move || lag(&group, &input).values().all(|&l| l == 0)
+    })
+    .await;
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
+    assert_eq!(out.len(), 2, "the small ones are enriched");
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    assert!(dlq.iter().all(|r| r.headers["dlq.error.class"] == "output-too-large"), "{:?}", dlq[0].headers);
+    assert_eq!(dlq[0].payload.as_deref(), Some(big.as_slice()), "the input, unchanged");
+    assert!(!dlq[0].headers.contains_key("dlq.value.truncated"));
+    assert_eq!(dlq[1].headers["dlq.value.truncated"], bigger.len().to_string());
+    let cut = dlq[1].payload.as_deref().unwrap();
+    assert!(cut.len() < 20_000 / 2 && bigger.starts_with(cut), "the start of the input, {} bytes", cut.len());
+    assert!(dlq[0].headers["dlq.error.message"].contains("limit of 19488 bytes"), "{:?}", dlq[0].headers);
 }
 
 /// The input record's headers (trace context) come out on its enriched event and on its DLQ

@@ -249,7 +249,7 @@ async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<IdlePr
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // let the worker go idle
     let codec = crate::worker::input_codec(&cfg.codec)?;
-    let producer = crate::sink::producer::EventProducer::new(&cfg.kafka)?;
+    let producer = crate::sink::producer::EventProducer::new(&cfg.kafka, cfg.kafka.message_max_bytes)?;
     let tail = {
         let k = cfg.kafka.clone();
         tokio::task::spawn_blocking(move || readback::tail(&k, &k.output_topic)).await??

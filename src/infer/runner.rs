@@ -273,12 +273,26 @@ impl ModelThread {
     }
 }
 
+/// How long dropping a model thread waits for it to end.
+const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Drop for ModelThread {
     fn drop(&mut self) {
         self.cancelled.store(true, Ordering::SeqCst); // queued jobs are not run
         drop(self.jobs.take()); // ends the thread's job loop
+        // The job at hand may run for seconds more (a CPU batch): a stopping worker must exit
+        // on time (`pipeline.shutdown_timeout_ms`), so the thread is left to end by itself
+        // (or with the process) after a short wait. Nothing waits for its result any more.
         if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            let deadline = std::time::Instant::now() + JOIN_WAIT;
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                tracing::warn!(model = %self.name, "the model thread is still running a job; not waiting for it");
+            }
         }
     }
 }

@@ -4,6 +4,8 @@
 pub mod breaker;
 pub mod bm25;
 pub mod chunk;
+pub mod emit;
 pub mod enrich;
 pub mod offsets;
 pub mod prepare;
+pub mod stage;

@@ -26,13 +26,17 @@ pub struct Outgoing<'a> {
 }
 
 impl EventProducer {
-    pub fn new(cfg: &KafkaConfig) -> Result<Self> {
+    /// A producer for `cfg` whose records are at most `message_max_bytes` (and batches too).
+    pub fn new(cfg: &KafkaConfig, message_max_bytes: u32) -> Result<Self> {
         let mut c = base_client_config(cfg);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("compression.type", &cfg.compression)
-            .set("message.max.bytes", cfg.message_max_bytes.to_string());
+            .set("message.max.bytes", message_max_bytes.to_string())
+            .set("batch.size", message_max_bytes.min(1_000_000).to_string())
+            // librdkafka retries each delivery itself until this passes, in order per partition
+            .set("delivery.timeout.ms", cfg.delivery_timeout_ms.to_string());
         let producer: FutureProducer =
             c.create().map_err(crate::source::redact_config_error).context("creating the Kafka producer")?;
         Ok(Self { producer })

@@ -99,3 +99,40 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String], partitions: usi
     }
     Ok(())
 }
+
+/// The smallest `max.message.bytes` of `topics` (their effective value: the topic's own or the
+/// broker's default), so the producer refuses a record the broker would refuse — before it
+/// shares a batch with others, which the broker would refuse with it. None when the cluster
+/// does not say (no `DescribeConfigs` permission, say): the caller keeps its own limit.
+pub async fn max_message_bytes(cfg: &KafkaConfig, topics: &[String]) -> Option<u32> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = match base_client_config(cfg).create().map_err(redact_config_error) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the topics' max.message.bytes");
+            return None;
+        }
+    };
+    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = match tokio::time::timeout(Duration::from_secs(15), admin.describe_configs(&specs, &opts)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the topics' max.message.bytes");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!("reading the topics' max.message.bytes timed out");
+            return None;
+        }
+    };
+    let mut smallest: Option<u32> = None;
+    for (topic, result) in topics.iter().zip(results) {
+        let value = result.ok().and_then(|r| r.get("max.message.bytes").and_then(|e| e.value.as_deref()?.parse::<u32>().ok()));
+        match value {
+            Some(v) => smallest = Some(smallest.map_or(v, |s| s.min(v))),
+            None => tracing::warn!(topic, "the topic's max.message.bytes is not readable"),
+        }
+    }
+    smallest
+}

@@ -68,6 +68,14 @@ pub async fn create_topic(name: &str, partitions: i32) {
     res[0].as_ref().unwrap_or_else(|e| panic!("creating {name}: {e:?}"));
 }
 
+/// Creates a topic with topic-level settings (e.g. `max.message.bytes`).
+pub async fn create_topic_with(name: &str, partitions: i32, settings: &[(&str, &str)]) {
+    let admin: AdminClient<DefaultClientContext> = client().create().unwrap();
+    let topic = settings.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v));
+    let res = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+    res[0].as_ref().unwrap_or_else(|e| panic!("creating {name}: {e:?}"));
+}
+
 pub fn producer() -> FutureProducer {
     client()
         .set("enable.idempotence", "true")

@@ -1,0 +1,370 @@
+//! The emit stage: encodes a stored batch's enriched events, shows the batch to the dead-letter
+//! breaker, enqueues one record per message in input order on the idempotent producer (enriched
+//! event, forwarded tombstone or DLQ copy) and hands the deliveries to a task that completes
+//! the offsets.
+//!
+//! Delivery retries are librdkafka's own (`enable.idempotence`, `kafka.delivery_timeout_ms`),
+//! so per-key order holds; nothing is re-enqueued by hand. The producer's `message.max.bytes`
+//! is the smallest of `kafka.message_max_bytes` and the output and DLQ topics' own limits (read
+//! at start), so a record too large is refused at enqueue, alone — not by the broker together
+//! with the rest of its batch. Such a record is replaced by its fallback: an enriched event by a
+//! DLQ copy of its input (class `output-too-large`), a DLQ copy by one whose value keeps its
+//! first half-limit bytes (the `dlq.value.truncated` header holds the original length). Any
+//! other failure to produce — a delivery that timed out after librdkafka's retries, a fatal
+//! producer error, a broker refusing a batch the limits should have kept small (a topic's limit
+//! lowered while the worker runs) — is the machine's, not the data's: the worker stops, the
+//! message stays uncommitted, and the restarted worker reads the limits again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::anyhow;
+use rayon::prelude::*;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::DeliveryFuture;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{error, warn};
+
+use crate::codec::RecordCodec;
+use crate::event::EnrichedConversation;
+use crate::pipeline::breaker::DlqBreaker;
+use crate::pipeline::prepare::{Decided, Prepared};
+use crate::pipeline::stage::{Busy, Flight, Halt, STAGE_EMIT, count_stale, keep_current, record_depth};
+use crate::sink::dlq::{self, Rejection};
+use crate::sink::producer::{EventProducer, Outgoing};
+use crate::source::{InboundMessage, SharedSource};
+use crate::telemetry;
+
+/// A batch whose points the store acknowledged, for the emit stage.
+pub struct Stored {
+    pub batch: Vec<Prepared>,
+}
+
+/// What the emit stage produced, for the worker's final log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EmitStats {
+    pub enriched: u64,
+    pub dead_lettered: u64,
+    pub tombstones: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    enriched: AtomicU64,
+    dead_lettered: AtomicU64,
+    tombstones: AtomicU64,
+}
+
+/// The topic a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    Output,
+    DeadLetter,
+}
+
+/// One record to produce for an input message.
+struct Record {
+    destination: Destination,
+    key: Option<Vec<u8>>,
+    /// None = tombstone.
+    value: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
+    /// Whether the value of this DLQ copy was cut already.
+    truncated: bool,
+}
+
+/// A record on its way, with the message it completes.
+struct Delivery {
+    msg: InboundMessage,
+    future: DeliveryFuture,
+}
+
+/// A produce error that no retry fixes and that is the record's own: it is too large.
+fn too_large(e: &KafkaError) -> bool {
+    matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge))
+}
+
+/// The producer side, shared by the emit stage and its delivery tasks.
+struct Sink {
+    producer: EventProducer,
+    output_topic: String,
+    dlq_topic: String,
+    group_id: String,
+    /// The producer's `message.max.bytes` (`kafka.message_max_bytes`).
+    message_max_bytes: usize,
+    counters: Counters,
+    shared: Arc<SharedSource>,
+    halt: Arc<Halt>,
+}
+
+pub struct Emitter {
+    output_codec: RecordCodec<EnrichedConversation>,
+    breaker: DlqBreaker,
+    sink: Arc<Sink>,
+}
+
+/// What the emit stage needs from the worker's configuration.
+pub struct EmitSettings {
+    pub output_topic: String,
+    pub dlq_topic: String,
+    pub group_id: String,
+    pub message_max_bytes: usize,
+}
+
+impl Emitter {
+    pub fn new(
+        output_codec: RecordCodec<EnrichedConversation>,
+        producer: EventProducer,
+        settings: EmitSettings,
+        breaker: DlqBreaker,
+        shared: Arc<SharedSource>,
+        halt: Arc<Halt>,
+    ) -> Self {
+        let EmitSettings { output_topic, dlq_topic, group_id, message_max_bytes } = settings;
+        let sink = Sink {
+            producer,
+            output_topic,
+            dlq_topic,
+            group_id,
+            message_max_bytes,
+            counters: Counters::default(),
+            shared,
+            halt,
+        };
+        Self { output_codec, breaker, sink: Arc::new(sink) }
+    }
+
+    /// Emits each stored batch; ends when the store stage is done. Once the source has stopped
+    /// for good, nothing more is emitted and deliveries still pending are not waited for (their
+    /// offsets cannot be committed any more).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Stored>, flight: Arc<Flight>) -> EmitStats {
+        let mut deliveries = JoinSet::new();
+        loop {
+            let stored = tokio::select! {
+                stored = rx.recv() => stored,
+                _ = flight.abandoned() => None,
+            };
+            let Some(stored) = stored else { break };
+            record_depth(STAGE_EMIT, rx.len());
+            tokio::select! {
+                _ = self.emit(stored.batch, &mut deliveries) => {}
+                // the producer's queue may be full with the broker away: give up on the batch
+                _ = flight.abandoned() => {}
+            }
+            flight.ended();
+            while deliveries.try_join_next().is_some() {}
+        }
+        if flight.is_abandoned() {
+            deliveries.abort_all();
+        }
+        while deliveries.join_next().await.is_some() {}
+        let c = &self.sink.counters;
+        EmitStats {
+            enriched: c.enriched.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            tombstones: c.tombstones.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn emit(&mut self, batch: Vec<Prepared>, deliveries: &mut JoinSet<()>) {
+        let _busy = Busy::start(STAGE_EMIT);
+        let sink = self.sink.clone();
+        // a partition that moved while the batch was stored: its new owner re-reads and emits
+        // these messages; emitting them here too would duplicate them
+        let batch = keep_current(&sink.shared, STAGE_EMIT, batch, |p| &p.msg);
+        if batch.is_empty() || sink.halt.is_tripped() {
+            return; // after a failure: nothing more is emitted or completed
+        }
+        // encode every event on rayon's pool, then enqueue in input order: the idempotent
+        // producer keeps that order per partition
+        let codec = self.output_codec.clone();
+        let (batch, encoded) = tokio::task::spawn_blocking(move || {
+            let encoded: Vec<Option<Result<Vec<u8>, String>>> = batch
+                .par_iter()
+                .map(|p| match &p.decided {
+                    Decided::Valid(v) => Some(codec.encode(&v.event).map_err(|e| e.to_string())),
+                    _ => None,
+                })
+                .collect();
+            (batch, encoded)
+        })
+        .await
+        .expect("encoding does not panic");
+        // the dead-letter breaker sees the batch before anything of it is produced
+        let outcomes = batch.iter().zip(&encoded).filter(|(p, _)| !matches!(p.decided, Decided::Unfinished(_))).map(|(p, e)| {
+            matches!(p.decided, Decided::Rejected(_)) || matches!(e, Some(Err(_)))
+        });
+        if let Err(why) = self.breaker.record(outcomes) {
+            sink.halt.trip(anyhow!(why));
+            return;
+        }
+        let mut pending = Vec::with_capacity(batch.len());
+        for (Prepared { msg, decided }, encoded) in batch.into_iter().zip(encoded) {
+            // checked again before each record: the partition may have moved meanwhile
+            if !sink.shared.is_current(&msg.tp, msg.generation) {
+                count_stale(STAGE_EMIT, 1);
+                continue;
+            }
+            let record = match (decided, encoded) {
+                (Decided::Valid(v), Some(Ok(bytes))) => {
+                    sink.counters.enriched.fetch_add(1, Ordering::Relaxed);
+                    Record {
+                        destination: Destination::Output,
+                        key: Some(v.event.conversation_id.into_bytes()),
+                        value: Some(bytes),
+                        headers: msg.carried_headers(),
+                        truncated: false,
+                    }
+                }
+                (Decided::Valid(_), Some(Err(e))) => sink.dead_letter(&msg, Rejection { class: "encoding", message: e }),
+                (Decided::Valid(_), None) => unreachable!("every valid event is encoded"),
+                (Decided::Tombstone, _) => {
+                    sink.counters.tombstones.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(telemetry::TOMBSTONES).increment(1);
+                    Record {
+                        destination: Destination::Output,
+                        key: msg.key.clone(),
+                        value: None,
+                        headers: msg.carried_headers(),
+                        truncated: false,
+                    }
+                }
+                (Decided::Rejected(why), _) => sink.dead_letter(&msg, why),
+                (Decided::Unfinished(reason), _) => {
+                    // not completed: the offset stays uncommitted and the message is re-read
+                    error!(tp = %msg.tp, offset = msg.offset, reason, "a message was left unfinished");
+                    continue;
+                }
+            };
+            let Some(future) = sink.enqueue(&msg, record).await else {
+                break; // the worker stops; this message and the rest stay uncommitted
+            };
+            pending.push(Delivery { msg, future });
+        }
+        deliveries.spawn(async move {
+            for Delivery { msg, future } in pending {
+                if !sink.deliver(&msg, future).await {
+                    return;
+                }
+                sink.shared.complete(&msg.tp, msg.offset, msg.generation);
+                if let Some(t0) = msg.timestamp_ms.filter(|t| *t > 0) {
+                    let ms = chrono::Utc::now().timestamp_millis() - t0;
+                    metrics::histogram!(telemetry::END_TO_END_SECONDS).record(ms.max(0) as f64 / 1000.0);
+                }
+            }
+        });
+    }
+}
+
+impl Sink {
+    fn topic(&self, destination: Destination) -> &str {
+        match destination {
+            Destination::Output => &self.output_topic,
+            Destination::DeadLetter => &self.dlq_topic,
+        }
+    }
+
+    /// The DLQ record of a rejected message: its key and value unchanged, headers saying why.
+    fn dead_letter(&self, msg: &InboundMessage, why: Rejection) -> Record {
+        warn!(tp = %msg.tp, offset = msg.offset, class = why.class, reason = %why.message, "dead-lettering a message");
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::DLQ, "class" => why.class).increment(1);
+        Record {
+            destination: Destination::DeadLetter,
+            key: msg.key.clone(),
+            value: msg.payload.clone(),
+            headers: Some(dlq::headers(msg, &why, &self.group_id)),
+            truncated: false,
+        }
+    }
+
+    /// What replaces `record`, refused as too large (`e`): None when nothing can.
+    fn fallback(&self, msg: &InboundMessage, record: Record, e: &KafkaError) -> Option<Record> {
+        match record.destination {
+            Destination::Output => {
+                // the input was fine, its result is not deliverable
+                self.counters.enriched.fetch_sub(1, Ordering::Relaxed);
+                let bytes = record.value.as_ref().map_or(0, Vec::len);
+                let message = format!(
+                    "the enriched event is {bytes} bytes, over the producer's limit of {} bytes for {} \
+                     (kafka.message_max_bytes and the topics' max.message.bytes): {e}",
+                    self.message_max_bytes, self.output_topic
+                );
+                Some(self.dead_letter(msg, Rejection { class: "output-too-large", message }))
+            }
+            // a DLQ copy too large itself keeps the start of the value and says so
+            Destination::DeadLetter if !record.truncated => {
+                let original = msg.payload.as_ref().map_or(0, Vec::len);
+                let keep = original.min(self.message_max_bytes / 2);
+                warn!(tp = %msg.tp, offset = msg.offset, original, keep, "the DLQ copy is too large: its value is truncated");
+                let headers = record.headers.unwrap_or_default();
+                Some(Record {
+                    value: msg.payload.as_ref().map(|p| p[..keep].to_vec()),
+                    headers: Some(headers.insert(Header { key: dlq::VALUE_TRUNCATED, value: Some(original.to_string().as_str()) })),
+                    truncated: true,
+                    ..record
+                })
+            }
+            Destination::DeadLetter => None,
+        }
+    }
+
+    /// Enqueues `record`; one refused as too large is replaced by its fallback. None when
+    /// nothing could be enqueued: the worker stops (a fault of the producer, not of the data).
+    async fn enqueue(&self, msg: &InboundMessage, mut record: Record) -> Option<DeliveryFuture> {
+        loop {
+            let out = Outgoing {
+                topic: self.topic(record.destination),
+                key: record.key.as_deref(),
+                payload: record.value.as_deref(),
+                headers: record.headers.clone(),
+            };
+            match self.producer.enqueue(out).await {
+                Ok(future) => return Some(future),
+                Err(e) if too_large(&e) => {
+                    let topic = self.topic(record.destination).to_string();
+                    match self.fallback(msg, record, &e) {
+                        Some(next) => record = next,
+                        None => {
+                            self.halt.trip(anyhow!("even the truncated DLQ copy of {}@{} is too large for {topic}: {e}", msg.tp, msg.offset));
+                            return None;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.halt.trip(anyhow!("producing to {} failed: {e}", self.topic(record.destination)));
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Waits for a record's delivery; librdkafka retries on its own until
+    /// `kafka.delivery_timeout_ms`. False when the message cannot be completed: the producer is
+    /// gone, or the delivery failed for good and the worker stops.
+    async fn deliver(&self, msg: &InboundMessage, future: DeliveryFuture) -> bool {
+        match future.await {
+            Ok(Ok(_)) => true,
+            Ok(Err((e, refused))) => {
+                let hint = if too_large(&e) {
+                    " (the broker refused a batch as too large: has a topic's max.message.bytes been lowered since the \
+                     worker started? A restarted worker reads it again)"
+                } else {
+                    ""
+                };
+                self.halt.trip(anyhow!(
+                    "delivering the record of {}@{} to {} failed for good, after librdkafka's retries within \
+                     kafka.delivery_timeout_ms: {e}{hint}",
+                    msg.tp,
+                    msg.offset,
+                    refused.topic()
+                ));
+                false
+            }
+            Err(_) => false, // the producer is gone
+        }
+    }
+}
