@@ -18,7 +18,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(convoflow::cli::execute(cli));
     // Blocking tasks still running (a model batch nobody waits for any more) are not waited
     // for: a stopping worker exits on time, its unfinished work uncommitted.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

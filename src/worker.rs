@@ -196,10 +196,11 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         Duration::from_millis(cfg.pipeline.shutdown_timeout_ms.min(5_000)),
     )?;
     let (tx, rx) = mpsc::channel(cfg.pipeline.queue_capacity);
+    let shutdown = source::ShutdownClock::watch(stop.clone(), Duration::from_millis(cfg.pipeline.shutdown_timeout_ms));
     let settings = SourceSettings {
         max_in_flight: cfg.pipeline.max_in_flight,
         commit_interval: Duration::from_millis(kafka.commit_interval_ms),
-        shutdown_timeout: Duration::from_millis(cfg.pipeline.shutdown_timeout_ms),
+        shutdown: shutdown.clone(),
         liveness,
     };
     let lag_monitor = telemetry::lag::LagMonitor::start(kafka, pipeline.shared.clone(), readiness.clone(), Duration::from_secs(2))?;
@@ -211,12 +212,17 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     info!(input = %kafka.input_topic, output = %kafka.output_topic, group = %kafka.group_id, "worker started");
 
     let (stats, failure) = pipeline.run(rx, &cfg.pipeline).await;
-    tokio::task::spawn_blocking(move || poll_thread.join())
-        .await?
-        .map_err(|_| anyhow!("the source thread panicked"))?;
-    // bounded: with the broker away, what is still queued is not waited for (it was not
+    // The source's last commit and its leaving the group may block while the broker is away:
+    // waited for until shortly before the deadline, then left behind (what it did not commit is
+    // re-read after a restart).
+    let source_done = tokio::task::spawn_blocking(move || poll_thread.join());
+    match tokio::time::timeout(shutdown.remaining(Duration::from_millis(500)), source_done).await {
+        Ok(joined) => joined?.map_err(|_| anyhow!("the source thread panicked"))?,
+        Err(_) => warn!("the Kafka consumer did not close in time (broker unreachable?); exiting without it"),
+    }
+    // bounded too: with the broker away, what is still queued is not waited for (it was not
     // completed, so it is re-read after a restart)
-    if let Err(e) = producer.flush(Duration::from_secs(2)) {
+    if let Err(e) = producer.flush(shutdown.remaining(Duration::from_millis(300))) {
         warn!(error = %format!("{e:#}"), "records still queued at exit were not delivered; their messages stay uncommitted");
     }
     store.flush().await.context("flushing the vector store")?;

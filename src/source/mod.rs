@@ -238,10 +238,51 @@ pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_d
     Ok(consumer)
 }
 
+/// The shutdown's one deadline: `pipeline.shutdown_timeout_ms` from the moment the worker was
+/// asked to stop (a signal or a failure sets the stop flag; `watch` notes when), so time spent
+/// before the source notices (a commit blocked on an absent coordinator) counts too. Every wait
+/// of the shutdown ends by it.
+#[derive(Clone)]
+pub struct ShutdownClock {
+    stopped_at: Arc<std::sync::OnceLock<Instant>>,
+    budget: Duration,
+}
+
+impl ShutdownClock {
+    /// Notes when `stop` is first set (checked every 20 ms on a thread of its own).
+    pub fn watch(stop: Arc<AtomicBool>, budget: Duration) -> Self {
+        let clock = Self { stopped_at: Arc::default(), budget };
+        let stopped_at = clock.stopped_at.clone();
+        let _ = std::thread::Builder::new().name("shutdown-clock".into()).spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = stopped_at.set(Instant::now());
+        });
+        clock
+    }
+
+    /// When the shutdown must be over (the budget from now while no stop was seen yet).
+    pub fn deadline(&self) -> Instant {
+        *self.stopped_at.get().unwrap_or(&Instant::now()) + self.budget
+    }
+
+    /// Time left until the deadline, less `reserve`.
+    pub fn remaining(&self, reserve: Duration) -> Duration {
+        self.deadline().saturating_duration_since(Instant::now()).saturating_sub(reserve)
+    }
+
+    /// What the steps after the source (its last commit and leaving the group, the producer's
+    /// flush, the store's) keep of the budget: a third of it, at most 2 s.
+    pub fn reserve(&self) -> Duration {
+        (self.budget / 3).min(Duration::from_secs(2))
+    }
+}
+
 pub struct SourceSettings {
     pub max_in_flight: usize,
     pub commit_interval: Duration,
-    pub shutdown_timeout: Duration,
+    pub shutdown: ShutdownClock,
     /// Fed every turn of the poll loop (`/healthz`).
     pub liveness: Arc<crate::telemetry::liveness::Liveness>,
 }
@@ -324,7 +365,7 @@ fn shutdown(consumer: SourceConsumer, shared: Arc<SharedSource>, tx: mpsc::Sende
             tracker.forget_from(&m.tp, m.offset);
         }
     }
-    let deadline = Instant::now() + settings.shutdown_timeout;
+    let deadline = Instant::now() + settings.shutdown.remaining(settings.shutdown.reserve());
     loop {
         let in_flight = shared.lock().tracker.in_flight();
         if in_flight == 0 {
@@ -337,8 +378,12 @@ fn shutdown(consumer: SourceConsumer, shared: Arc<SharedSource>, tx: mpsc::Sende
         // keep serving the group protocol while waiting; paused partitions deliver nothing
         let _ = consumer.poll(Duration::from_millis(20));
     }
-    commit(&consumer, &shared, CommitMode::Sync);
+    // the pipeline stops here: what it has not completed by now cannot be committed by this
+    // member any more, so it need not finish it (the worker's exit does not wait for it)
     drop(tx);
+    // may block for seconds while the group coordinator is away; the worker waits for it only
+    // until shortly before the shutdown deadline
+    commit(&consumer, &shared, CommitMode::Sync);
     consumer.unsubscribe();
     info!("left the consumer group");
 }

@@ -92,7 +92,11 @@ fn refresh(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<()> {
 impl Drop for LagMonitor {
     fn drop(&mut self) {
         self.done.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
+        // not joined while it waits on the cluster (up to 5 s per request with the broker
+        // away): a stopping worker exits on time; the thread ends by itself or with the process
+        if let Some(h) = self.handle.take()
+            && h.is_finished()
+        {
             let _ = h.join();
         }
     }

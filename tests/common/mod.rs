@@ -43,9 +43,63 @@ pub fn store_dir(group: &str, worker: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stores").join(group).join(worker)
 }
 
+/// The broker every helper (and every worker started by `Worker::start`) uses: the one a
+/// test started for itself (`use_brokers`), else the shared one scripts/test started.
 pub fn brokers() -> String {
+    if let Some(own) = BROKERS.read().unwrap().clone() {
+        return own;
+    }
     std::env::var("KAFKA_BROKERS")
         .expect("KAFKA_BROKERS is not set: run the tests with scripts/test, which starts a real Kafka broker")
+}
+
+static BROKERS: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Points every helper of this test binary at `addr` (None: back to the shared broker). Only for
+/// binaries whose tests run one at a time (tests/chaos.rs holds a lock for that).
+pub fn use_brokers(addr: Option<String>) {
+    *BROKERS.write().unwrap() = addr;
+}
+
+/// A broker of a test's own (`scripts/kafka` on any free loopback port, its own state dir), for
+/// tests that stop and restart it; stopped (by the PID the script wrote) on drop.
+pub struct OwnBroker {
+    pub addr: String,
+    state: PathBuf,
+}
+
+impl OwnBroker {
+    pub fn start(name: &str) -> Self {
+        let state = std::env::temp_dir().join(unique(&format!("convoflow-kafka-{name}")));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let out = Self::script(&state, &["start", &port.to_string()]);
+        let addr = out.lines().find_map(|l| l.strip_prefix("KAFKA_BROKERS=")).expect("scripts/kafka prints the address").to_string();
+        Self { addr, state }
+    }
+
+    fn script(state: &std::path::Path, args: &[&str]) -> String {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("scripts/kafka")).args(args).env("KAFKA_STATE", state).output().expect("running scripts/kafka");
+        assert!(out.status.success(), "scripts/kafka {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Stops the broker process, keeping its data.
+    pub fn halt(&self) {
+        Self::script(&self.state, &["halt"]);
+    }
+
+    /// Starts it again on the same data and port; returns once it serves.
+    pub fn restart(&self) {
+        Self::script(&self.state, &["restart"]);
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let _ = Command::new(root.join("scripts/kafka")).arg("stop").env("KAFKA_STATE", &self.state).output();
+    }
 }
 
 /// A name no other test (or earlier run) uses.

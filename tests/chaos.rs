@@ -1,0 +1,147 @@
+//! The chaos suite: `convoflow run` processes against a real Apache Kafka broker of the test's
+//! own (scripts/kafka on a free loopback port), which the tests stop and restart. Tests run one at
+//! a time (they hold `SERIAL`: the helpers point at the test's broker). Every figure is printed
+//! (`cargo test --test chaos -- --nocapture` shows them).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+use convoflow::event::Conversation;
+use convoflow::sample::SampleGenerator;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Throttled settings so a run lasts long enough to be interrupted mid-way.
+const SLOW: &[(&str, &str)] = &[
+    ("CONVOFLOW__PIPELINE__MAX_IN_FLIGHT", "4"),
+    ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "2"),
+    ("CONVOFLOW__PIPELINE__QUEUE_CAPACITY", "2"),
+];
+
+fn sample_events(seed: u64, conversations: u64) -> Vec<Conversation> {
+    let g = SampleGenerator::new(seed);
+    (0..conversations).flat_map(|n| g.conversation_events(n)).collect()
+}
+
+/// A test's own broker, used by every helper until the returned guard drops.
+struct Scene {
+    broker: OwnBroker,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Scene {
+    fn start(name: &str) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        let broker = OwnBroker::start(name);
+        println!("{name}: own broker at {} (started in {:.1} s)", broker.addr, started.elapsed().as_secs_f64());
+        use_brokers(Some(broker.addr.clone()));
+        Self { broker, _serial: serial }
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        use_brokers(None);
+    }
+}
+
+/// Inputs of `topic` without an enriched event in `outputs`, and the number of duplicates.
+fn losses_and_duplicates(topic: &str, outputs: &[Record]) -> (Vec<(i32, i64)>, usize) {
+    let by = by_source(outputs);
+    let mut lost = Vec::new();
+    let mut duplicates = 0;
+    for (p, end) in high_watermarks(topic) {
+        for offset in 0..end {
+            match by.get(&(p, offset)).map_or(0, Vec::len) {
+                0 => lost.push((p, offset)),
+                n => duplicates += n - 1,
+            }
+        }
+    }
+    (lost, duplicates)
+}
+
+/// The broker goes away mid-run for 20 s and comes back on the same data and port: the worker
+/// rides it out (librdkafka retries deliveries and commits) without a restart, and every input
+/// event gets its enriched event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_run_is_ridden_out_without_a_worker_restart_and_nothing_is_lost() {
+    let scene = Scene::start("broker-restart");
+    let topics = Topics::new("broker-restart");
+    create_topic(&topics.input, 3).await;
+    let events = sample_events(81, 300);
+    produce_conversations(&topics.input, &events).await;
+    let total = events.len();
+
+    let mut worker = Worker::start("w", &topics, SLOW);
+    let before = read_topic(&topics.output, total / 4, Duration::from_secs(120), Duration::ZERO);
+    scene.broker.halt();
+    let halted = Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(worker.child.try_wait().unwrap().is_none(), "the worker exited during the outage:\n{}", worker.log_text());
+    scene.broker.restart();
+    println!("broker-restart: {} of {total} enriched before the halt; broker back after {:.1} s", before.len(), halted.elapsed().as_secs_f64());
+
+    let back = Instant::now();
+    let records = wait_for_distinct_sources(&topics.output, total, Duration::from_secs(180));
+    wait_until("lag 0", Duration::from_secs(60), {
+        let (group, input) = (topics.group.clone(), topics.input.clone());
+        move || lag(&group, &input).values().all(|&l| l == 0)
+    })
+    .await;
+    println!("broker-restart: drained {:.1} s after the broker came back", back.elapsed().as_secs_f64());
+    assert!(worker.child.try_wait().unwrap().is_none(), "the worker is still the same process");
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
+    let (lost, duplicates) = losses_and_duplicates(&topics.input, &records);
+    println!("broker-restart: {total} events, {} lost, {duplicates} duplicate outputs", lost.len());
+    assert!(lost.is_empty(), "inputs without an enriched event: {lost:?}");
+    assert_eq!(records_in(&topics.dlq()), 0, "nothing dead-lettered");
+}
+
+/// SIGTERM while the broker is away: the worker cannot deliver or commit, so it gives up
+/// waiting at `pipeline.shutdown_timeout_ms` (7 s here) and exits on time (before: it waited
+/// for deliveries that could never complete). Nothing is committed past what was delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_broker_away_exits_on_time_and_commits_nothing_undelivered() {
+    let scene = Scene::start("term-no-broker");
+    let topics = Topics::new("term-no-broker");
+    create_topic(&topics.input, 3).await;
+    let events = sample_events(82, 300);
+    produce_conversations(&topics.input, &events).await;
+
+    let mut worker = Worker::start("w", &topics, SLOW);
+    read_topic(&topics.output, 40, Duration::from_secs(120), Duration::ZERO);
+    scene.broker.halt();
+    std::thread::sleep(Duration::from_secs(1));
+    worker.signal("TERM");
+    let (code, took) = worker.wait_exit(Duration::from_secs(20));
+    println!("term-no-broker: exit code {code:?} {:.1} s after SIGTERM", took.as_secs_f64());
+    assert!(took < Duration::from_millis(8_500), "exit took {took:?} (shutdown_timeout_ms 7000)\n{}", worker.log_text());
+    assert_eq!(code, Some(0), "{}", worker.log_text());
+
+    scene.broker.restart();
+    let committed = committed(&topics.group, &topics.input);
+    let outputs = by_source(&read_topic(&topics.output, events.len(), Duration::from_secs(10), Duration::from_secs(1)));
+    let high = high_watermarks(&topics.input);
+    let mut committed_total = 0;
+    for (p, end) in &high {
+        let c = committed[p].max(0);
+        committed_total += c;
+        for offset in 0..c {
+            assert!(outputs.contains_key(&(*p, offset)), "partition {p} offset {offset} committed ({c}) but never delivered");
+        }
+        assert!(c <= *end);
+    }
+    println!(
+        "term-no-broker: committed {committed_total} of {} inputs, {} delivered: {:?}",
+        high.values().sum::<i64>(),
+        outputs.len(),
+        committed.iter().collect::<BTreeMap<_, _>>()
+    );
+}
