@@ -430,8 +430,11 @@ impl Pipeline {
 
     /// Waits for the batch's model outputs and applies them to its events; returns the dense
     /// vectors of each message (None for messages without any). When a model fails on the
-    /// batch, each valid message is prepared and run again alone, so only a message the model
-    /// cannot take is dead-lettered. A model thread that is gone is the worker's fault: an error.
+    /// batch, each valid message is prepared and run again alone (a smaller job may fit where a
+    /// batch ran out of memory), so only a message the model cannot take is dead-lettered —
+    /// and only for a fault of its own (`ModelFailure::Input`). A message that fails alone for
+    /// the machine's reasons (`Runtime`), or a model thread that is gone, is an error: the
+    /// worker stops with nothing of the batch committed.
     async fn model_outputs(
         &self,
         batch: &mut [Prepared],
@@ -454,8 +457,8 @@ impl Pipeline {
         match collected {
             Ok(mut outputs) => Ok(batch.iter_mut().map(|p| apply(&mut outputs, p)).collect()),
             Err(gone @ ModelFailure::ThreadGone(_)) => Err(gone),
-            Err(ModelFailure::Input { task, message }) => {
-                warn!(task, reason = %message, messages = batch.len(), "a model failed on a batch; running its messages one by one");
+            Err(failure) => {
+                warn!(reason = %failure, messages = batch.len(), "a model failed on a batch; running its messages one by one");
                 let mut dense = Vec::with_capacity(batch.len());
                 for p in batch.iter_mut() {
                     if !matches!(p.decided, Decided::Valid(_)) {
@@ -478,7 +481,7 @@ impl Pipeline {
                             p.decided = Decided::Rejected(Rejection { class: "enrichment", message: e.to_string() });
                             dense.push(None);
                         }
-                        Err(gone) => return Err(gone),
+                        Err(machine) => return Err(machine),
                     }
                 }
                 Ok(dense)

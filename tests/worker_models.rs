@@ -227,3 +227,72 @@ async fn sigterm_during_a_long_model_batch_exits_within_the_shutdown_timeout() {
         }
     }
 }
+
+/// Model faults are the machine's, not the data's: a model thread that dies, or one whose every
+/// job fails with a device error, stops the worker with a non-zero exit and nothing dead-lettered
+/// or committed past what was delivered (before: each message of a failing model went to the
+/// DLQ as `enrichment` and was committed). A restart without the fault processes everything.
+/// The models are zero-cost stand-ins (a test double) with the fault hook
+/// `CONVOFLOW_STAND_IN_FAULT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_model_thread_or_a_device_fault_stops_the_worker_uncommitted_and_a_restart_catches_up() {
+    let topics = Topics::new("model-fault");
+    create_topic(&topics.input, 2).await;
+    let g = SampleGenerator::new(35);
+    let events: Vec<Conversation> = (0..40).flat_map(|n| g.conversation_events(n)).collect();
+    produce_conversations(&topics.input, &events).await;
+    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
+    let minilm = env_path("CONVOFLOW_MINILM");
+    let (ner, sentiment) = (fixtures.join("ner-camembert"), fixtures.join("sentiment-bert"));
+    let env = |fault: Option<&'static str>| {
+        let mut env = vec![
+            ("CONVOFLOW__MODELS__STAND_IN", "true".to_string()),
+            ("CONVOFLOW__QDRANT__DENSE_DIM", "384".into()),
+            ("CONVOFLOW__MODELS__EMBEDDING__NAME", "stand-in embedding".into()),
+            ("CONVOFLOW__MODELS__EMBEDDING__PATH", minilm.to_str().unwrap().into()),
+            ("CONVOFLOW__MODELS__NER__NAME", "stand-in ner".into()),
+            ("CONVOFLOW__MODELS__NER__PATH", ner.to_str().unwrap().into()),
+            ("CONVOFLOW__MODELS__SENTIMENT__NAME", "stand-in sentiment".into()),
+            ("CONVOFLOW__MODELS__SENTIMENT__PATH", sentiment.to_str().unwrap().into()),
+            ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "4".into()),
+        ];
+        if let Some(fault) = fault {
+            env.push(("CONVOFLOW_STAND_IN_FAULT", fault.into()));
+        }
+        env
+    };
+    let start = |fault| {
+        let env = env(fault);
+        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Worker::start("w", &topics, &refs)
+    };
+    for (fault, says) in [("fail-after:3", "stand-in fault: a device error"), ("panic-after:5", "model thread stopped")] {
+        let mut worker = start(Some(fault));
+        let (code, _) = worker.wait_exit(Duration::from_secs(60));
+        let log = worker.log_text();
+        assert_eq!(code, Some(1), "{fault}: a non-zero exit\n{log}");
+        assert!(log.contains(says), "{fault}: the error says {says:?}\n{log}");
+        assert_eq!(records_in(&topics.dlq()), 0, "{fault}: nothing dead-lettered");
+        let outputs = by_source(&read_topic(&topics.output, events.len(), Duration::from_secs(5), Duration::from_secs(1)));
+        let committed = committed(&topics.group, &topics.input);
+        let done: i64 = committed.values().map(|c| c.max(&0)).sum();
+        println!("model-fault {fault}: exit {code:?}, committed {done} of {}, {} delivered", events.len(), outputs.len());
+        assert!((done as usize) < events.len(), "{fault}: stopped before the end");
+        for (p, c) in committed {
+            for offset in 0..c.max(0) {
+                assert!(outputs.contains_key(&(p, offset)), "{fault}: partition {p} offset {offset} committed but never delivered");
+            }
+        }
+    }
+    let mut worker = start(None);
+    let records = wait_for_distinct_sources(&topics.output, events.len(), Duration::from_secs(120));
+    wait_until("lag 0", Duration::from_secs(30), {
+        let (group, input) = (topics.group.clone(), topics.input.clone());
+        move || lag(&group, &input).values().all(|&l| l == 0)
+    })
+    .await;
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
+    assert_eq!(by_source(&records).len(), events.len(), "every input enriched after the restart");
+    assert_eq!(records_in(&topics.dlq()), 0);
+}

@@ -54,8 +54,21 @@ impl ModelInput {
     }
 }
 
+/// Why a job failed: the input's fault or the machine's. The worker dead-letters a message only
+/// for the first; the second stops it (the message stays uncommitted, a restart re-reads it).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The input cannot be run (its text does not tokenize).
+    #[error("{0:#}")]
+    Input(anyhow::Error),
+    /// The model or its device failed: a libtorch or CUDA error, out of memory, a model that
+    /// does not load, a thread that is stopping.
+    #[error("{0:#}")]
+    Runtime(anyhow::Error),
+}
+
 /// The result of one submitted job.
-pub type Reply = Result<(Output, BatchStats)>;
+pub type Reply = Result<(Output, BatchStats), JobError>;
 
 struct Job {
     input: ModelInput,
@@ -146,11 +159,15 @@ impl ModelThread {
                     };
                     let launched = next.and_then(|job| {
                         if cancel.load(Ordering::SeqCst) {
-                            let _ = job.reply.send(Err(anyhow!("the model thread is stopping")));
+                            let _ = job.reply.send(Err(JobError::Runtime(anyhow!("the model thread is stopping"))));
                             return None;
                         }
                         let started = std::time::Instant::now();
-                        match model.with(|m| launch_job(m, task, job.input, &budget, ner)).and_then(|r| r) {
+                        let launched = match model.with(|m| launch_job(m, task, job.input, &budget, ner)) {
+                            Ok(launched) => launched,
+                            Err(e) => Err(JobError::Runtime(e)), // the model did not load
+                        };
+                        match launched {
                             Ok(l) => {
                                 let queueing = started.elapsed();
                                 record_phase(task, "queue", queueing);
@@ -164,7 +181,7 @@ impl ModelThread {
                     });
                     if let Some((started_job, reply, launch_time)) = in_flight.take() {
                         let finishing = std::time::Instant::now();
-                        let result = model.with(|m| finish_job(m, task, started_job, ner)).and_then(|r| r);
+                        let result = model.with(|m| finish_job(m, task, started_job, ner)).and_then(|r| r).map_err(JobError::Runtime);
                         // the thread's own time for the job: queueing it and reading it
                         metrics::histogram!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
                             .record((launch_time + finishing.elapsed()).as_secs_f64());
@@ -209,10 +226,19 @@ impl ModelThread {
             kind: tch::Kind::Float,
         };
         report_tx.send(report).expect("the receiver is here");
+        let fault = StandInFault::from_env()?;
         let handle = std::thread::Builder::new()
             .name(format!("stand-in-{}", task_name(task)))
             .spawn(move || {
-                for job in jobs_rx {
+                for (done, job) in jobs_rx.into_iter().enumerate() {
+                    match fault {
+                        Some(StandInFault::PanicAfter(n)) if done >= n => panic!("stand-in fault: the model thread dies"),
+                        Some(StandInFault::FailAfter(n)) if done >= n => {
+                            let _ = job.reply.send(Err(JobError::Runtime(anyhow!("stand-in fault: a device error"))));
+                            continue;
+                        }
+                        _ => {}
+                    }
                     let n = job.input.len();
                     let out = match task {
                         Task::Embedding => Output::Embeddings((0..n).map(|i| stand_in_vector(&job.input, i, dim)).collect()),
@@ -253,7 +279,7 @@ impl ModelThread {
 
     /// Submits and waits.
     pub fn run(&self, texts: Vec<String>) -> Result<(Output, BatchStats)> {
-        self.submit(texts)?.recv().map_err(|_| anyhow!("the {} model thread stopped", self.name))?
+        Ok(self.submit(texts)?.recv().map_err(|_| anyhow!("the {} model thread stopped", self.name))??)
     }
 
     /// The load report, once the model is loaded.
@@ -270,6 +296,28 @@ impl ModelThread {
     /// True once the model is loaded and warm.
     pub fn is_loaded(&self) -> bool {
         self.load_report().is_some()
+    }
+}
+
+/// A fault the zero-cost stand-in injects, for tests of the worker's handling of model failures
+/// (a test hook, read from `CONVOFLOW_STAND_IN_FAULT`, only by stand-ins: `panic-after:N` — the
+/// thread dies at its (N+1)-th job; `fail-after:N` — every job from the (N+1)-th fails with a
+/// runtime error, like a device that went away).
+#[derive(Debug, Clone, Copy)]
+enum StandInFault {
+    PanicAfter(usize),
+    FailAfter(usize),
+}
+
+impl StandInFault {
+    fn from_env() -> Result<Option<Self>> {
+        let Ok(spec) = std::env::var("CONVOFLOW_STAND_IN_FAULT") else { return Ok(None) };
+        let parse = |n: &str| n.parse::<usize>().with_context(|| format!("CONVOFLOW_STAND_IN_FAULT={spec}: not a job count"));
+        match spec.split_once(':') {
+            Some(("panic-after", n)) => Ok(Some(Self::PanicAfter(parse(n)?))),
+            Some(("fail-after", n)) => Ok(Some(Self::FailAfter(parse(n)?))),
+            _ => anyhow::bail!("CONVOFLOW_STAND_IN_FAULT={spec}: expected panic-after:N or fail-after:N"),
+        }
     }
 }
 
@@ -329,33 +377,42 @@ enum Started {
 }
 
 /// Queues one job on the model: what `task` computes for the input (`finish_job` reads it).
-fn launch_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: NerSettings) -> Result<Started> {
+/// Tokenizing a text is the input's part (`JobError::Input`); the rest is the model's.
+fn launch_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: NerSettings) -> Result<Started, JobError> {
     fn texts(t: &[String]) -> Vec<&str> {
         t.iter().map(String::as_str).collect()
     }
+    fn bad_input<E: Into<anyhow::Error>>(e: E) -> JobError {
+        JobError::Input(e.into())
+    }
+    fn device<E: Into<anyhow::Error>>(e: E) -> JobError {
+        JobError::Runtime(e.into())
+    }
+    let encode = |t: &[String]| m.encode_ids(&texts(t)).map_err(bad_input);
     Ok(match (task, input) {
-        (Task::Embedding, ModelInput::Texts(t)) => Started::Embeddings(m.launch_sequences(&m.encode_ids(&texts(&t))?, budget)?),
-        (Task::Embedding, ModelInput::Ids(ids)) => Started::Embeddings(m.launch_sequences(&ids, budget)?),
+        (Task::Embedding, ModelInput::Texts(t)) => Started::Embeddings(m.launch_sequences(&encode(&t)?, budget).map_err(device)?),
+        (Task::Embedding, ModelInput::Ids(ids)) => Started::Embeddings(m.launch_sequences(&ids, budget).map_err(device)?),
         (Task::SequenceClassification, ModelInput::Texts(t)) => {
-            Started::Probabilities(m.launch_sequences(&m.encode_ids(&texts(&t))?, budget)?)
+            Started::Probabilities(m.launch_sequences(&encode(&t)?, budget).map_err(device)?)
         }
-        (Task::SequenceClassification, ModelInput::Ids(ids)) => Started::Probabilities(m.launch_sequences(&ids, budget)?),
+        (Task::SequenceClassification, ModelInput::Ids(ids)) => Started::Probabilities(m.launch_sequences(&ids, budget).map_err(device)?),
         (Task::TokenClassification, ModelInput::Texts(t)) => {
             let inputs: Vec<NerInput> = m
                 .tokenizer
-                .encode_untruncated(&texts(&t))?
+                .encode_untruncated(&texts(&t))
+                .map_err(bad_input)?
                 .into_iter()
                 .zip(t)
                 .map(|(encoding, text)| NerInput { text, encoding })
                 .collect();
-            let (windows, launched) = m.launch_entities(&inputs, budget, ner.window_overlap)?;
+            let (windows, launched) = m.launch_entities(&inputs, budget, ner.window_overlap).map_err(device)?;
             Started::Entities { inputs, windows, launched }
         }
         (Task::TokenClassification, ModelInput::Ner(inputs)) => {
-            let (windows, launched) = m.launch_entities(&inputs, budget, ner.window_overlap)?;
+            let (windows, launched) = m.launch_entities(&inputs, budget, ner.window_overlap).map_err(device)?;
             Started::Entities { inputs, windows, launched }
         }
-        (task, input) => anyhow::bail!("a {task:?} model cannot take {} input", input.kind()),
+        (task, input) => return Err(JobError::Runtime(anyhow!("a {task:?} model cannot take {} input", input.kind()))),
     })
 }
 

@@ -23,7 +23,7 @@ use crate::event::{
     point_id,
 };
 use crate::infer::manager::ManagedModel;
-use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
+use crate::infer::runner::{JobError, ModelInput, ModelThread, NerSettings, Output, Reply};
 use crate::infer::{ModelFolder, Task};
 
 /// One decoded input event ready for text enrichment.
@@ -132,10 +132,15 @@ pub struct Pending {
 /// Why the models did not give a micro-batch its outputs.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelFailure {
-    /// The model failed on this input (an input it cannot run: retried message by message,
-    /// then dead-lettered).
+    /// The model cannot take this input (it does not tokenize): the data's fault. A batch is
+    /// retried message by message, then the message is dead-lettered.
     #[error("the {task} model failed on this input: {message}")]
     Input { task: &'static str, message: String },
+    /// The model or its device failed (libtorch/CUDA error, out of memory): the machine's
+    /// fault. A batch is retried message by message (a smaller job may fit); a message that
+    /// fails alone stops the worker, uncommitted.
+    #[error("the {task} model failed: {message}")]
+    Runtime { task: &'static str, message: String },
     /// A model thread is gone: a fault of the worker, not of the data.
     #[error("the {0} model thread stopped")]
     ThreadGone(&'static str),
@@ -229,7 +234,10 @@ impl Models {
         let wait = |rx: Option<mpsc::Receiver<Reply>>, task: &'static str| -> Result<Option<Output>, ModelFailure> {
             let Some(rx) = rx else { return Ok(None) };
             let reply = rx.recv().map_err(|_| ModelFailure::ThreadGone(task))?;
-            let (out, _) = reply.map_err(|e| ModelFailure::Input { task, message: format!("{e:#}") })?;
+            let (out, _) = reply.map_err(|e| match e {
+                JobError::Input(e) => ModelFailure::Input { task, message: format!("{e:#}") },
+                JobError::Runtime(e) => ModelFailure::Runtime { task, message: format!("{e:#}") },
+            })?;
             // submit → result: includes queueing behind earlier micro-batches and other models
             metrics::histogram!(crate::telemetry::MODEL_SECONDS, "task" => task).record(submitted.elapsed().as_secs_f64());
             Ok(Some(out))
