@@ -47,7 +47,7 @@ fn point(i: usize, rng: &mut StdRng) -> StorePoint {
         "sentiment_score": 0.8, "models": ["intfloat/multilingual-e5-large-instruct"],
     });
     StorePoint {
-        id: convoflow::event::point_id(&format!("conv-{}", i / 12), &format!("t{}", i % 12), 0),
+        id: convoflow::event::point_id("", &format!("conv-{}", i / 12), &format!("t{}", i % 12), 0),
         dense: Some(unit(rng)),
         sparse: document_vector(&body, &Bm25Params::default()),
         payload: payload.as_object().unwrap().clone(),

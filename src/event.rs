@@ -100,6 +100,9 @@ impl Conversation {
         if self.conversation_id.contains('\0') {
             return Err(ValidationError::NulInId { field: "conversation_id" });
         }
+        if self.tenant.contains('\0') {
+            return Err(ValidationError::NulInId { field: "tenant" });
+        }
         if self.turns.is_empty() {
             return Err(ValidationError::NoTurns);
         }
@@ -231,10 +234,18 @@ fn point_namespace() -> Uuid {
     Uuid::new_v5(&Uuid::NAMESPACE_DNS, b"convoflow.points")
 }
 
-/// Deterministic Qdrant point id of a chunk: replays upsert the same point.
-/// The name is `conversation_id \0 turn_id \0 index` so no two triples collide.
-pub fn point_id(conversation_id: &str, turn_id: &str, chunk_index: usize) -> Uuid {
-    let name = format!("{conversation_id}\u{0}{turn_id}\u{0}{chunk_index}");
+/// Deterministic Qdrant point id of a chunk: replays upsert the same point. UUIDv5 (namespace
+/// `point_namespace`) of the name `tenant \0 conversation_id \0 turn_id \0 index`, or of
+/// `conversation_id \0 turn_id \0 index` when the tenant is empty — the formula before tenants
+/// were part of it, so the ids of single-tenant data did not change. Ids never contain NUL
+/// (rejected at validation), so no two tuples collide, and a three-part name never equals a
+/// four-part one: two tenants reusing a conversation id get distinct points.
+pub fn point_id(tenant: &str, conversation_id: &str, turn_id: &str, chunk_index: usize) -> Uuid {
+    let name = if tenant.is_empty() {
+        format!("{conversation_id}\u{0}{turn_id}\u{0}{chunk_index}")
+    } else {
+        format!("{tenant}\u{0}{conversation_id}\u{0}{turn_id}\u{0}{chunk_index}")
+    };
     Uuid::new_v5(&point_namespace(), name.as_bytes())
 }
 
@@ -279,6 +290,9 @@ mod tests {
         let mut c = conv(vec![("1", "a")]);
         c.conversation_id.push('\0');
         assert_eq!(c.validate(&ten), Err(ValidationError::NulInId { field: "conversation_id" }));
+        let mut c = conv(vec![("1", "a")]);
+        c.tenant.push('\0');
+        assert_eq!(c.validate(&ten), Err(ValidationError::NulInId { field: "tenant" }));
         assert_eq!(conv(vec![]).validate(&ten), Err(ValidationError::NoTurns));
         assert!(matches!(
             conv(vec![("1", "a"), ("1", "b")]).validate(&ten),
@@ -296,10 +310,18 @@ mod tests {
 
     #[test]
     fn point_ids_are_deterministic_and_distinct() {
-        assert_eq!(point_id("c", "t", 0), point_id("c", "t", 0));
-        assert_ne!(point_id("c", "t", 0), point_id("c", "t", 1));
+        assert_eq!(point_id("", "c", "t", 0), point_id("", "c", "t", 0));
+        assert_ne!(point_id("", "c", "t", 0), point_id("", "c", "t", 1));
+        // two tenants reusing a conversation id
+        assert_ne!(point_id("acme", "c", "t", 0), point_id("globex", "c", "t", 0));
+        assert_ne!(point_id("acme", "c", "t", 0), point_id("", "c", "t", 0));
+        // without a tenant, the formula of before (ids of stored data unchanged): pinned value
+        assert_eq!(
+            point_id("", "c", "t", 0),
+            Uuid::new_v5(&Uuid::new_v5(&Uuid::NAMESPACE_DNS, b"convoflow.points"), "c\u{0}t\u{0}0".as_bytes())
+        );
         // the separator keeps ("ab","c") and ("a","bc") apart
-        assert_ne!(point_id("ab", "c", 0), point_id("a", "bc", 0));
-        assert_eq!(point_id("c", "t", 0).get_version_num(), 5);
+        assert_ne!(point_id("", "ab", "c", 0), point_id("", "a", "bc", 0));
+        assert_eq!(point_id("", "c", "t", 0).get_version_num(), 5);
     }
 }

@@ -497,11 +497,10 @@ impl Pipeline {
         for (p, message_points) in batch.iter().zip(per_message) {
             match &p.decided {
                 Decided::Valid(_) => points.extend(message_points),
-                Decided::Tombstone => {
-                    let key = p.msg.key.as_deref().expect("tombstones have keys");
+                Decided::Tombstone(t) => {
                     self.store.upsert_all(&points).await?;
                     points.clear();
-                    self.store.delete_conversation(&String::from_utf8_lossy(key)).await?;
+                    self.store.delete_conversation(&t.tenant, &t.conversation_id).await?;
                 }
                 Decided::Rejected(_) | Decided::Unfinished(_) => {}
             }

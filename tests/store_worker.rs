@@ -36,9 +36,10 @@ async fn every_chunk_is_a_point_before_its_offset_is_committed_and_tombstones_de
     let mut convs = conversations(30);
     convs[5].turns[2].text = "Le colis zygomorphe est arrivé écrasé sous une pile de pastèques".into();
     produce_conversations(&topics.input, &convs).await;
-    // a tombstone for the first conversation, after its event (same key, same partition)
+    // a tombstone for the first conversation, after its event (same key, same partition), naming
+    // its tenant in the `tenant` header
     let deleted = convs[0].conversation_id.clone();
-    produce_raw(&topics.input, &[(Some(deleted.clone().into_bytes()), None)]).await;
+    produce_tombstone(&topics.input, deleted.as_bytes(), &[("tenant", &convs[0].tenant)]).await;
 
     let cfg = config(&topics);
     let store = store::open(&cfg.qdrant).unwrap();
@@ -85,6 +86,63 @@ async fn every_chunk_is_a_point_before_its_offset_is_committed_and_tombstones_de
     assert_eq!(hits[0].payload["tenant"], serde_json::json!(conv.tenant));
     let committed = committed(&topics.group, &topics.input);
     assert_eq!(committed, high_watermarks(&topics.input), "everything written is committed");
+}
+
+/// Two tenants reuse a conversation id: each gets its own points (the tenant is part of the
+/// point id), and a tombstone deletes only the points of the tenant its `tenant` header names;
+/// one without the header deletes the points written without a tenant. (Before: the second
+/// tenant's event overwrote the first's points, and one tombstone deleted both.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_reusing_a_conversation_id_keep_their_own_points_and_tombstones() {
+    let topics = Topics::new("tenants");
+    create_topic(&topics.input, 1).await;
+    let g = SampleGenerator::new(12);
+    let mut acme = g.conversation(0);
+    acme.conversation_id = "shared-1".into();
+    acme.tenant = "acme".into();
+    let mut globex = g.conversation(1);
+    globex.conversation_id = "shared-1".into();
+    globex.tenant = "globex".into();
+    let mut solo = g.conversation(2);
+    solo.tenant = String::new();
+    produce_conversations(&topics.input, &[acme.clone(), globex.clone(), solo.clone()]).await;
+
+    let cfg = config(&topics);
+    let store = store::open(&cfg.qdrant).unwrap();
+    let output = topics.output.clone();
+    run_until(cfg.clone(), store.clone(), Duration::from_secs(60), move || {
+        read_topic(&output, 3, Duration::from_secs(5), Duration::ZERO).len() >= 3
+    })
+    .await
+    .unwrap();
+    let events: Vec<_> = read_topic(&topics.output, 3, Duration::from_secs(10), Duration::ZERO).iter().map(|r| r.enriched()).collect();
+    let chunks = |tenant: &str| -> u64 {
+        events.iter().filter(|e| e.tenant == tenant).flat_map(|e| &e.turns).map(|t| t.chunks.len() as u64).sum()
+    };
+    let ids = |tenant: &str| -> std::collections::BTreeSet<String> {
+        events.iter().filter(|e| e.tenant == tenant).flat_map(|e| &e.turns).flat_map(|t| t.point_ids.clone()).collect()
+    };
+    assert!(ids("acme").is_disjoint(&ids("globex")), "distinct point ids per tenant");
+    let count = |tenant: &str, conversation: &str| {
+        let store = store.clone();
+        let f = SearchFilter { tenant: Some(tenant.into()), conversation_id: Some(conversation.into()), ..Default::default() };
+        async move { store.count(&f).await.unwrap() }
+    };
+    assert_eq!(count("acme", "shared-1").await, chunks("acme"));
+    assert_eq!(count("globex", "shared-1").await, chunks("globex"), "not overwritten by the other tenant");
+
+    produce_tombstone(&topics.input, b"shared-1", &[("tenant", "acme")]).await;
+    produce_tombstone(&topics.input, solo.conversation_id.as_bytes(), &[]).await;
+    let output = topics.output.clone();
+    run_until(cfg.clone(), store.clone(), Duration::from_secs(60), move || {
+        read_topic(&output, 5, Duration::from_secs(5), Duration::ZERO).len() >= 5
+    })
+    .await
+    .unwrap();
+    assert_eq!(count("acme", "shared-1").await, 0, "the tombstone deleted acme's points");
+    assert_eq!(count("globex", "shared-1").await, chunks("globex"), "and only acme's");
+    assert_eq!(count("", &solo.conversation_id).await, 0, "a tombstone without the header deletes the tenant-less points");
+    assert_eq!(committed(&topics.group, &topics.input), high_watermarks(&topics.input));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

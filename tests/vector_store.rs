@@ -56,7 +56,7 @@ fn point(i: usize, text: &str, dense: Vec<f32>) -> StorePoint {
         "entity_values": if i % 7 == 0 { json!(["PER:marie curie"]) } else { json!([]) },
     });
     StorePoint {
-        id: convoflow::event::point_id(&format!("conv-{}", i / 10), &format!("t{}", i % 10), 0),
+        id: convoflow::event::point_id(&format!("tenant-{}", i % 3), &format!("conv-{}", i / 10), &format!("t{}", i % 10), 0),
         dense: Some(dense),
         sparse: document_vector(text, &Bm25Params::default()),
         payload: payload.as_object().unwrap().clone(),
@@ -161,10 +161,18 @@ async fn contract(open: impl Fn() -> Arc<dyn VectorStore>, collection: &str) {
     assert_eq!(hits[0].id, data.planted[1]);
     assert!(hits.iter().all(|h| h.payload["tenant"] == planted_tenant));
 
-    // delete by conversation
+    // delete by conversation, tenant by tenant: a deletion touches its own tenant's points only
+    // (this data spreads one conversation over three tenants, as if three tenants reused its id)
     let conv = SearchFilter { conversation_id: Some("conv-42".into()), ..Default::default() };
     assert_eq!(store.count(&conv).await.unwrap(), 10);
-    writer.delete_conversation("conv-42").await.unwrap();
+    writer.delete_conversation("tenant-1", "conv-42").await.unwrap();
+    let of_tenant_1 = count_where(&data.points, |p| p["conversation_id"] == "conv-42" && p["tenant"] == "tenant-1");
+    assert!(of_tenant_1 > 0);
+    assert_eq!(store.count(&conv).await.unwrap(), 10 - of_tenant_1);
+    writer.delete_conversation("", "conv-42").await.unwrap();
+    assert_eq!(store.count(&conv).await.unwrap(), 10 - of_tenant_1, "no point without a tenant");
+    writer.delete_conversation("tenant-0", "conv-42").await.unwrap();
+    writer.delete_conversation("tenant-2", "conv-42").await.unwrap();
     assert_eq!(store.count(&conv).await.unwrap(), 0);
     assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), total - 10);
 

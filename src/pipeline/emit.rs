@@ -221,7 +221,7 @@ impl Emitter {
                 }
                 (Decided::Valid(_), Some(Err(e))) => sink.dead_letter(&msg, Rejection { class: "encoding", message: e }),
                 (Decided::Valid(_), None) => unreachable!("every valid event is encoded"),
-                (Decided::Tombstone, _) => {
+                (Decided::Tombstone(_), _) => {
                     sink.counters.tombstones.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(telemetry::TOMBSTONES).increment(1);
                     Record {

@@ -70,7 +70,7 @@ impl TextEnricher {
                         start: c.chars.start as i32,
                         end: c.chars.end as i32,
                         token_count: c.token_count as i32,
-                        point_id: point_id(&conv.conversation_id, &turn.turn_id, c.index).to_string(),
+                        point_id: point_id(&conv.tenant, &conv.conversation_id, &turn.turn_id, c.index).to_string(),
                         sparse: document_vector(&turn.text[c.bytes.clone()], &self.bm25),
                     })
                     .collect();
@@ -313,7 +313,7 @@ mod tests {
             assert_eq!(turn.turn_id, input.turn_id);
             assert!(turn.token_count > 0);
             assert!(turn.chunks.len() > 1, "turns longer than 6 tokens are windowed");
-            assert_eq!(turn.point_ids[0], point_id(&conv.conversation_id, &input.turn_id, 0).to_string());
+            assert_eq!(turn.point_ids[0], point_id(&conv.tenant, &conv.conversation_id, &input.turn_id, 0).to_string());
             assert!(turn.chunks.iter().all(|c| !c.sparse.indices.is_empty()));
             assert!(turn.entities.is_empty() && turn.sentiment.is_none(), "no model configured");
         }

@@ -19,13 +19,25 @@ use crate::source::InboundMessage;
 
 /// What became of one input message before any model ran.
 pub enum Decided {
-    Tombstone,
+    /// A null value: the conversation's points are deleted.
+    Tombstone(Tombstone),
     Rejected(Rejection),
     Valid(Box<Valid>),
     /// Could not be decided because a dependency (the Schema Registry) did not answer before
     /// the worker began to stop: neither dead-lettered nor completed, so it is re-read.
     Unfinished(String),
 }
+
+/// What a tombstone deletes: the points of `conversation_id` (its key) in `tenant` (its
+/// `tenant` header; without one, the points written without a tenant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    pub tenant: String,
+    pub conversation_id: String,
+}
+
+/// The record header naming a tombstone's tenant (a null value has no body to say it).
+pub const TENANT_HEADER: &str = "tenant";
 
 /// A valid conversation: its text enrichment and the inputs of each configured model.
 pub struct Valid {
@@ -67,6 +79,26 @@ pub struct Preparer {
     sentiment: Option<ModelTokenizer>,
     /// Whose tokens `token_count` counts (for `convoflow check`).
     pub chunk_tokens: String,
+}
+
+/// What a null-valued record deletes, or why it cannot say.
+fn tombstone(msg: &InboundMessage) -> Result<Tombstone, String> {
+    let key = msg.key.as_deref().ok_or("tombstone (null value) without a key: no conversation to delete")?;
+    let conversation_id =
+        std::str::from_utf8(key).map_err(|_| "tombstone key is not UTF-8: no conversation id".to_string())?.to_string();
+    if conversation_id.is_empty() || conversation_id.contains('\0') {
+        return Err("tombstone key is empty or contains NUL: no conversation id".into());
+    }
+    let tenant = match msg.headers.iter().rev().find(|h| h.key == TENANT_HEADER) {
+        Some(h) => std::str::from_utf8(h.value.as_deref().unwrap_or_default())
+            .map_err(|_| format!("tombstone header {TENANT_HEADER} is not UTF-8"))?
+            .to_string(),
+        None => String::new(),
+    };
+    if tenant.contains('\0') {
+        return Err(format!("tombstone header {TENANT_HEADER} contains NUL"));
+    }
+    Ok(Tombstone { tenant, conversation_id })
 }
 
 impl Preparer {
@@ -135,12 +167,9 @@ impl Preparer {
     /// Prepares one message (also used to retry a message alone).
     pub fn decide(&self, msg: &InboundMessage) -> Decided {
         let Some(payload) = &msg.payload else {
-            return match &msg.key {
-                Some(_) => Decided::Tombstone,
-                None => Decided::Rejected(Rejection {
-                    class: "validation",
-                    message: "tombstone (null value) without a key: no conversation to delete".into(),
-                }),
+            return match tombstone(msg) {
+                Ok(t) => Decided::Tombstone(t),
+                Err(message) => Decided::Rejected(Rejection { class: "validation", message }),
             };
         };
         if payload.len() > self.max_event_bytes {

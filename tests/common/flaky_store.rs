@@ -40,8 +40,8 @@ impl VectorStore for FlakyStore {
         }
         self.inner.upsert(points).await
     }
-    async fn delete_conversation(&self, id: &str) -> Result<(), StoreError> {
-        self.inner.delete_conversation(id).await
+    async fn delete_conversation(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+        self.inner.delete_conversation(tenant, id).await
     }
     async fn count(&self, filter: &SearchFilter) -> Result<u64, StoreError> {
         self.inner.count(filter).await

@@ -170,6 +170,16 @@ pub async fn produce_with_headers(topic: &str, key: &[u8], payload: &[u8], heade
     (d.partition, d.offset)
 }
 
+/// Produces a tombstone (null value) with headers; returns its (partition, offset).
+pub async fn produce_tombstone(topic: &str, key: &[u8], headers: &[(&str, &str)]) -> (i32, i64) {
+    let h = headers.iter().fold(rdkafka::message::OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(rdkafka::message::Header { key: k, value: Some(*v) })
+    });
+    let record = FutureRecord::<[u8], [u8]>::to(topic).key(key).headers(h);
+    let d = producer().send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    (d.partition, d.offset)
+}
+
 /// Runs the worker in-process until `done` holds (checked every 200 ms off the runtime, it
 /// reads Kafka), the worker stops by itself, or `timeout`; then stops it and returns its result.
 pub async fn run_until(

@@ -308,10 +308,14 @@ impl VectorStore for EdgeStore {
         Ok(())
     }
 
-    async fn delete_conversation(&self, conversation_id: &str) -> Result<(), StoreError> {
+    async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError> {
         self.check_free_space()?;
-        let f = filter(&SearchFilter { conversation_id: Some(conversation_id.to_string()), ..Default::default() })
-            .expect("one condition");
+        let f = filter(&SearchFilter {
+            conversation_id: Some(conversation_id.to_string()),
+            tenant: Some(tenant.to_string()),
+            ..Default::default()
+        })
+        .expect("two conditions");
         self.blocking(move |s| s.update(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(f)))).await
     }
 

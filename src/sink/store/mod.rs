@@ -198,8 +198,9 @@ pub trait VectorStore: Send + Sync {
     async fn ensure_collection(&self, spec: &CollectionSpec, mode: Bootstrap) -> Result<(), StoreError>;
     /// Upserts and returns once the points are applied (Qdrant's `wait=true`).
     async fn upsert(&self, points: &[StorePoint]) -> Result<(), StoreError>;
-    /// Deletes every point of a conversation (filter delete), acknowledged.
-    async fn delete_conversation(&self, conversation_id: &str) -> Result<(), StoreError>;
+    /// Deletes every point of a tenant's conversation (filter delete on `tenant` and
+    /// `conversation_id`; the empty tenant matches the points written without one), acknowledged.
+    async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError>;
     /// Exact number of points matching the filter.
     async fn count(&self, filter: &SearchFilter) -> Result<u64, StoreError>;
     async fn search(&self, query: &HybridQuery) -> Result<Vec<Hit>, StoreError>;

@@ -151,7 +151,7 @@ mod tests {
         let dense: Vec<Vec<f32>> = (0..chunks).map(|i| vec![i as f32; 4]).collect();
         let points = points_for(&conv, &event, Some(&dense), PayloadText::Full);
         assert_eq!(points.len(), chunks);
-        assert_eq!(points[0].id, point_id(&conv.conversation_id, &conv.turns[0].turn_id, 0));
+        assert_eq!(points[0].id, point_id(&conv.tenant, &conv.conversation_id, &conv.turns[0].turn_id, 0));
         assert_eq!(points[chunks - 1].dense.as_ref().unwrap()[0], (chunks - 1) as f32);
         let p = &points[0].payload;
         assert_eq!(p["conversation_id"], json!(conv.conversation_id));

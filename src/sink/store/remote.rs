@@ -217,8 +217,11 @@ impl VectorStore for RemoteStore {
             .map_err(|e| classify(&self.url, e))
     }
 
-    async fn delete_conversation(&self, conversation_id: &str) -> Result<(), StoreError> {
-        let f = Filter::must([Condition::matches("conversation_id", conversation_id.to_string())]);
+    async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError> {
+        let f = Filter::must([
+            Condition::matches("conversation_id", conversation_id.to_string()),
+            Condition::matches("tenant", tenant.to_string()),
+        ]);
         self.client
             .delete_points(DeletePointsBuilder::new(&self.collection).points(f).wait(true))
             .await

@@ -143,8 +143,8 @@ impl StoreWriter {
         Ok(())
     }
 
-    pub async fn delete_conversation(&self, conversation_id: &str) -> Result<(), StoreError> {
-        self.with_retry("delete", || self.store.delete_conversation(conversation_id)).await
+    pub async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError> {
+        self.with_retry("delete", || self.store.delete_conversation(tenant, conversation_id)).await
     }
 
     async fn with_retry<F, Fut>(&self, what: &str, mut call: F) -> Result<(), StoreError>
