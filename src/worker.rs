@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use rayon::prelude::*;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::codec::registry::{self, RegistryLookup, SchemaRegistry};
 use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireFormat};
@@ -414,7 +414,8 @@ impl Pipeline {
         if batch.is_empty() {
             return None;
         }
-        if let Err(e) = self.write_store(&batch, points).await {
+        let mut batch = batch;
+        if let Err(e) = self.write_store(&mut batch, points).await {
             self.readiness.store_reachable.store(false, Ordering::Relaxed);
             if e.is_transient() && self.stop.load(Ordering::SeqCst) {
                 // stopping while the store is down: not a failure of the worker; the batch stays
@@ -490,24 +491,79 @@ impl Pipeline {
     }
 
     /// Writes the batch to the vector store in input order: the points of each enriched
-    /// conversation, and for a tombstone the deletion of that conversation's points (after the
-    /// upserts before it, so a later re-creation is not deleted). Acknowledged on return.
-    async fn write_store(&self, batch: &[Prepared], per_message: Vec<Vec<StorePoint>>) -> Result<(), StoreError> {
-        let mut points = Vec::new();
-        for (p, message_points) in batch.iter().zip(per_message) {
+    /// conversation, and for a tombstone the deletion of that tenant's conversation points
+    /// (after the upserts before it, so a later re-creation is not deleted). Acknowledged on
+    /// return. When the store rejects what it is given for its content, the batch is halved
+    /// until the messages it rejects are found; they become dead-letter rejections (class
+    /// `store`) and the rest is written. Any other error is returned.
+    async fn write_store(&self, batch: &mut [Prepared], per_message: Vec<Vec<StorePoint>>) -> Result<(), StoreError> {
+        let mut bounds = Vec::with_capacity(per_message.len());
+        let mut flat = Vec::with_capacity(per_message.iter().map(Vec::len).sum());
+        for points in per_message {
+            let start = flat.len();
+            flat.extend(points);
+            bounds.push(start..flat.len());
+        }
+        self.write_bisecting(batch, &flat, &bounds).await
+    }
+
+    fn write_bisecting<'a>(
+        &'a self,
+        batch: &'a mut [Prepared],
+        flat: &'a [StorePoint],
+        bounds: &'a [std::ops::Range<usize>],
+    ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self.write_in_order(batch, flat, bounds).await {
+                Err(StoreError::Rejected(why)) if batch.len() == 1 && matches!(batch[0].decided, Decided::Valid(_)) => {
+                    let p = &mut batch[0];
+                    warn!(tp = %p.msg.tp, offset = p.msg.offset, reason = %why, "the vector store rejects this message's points");
+                    p.decided = Decided::Rejected(Rejection { class: "store", message: why });
+                    Ok(())
+                }
+                Err(StoreError::Rejected(why)) if batch.len() > 1 => {
+                    debug!(messages = batch.len(), reason = %why, "the vector store rejected a write; halving it");
+                    let mid = batch.len() / 2;
+                    let (left, right) = batch.split_at_mut(mid);
+                    let (left_bounds, right_bounds) = bounds.split_at(mid);
+                    self.write_bisecting(left, flat, left_bounds).await?;
+                    self.write_bisecting(right, flat, right_bounds).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    /// The writes of `batch` (whose points are `flat[bounds[i]]`), in input order.
+    async fn write_in_order(&self, batch: &[Prepared], flat: &[StorePoint], bounds: &[std::ops::Range<usize>]) -> Result<(), StoreError> {
+        // a run of consecutive messages' points is one upsert (they are adjacent in `flat`)
+        let mut run: Option<std::ops::Range<usize>> = None;
+        for (p, range) in batch.iter().zip(bounds) {
             match &p.decided {
-                Decided::Valid(_) => points.extend(message_points),
+                Decided::Valid(_) => {
+                    run = Some(run.map_or(range.clone(), |r| r.start..range.end));
+                }
                 Decided::Tombstone(t) => {
-                    self.store.upsert_all(&points).await?;
-                    points.clear();
+                    if let Some(r) = run.take() {
+                        self.store.upsert_all(&flat[r]).await?;
+                    }
                     self.store.delete_conversation(&t.tenant, &t.conversation_id).await?;
+                }
+                // points of a message the store rejected (found by halving) are skipped: the run
+                // ends before them
+                Decided::Rejected(_) | Decided::Unfinished(_) if !range.is_empty() => {
+                    if let Some(r) = run.take() {
+                        self.store.upsert_all(&flat[r]).await?;
+                    }
                 }
                 Decided::Rejected(_) | Decided::Unfinished(_) => {}
             }
         }
-        self.store.upsert_all(&points).await
+        match run {
+            Some(r) => self.store.upsert_all(&flat[r]).await,
+            None => Ok(()),
+        }
     }
-
 }
 
 /// The batch stage: forms micro-batches of up to `max` messages. A batch takes what is already

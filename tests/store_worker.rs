@@ -145,6 +145,43 @@ async fn tenants_reusing_a_conversation_id_keep_their_own_points_and_tombstones(
     assert_eq!(committed(&topics.group, &topics.input), high_watermarks(&topics.input));
 }
 
+/// The store rejects one message's points for their content: the worker halves the batch until
+/// it finds that message, dead-letters it (class `store`) and writes the rest; it keeps running
+/// and commits everything. (Before: the rejection stopped the worker, and every restart re-read
+/// the same message.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_store_rejects_is_found_by_halving_and_dead_lettered_and_the_rest_is_written() {
+    let topics = Topics::new("store-reject");
+    create_topic(&topics.input, 1).await;
+    let mut convs = conversations(20);
+    convs[13].turns[1].text = "the store refuses this: REJECT-ME".into();
+    produce_conversations(&topics.input, &convs).await;
+    let mut cfg = config(&topics);
+    cfg.pipeline.max_batch_messages = 16;
+    cfg.pipeline.max_batch_wait_ms = 500; // one batch of 16, then 4
+    let edge = store::open(&cfg.qdrant).unwrap();
+    let flaky = Arc::new(FlakyStore::rejecting(edge.clone(), "REJECT-ME"));
+    let (output, dlq) = (topics.output.clone(), topics.dlq());
+    run_until(cfg.clone(), flaky.clone(), Duration::from_secs(60), move || {
+        records_in(&output) >= 19 && records_in(&dlq) >= 1
+    })
+    .await
+    .unwrap();
+    let dead = read_topic(&topics.dlq(), 1, Duration::from_secs(5), Duration::from_millis(500));
+    assert_eq!(dead.len(), 1, "only the rejected message");
+    assert_eq!(dead[0].headers["dlq.error.class"], "store");
+    assert!(dead[0].headers["dlq.error.message"].contains("payload refused"), "{:?}", dead[0].headers);
+    assert_eq!(dead[0].key.as_deref(), Some(convs[13].conversation_id.as_bytes()));
+    let events: Vec<_> = read_topic(&topics.output, 19, Duration::from_secs(5), Duration::ZERO).iter().map(|r| r.enriched()).collect();
+    assert_eq!(events.len(), 19);
+    let expected: u64 = events.iter().flat_map(|e| &e.turns).map(|t| t.chunks.len() as u64).sum();
+    assert_eq!(edge.count(&SearchFilter::default()).await.unwrap(), expected, "every other message's points");
+    let rejected = flaky.rejected.load(Ordering::SeqCst);
+    println!("store-reject: {rejected} rejected writes to find the message");
+    assert!(rejected <= 6, "halving, not one write per message: {rejected}");
+    assert_eq!(committed(&topics.group, &topics.input), high_watermarks(&topics.input));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_store_failures_are_retried_by_the_worker() {
     let topics = Topics::new("store-transient");

@@ -3,7 +3,7 @@
 //!
 //! | header | value |
 //! | --- | --- |
-//! | `dlq.error.class` | `deserialization`, `unknown-schema`, `schema`, `validation`, `enrichment`, `encoding`, `output-too-large` |
+//! | `dlq.error.class` | `deserialization`, `unknown-schema`, `schema`, `validation`, `enrichment`, `store`, `encoding`, `output-too-large` |
 //! | `dlq.error.message` | human-readable reason |
 //! | `dlq.original.topic` / `dlq.original.partition` / `dlq.original.offset` | where it was read |
 //! | `dlq.original.timestamp` | the original record timestamp (ms), when it had one |

@@ -8,8 +8,10 @@ use convoflow::sink::store::{Bootstrap, CollectionSpec, Hit, HybridQuery, Search
 
 /// Test double: the real edge store behind a wrapper that fails the first `fail_first` upserts
 /// with `failure`, (optionally) rejects upserts larger than `max_points` as too large, and
-/// holds upserts while `closed` is set (a stalled store), and fails every upsert with `failure`
-/// while `down` is set (an outage).
+/// holds upserts while `closed` is set (a stalled store), fails every upsert with `failure`
+/// while `down` is set (an outage), and rejects for their content (`StoreError::Rejected`) the
+/// upserts holding a point whose payload text contains `reject_marker` (a point the store
+/// cannot take).
 pub struct FlakyStore {
     pub inner: Arc<dyn VectorStore>,
     fail_first: usize,
@@ -18,6 +20,9 @@ pub struct FlakyStore {
     pub calls: AtomicUsize,
     pub closed: AtomicBool,
     pub down: AtomicBool,
+    reject_marker: Option<String>,
+    /// Upserts rejected for their content.
+    pub rejected: AtomicUsize,
 }
 
 #[async_trait]
@@ -34,6 +39,12 @@ impl VectorStore for FlakyStore {
         }
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first || self.down.load(Ordering::SeqCst) {
             return Err(self.failure.clone());
+        }
+        if let Some(marker) = &self.reject_marker
+            && let Some(p) = points.iter().find(|p| p.payload.get("text").and_then(|t| t.as_str()).is_some_and(|t| t.contains(marker.as_str())))
+        {
+            self.rejected.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Rejected(format!("point {}: payload refused (test double)", p.id)));
         }
         if points.len() > self.max_points {
             return Err(StoreError::TooLarge(format!("{} points", points.len())));
@@ -59,7 +70,22 @@ impl VectorStore for FlakyStore {
 
 impl FlakyStore {
     pub fn new(inner: Arc<dyn VectorStore>, fail_first: usize, failure: StoreError, max_points: usize) -> Self {
-        Self { inner, fail_first, failure, max_points, calls: AtomicUsize::new(0), closed: AtomicBool::new(false), down: AtomicBool::new(false) }
+        Self {
+            inner,
+            fail_first,
+            failure,
+            max_points,
+            calls: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+            reject_marker: None,
+            rejected: AtomicUsize::new(0),
+        }
+    }
+
+    /// A store that rejects the points whose text contains `marker`.
+    pub fn rejecting(inner: Arc<dyn VectorStore>, marker: &str) -> Self {
+        Self { reject_marker: Some(marker.into()), ..Self::new(inner, 0, StoreError::Transient(String::new()), usize::MAX) }
     }
 
     /// A store that never fails but holds upserts until `closed` is cleared.

@@ -141,9 +141,20 @@ impl EdgeStore {
     }
 }
 
-/// Engine errors are local (I/O, validation, a locked directory): retrying does not help.
+/// Engine errors are local: retrying does not help. Those about a point's content are the
+/// data's (`Rejected`); the rest (I/O, a locked directory, a broken segment) the machine's.
 fn classify(e: OperationError) -> StoreError {
-    StoreError::Permanent(e.to_string())
+    match e {
+        OperationError::WrongVectorDimension { .. }
+        | OperationError::MalformedVectorBlob { .. }
+        | OperationError::MalformedPayloadBlob { .. }
+        | OperationError::TypeError { .. }
+        | OperationError::TypeInferenceError { .. }
+        | OperationError::ValidationError { .. }
+        | OperationError::WrongSparse
+        | OperationError::WrongMulti => StoreError::Rejected(e.to_string()),
+        _ => StoreError::Permanent(e.to_string()),
+    }
 }
 
 fn edge_config(spec: &CollectionSpec) -> EdgeConfig {
@@ -219,7 +230,7 @@ pub(crate) fn filter(f: &SearchFilter) -> Option<Filter> {
 fn to_point(p: &StorePoint) -> Result<qdrant_edge::PointStructPersisted, StoreError> {
     let indices: Vec<u32> = p.sparse.indices.iter().map(|&i| i as u32).collect();
     let sparse = Vector::new_sparse(indices, p.sparse.values.clone())
-        .map_err(|e| StoreError::Permanent(format!("point {}: bad sparse vector: {e}", p.id)))?;
+        .map_err(|e| StoreError::Rejected(format!("point {}: bad sparse vector: {e}", p.id)))?;
     let mut named: Vec<(&str, Vector)> = vec![(SPARSE, sparse)];
     if let Some(dense) = &p.dense {
         named.push((DENSE, Vector::new_dense(dense.clone())));
@@ -386,5 +397,24 @@ impl Drop for EdgeStore {
                 warn!(error = %e, "flushing the edge collection on close");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_about_a_points_content_are_rejections_the_rest_permanent() {
+        let content = [
+            OperationError::WrongVectorDimension { expected_dim: 8, received_dim: 7 },
+            OperationError::ValidationError { description: "bad".into() },
+            OperationError::WrongSparse,
+        ];
+        for e in content {
+            assert!(matches!(classify(e), StoreError::Rejected(_)));
+        }
+        let machine = OperationError::ServiceError { description: "disk".into(), backtrace: None };
+        assert!(matches!(classify(machine), StoreError::Permanent(_)));
     }
 }

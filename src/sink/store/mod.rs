@@ -165,6 +165,11 @@ pub enum StoreError {
     /// Worth retrying: unavailable, timeout, overloaded.
     #[error("transient vector store error: {0}")]
     Transient(String),
+    /// The store refused the request for its content (a point it cannot take: malformed vector
+    /// or payload, a type its index refuses): the data's fault. The worker finds the message by
+    /// halving the batch and dead-letters it (class `store`).
+    #[error("the vector store rejected the data: {0}")]
+    Rejected(String),
     /// The request was too large; a smaller batch may pass.
     #[error("request too large for the vector store: {0}")]
     TooLarge(String),

@@ -122,6 +122,8 @@ fn classify(url: &str, e: QdrantError) -> StoreError {
                 Code::ResourceExhausted => StoreError::Transient(msg),
                 Code::Internal | Code::Unknown if status.message().contains("transport") => StoreError::Transient(msg),
                 Code::NotFound => StoreError::MissingCollection(msg),
+                // a point the server cannot take (wrong vector size, malformed payload): the data's
+                Code::InvalidArgument => StoreError::Rejected(msg),
                 _ => StoreError::Permanent(msg),
             }
         }
@@ -299,5 +301,32 @@ mod version_tests {
         assert!(!versions_drift((1, 19), CLIENT_VERSION) && !versions_drift((1, 21), CLIENT_VERSION));
         assert!(versions_drift((1, 17), CLIENT_VERSION) && versions_drift((2, 20), CLIENT_VERSION));
         assert_eq!(major_minor("v1.19.0"), Some((1, 19)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: Code, message: &str) -> StoreError {
+        classify("http://q:6334", QdrantError::ResponseError { status: tonic::Status::new(code, message) })
+    }
+
+    /// What each gRPC answer means for the worker: wait it out, split the batch, dead-letter
+    /// the message (halving the batch to find it), or stop.
+    #[test]
+    fn grpc_errors_are_told_apart_as_outages_content_rejections_and_the_rest() {
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Aborted, Code::Cancelled, Code::ResourceExhausted] {
+            assert!(matches!(status(code, "busy"), StoreError::Transient(_)), "{code:?}");
+        }
+        assert!(matches!(status(Code::Internal, "transport error"), StoreError::Transient(_)));
+        assert!(matches!(status(Code::ResourceExhausted, "message too large"), StoreError::TooLarge(_)));
+        assert!(matches!(status(Code::OutOfRange, "payload too large"), StoreError::TooLarge(_)));
+        let rejected = status(Code::InvalidArgument, "Wrong input: Vector dimension error: expected dim: 8, got 7");
+        assert!(matches!(&rejected, StoreError::Rejected(m) if m.contains("Vector dimension error")), "{rejected:?}");
+        assert!(matches!(status(Code::NotFound, "Collection `c` doesn't exist!"), StoreError::MissingCollection(_)));
+        for code in [Code::Unauthenticated, Code::PermissionDenied, Code::Internal, Code::FailedPrecondition] {
+            assert!(matches!(status(code, "no"), StoreError::Permanent(_)), "{code:?}");
+        }
     }
 }
