@@ -55,6 +55,8 @@ pub enum ValidationError {
     EmptyConversationId,
     #[error("conversation has no turns")]
     NoTurns,
+    #[error("no turn has text (all {turns} are empty or whitespace): nothing to enrich or index")]
+    NoText { turns: usize },
     #[error("turn #{index} has an empty turn_id")]
     EmptyTurnId { index: usize },
     #[error("turn_id {turn_id:?} appears twice")]
@@ -108,6 +110,9 @@ impl Conversation {
         }
         if self.turns.len() > limits.max_turns {
             return Err(ValidationError::TooManyTurns { turns: self.turns.len(), limit: limits.max_turns });
+        }
+        if self.turns.iter().all(|t| t.text.trim().is_empty()) {
+            return Err(ValidationError::NoText { turns: self.turns.len() });
         }
         if !time_in_range(self.started_at) {
             return Err(ValidationError::TimeOutOfRange { field: "started_at".into(), millis: self.started_at });
@@ -294,6 +299,8 @@ mod tests {
         c.tenant.push('\0');
         assert_eq!(c.validate(&ten), Err(ValidationError::NulInId { field: "tenant" }));
         assert_eq!(conv(vec![]).validate(&ten), Err(ValidationError::NoTurns));
+        assert_eq!(conv(vec![("1", " "), ("2", "")]).validate(&ten), Err(ValidationError::NoText { turns: 2 }));
+        assert_eq!(conv(vec![("1", " "), ("2", "ok")]).validate(&ten), Ok(()), "an empty turn among others is fine");
         assert!(matches!(
             conv(vec![("1", "a"), ("1", "b")]).validate(&ten),
             Err(ValidationError::DuplicateTurnId { .. })

@@ -33,6 +33,11 @@ struct Scene {
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+/// The shared broker (scripts/test's), for a test that does not stop it; still one test at a time.
+fn shared_broker() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Scene {
     fn start(name: &str) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -144,4 +149,87 @@ async fn sigterm_with_the_broker_away_exits_on_time_and_commits_nothing_undelive
         outputs.len(),
         committed.iter().collect::<BTreeMap<_, _>>()
     );
+}
+
+/// Ten SIGKILLs of `convoflow run` at seeded random moments over 1,000 conversations, each
+/// restart on the same embedded store: every input event gets its enriched event, and the store
+/// holds exactly the points of every chunk the enriched events name — none missing, none extra.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_sigkills_at_random_moments_lose_nothing_and_leave_each_chunk_once_in_the_store() {
+    use convoflow::sink::store::{self, SearchFilter};
+    let _serial = shared_broker();
+    let topics = Topics::new("sigkill-10");
+    create_topic(&topics.input, 4).await;
+    let events = sample_events(83, 1_000);
+    produce_conversations(&topics.input, &events).await;
+    let total = events.len();
+    // a throttled worker, so ten rounds of 0.5-3 s of work do not finish the input
+    let env = [
+        ("CONVOFLOW__PIPELINE__MAX_IN_FLIGHT", "16"),
+        ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "8"),
+        ("CONVOFLOW__PIPELINE__QUEUE_CAPACITY", "8"),
+    ];
+    let mut seed: u64 = 0x5eed_c4a0_5000_0010;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let started = Instant::now();
+    let mut after_each = Vec::new();
+    for _ in 0..10 {
+        let mut worker = Worker::start("w", &topics, &env);
+        // killed while it works: after it got its partitions (the killed member before it
+        // holds them until its session times out), at a random moment 0.5-3 s in
+        worker.wait_for_log("partitions assigned", Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(500 + next() % 2_500));
+        worker.signal("KILL");
+        assert_eq!(worker.wait_exit(Duration::from_secs(5)).0, None, "killed by the signal");
+        after_each.push(records_in(&topics.output));
+    }
+    println!("sigkill-10: {total} events; outputs after each kill {after_each:?} ({:.0} s)", started.elapsed().as_secs_f64());
+    assert!(
+        (after_each[9] as usize) < total,
+        "the kills must interrupt the run ({} of {total} out after ten rounds)",
+        after_each[9]
+    );
+
+    let mut last = Worker::start("w", &topics, &[]);
+    let records = wait_for_distinct_sources(&topics.output, total, Duration::from_secs(180));
+    wait_until("lag 0", Duration::from_secs(30), {
+        let (group, input) = (topics.group.clone(), topics.input.clone());
+        move || lag(&group, &input).values().all(|&l| l == 0)
+    })
+    .await;
+    last.signal("TERM");
+    assert_eq!(last.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", last.log_text());
+    let (lost, duplicates) = losses_and_duplicates(&topics.input, &records);
+
+    // the points: every chunk id the enriched events name, once, per conversation
+    let mut expected: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for r in &records {
+        let e = r.enriched();
+        expected.entry(e.conversation_id.clone()).or_default().extend(e.turns.iter().flat_map(|t| t.point_ids.clone()));
+    }
+    let mut cfg = convoflow::config::Config::default();
+    cfg.qdrant.data_dir = store_dir(&topics.group, "w");
+    cfg.qdrant.dense_dim = Some(8);
+    let store = store::open(&cfg.qdrant).unwrap();
+    store.ensure_collection(&store::collection_spec(&cfg.qdrant, 8), store::Bootstrap::MustExist).await.unwrap();
+    let expected_points: u64 = expected.values().map(|ids| ids.len() as u64).sum();
+    let found = store.count(&SearchFilter::default()).await.unwrap();
+    let mut missing = 0u64;
+    for (conversation, ids) in &expected {
+        let f = SearchFilter { conversation_id: Some(conversation.clone()), ..Default::default() };
+        let n = store.count(&f).await.unwrap();
+        missing += (ids.len() as u64).saturating_sub(n);
+        assert_eq!(n, ids.len() as u64, "conversation {conversation}: points");
+    }
+    println!(
+        "sigkill-10: {} lost, {duplicates} duplicate outputs; points expected {expected_points}, found {found}, missing {missing}",
+        lost.len()
+    );
+    assert!(lost.is_empty(), "inputs without an enriched event: {lost:?}");
+    assert_eq!(found, expected_points, "exactly one point per chunk id");
 }

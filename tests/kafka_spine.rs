@@ -205,6 +205,13 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
     nul_id.turns[0].turn_id = "t\u{0}1".into();
     let mut far_ts = g.conversation(94);
     far_ts.turns[0].ts = i64::MAX;
+    let mut blank = g.conversation(92);
+    blank.turns.iter_mut().enumerate().for_each(|(i, t)| t.text = if i % 2 == 0 { String::new() } else { " \t\n ".into() });
+    let mut twice = g.conversation(91);
+    twice.turns[1].turn_id = twice.turns[0].turn_id.clone();
+    let mut unknown_confluent = vec![0u8, 0, 1, 0x86, 0x9f]; // magic 0, schema id 99,999: no registry knows it
+    unknown_confluent.extend_from_slice(&good_bytes[10..]);
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes();
     let mut nine_mb = g.conversation(93);
     nine_mb.turns = (0..9)
         .map(|i| convoflow::event::Turn { turn_id: format!("big{i}"), text: "x".repeat(1_000_000), ..template.clone() })
@@ -221,6 +228,12 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
         ("NUL in a turn id", codec.encode(&nul_id).unwrap()),
         ("ts out of range", codec.encode(&far_ts).unwrap()),
         ("9 MB event", codec.encode(&nine_mb).unwrap()),
+        ("empty value", vec![]),
+        ("1 byte", vec![0xc3]),
+        ("unknown Confluent schema id", unknown_confluent),
+        ("empty and whitespace turns", codec.encode(&blank).unwrap()),
+        ("duplicate turn ids", codec.encode(&twice).unwrap()),
+        ("deeply nested JSON", nested),
     ];
     let mut records = Vec::new();
     for (i, (name, bytes)) in poison.iter().enumerate() {
@@ -228,18 +241,33 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
         records.push((Some(format!("poison-{name}").into_bytes()), Some(bytes.clone())));
     }
     records.push(valid(50));
+    records.push((None, None)); // a tombstone without a key: no conversation to delete
+    records.push(valid(51));
     let positions = produce_raw(&topics.input, &records).await;
+    let keyless_tombstone = positions[positions.len() - 2];
     let poison_positions: Vec<(i32, i64)> = positions.iter().skip(1).step_by(2).take(poison.len()).copied().collect();
 
     let mut worker = Worker::start("poison", &topics, &[]);
-    let dlq = read_topic(&topics.dlq(), poison.len(), Duration::from_secs(90), Duration::from_millis(500));
-    let out = wait_for_distinct_sources(&topics.output, poison.len() + 1, Duration::from_secs(60));
+    let dlq = read_topic(&topics.dlq(), poison.len() + 1, Duration::from_secs(90), Duration::from_millis(500));
+    let out = wait_for_distinct_sources(&topics.output, poison.len() + 2, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(1500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", worker.pid())).unwrap_or_default();
+    let peak = status.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM: ?").to_string();
     worker.signal("TERM");
     assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
+    println!("poison: {} classes + a keyless tombstone dead-lettered, {} valid enriched; worker peak RSS {peak}", poison.len(), poison.len() + 2);
 
-    assert_eq!(dlq.len(), poison.len(), "each poison message dead-lettered once");
-    assert_eq!(by_source(&out).len(), poison.len() + 1, "every valid message enriched");
+    assert_eq!(dlq.len(), poison.len() + 1, "each poison message dead-lettered once");
+    assert_eq!(by_source(&out).len(), poison.len() + 2, "every valid message enriched");
+    let tombstone = dlq
+        .iter()
+        .find(|r| r.headers["dlq.original.offset"] == keyless_tombstone.1.to_string()
+            && r.headers["dlq.original.partition"] == keyless_tombstone.0.to_string())
+        .expect("the keyless tombstone in the DLQ");
+    assert_eq!(tombstone.headers["dlq.error.class"], "validation");
+    assert!(tombstone.key.is_none() && tombstone.payload.is_none());
+    let kb: u64 = peak.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(kb < 1_500_000, "worker RSS bounded by the input limits: {peak}");
     let expected_class = [
         "deserialization",
         "deserialization",
@@ -252,6 +280,12 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
         "validation",
         "validation",
         "validation",
+        "deserialization",
+        "deserialization",
+        "unknown-schema",
+        "validation",
+        "validation",
+        "deserialization",
     ];
     for (((name, bytes), pos), class) in poison.iter().zip(&poison_positions).zip(expected_class) {
         let rec = dlq
@@ -281,6 +315,9 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
     assert!(msg("NUL in a turn id").contains("NUL"), "{}", msg("NUL in a turn id"));
     assert!(msg("ts out of range").contains("outside the representable time range"), "{}", msg("ts out of range"));
     assert!(msg("9 MB event").contains("max_event_bytes"), "{}", msg("9 MB event"));
+    assert!(msg("empty and whitespace turns").contains("no turn has text"), "{}", msg("empty and whitespace turns"));
+    assert!(msg("duplicate turn ids").contains("appears twice"), "{}", msg("duplicate turn ids"));
+    assert!(msg("unknown Confluent schema id").contains("99999"), "{}", msg("unknown Confluent schema id"));
     assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past the poison");
 }
 
