@@ -79,7 +79,7 @@ async fn a_broker_restart_mid_run_is_ridden_out_without_a_worker_restart_and_not
     let scene = Scene::start("broker-restart");
     let topics = Topics::new("broker-restart");
     create_topic(&topics.input, 3).await;
-    let events = sample_events(81, 300);
+    let events = sample_events(81, 150);
     produce_conversations(&topics.input, &events).await;
     let total = events.len();
 
@@ -232,4 +232,118 @@ async fn ten_sigkills_at_random_moments_lose_nothing_and_leave_each_chunk_once_i
     );
     assert!(lost.is_empty(), "inputs without an enriched event: {lost:?}");
     assert_eq!(found, expected_points, "exactly one point per chunk id");
+}
+
+/// The store stalls for 5 s, then fails every write with a transient error for `outage`: the
+/// worker waits it out (it never exits), commits nothing while nothing is stored, and drains the
+/// backlog once the store is back, every chunk once.
+async fn a_store_outage_is_waited_out(name: &str, outage: Duration) {
+    use common::flaky_store::FlakyStore;
+    use convoflow::sink::store::{self, SearchFilter, StoreError};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _serial = shared_broker();
+    let topics = Topics::new(name);
+    create_topic(&topics.input, 2).await;
+    let events = sample_events(84, 100);
+    produce_conversations(&topics.input, &events).await;
+    let mut cfg = in_process_config(&topics);
+    cfg.qdrant.dense_dim = Some(8);
+    cfg.pipeline.max_in_flight = 8;
+    cfg.pipeline.max_batch_messages = 4;
+    let edge = store::open(&cfg.qdrant).unwrap();
+    let flaky = Arc::new(FlakyStore::new(edge.clone(), 0, StoreError::Transient("unavailable (test double)".into()), usize::MAX));
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = tokio::spawn(convoflow::worker::run_with_store(cfg.clone(), stop.clone(), flaky.clone()));
+    wait_until("first outputs", Duration::from_secs(60), {
+        let output = topics.output.clone();
+        move || records_in(&output) >= 20
+    })
+    .await;
+    flaky.closed.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    flaky.down.store(true, Ordering::SeqCst);
+    flaky.closed.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await; // what was stored before completes
+    let (group, input) = (topics.group.clone(), topics.input.clone());
+    let committed_total = move || committed(&group, &input).values().map(|c| c.max(&0)).sum::<i64>();
+    let at_start = tokio::task::spawn_blocking(committed_total.clone()).await.unwrap();
+    let points_at_start = edge.count(&SearchFilter::default()).await.unwrap();
+    tokio::time::sleep(outage.saturating_sub(Duration::from_secs(3))).await;
+    assert!(!worker.is_finished(), "the worker waits the outage out");
+    let at_end = tokio::task::spawn_blocking(committed_total.clone()).await.unwrap();
+    assert_eq!(at_end, at_start, "nothing committed while nothing is stored");
+    assert_eq!(edge.count(&SearchFilter::default()).await.unwrap(), points_at_start);
+    let calls = flaky.calls.load(Ordering::SeqCst);
+    flaky.down.store(false, Ordering::SeqCst);
+    let back = Instant::now();
+    let records = wait_for_distinct_sources(&topics.output, events.len(), Duration::from_secs(120));
+    wait_until("lag 0", Duration::from_secs(30), {
+        let (group, input) = (topics.group.clone(), topics.input.clone());
+        move || lag(&group, &input).values().all(|&l| l == 0)
+    })
+    .await;
+    let drained = back.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap().unwrap();
+    let (lost, duplicates) = losses_and_duplicates(&topics.input, &records);
+    let ids: std::collections::BTreeSet<String> =
+        records.iter().map(|r| r.enriched()).flat_map(|e| e.turns.into_iter().flat_map(|t| t.point_ids)).collect();
+    let found = edge.count(&SearchFilter::default()).await.unwrap();
+    println!(
+        "{name}: {:.0} s outage ({calls} store calls), committed {at_start} of {} during it; drained {:.1} s after; {} lost, \
+         {duplicates} duplicates; points expected {}, found {found}",
+        outage.as_secs_f64(),
+        events.len(),
+        drained.as_secs_f64(),
+        lost.len(),
+        ids.len()
+    );
+    assert!(lost.is_empty(), "inputs without an enriched event: {lost:?}");
+    assert_eq!(found, ids.len() as u64, "every chunk once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_30_second_store_outage_is_waited_out() {
+    a_store_outage_is_waited_out("store-outage-30s", Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3_minute_store_outage_is_waited_out() {
+    a_store_outage_is_waited_out("store-outage-3min", Duration::from_secs(180)).await;
+}
+
+/// Two members under backpressure (`max_in_flight` 4: their partitions pause and resume all the
+/// time), one SIGKILLed: the other gets its partitions after the session timeout, resumes them
+/// whatever their pause state was, and drains everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_paused_members_one_sigkilled_the_other_drains_everything() {
+    let _serial = shared_broker();
+    let topics = Topics::new("paused-pair");
+    create_topic(&topics.input, 4).await;
+    let events = sample_events(85, 150);
+    produce_conversations(&topics.input, &events).await;
+    let mut a = Worker::start("a", &topics, SLOW);
+    a.wait_for_log("partitions assigned", Duration::from_secs(60));
+    let mut b = Worker::start("b", &topics, SLOW);
+    b.wait_for_log("partitions assigned", Duration::from_secs(60));
+    // both at work
+    let started = records_in(&topics.output);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(records_in(&topics.output) > started, "the pair makes progress");
+    b.signal("KILL");
+    assert_eq!(b.wait_exit(Duration::from_secs(5)).0, None);
+    let killed_at = records_in(&topics.output);
+    let records = wait_for_distinct_sources(&topics.output, events.len(), Duration::from_secs(180));
+    wait_until("lag 0", Duration::from_secs(30), {
+        let (group, input) = (topics.group.clone(), topics.input.clone());
+        move || lag(&group, &input).values().all(|&l| l == 0)
+    })
+    .await;
+    assert_eq!(a.assignments().last().map_or(0, Vec::len), 4, "A took every partition: {:?}", a.assignments());
+    a.signal("TERM");
+    assert_eq!(a.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", a.log_text());
+    let (lost, duplicates) = losses_and_duplicates(&topics.input, &records);
+    println!("paused-pair: {} events, {killed_at} out when B was killed; {} lost, {duplicates} duplicates", events.len(), lost.len());
+    assert!(lost.is_empty(), "inputs without an enriched event: {lost:?}");
 }
