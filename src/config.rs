@@ -9,9 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::WireFormat;
 use crate::pipeline::bm25::Bm25Params;
-use crate::sink::store::Quantization;
-use crate::sink::store::points::PayloadText;
-use crate::sink::store::writer::{BatchLimits, RetryPolicy};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -792,3 +789,65 @@ mod tests {
         assert!(err.contains("sasl.password"), "{err}");
     }
 }
+
+// Settings of the vector store, defined here (the store reads its configuration; the
+// configuration does not depend on the store). Their behaviour lives in `sink::store`.
+
+/// Optional compression of the dense vectors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantization {
+    #[default]
+    None,
+    /// int8 scalar quantization (quantile 0.99, kept in RAM), originals rescored.
+    Scalar,
+}
+
+/// How much of a turn's text goes into the payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadText {
+    /// The chunk's text as is.
+    #[default]
+    Full,
+    /// No text (the search table then shows no snippet).
+    None,
+    /// The chunk's text with each recognised entity replaced by `[LABEL]`.
+    Masked,
+}
+
+/// Retries of transient vector-store errors (`qdrant.retry`); the backoff is `sink::store::writer`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts per call, the first included; 0: no limit.
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// How long one call may keep retrying transient errors, from its first attempt; unset: no
+    /// limit. (qdrant-client itself retries a timed-out request once on a fresh channel, so one
+    /// attempt can take up to twice `qdrant.timeout_ms`.)
+    pub max_elapsed_ms: Option<u64>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 0, initial_backoff_ms: 100, max_backoff_ms: 10_000, max_elapsed_ms: None }
+    }
+}
+
+/// Upsert batches (`qdrant.batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchLimits {
+    pub max_points: usize,
+    /// Approximate request size (vectors + payload).
+    pub max_bytes: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self { max_points: 256, max_bytes: 8 << 20 }
+    }
+}
+

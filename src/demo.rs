@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rdkafka::mocking::MockCluster;
 
-use crate::cli::{ProduceArgs, produce};
+use crate::produce::{ProduceArgs, produce};
 use crate::codec::WireFormat;
 use crate::config::{Config, ModelConfig, ModelsConfig};
 use crate::event::EnrichedConversation;

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod infer;
 pub mod event;
 pub mod pipeline;
+pub mod produce;
 pub mod sample;
 pub mod search;
 pub mod sink;

@@ -11,7 +11,7 @@ fn init_logging() {
     if json { builder.json().init() } else { builder.init() }
 }
 
-fn main() -> std::process::ExitCode {
+fn main() {
     init_logging();
     let cli = convoflow::cli::Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("starting the tokio runtime");
@@ -19,11 +19,20 @@ fn main() -> std::process::ExitCode {
     // Blocking tasks still running (a model batch nobody waits for any more) are not waited
     // for: a stopping worker exits on time, its unfinished work uncommitted.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match result {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // A model thread may still be running a batch nobody waits for: the C++ static destructors
+    // that a normal exit runs (libtorch's) would pull its state away under it and crash the
+    // process on its way out. Everything of ours is flushed and dropped by now, so leave
+    // without them.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process at once; no Rust state needs to run after this point.
+    unsafe { libc::_exit(code) }
 }

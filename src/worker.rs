@@ -1,7 +1,7 @@
 //! Wiring of `convoflow run`: Kafka source → decode → validate → enrich (micro-batches) →
 //! vector store (acknowledged upserts; tombstones delete) → output topic / DLQ → offset
-//! completion → commit (by the source thread). A store failure that retries cannot fix stops
-//! the worker with an error, leaving the offsets of the unwritten messages uncommitted.
+//! completion → commit (by the source thread). What goes to the DLQ and what stops the worker
+//! (its unfinished offsets uncommitted) is in docs/reliability.md.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -304,6 +304,17 @@ impl Pipeline {
             tokio::spawn(prepare_batches(batch_rx, prepared_tx, self.preparer.clone(), self.shared.clone(), flight.clone(), p.prepare_workers)),
             tokio::spawn(submit_batches(prepared_rx, inflight_tx, self.models.clone(), flight.clone())),
         ];
+        // The batch stage notices the source's leaving only while it waits for messages; a stage
+        // busy elsewhere (a full channel) must not keep the rest waiting on models or the store.
+        let source_watch = tokio::spawn({
+            let (shared, flight) = (self.shared.clone(), flight.clone());
+            async move {
+                while !shared.lock().left {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                flight.abandon();
+            }
+        });
         let (stored_tx, stored_rx) = mpsc::channel(2);
         let emitter = self.emitter.take().expect("run once");
         let emit = tokio::spawn(emitter.run(stored_rx, flight.clone()));
@@ -331,10 +342,21 @@ impl Pipeline {
             }
         }
         drop(stored_tx);
+        source_watch.abort();
         for stage in stages {
-            let _ = stage.await;
+            if let Err(e) = stage.await
+                && e.is_panic()
+            {
+                self.halt.trip(anyhow!("a pipeline stage panicked: {e}"));
+            }
         }
-        let emitted = emit.await.unwrap_or_default();
+        let emitted = match emit.await {
+            Ok(emitted) => emitted,
+            Err(e) => {
+                self.halt.trip(anyhow!("the emit stage panicked: {e}"));
+                Default::default()
+            }
+        };
         let stats = Stats {
             enriched: emitted.enriched,
             points: self.store.counters.upserted_points.load(Ordering::Relaxed),
@@ -362,17 +384,13 @@ impl Pipeline {
             self.fail(anyhow!("a message could not be decoded: {reason}"), batch.len());
             return None;
         }
-        let dense = match self.model_outputs(&mut batch, pending).await {
-            Ok(dense) => dense,
-            Err(e) => {
-                self.fail(anyhow::Error::new(e).context("running the models"), batch.len());
-                return None;
-            }
-        };
+        if let Err(e) = self.model_outputs(&mut batch, pending).await {
+            self.fail(anyhow::Error::new(e).context("running the models"), batch.len());
+            return None;
+        }
         let _busy = Busy::start(STAGE_STORE); // from here on: the stage's own work
         // messages of partitions revoked while the batch was in flight: the next owner re-reads them
-        let (batch, dense): (Vec<Prepared>, Vec<Option<Vec<Vec<f32>>>>) =
-            keep_current(&self.shared, STAGE_STORE, batch.into_iter().zip(dense).collect(), |(p, _)| &p.msg).into_iter().unzip();
+        let batch = keep_current(&self.shared, STAGE_STORE, batch, |p| &p.msg);
         if batch.is_empty() {
             return None;
         }
@@ -394,28 +412,25 @@ impl Pipeline {
         }
         // the points of every message, built on rayon's pool (entities, payloads, sparse vectors)
         let payload_text = self.payload_text;
-        let (batch, points) = tokio::task::spawn_blocking(move || {
-            let points: Vec<Vec<StorePoint>> = batch
-                .par_iter()
-                .zip(dense.into_par_iter())
-                .map(|(p, dense)| match &p.decided {
-                    Decided::Valid(v) => points_for(&v.conversation, &v.event, dense.as_deref(), payload_text),
-                    _ => vec![],
-                })
-                .collect();
-            (batch, points)
+        let mut batch = tokio::task::spawn_blocking(move || {
+            let mut batch = batch;
+            batch.par_iter_mut().for_each(|p| {
+                if let Decided::Valid(v) = &mut p.decided {
+                    let dense = v.dense.take();
+                    v.points = points_for(&v.conversation, &v.event, dense.as_deref(), payload_text);
+                }
+            });
+            batch
         })
         .await
         .expect("building points does not panic");
         // checked again right before writing: a partition may have moved while the points were
         // built, and a late write could bring back points its new owner deleted
-        let (batch, points): (Vec<Prepared>, Vec<Vec<StorePoint>>) =
-            keep_current(&self.shared, STAGE_STORE, batch.into_iter().zip(points).collect(), |(p, _)| &p.msg).into_iter().unzip();
+        batch = keep_current(&self.shared, STAGE_STORE, batch, |p| &p.msg);
         if batch.is_empty() {
             return None;
         }
-        let mut batch = batch;
-        if let Err(e) = self.write_store(&mut batch, points).await {
+        if let Err(e) = self.write_store(&mut batch).await {
             self.readiness.store_reachable.store(false, Ordering::Relaxed);
             if e.is_transient() && self.stop.load(Ordering::SeqCst) {
                 // stopping while the store is down: not a failure of the worker; the batch stays
@@ -429,8 +444,8 @@ impl Pipeline {
         Some(Stored { batch })
     }
 
-    /// Waits for the batch's model outputs and applies them to its events; returns the dense
-    /// vectors of each message (None for messages without any). When a model fails on the
+    /// Waits for the batch's model outputs and applies them to its events (the chunks' dense
+    /// vectors go to each message's `dense`). When a model fails on the
     /// batch, each valid message is prepared and run again alone (a smaller job may fit where a
     /// batch ran out of memory), so only a message the model cannot take is dead-lettered —
     /// and only for a fault of its own (`ModelFailure::Input`). A message that fails alone for
@@ -440,9 +455,9 @@ impl Pipeline {
         &self,
         batch: &mut [Prepared],
         pending: Option<Result<Pending, ModelFailure>>,
-    ) -> Result<Vec<Option<Vec<Vec<f32>>>>, ModelFailure> {
+    ) -> Result<(), ModelFailure> {
         let (Some(models), Some(pending)) = (self.models.clone(), pending) else {
-            return Ok(batch.iter().map(|_| None).collect());
+            return Ok(());
         };
         let collected = match pending {
             Ok(p) => {
@@ -451,19 +466,21 @@ impl Pipeline {
             }
             Err(e) => Err(e),
         };
-        let apply = |outputs: &mut Outputs, p: &mut Prepared| match &mut p.decided {
-            Decided::Valid(v) => outputs.apply(&mut v.event, &self.model_infos),
-            _ => None,
+        let apply = |outputs: &mut Outputs, p: &mut Prepared| {
+            if let Decided::Valid(v) = &mut p.decided {
+                v.dense = outputs.apply(&mut v.event, &self.model_infos);
+            }
         };
         match collected {
-            Ok(mut outputs) => Ok(batch.iter_mut().map(|p| apply(&mut outputs, p)).collect()),
+            Ok(mut outputs) => {
+                batch.iter_mut().for_each(|p| apply(&mut outputs, p));
+                Ok(())
+            }
             Err(gone @ ModelFailure::ThreadGone(_)) => Err(gone),
             Err(failure) => {
                 warn!(reason = %failure, messages = batch.len(), "a model failed on a batch; running its messages one by one");
-                let mut dense = Vec::with_capacity(batch.len());
                 for p in batch.iter_mut() {
                     if !matches!(p.decided, Decided::Valid(_)) {
-                        dense.push(None);
                         continue;
                     }
                     let (preparer, m, msg) = (self.preparer.clone(), models.clone(), p.msg.clone());
@@ -477,15 +494,14 @@ impl Pipeline {
                     .expect("a single message does not panic");
                     p.decided = decided;
                     match result {
-                        Ok(mut outputs) => dense.push(apply(&mut outputs, p)),
+                        Ok(mut outputs) => apply(&mut outputs, p),
                         Err(e @ ModelFailure::Input { .. }) => {
                             p.decided = Decided::Rejected(Rejection { class: "enrichment", message: e.to_string() });
-                            dense.push(None);
                         }
                         Err(machine) => return Err(machine),
                     }
                 }
-                Ok(dense)
+                Ok(())
             }
         }
     }
@@ -495,16 +511,35 @@ impl Pipeline {
     /// (after the upserts before it, so a later re-creation is not deleted). Acknowledged on
     /// return. When the store rejects what it is given for its content, the batch is halved
     /// until the messages it rejects are found; they become dead-letter rejections (class
-    /// `store`) and the rest is written. Any other error is returned.
-    async fn write_store(&self, batch: &mut [Prepared], per_message: Vec<Vec<StorePoint>>) -> Result<(), StoreError> {
-        let mut bounds = Vec::with_capacity(per_message.len());
-        let mut flat = Vec::with_capacity(per_message.iter().map(Vec::len).sum());
-        for points in per_message {
+    /// `store`, any of their points already stored deleted) and the rest is written. A batch
+    /// whose every message is rejected is the collection's problem: an error, like any other.
+    async fn write_store(&self, batch: &mut [Prepared]) -> Result<(), StoreError> {
+        // the messages' points side by side, so a run of messages is one upsert without copies
+        let mut bounds = Vec::with_capacity(batch.len());
+        let mut flat = Vec::new();
+        for p in batch.iter_mut() {
             let start = flat.len();
-            flat.extend(points);
+            if let Decided::Valid(v) = &mut p.decided {
+                flat.append(&mut v.points);
+            }
             bounds.push(start..flat.len());
         }
-        self.write_bisecting(batch, &flat, &bounds).await
+        let writable = batch.iter().filter(|p| matches!(p.decided, Decided::Valid(_) | Decided::Tombstone(_))).count();
+        self.write_bisecting(batch, &flat, &bounds).await?;
+        let rejected = batch.iter().filter(|p| matches!(&p.decided, Decided::Rejected(r) if r.class == "store")).count();
+        if writable > 1 && rejected == writable {
+            // every message refused: the collection, not the data (changed vector size, index
+            // type...); dead-lettering would move the whole stream into the DLQ
+            return Err(StoreError::Permanent(format!(
+                "the vector store rejected every one of {writable} messages of a batch; check the collection (qdrant.collection) — \
+                 first reason: {}",
+                batch.iter().find_map(|p| match &p.decided {
+                    Decided::Rejected(r) => Some(r.message.as_str()),
+                    _ => None,
+                }).unwrap_or_default()
+            )));
+        }
+        Ok(())
     }
 
     fn write_bisecting<'a>(
@@ -515,9 +550,15 @@ impl Pipeline {
     ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             match self.write_in_order(batch, flat, bounds).await {
-                Err(StoreError::Rejected(why)) if batch.len() == 1 && matches!(batch[0].decided, Decided::Valid(_)) => {
+                Err(StoreError::Rejected(why)) if batch.len() == 1 => {
                     let p = &mut batch[0];
-                    warn!(tp = %p.msg.tp, offset = p.msg.offset, reason = %why, "the vector store rejects this message's points");
+                    warn!(tp = %p.msg.tp, offset = p.msg.offset, reason = %why, "the vector store rejects this message's write");
+                    // a message whose points took several requests may have some stored: none
+                    // of a dead-lettered message stays searchable
+                    let ids: Vec<uuid::Uuid> = flat[bounds[0].clone()].iter().map(|point| point.id).collect();
+                    if !ids.is_empty() {
+                        self.store.delete_points(&ids).await?;
+                    }
                     p.decided = Decided::Rejected(Rejection { class: "store", message: why });
                     Ok(())
                 }

@@ -114,3 +114,28 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
     stop.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(30), worker).await.unwrap().unwrap().unwrap();
 }
+
+/// The telemetry port holds at most `MAX_CONNECTIONS` connections: clients that open
+/// connections and never send anything cannot grow the worker's tasks and descriptors without
+/// bound; a probe beyond the limit waits to be accepted and is answered as soon as a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_telemetry_port_holds_a_bounded_number_of_connections() {
+    use convoflow::telemetry::{self, MAX_CONNECTIONS, Readiness, liveness::Liveness};
+    let readiness = Arc::new(Readiness::default());
+    let liveness = Arc::new(Liveness::new(Duration::from_secs(15), Duration::from_secs(40)));
+    let addr = telemetry::serve("127.0.0.1:0", readiness, liveness).await.unwrap();
+    let port = addr.port();
+    assert_eq!(tokio::task::spawn_blocking(move || http_get(port, "/healthz")).await.unwrap().unwrap().0, 200);
+    let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        (http_get(port, "/healthz"), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!probe.is_finished(), "a connection over the limit is not served while the idle ones hold every slot");
+    drop(idle);
+    let (answer, took) = tokio::time::timeout(Duration::from_secs(10), probe).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap().0, 200, "answered once slots free");
+    assert!(took >= Duration::from_millis(1_500), "{took:?}");
+}

@@ -254,9 +254,9 @@ fn ner_on_a_turn_longer_than_512_tokens_finds_entities_after_token_600() {
 }
 
 #[test]
-fn model_manager_loads_eagerly_or_on_first_use() {
-    use convoflow::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
-    use convoflow::infer::manager::ModelManager;
+fn a_managed_model_loads_eagerly_or_on_first_use() {
+    use convoflow::config::ModelConfig;
+    use convoflow::infer::manager::ManagedModel;
     let cfg = |name: &str| ModelConfig {
         name: format!("fixture/{name}"),
         path: fixtures().join(name),
@@ -266,34 +266,28 @@ fn model_manager_loads_eagerly_or_on_first_use() {
         document_prefix: String::new(),
         query_template: "{query}".into(),
     };
-    let gpu = GpuConfig { device: "cpu".into(), ..Default::default() };
-    let mut models = ModelsConfig {
-        load_strategy: LoadStrategy::Eager,
-        embedding: None,
-        ner: Some(cfg("ner-camembert")),
-        sentiment: Some(cfg("sentiment-bert")),
-        stand_in: false,
-    };
-    let eager = ModelManager::new(&models, &gpu).unwrap();
-    assert!(eager.all_loaded());
-    let report = eager.sentiment.as_ref().unwrap().report().unwrap();
+    let cpu = tch::Device::Cpu;
+    let eager = ManagedModel::new(Task::SequenceClassification, cfg("sentiment-bert"), cpu).unwrap();
+    eager.ensure_loaded().unwrap();
+    assert!(eager.is_loaded());
+    let report = eager.report().unwrap();
     assert_eq!(report.kind, Kind::Float, "CPU runs fp32");
     assert!(report.parameter_bytes > 300 << 20, "BERT-base vocabulary alone is > 300 MiB in fp32");
 
-    models.load_strategy = LoadStrategy::OnDemand;
-    let lazy = ModelManager::new(&models, &gpu).unwrap();
-    assert!(!lazy.all_loaded());
-    let ner = lazy.ner.as_ref().unwrap();
+    let ner = ManagedModel::new(Task::TokenClassification, cfg("ner-camembert"), cpu).unwrap();
+    assert!(!ner.is_loaded(), "on demand: nothing loaded yet");
     let labels = ner.with(|m| m.labels.clone()).unwrap();
     assert_eq!(labels, ["O", "I-LOC", "I-PER", "I-MISC", "I-ORG"]);
-    assert!(ner.is_loaded() && !lazy.all_loaded());
+    assert!(ner.is_loaded());
     let first_load = ner.report().unwrap().seconds;
     ner.ensure_loaded().unwrap();
     assert_eq!(ner.report().unwrap().seconds, first_load, "loaded once");
 
-    models.sentiment = Some(ModelConfig { path: fixtures().join("missing"), ..cfg("sentiment-bert") });
-    models.load_strategy = LoadStrategy::Eager;
-    let err = format!("{:#}", ModelManager::new(&models, &gpu).err().unwrap());
+    let missing = ModelConfig { path: fixtures().join("missing"), ..cfg("sentiment-bert") };
+    let err = match ManagedModel::new(Task::SequenceClassification, missing, cpu).and_then(|m| m.ensure_loaded()) {
+        Err(e) => format!("{e:#}"),
+        Ok(()) => panic!("a missing folder loads"),
+    };
     assert!(err.contains("missing config.json"), "{err}");
 }
 

@@ -137,7 +137,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
     eprintln!("bench: waiting for the worker (models: {})", found.lines.join("; "));
     wait_ready(port, Duration::from_secs(300)).await?;
 
-    let produce = crate::cli::ProduceArgs {
+    let produce = crate::produce::ProduceArgs {
         count: args.conversations,
         input: None,
         format: WireFormat::Avro,
@@ -146,7 +146,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         whole: false,
         partitions: args.partitions as usize,
     };
-    crate::cli::produce(&cfg, produce).await?;
+    crate::produce::produce(&cfg, produce).await?;
     let reader = cfg.clone();
     let timeout = Duration::from_secs(1800);
     let (inputs, outputs) = tokio::task::spawn_blocking(move || -> Result<_> {

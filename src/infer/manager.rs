@@ -9,7 +9,7 @@ use tch::{Device, Kind};
 
 use super::batch::Budget;
 use super::{Model, Task, device};
-use crate::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
+use crate::config::ModelConfig;
 
 /// What loading a model took.
 #[derive(Debug, Clone)]
@@ -118,43 +118,3 @@ fn warm_up(model: &Model, budget: &Budget) -> Result<()> {
     Ok(())
 }
 
-pub struct ModelManager {
-    pub embedding: Option<ManagedModel>,
-    pub ner: Option<ManagedModel>,
-    pub sentiment: Option<ManagedModel>,
-    pub device: Device,
-}
-
-impl ModelManager {
-    /// Prepares the configured models; with `eager` loading, loads and warms them up now.
-    pub fn new(models: &ModelsConfig, gpu: &GpuConfig) -> Result<Self> {
-        let dev = device::parse_device(&gpu.device)?;
-        if dev == Device::Cpu && gpu.cpu_threads > 0 {
-            tch::set_num_threads(gpu.cpu_threads as i32);
-        }
-        let manage = |cfg: &Option<ModelConfig>, task: Task| -> Result<Option<ManagedModel>> {
-            cfg.as_ref().map(|c| ManagedModel::new(task, c.clone(), dev)).transpose()
-        };
-        let manager = Self {
-            embedding: manage(&models.embedding, Task::Embedding)?,
-            ner: manage(&models.ner, Task::TokenClassification)?,
-            sentiment: manage(&models.sentiment, Task::SequenceClassification)?,
-            device: dev,
-        };
-        if models.load_strategy == LoadStrategy::Eager {
-            for m in manager.all() {
-                m.ensure_loaded()?;
-            }
-        }
-        Ok(manager)
-    }
-
-    pub fn all(&self) -> impl Iterator<Item = &ManagedModel> {
-        [&self.embedding, &self.ner, &self.sentiment].into_iter().flatten()
-    }
-
-    /// True when every configured model is loaded (readiness).
-    pub fn all_loaded(&self) -> bool {
-        self.all().all(ManagedModel::is_loaded)
-    }
-}

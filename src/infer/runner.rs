@@ -322,7 +322,7 @@ impl StandInFault {
 }
 
 /// How long dropping a model thread waits for it to end.
-const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const JOIN_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
 impl Drop for ModelThread {
     fn drop(&mut self) {

@@ -132,8 +132,10 @@ pub struct Pending {
 /// Why the models did not give a micro-batch its outputs.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelFailure {
-    /// The model cannot take this input (it does not tokenize): the data's fault. A batch is
-    /// retried message by message, then the message is dead-lettered.
+    /// The model cannot take this input (its text does not tokenize): the data's fault. A batch
+    /// is retried message by message, then the message is dead-lettered. (The worker tokenizes
+    /// at the prepare stage, where such a text is already rejected, and hands the models token
+    /// ids: what fails on the model threads is then the machine's, `Runtime`.)
     #[error("the {task} model failed on this input: {message}")]
     Input { task: &'static str, message: String },
     /// The model or its device failed (libtorch/CUDA error, out of memory): the machine's

@@ -40,10 +40,17 @@ pub struct Tombstone {
 pub const TENANT_HEADER: &str = "tenant";
 
 /// A valid conversation: its text enrichment and the inputs of each configured model.
+/// It gathers what the later stages add, so each message travels as one value: the models'
+/// outputs (applied to `event`; the chunks' dense vectors in `dense`), then its store points.
 pub struct Valid {
     pub conversation: Conversation,
     pub event: EnrichedConversation,
+    /// Taken by the infer stage when it submits the batch.
     pub inputs: ModelInputs,
+    /// The dense vector of each chunk, once the embedding model ran (taken to build `points`).
+    pub dense: Option<Vec<Vec<f32>>>,
+    /// The chunks' points, built by the store stage (taken when they are written).
+    pub points: Vec<crate::sink::store::StorePoint>,
 }
 
 /// Model inputs of one conversation, tokenized already. Empty for a model that is not configured.
@@ -192,7 +199,7 @@ impl Preparer {
             return Decided::Rejected(Rejection { class: "validation", message: e.to_string() });
         }
         match self.enrich(&conversation, source_ref(msg)) {
-            Ok((event, inputs)) => Decided::Valid(Box::new(Valid { conversation, event, inputs })),
+            Ok((event, inputs)) => Decided::Valid(Box::new(Valid { conversation, event, inputs, dense: None, points: vec![] })),
             Err(e) => Decided::Rejected(Rejection { class: "enrichment", message: format!("{e:#}") }),
         }
     }

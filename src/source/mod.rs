@@ -81,6 +81,9 @@ pub struct SourceState {
     rebalanced: bool,
     /// Set at shutdown: the final revoke must not wait again for work already waited for.
     shutting_down: bool,
+    /// Set once the source has stopped handing out messages for good: nothing the pipeline
+    /// still holds can be completed any more.
+    pub left: bool,
 }
 
 #[derive(Default)]
@@ -381,6 +384,7 @@ fn shutdown(consumer: SourceConsumer, shared: Arc<SharedSource>, tx: mpsc::Sende
     // the pipeline stops here: what it has not completed by now cannot be committed by this
     // member any more, so it need not finish it (the worker's exit does not wait for it)
     drop(tx);
+    shared.lock().left = true;
     // may block for seconds while the group coordinator is away; the worker waits for it only
     // until shortly before the shutdown deadline
     commit(&consumer, &shared, CommitMode::Sync);

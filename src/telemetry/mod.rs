@@ -1,7 +1,8 @@
 //! Observability: Prometheus metrics (`metrics` facade, rendered by
 //! `metrics-exporter-prometheus`), and `/metrics`, `/healthz`, `/readyz` on one port
-//! (`telemetry.listen`). Every metric name is a constant here and documented in
-//! `docs/metrics.md`. `lag` watches consumer lag, `gpu` samples NVML and libtorch's allocator.
+//! (`telemetry.listen`, served by axum with a connection limit). Every metric name is a constant
+//! here and documented in `docs/metrics.md`. `lag` watches consumer lag, `gpu` samples NVML and
+//! libtorch's allocator (every 5 s, off the request path).
 
 pub mod gpu;
 pub mod lag;
@@ -11,9 +12,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use anyhow::{Context, Result};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
@@ -129,76 +138,133 @@ impl Readiness {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends. Returns the bound address
-/// (port 0 in `listen` picks a free one).
+/// At most this many telemetry connections at once: a scraper storm or clients that never
+/// close cannot take the worker's file descriptors and tasks; further ones wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A telemetry connection is closed this long after it was accepted (probes and scrapes take
+/// milliseconds; a client that holds one open cannot keep its slot).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How often the GPU and allocator gauges are sampled (off the request path).
+const GPU_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct Probes {
+    readiness: Arc<Readiness>,
+    liveness: Arc<liveness::Liveness>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (axum, HTTP/1.1) until the process ends, at most
+/// `MAX_CONNECTIONS` connections at once; samples the GPU gauges every `GPU_SAMPLE_INTERVAL`.
+/// Returns the bound address (port 0 in `listen` picks a free one).
 pub async fn serve(listen: &str, readiness: Arc<Readiness>, liveness: Arc<liveness::Liveness>) -> Result<SocketAddr> {
-    let handle = prometheus();
+    prometheus();
     let listener = TcpListener::bind(listen).await.with_context(|| format!("binding telemetry.listen {listen}"))?;
     let addr = listener.local_addr()?;
     info!(%addr, "serving /metrics, /healthz, /readyz");
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics_page))
+        .route("/healthz", axum::routing::get(|State(p): State<Probes>| async move { probe_answer(&p.liveness.problems(), "ok", "not alive") }))
+        .route("/readyz", axum::routing::get(|State(p): State<Probes>| async move { probe_answer(&p.readiness.problems(), "ready", "not ready") }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n") })
+        .with_state(Probes { readiness, liveness });
+    let listener = LimitedListener { inner: listener, slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)) };
     tokio::spawn(async move {
-        loop {
-            let (mut socket, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "telemetry accept failed");
-                    continue;
-                }
-            };
-            let (readiness, liveness) = (readiness.clone(), liveness.clone());
-            tokio::spawn(async move {
-                // Read the whole request head (it may arrive in pieces): closing a socket with
-                // unread bytes makes the kernel reset the connection under the response.
-                let mut buf = Vec::with_capacity(1024);
-                let mut chunk = [0u8; 1024];
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                    match tokio::time::timeout_at(deadline, socket.read(&mut chunk)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                        Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let request = String::from_utf8_lossy(&buf);
-                let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, content_type, body) = respond(path, &readiness, &liveness, handle).await;
-                let head = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                if let Err(e) = socket.write_all(head.as_bytes()).await.and(socket.write_all(body.as_bytes()).await) {
-                    debug!(error = %e, "telemetry client went away");
-                }
-                let _ = socket.shutdown().await;
-            });
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "the telemetry server stopped");
         }
     });
+    sample_gpu_periodically();
     Ok(addr)
 }
 
-async fn respond(
-    path: &str,
-    readiness: &Readiness,
-    liveness: &liveness::Liveness,
-    handle: &PrometheusHandle,
-) -> (&'static str, &'static str, String) {
-    match path.split('?').next().unwrap_or(path) {
-        "/metrics" => {
-            metrics::gauge!(READY).set(if readiness.ready() { 1.0 } else { 0.0 });
-            tokio::task::spawn_blocking(gpu::sample).await.ok();
-            ("200 OK", "text/plain; version=0.0.4", handle.render())
+async fn metrics_page(State(p): State<Probes>) -> impl IntoResponse {
+    metrics::gauge!(READY).set(if p.readiness.ready() { 1.0 } else { 0.0 });
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
+}
+
+/// Starts (once per process) the task that refreshes the GPU gauges.
+fn sample_gpu_periodically() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        tokio::spawn(async {
+            let mut every = tokio::time::interval(GPU_SAMPLE_INTERVAL);
+            loop {
+                every.tick().await;
+                let _ = tokio::task::spawn_blocking(gpu::sample).await;
+            }
+        });
+    });
+}
+
+/// The TCP listener, with one of `slots` held by every open connection.
+struct LimitedListener {
+    inner: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedConnection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        loop {
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    let closes = Box::pin(tokio::time::sleep(CONNECTION_LIFETIME));
+                    return (LimitedConnection { io, _slot: slot, closes }, addr);
+                }
+                Err(e) => {
+                    // out of file descriptors and the like: wait instead of spinning
+                    debug!(error = %e, "telemetry accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
-        "/healthz" => probe_answer(&liveness.problems(), "ok", "not alive"),
-        "/readyz" => probe_answer(&readiness.problems(), "ready", "not ready"),
-        _ => ("404 Not Found", "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A telemetry connection: holds its slot until dropped, and fails its reads once
+/// `CONNECTION_LIFETIME` has passed (the server then closes it).
+struct LimitedConnection {
+    io: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    closes: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl AsyncRead for LimitedConnection {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.closes.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "telemetry connection lifetime over")));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedConnection {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
 /// A probe's answer: 200 with `ok`, or 503 with `not_ok` and the problems.
-fn probe_answer(problems: &[impl AsRef<str>], ok: &str, not_ok: &str) -> (&'static str, &'static str, String) {
+fn probe_answer(problems: &[impl AsRef<str>], ok: &str, not_ok: &str) -> (StatusCode, String) {
     if problems.is_empty() {
-        ("200 OK", "text/plain", format!("{ok}\n"))
+        (StatusCode::OK, format!("{ok}\n"))
     } else {
         let problems: Vec<&str> = problems.iter().map(AsRef::as_ref).collect();
-        ("503 Service Unavailable", "text/plain", format!("{not_ok}: {}\n", problems.join("; ")))
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{not_ok}: {}\n", problems.join("; ")))
     }
 }

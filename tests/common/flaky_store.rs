@@ -54,6 +54,9 @@ impl VectorStore for FlakyStore {
     async fn delete_conversation(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
         self.inner.delete_conversation(tenant, id).await
     }
+    async fn delete_points(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError> {
+        self.inner.delete_points(ids).await
+    }
     async fn count(&self, filter: &SearchFilter) -> Result<u64, StoreError> {
         self.inner.count(filter).await
     }

@@ -536,7 +536,7 @@ pub fn wait_for_distinct_sources(topic: &str, expected: usize, timeout: Duration
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    std::io::Write::write_all(&mut s, format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
+    std::io::Write::write_all(&mut s, format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").as_bytes()).ok()?;
     let mut response = String::new();
     std::io::Read::read_to_string(&mut s, &mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;

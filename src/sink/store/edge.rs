@@ -330,6 +330,11 @@ impl VectorStore for EdgeStore {
         self.blocking(move |s| s.update(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(f)))).await
     }
 
+    async fn delete_points(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError> {
+        let ids: Vec<ExtendedPointId> = ids.iter().map(|id| ExtendedPointId::Uuid(*id)).collect();
+        self.blocking(move |s| s.update(UpdateOperation::PointOperation(PointOperations::DeletePoints { ids }))).await
+    }
+
     async fn count(&self, f: &SearchFilter) -> Result<u64, StoreError> {
         let request = CountRequest { filter: filter(f), exact: true };
         self.blocking(move |s| s.count(request)).await.map(|n| n as u64)

@@ -46,15 +46,7 @@ pub const INDEXED_FIELDS: &[(&str, FieldKind)] = &[
     ("ts", FieldKind::Datetime),
 ];
 
-/// Optional compression of the dense vectors.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Quantization {
-    #[default]
-    None,
-    /// int8 scalar quantization (quantile 0.99, kept in RAM), originals rescored.
-    Scalar,
-}
+pub use crate::config::Quantization;
 
 /// What the collection must look like.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,6 +198,8 @@ pub trait VectorStore: Send + Sync {
     /// Deletes every point of a tenant's conversation (filter delete on `tenant` and
     /// `conversation_id`; the empty tenant matches the points written without one), acknowledged.
     async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError>;
+    /// Deletes points by id, acknowledged (ids that do not exist are ignored).
+    async fn delete_points(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError>;
     /// Exact number of points matching the filter.
     async fn count(&self, filter: &SearchFilter) -> Result<u64, StoreError>;
     async fn search(&self, query: &HybridQuery) -> Result<Vec<Hit>, StoreError>;

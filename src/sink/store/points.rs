@@ -9,18 +9,7 @@ use uuid::Uuid;
 use super::StorePoint;
 use crate::event::{Conversation, EnrichedConversation, Entity, chunk_texts};
 
-/// How much of a turn's text goes into the payload.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PayloadText {
-    /// The chunk's text as is.
-    #[default]
-    Full,
-    /// No text (the search table then shows no snippet).
-    None,
-    /// The chunk's text with each recognised entity replaced by `[LABEL]`.
-    Masked,
-}
+pub use crate::config::PayloadText;
 
 /// `entity_values` term of an entity: label and lower-cased text, e.g. `PER:marie curie`.
 pub fn entity_term(label: &str, value: &str) -> String {

@@ -231,6 +231,17 @@ impl VectorStore for RemoteStore {
             .map_err(|e| classify(&self.url, e))
     }
 
+    async fn delete_points(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        let ids: Vec<qdrant_client::qdrant::PointId> = ids.iter().map(|id| id.to_string().into()).collect();
+        self.client
+            .delete_points(
+                DeletePointsBuilder::new(&self.collection).points(qdrant_client::qdrant::PointsIdsList { ids }).wait(true),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| classify(&self.url, e))
+    }
+
     async fn count(&self, f: &SearchFilter) -> Result<u64, StoreError> {
         let mut request = CountPointsBuilder::new(&self.collection).exact(true);
         if let Some(f) = filter(f) {

@@ -11,29 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::{StoreError, StorePoint, VectorStore};
 
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RetryPolicy {
-    /// Attempts per call, the first included; 0: no limit.
-    pub max_attempts: u32,
-    pub initial_backoff_ms: u64,
-    pub max_backoff_ms: u64,
-    /// How long one call may keep retrying transient errors, from its first attempt; unset: no
-    /// limit. (qdrant-client itself retries a timed-out request once on a fresh channel, so one
-    /// attempt can take up to twice `qdrant.timeout_ms`.)
-    pub max_elapsed_ms: Option<u64>,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self { max_attempts: 0, initial_backoff_ms: 100, max_backoff_ms: 10_000, max_elapsed_ms: None }
-    }
-}
+pub use crate::config::{BatchLimits, RetryPolicy};
 
 impl RetryPolicy {
     /// Delay before retry `n` (1-based): exponential, capped, with "equal jitter" (half fixed,
@@ -49,20 +31,6 @@ impl RetryPolicy {
         let attempts_left = self.max_attempts == 0 || attempts < self.max_attempts;
         let time_left = self.max_elapsed_ms.is_none_or(|ms| (first.elapsed() + delay).as_millis() as u64 <= ms);
         attempts_left && time_left
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BatchLimits {
-    pub max_points: usize,
-    /// Approximate request size (vectors + payload).
-    pub max_bytes: usize,
-}
-
-impl Default for BatchLimits {
-    fn default() -> Self {
-        Self { max_points: 256, max_bytes: 8 << 20 }
     }
 }
 
@@ -141,6 +109,10 @@ impl StoreWriter {
             }
         }
         Ok(())
+    }
+
+    pub async fn delete_points(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError> {
+        self.with_retry("delete", || self.store.delete_points(ids)).await
     }
 
     pub async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError> {
