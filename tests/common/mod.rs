@@ -361,9 +361,23 @@ pub fn committed(group: &str, topic: &str) -> BTreeMap<i32, i64> {
 
 pub fn high_watermarks(topic: &str) -> BTreeMap<i32, i64> {
     let consumer: BaseConsumer = client().create().unwrap();
-    (0..partition_count(topic))
-        .map(|p| (p, consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1))
-        .collect()
+    (0..partition_count(topic)).map(|p| (p, watermarks(&consumer, topic, p).1)).collect()
+}
+
+/// A partition's (low, high) watermarks; retried for up to 10 s while the cluster's metadata
+/// settles (a topic just created can answer "not leader for partition" for a moment).
+fn watermarks(consumer: &BaseConsumer, topic: &str, partition: i32) -> (i64, i64) {
+    let started = Instant::now();
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return w,
+            Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("watermarks of {topic}[{partition}]: {e}"),
+        }
+    }
 }
 
 /// Lag per partition: high watermark minus committed offset.
@@ -373,7 +387,7 @@ pub fn records_in(topic: &str) -> i64 {
     let c: BaseConsumer = client().create().unwrap();
     (0..partition_count(topic))
         .map(|p| {
-            let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+            let (low, high) = watermarks(&c, topic, p);
             high - low
         })
         .sum()
