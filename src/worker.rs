@@ -656,8 +656,7 @@ async fn form_batches(
             break;
         }
     }
-    flight.abandon();
-    flight.ended.notify_one();
+    flight.abandon(); // also wakes a waiter on `ended`
 }
 
 /// The prepare stage: up to `workers` micro-batches at once on blocking threads (each spreads

@@ -10,22 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use convoflow::event::Conversation;
-use convoflow::sample::SampleGenerator;
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Throttled settings so a run lasts long enough to be interrupted mid-way.
-const SLOW: &[(&str, &str)] = &[
-    ("CONVOFLOW__PIPELINE__MAX_IN_FLIGHT", "4"),
-    ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "2"),
-    ("CONVOFLOW__PIPELINE__QUEUE_CAPACITY", "2"),
-];
-
-fn sample_events(seed: u64, conversations: u64) -> Vec<Conversation> {
-    let g = SampleGenerator::new(seed);
-    (0..conversations).flat_map(|n| g.conversation_events(n)).collect()
-}
 
 /// A test's own broker, used by every helper until the returned guard drops.
 struct Scene {
@@ -95,11 +81,7 @@ async fn a_broker_restart_mid_run_is_ridden_out_without_a_worker_restart_and_not
 
     let back = Instant::now();
     let records = wait_for_distinct_sources(&topics.output, total, Duration::from_secs(180));
-    wait_until("lag 0", Duration::from_secs(60), {
-        let (group, input) = (topics.group.clone(), topics.input.clone());
-        move || lag(&group, &input).values().all(|&l| l == 0)
-    })
-    .await;
+    wait_for_lag_zero(&topics, Duration::from_secs(60)).await;
     println!("broker-restart: drained {:.1} s after the broker came back", back.elapsed().as_secs_f64());
     assert!(worker.child.try_wait().unwrap().is_none(), "the worker is still the same process");
     worker.signal("TERM");
@@ -198,11 +180,7 @@ async fn ten_sigkills_at_random_moments_lose_nothing_and_leave_each_chunk_once_i
 
     let mut last = Worker::start("w", &topics, &[]);
     let records = wait_for_distinct_sources(&topics.output, total, Duration::from_secs(180));
-    wait_until("lag 0", Duration::from_secs(30), {
-        let (group, input) = (topics.group.clone(), topics.input.clone());
-        move || lag(&group, &input).values().all(|&l| l == 0)
-    })
-    .await;
+    wait_for_lag_zero(&topics, Duration::from_secs(30)).await;
     last.signal("TERM");
     assert_eq!(last.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", last.log_text());
     let (lost, duplicates) = losses_and_duplicates(&topics.input, &records);
@@ -279,11 +257,7 @@ async fn a_store_outage_is_waited_out(name: &str, outage: Duration) {
     flaky.down.store(false, Ordering::SeqCst);
     let back = Instant::now();
     let records = wait_for_distinct_sources(&topics.output, events.len(), Duration::from_secs(120));
-    wait_until("lag 0", Duration::from_secs(30), {
-        let (group, input) = (topics.group.clone(), topics.input.clone());
-        move || lag(&group, &input).values().all(|&l| l == 0)
-    })
-    .await;
+    wait_for_lag_zero(&topics, Duration::from_secs(30)).await;
     let drained = back.elapsed();
     stop.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap().unwrap();
@@ -336,11 +310,7 @@ async fn two_paused_members_one_sigkilled_the_other_drains_everything() {
     assert_eq!(b.wait_exit(Duration::from_secs(5)).0, None);
     let killed_at = records_in(&topics.output);
     let records = wait_for_distinct_sources(&topics.output, events.len(), Duration::from_secs(180));
-    wait_until("lag 0", Duration::from_secs(30), {
-        let (group, input) = (topics.group.clone(), topics.input.clone());
-        move || lag(&group, &input).values().all(|&l| l == 0)
-    })
-    .await;
+    wait_for_lag_zero(&topics, Duration::from_secs(30)).await;
     assert_eq!(a.assignments().last().map_or(0, Vec::len), 4, "A took every partition: {:?}", a.assignments());
     a.signal("TERM");
     assert_eq!(a.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", a.log_text());

@@ -12,16 +12,18 @@ use convoflow::codec::{RecordCodec, WireFormat};
 use convoflow::event::Conversation;
 use convoflow::sample::SampleGenerator;
 
-/// Throttled settings so a run lasts long enough to be interrupted mid-way.
-const SLOW: &[(&str, &str)] = &[
-    ("CONVOFLOW__PIPELINE__MAX_IN_FLIGHT", "4"),
-    ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "2"),
-    ("CONVOFLOW__PIPELINE__QUEUE_CAPACITY", "2"),
-];
-
-fn sample_events(seed: u64, conversations: u64) -> Vec<Conversation> {
-    let g = SampleGenerator::new(seed);
-    (0..conversations).flat_map(|n| g.conversation_events(n)).collect()
+/// Sample conversation `n` with `turns` turns of the same sentence, as a keyed Avro record.
+fn keyed_with_turns(g: &SampleGenerator, codec: &RecordCodec<Conversation>, n: u64, turns: usize) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    let mut c = g.conversation(n);
+    let t = c.turns[0].clone();
+    c.turns = (0..turns)
+        .map(|i| convoflow::event::Turn {
+            turn_id: format!("t{i}"),
+            text: "the quick brown fox jumps over the lazy dog again and again".into(),
+            ..t.clone()
+        })
+        .collect();
+    (Some(c.conversation_id.clone().into_bytes()), Some(codec.encode(&c).unwrap()))
 }
 
 /// Input records of a topic as (partition, offset) -> decoded conversation.
@@ -354,18 +356,7 @@ async fn outputs_too_large_to_produce_are_dead_lettered_and_the_partition_moves_
     create_topic(&topics.input, 1).await;
     let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
     let g = SampleGenerator::new(71);
-    let with_turns = |n: u64, turns: usize| {
-        let mut c = g.conversation(n);
-        let t = c.turns[0].clone();
-        c.turns = (0..turns)
-            .map(|i| convoflow::event::Turn {
-                turn_id: format!("t{i}"),
-                text: "the quick brown fox jumps over the lazy dog again and again".into(),
-                ..t.clone()
-            })
-            .collect();
-        (Some(c.conversation_id.clone().into_bytes()), Some(codec.encode(&c).unwrap()))
-    };
+    let with_turns = |n: u64, turns: usize| keyed_with_turns(&g, &codec, n, turns);
     // 200 turns: ~17 KB in, ~41 KB enriched; 370 turns: ~31 KB in, over the limit itself
     let records = vec![with_turns(0, 2), with_turns(1, 200), with_turns(2, 370), with_turns(3, 2)];
     let (big, bigger) = (records[1].1.clone().unwrap(), records[2].1.clone().unwrap());
@@ -401,18 +392,7 @@ async fn records_over_the_topics_own_size_limit_are_dead_lettered_alone_not_with
     create_topic_with(&topics.dlq(), 1, &small).await;
     let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
     let g = SampleGenerator::new(72);
-    let with_turns = |n: u64, turns: usize| {
-        let mut c = g.conversation(n);
-        let t = c.turns[0].clone();
-        c.turns = (0..turns)
-            .map(|i| convoflow::event::Turn {
-                turn_id: format!("t{i}"),
-                text: "the quick brown fox jumps over the lazy dog again and again".into(),
-                ..t.clone()
-            })
-            .collect();
-        (Some(c.conversation_id.clone().into_bytes()), Some(codec.encode(&c).unwrap()))
-    };
+    let with_turns = |n: u64, turns: usize| keyed_with_turns(&g, &codec, n, turns);
     // 120 turns: ~10 KB in (its DLQ copy fits), ~25 KB enriched (too large); 370 turns: ~31 KB in
     // (its DLQ copy is too large too: cut to half the limit)
     let records = vec![with_turns(0, 2), with_turns(1, 120), with_turns(2, 370), with_turns(3, 2)];
@@ -422,11 +402,7 @@ async fn records_over_the_topics_own_size_limit_are_dead_lettered_alone_not_with
     let mut worker = Worker::start("broker-too-large", &topics, &[]);
     let dlq = read_topic(&topics.dlq(), 2, Duration::from_secs(60), Duration::ZERO);
     let out = read_topic(&topics.output, 2, Duration::from_secs(30), Duration::ZERO);
-    wait_until("lag 0", Duration::from_secs(20), {
-        let (group, input) = (topics.group.clone(), topics.input.clone());
-        move || lag(&group, &input).values().all(|&l| l == 0)
-    })
-    .await;
+    wait_for_lag_zero(&topics, Duration::from_secs(20)).await;
     worker.signal("TERM");
     assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
     assert_eq!(out.len(), 2, "the small ones are enriched");

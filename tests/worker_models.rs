@@ -44,6 +44,34 @@ fn config(topics: &Topics) -> Config {
     cfg
 }
 
+/// Environment of a `convoflow run` process with the three models of this file (CPU), plus
+/// `extra` settings.
+fn models_env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
+    let path = |p: PathBuf| p.to_str().unwrap().to_string();
+    let mut env: Vec<(String, String)> = [
+        ("CONVOFLOW__GPU__DEVICE", "cpu".to_string()),
+        ("CONVOFLOW__QDRANT__DENSE_DIM", "384".into()),
+        ("CONVOFLOW__MODELS__EMBEDDING__NAME", "sentence-transformers/all-MiniLM-L6-v2".into()),
+        ("CONVOFLOW__MODELS__EMBEDDING__PATH", path(env_path("CONVOFLOW_MINILM"))),
+        ("CONVOFLOW__MODELS__NER__NAME", "camembert-ner architecture (random, untrained)".into()),
+        ("CONVOFLOW__MODELS__NER__PATH", path(fixtures.join("ner-camembert"))),
+        ("CONVOFLOW__MODELS__SENTIMENT__NAME", "nlptown architecture (random, untrained)".into()),
+        ("CONVOFLOW__MODELS__SENTIMENT__PATH", path(fixtures.join("sentiment-bert"))),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
+/// `Worker::start` with `env` (owned pairs).
+fn start_worker(name: &str, topics: &Topics, env: &[(String, String)]) -> Worker {
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Worker::start(name, topics, &refs)
+}
+
 const PLANTED: &str = "My electric scooter caught fire in the garage last night and the fire brigade came";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,29 +167,18 @@ async fn sigkill_mid_run_with_models_then_restart_keeps_every_chunk_once_in_the_
     let events: Vec<Conversation> = (0..60).flat_map(|n| g.conversation_events(n)).collect();
     produce_conversations(&topics.input, &events).await;
     let total = events.len();
-    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
-    let minilm = env_path("CONVOFLOW_MINILM");
-    let (ner, sentiment) = (fixtures.join("ner-camembert"), fixtures.join("sentiment-bert"));
-    let env = [
-        ("CONVOFLOW__GPU__DEVICE", "cpu"),
-        ("CONVOFLOW__QDRANT__DENSE_DIM", "384"),
-        ("CONVOFLOW__MODELS__EMBEDDING__NAME", "sentence-transformers/all-MiniLM-L6-v2"),
-        ("CONVOFLOW__MODELS__EMBEDDING__PATH", minilm.to_str().unwrap()),
-        ("CONVOFLOW__MODELS__NER__NAME", "camembert-ner architecture (random, untrained)"),
-        ("CONVOFLOW__MODELS__NER__PATH", ner.to_str().unwrap()),
-        ("CONVOFLOW__MODELS__SENTIMENT__NAME", "nlptown architecture (random, untrained)"),
-        ("CONVOFLOW__MODELS__SENTIMENT__PATH", sentiment.to_str().unwrap()),
+    let env = models_env(&[
         ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "4"),
-    ];
+    ]);
 
     // the same worker name both times: the restart reopens the same embedded store
-    let mut first = Worker::start("w", &topics, &env);
+    let mut first = start_worker("w", &topics, &env);
     let seen = read_topic(&topics.output, total / 3, Duration::from_secs(180), Duration::ZERO);
     first.signal("KILL");
     assert_eq!(first.wait_exit(Duration::from_secs(5)).0, None, "killed by the signal");
     assert!(seen.len() < total, "the first worker must be interrupted mid-run ({} of {total})", seen.len());
 
-    let mut second = Worker::start("w", &topics, &env);
+    let mut second = start_worker("w", &topics, &env);
     let records = wait_for_distinct_sources(&topics.output, total, Duration::from_secs(240));
     std::thread::sleep(Duration::from_millis(1500));
     second.signal("TERM");
@@ -194,22 +211,11 @@ async fn sigterm_during_a_long_model_batch_exits_within_the_shutdown_timeout() {
     let g = SampleGenerator::new(34);
     let events: Vec<Conversation> = (0..150).flat_map(|n| g.conversation_events(n)).collect();
     produce_conversations(&topics.input, &events).await;
-    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
-    let minilm = env_path("CONVOFLOW_MINILM");
-    let (ner, sentiment) = (fixtures.join("ner-camembert"), fixtures.join("sentiment-bert"));
-    let env = [
-        ("CONVOFLOW__GPU__DEVICE", "cpu"),
-        ("CONVOFLOW__QDRANT__DENSE_DIM", "384"),
-        ("CONVOFLOW__MODELS__EMBEDDING__NAME", "sentence-transformers/all-MiniLM-L6-v2"),
-        ("CONVOFLOW__MODELS__EMBEDDING__PATH", minilm.to_str().unwrap()),
-        ("CONVOFLOW__MODELS__NER__NAME", "camembert-ner architecture (random, untrained)"),
-        ("CONVOFLOW__MODELS__NER__PATH", ner.to_str().unwrap()),
-        ("CONVOFLOW__MODELS__SENTIMENT__NAME", "nlptown architecture (random, untrained)"),
-        ("CONVOFLOW__MODELS__SENTIMENT__PATH", sentiment.to_str().unwrap()),
+    let env = models_env(&[
         ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "64"),
         ("CONVOFLOW__PIPELINE__SHUTDOWN_TIMEOUT_MS", "2000"),
-    ];
-    let mut worker = Worker::start("w", &topics, &env);
+    ]);
+    let mut worker = start_worker("w", &topics, &env);
     // the first batch is out: the next ones are on the model threads
     let first = read_topic(&topics.output, 1, Duration::from_secs(180), Duration::ZERO);
     assert!(!first.is_empty());
@@ -241,30 +247,12 @@ async fn a_dead_model_thread_or_a_device_fault_stops_the_worker_uncommitted_and_
     let g = SampleGenerator::new(35);
     let events: Vec<Conversation> = (0..40).flat_map(|n| g.conversation_events(n)).collect();
     produce_conversations(&topics.input, &events).await;
-    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
-    let minilm = env_path("CONVOFLOW_MINILM");
-    let (ner, sentiment) = (fixtures.join("ner-camembert"), fixtures.join("sentiment-bert"));
-    let env = |fault: Option<&'static str>| {
-        let mut env = vec![
-            ("CONVOFLOW__MODELS__STAND_IN", "true".to_string()),
-            ("CONVOFLOW__QDRANT__DENSE_DIM", "384".into()),
-            ("CONVOFLOW__MODELS__EMBEDDING__NAME", "stand-in embedding".into()),
-            ("CONVOFLOW__MODELS__EMBEDDING__PATH", minilm.to_str().unwrap().into()),
-            ("CONVOFLOW__MODELS__NER__NAME", "stand-in ner".into()),
-            ("CONVOFLOW__MODELS__NER__PATH", ner.to_str().unwrap().into()),
-            ("CONVOFLOW__MODELS__SENTIMENT__NAME", "stand-in sentiment".into()),
-            ("CONVOFLOW__MODELS__SENTIMENT__PATH", sentiment.to_str().unwrap().into()),
-            ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "4".into()),
-        ];
+    let start = |fault: Option<&str>| {
+        let mut settings = vec![("CONVOFLOW__MODELS__STAND_IN", "true"), ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "4")];
         if let Some(fault) = fault {
-            env.push(("CONVOFLOW_STAND_IN_FAULT", fault.into()));
+            settings.push(("CONVOFLOW_STAND_IN_FAULT", fault));
         }
-        env
-    };
-    let start = |fault| {
-        let env = env(fault);
-        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Worker::start("w", &topics, &refs)
+        start_worker("w", &topics, &models_env(&settings))
     };
     for (fault, says) in [("fail-after:3", "stand-in fault: a device error"), ("panic-after:5", "model thread stopped")] {
         let mut worker = start(Some(fault));
@@ -286,11 +274,7 @@ async fn a_dead_model_thread_or_a_device_fault_stops_the_worker_uncommitted_and_
     }
     let mut worker = start(None);
     let records = wait_for_distinct_sources(&topics.output, events.len(), Duration::from_secs(120));
-    wait_until("lag 0", Duration::from_secs(30), {
-        let (group, input) = (topics.group.clone(), topics.input.clone());
-        move || lag(&group, &input).values().all(|&l| l == 0)
-    })
-    .await;
+    wait_for_lag_zero(&topics, Duration::from_secs(30)).await;
     worker.signal("TERM");
     assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
     assert_eq!(by_source(&records).len(), events.len(), "every input enriched after the restart");

@@ -132,8 +132,4 @@ impl Halt {
     pub fn take(&self) -> Option<anyhow::Error> {
         self.first.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
-
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
 }

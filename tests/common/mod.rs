@@ -254,6 +254,26 @@ pub async fn wait_until(what: &str, timeout: Duration, check: impl Fn() -> bool 
     }
 }
 
+/// Throttled worker settings (4 messages in flight, batches of 2) so a run lasts long enough
+/// to be interrupted mid-way.
+pub const SLOW: &[(&str, &str)] = &[
+    ("CONVOFLOW__PIPELINE__MAX_IN_FLIGHT", "4"),
+    ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "2"),
+    ("CONVOFLOW__PIPELINE__QUEUE_CAPACITY", "2"),
+];
+
+/// The events of `conversations` sample conversations (several events each).
+pub fn sample_events(seed: u64, conversations: u64) -> Vec<Conversation> {
+    let g = convoflow::sample::SampleGenerator::new(seed);
+    (0..conversations).flat_map(|n| g.conversation_events(n)).collect()
+}
+
+/// Waits until `topics`' group has committed everything of its input (lag 0 on every partition).
+pub async fn wait_for_lag_zero(topics: &Topics, timeout: Duration) {
+    let (group, input) = (topics.group.clone(), topics.input.clone());
+    wait_until("lag 0", timeout, move || lag(&group, &input).values().all(|&l| l == 0)).await;
+}
+
 /// Avro-encodes conversations and produces them keyed by conversation id.
 pub async fn produce_conversations(topic: &str, events: &[Conversation]) -> Vec<(i32, i64)> {
     let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
