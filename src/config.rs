@@ -47,6 +47,26 @@ pub struct KafkaConfig {
     /// default, 5 minutes). A record not delivered by then stops the worker, its message
     /// uncommitted: a broker outage longer than this becomes a restart.
     pub delivery_timeout_ms: u32,
+    /// `at_least_once` (default: offsets committed after the outputs were delivered; a crash
+    /// or a rebalance can duplicate outputs) or `exactly_once` (Kafka transactions: outputs and
+    /// offsets commit together; `read_committed` consumers of the output and DLQ topics see each
+    /// input once). See docs/reliability.md.
+    pub delivery: Delivery,
+    /// `exactly_once`: the producer's `transactional.id` is
+    /// `<transactional_id_prefix>.<group_id>.<instance_id>`.
+    pub transactional_id_prefix: String,
+    /// `exactly_once`: this worker's stable identity (a StatefulSet's pod name, so that a
+    /// restarted pod fences its predecessor and aborts its open transaction at once). Empty:
+    /// `$HOSTNAME`, else the host name.
+    pub instance_id: String,
+    /// `exactly_once`: the broker aborts a transaction open longer than this
+    /// (`transaction.timeout.ms`); also how long `read_committed` readers may wait behind the
+    /// open transaction of a worker that died and is not restarted under the same instance id.
+    /// Deliveries are retried for at most this long.
+    pub transaction_timeout_ms: u32,
+    /// `exactly_once`: a transaction is committed every `commit_interval_ms`, or sooner once it
+    /// holds this many input messages.
+    pub transaction_max_messages: usize,
     /// Authentication and encryption, applied to every client (consumer, producer, admin,
     /// lag monitor, read-back).
     pub security: KafkaSecurity,
@@ -281,6 +301,11 @@ impl Default for KafkaConfig {
             compression: "lz4".into(),
             message_max_bytes: 16 * 1024 * 1024,
             delivery_timeout_ms: 300_000,
+            delivery: Delivery::AtLeastOnce,
+            transactional_id_prefix: "convoflow".into(),
+            instance_id: String::new(),
+            transaction_timeout_ms: 60_000,
+            transaction_max_messages: 5_000,
             security: KafkaSecurity::default(),
             client: BTreeMap::new(),
         }
@@ -291,6 +316,26 @@ impl KafkaConfig {
     pub fn dlq_topic(&self) -> String {
         if self.dlq_topic.is_empty() { format!("{}.dlq", self.input_topic) } else { self.dlq_topic.clone() }
     }
+
+    /// The transactional producer's `transactional.id` (`exactly_once`).
+    pub fn transactional_id(&self) -> String {
+        let instance = if !self.instance_id.is_empty() {
+            self.instance_id.clone()
+        } else {
+            std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
+            })
+        };
+        format!("{}.{}.{}", self.transactional_id_prefix, self.group_id, instance)
+    }
+}
+
+/// What the output topic promises its readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    AtLeastOnce,
+    ExactlyOnce,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -670,6 +715,17 @@ impl Config {
             );
         }
         k.security.validate()?;
+        if k.delivery == Delivery::ExactlyOnce {
+            if k.transactional_id_prefix.is_empty() || k.transaction_max_messages == 0 || k.transaction_timeout_ms < 1_000 {
+                bail!(
+                    "kafka.delivery exactly_once needs kafka.transactional_id_prefix, transaction_max_messages > 0 \
+                     and transaction_timeout_ms >= 1000"
+                );
+            }
+            if k.client.keys().any(|key| key.replace('_', ".").eq_ignore_ascii_case("transactional.id")) {
+                bail!("kafka.client.transactional.id is not accepted: it is derived from kafka.transactional_id_prefix and instance_id");
+            }
+        }
         if self.codec.output == WireFormat::Auto {
             bail!("codec.output must be avro, confluent or json");
         }

@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::codec::registry::{self, RegistryLookup, SchemaRegistry};
 use crate::codec::{AvroSchemas, InMemorySchemaLookup, Record, RecordCodec, WireFormat};
-use crate::config::{CodecConfig, Config, PipelineConfig};
+use crate::config::{CodecConfig, Config, Delivery, PipelineConfig};
 use crate::event::{Conversation, EnrichedConversation, ModelInfo};
 use crate::infer::tokenize::ModelTokenizer;
 use crate::pipeline::breaker::DlqBreaker;
@@ -26,6 +26,7 @@ use crate::pipeline::emit::{EmitSettings, Emitter, Stored};
 use crate::pipeline::stage::{Busy, Flight, Halt, STAGE_INFER, STAGE_PREPARE, STAGE_STORE, keep_current, record_depth};
 use crate::sink::dlq::Rejection;
 use crate::sink::producer::EventProducer;
+use crate::sink::transactions::Transactions;
 use crate::sink::store::points::{PayloadText, points_for};
 use crate::sink::store::writer::StoreWriter;
 use crate::sink::store::{self, Bootstrap, StoreError, StorePoint, VectorStore};
@@ -163,8 +164,22 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         }
         _ => kafka.message_max_bytes,
     };
-    let producer = EventProducer::new(kafka, message_max_bytes)?;
     let halt = Arc::new(Halt::new(stop.clone()));
+    let (producer, transactions) = match kafka.delivery {
+        Delivery::AtLeastOnce => (EventProducer::new(kafka, message_max_bytes)?, None),
+        Delivery::ExactlyOnce => {
+            let k = kafka.clone();
+            let producer = tokio::task::spawn_blocking(move || EventProducer::transactional(&k, message_max_bytes, TRANSACTION_INIT_TIMEOUT))
+                .await
+                .context("initialising transactions")??;
+            let txn = Arc::new(Transactions::new(producer.client(), kafka.transaction_max_messages, TRANSACTION_CALL_TIMEOUT));
+            (producer, Some(txn))
+        }
+    };
+    let committer = match &transactions {
+        Some(txn) => source::Committer::Transactions { txn: txn.clone(), halt: halt.clone() },
+        None => source::Committer::Offsets,
+    };
     let emitter = Emitter::new(
         output_codec,
         producer.clone(),
@@ -173,6 +188,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
             dlq_topic,
             group_id: kafka.group_id.clone(),
             message_max_bytes: message_max_bytes as usize,
+            transactions,
         },
         DlqBreaker::new(cfg.pipeline.dlq_max_consecutive, cfg.pipeline.dlq_max_ratio, cfg.pipeline.dlq_window),
         shared.clone(),
@@ -194,12 +210,14 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         kafka,
         pipeline.shared.clone(),
         Duration::from_millis(cfg.pipeline.shutdown_timeout_ms.min(5_000)),
+        committer.clone(),
     )?;
     let (tx, rx) = mpsc::channel(cfg.pipeline.queue_capacity);
     let shutdown = source::ShutdownClock::watch(stop.clone(), Duration::from_millis(cfg.pipeline.shutdown_timeout_ms));
     let settings = SourceSettings {
         max_in_flight: cfg.pipeline.max_in_flight,
         commit_interval: Duration::from_millis(kafka.commit_interval_ms),
+        committer,
         shutdown: shutdown.clone(),
         liveness,
     };
@@ -225,7 +243,12 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     if let Err(e) = producer.flush(shutdown.remaining(Duration::from_millis(300))) {
         warn!(error = %format!("{e:#}"), "records still queued at exit were not delivered; their messages stay uncommitted");
     }
-    store.flush().await.context("flushing the vector store")?;
+    // bounded as well (at least a second, so a healthy flush finishes): what the store
+    // acknowledged is in its write-ahead log, so an exit mid-flush loses nothing
+    match tokio::time::timeout(shutdown.remaining(Duration::ZERO).max(Duration::from_secs(1)), store.flush()).await {
+        Ok(flushed) => flushed.context("flushing the vector store")?,
+        Err(_) => warn!("the vector store did not flush in time; its write-ahead log holds what it acknowledged"),
+    }
     drop(lag_monitor);
     info!(
         enriched = stats.enriched,
@@ -243,6 +266,12 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
 /// Room left under a topic's `max.message.bytes` for the record batch's own framing (the broker
 /// compares whole batches with it; librdkafka checks records without it).
 const BATCH_FRAMING: u32 = 512;
+/// Bound on each transactional call of the poll thread (send offsets, commit, abort): short, so
+/// the thread keeps polling (liveness) while the coordinator is away; a call that times out is
+/// retried at the next commit interval.
+const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(4);
+/// Bound on `init_transactions` at start (it fences and aborts a predecessor's transaction).
+const TRANSACTION_INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {

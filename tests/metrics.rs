@@ -117,7 +117,8 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
 
 /// The telemetry port holds at most `MAX_CONNECTIONS` connections: clients that open
 /// connections and never send anything cannot grow the worker's tasks and descriptors without
-/// bound; a probe beyond the limit waits to be accepted and is answered as soon as a slot frees.
+/// bound; a probe beyond the limit waits to be accepted, and is answered once the idle ones are
+/// closed (after 5 s without a byte) or as soon as a slot frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_telemetry_port_holds_a_bounded_number_of_connections() {
     use convoflow::telemetry::{self, MAX_CONNECTIONS, Readiness, liveness::Liveness};
@@ -134,8 +135,26 @@ async fn the_telemetry_port_holds_a_bounded_number_of_connections() {
     });
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(!probe.is_finished(), "a connection over the limit is not served while the idle ones hold every slot");
+    // the idle connections stay open on the client's side: the server closes them
+    let (answer, took) = tokio::time::timeout(Duration::from_secs(10), probe).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap().0, 200, "answered once the idle connections are closed");
+    assert!(took >= Duration::from_millis(1_500) && took < Duration::from_secs(8), "{took:?}");
+    for mut c in idle {
+        use std::io::Read;
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(c.read(&mut [0u8; 16]).unwrap(), 0, "the server closed an idle connection");
+    }
+    // a slot frees as soon as a client closes its connection
+    let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        (http_get(port, "/healthz"), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(!probe.is_finished());
     drop(idle);
     let (answer, took) = tokio::time::timeout(Duration::from_secs(10), probe).await.unwrap().unwrap();
     assert_eq!(answer.unwrap().0, 200, "answered once slots free");
-    assert!(took >= Duration::from_millis(1_500), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
 }

@@ -38,6 +38,8 @@ pub struct E2eArgs {
 #[derive(Debug, Serialize)]
 pub struct E2eReport {
     pub brokers: String,
+    /// `kafka.delivery` of the run: at_least_once or exactly_once.
+    pub delivery: crate::config::Delivery,
     pub device: String,
     pub models: Vec<String>,
     pub conversations: u64,
@@ -188,6 +190,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
     let tokens: i64 = outputs.iter().map(|(_, e)| e.total_tokens).sum();
     let report = E2eReport {
         brokers: cfg.kafka.brokers.clone(),
+        delivery: cfg.kafka.delivery,
         device: format!("{device:?}"),
         models: found.lines,
         conversations: args.conversations,
@@ -349,7 +352,10 @@ fn padding_shares(text: &str) -> std::collections::BTreeMap<String, f64> {
 }
 
 pub fn print(r: &E2eReport) {
-    println!("convoflow end-to-end bench (broker {}, device {}, embedded Qdrant engine)", r.brokers, r.device);
+    println!(
+        "convoflow end-to-end bench (broker {}, device {}, embedded Qdrant engine, delivery {:?})",
+        r.brokers, r.device, r.delivery
+    );
     for m in &r.models {
         println!("  model {m}");
     }

@@ -14,6 +14,11 @@
 //! producer error, a broker refusing a batch the limits should have kept small (a topic's limit
 //! lowered while the worker runs) — is the machine's, not the data's: the worker stops, the
 //! message stays uncommitted, and the restarted worker reads the limits again.
+//!
+//! With `kafka.delivery: exactly_once` the producer is transactional: the stage holds the open
+//! transaction while it enqueues a batch and notes each message's offset in it; the source's
+//! poll thread commits it (see `sink::transactions`). A delivery purged by an abort is not a
+//! failure: its message is read again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +40,7 @@ use crate::pipeline::prepare::{Decided, Prepared};
 use crate::pipeline::stage::{Busy, Flight, Halt, STAGE_EMIT, count_stale, keep_current, record_depth};
 use crate::sink::dlq::{self, Rejection};
 use crate::sink::producer::{EventProducer, Outgoing};
+use crate::sink::transactions::Transactions;
 use crate::source::{InboundMessage, SharedSource};
 use crate::telemetry;
 
@@ -98,6 +104,8 @@ struct Sink {
     counters: Counters,
     shared: Arc<SharedSource>,
     halt: Arc<Halt>,
+    /// Exactly-once: the transactions the records go in.
+    txn: Option<Arc<Transactions>>,
 }
 
 pub struct Emitter {
@@ -112,6 +120,8 @@ pub struct EmitSettings {
     pub dlq_topic: String,
     pub group_id: String,
     pub message_max_bytes: usize,
+    /// Exactly-once: the producer's transactions (None: at-least-once).
+    pub transactions: Option<Arc<Transactions>>,
 }
 
 impl Emitter {
@@ -123,7 +133,7 @@ impl Emitter {
         shared: Arc<SharedSource>,
         halt: Arc<Halt>,
     ) -> Self {
-        let EmitSettings { output_topic, dlq_topic, group_id, message_max_bytes } = settings;
+        let EmitSettings { output_topic, dlq_topic, group_id, message_max_bytes, transactions } = settings;
         let sink = Sink {
             producer,
             output_topic,
@@ -133,6 +143,7 @@ impl Emitter {
             counters: Counters::default(),
             shared,
             halt,
+            txn: transactions,
         };
         Self { output_codec, breaker, sink: Arc::new(sink) }
     }
@@ -201,6 +212,18 @@ impl Emitter {
             sink.halt.trip(anyhow!(why));
             return;
         }
+        // exactly-once: the batch goes in the open transaction, whole (a commit waits for it)
+        let mut txn = match &sink.txn {
+            Some(t) => {
+                let mut txn = t.lock().await;
+                if let Err(e) = txn.begin() {
+                    sink.halt.trip(anyhow!(e));
+                    return;
+                }
+                Some(txn)
+            }
+            None => None,
+        };
         let mut pending = Vec::with_capacity(batch.len());
         for (Prepared { msg, decided }, encoded) in batch.into_iter().zip(encoded) {
             // checked again before each record: the partition may have moved meanwhile
@@ -236,14 +259,24 @@ impl Emitter {
                 (Decided::Unfinished(reason), _) => {
                     // not completed: the offset stays uncommitted and the message is re-read
                     error!(tp = %msg.tp, offset = msg.offset, reason, "a message was left unfinished");
+                    if txn.is_some() {
+                        // a transaction cannot skip a message: its successors' offsets would
+                        // commit it; stopping aborts the transaction
+                        sink.halt.trip(anyhow!("a message was left unfinished: {reason}"));
+                        break;
+                    }
                     continue;
                 }
             };
             let Some(future) = sink.enqueue(&msg, record).await else {
                 break; // the worker stops; this message and the rest stay uncommitted
             };
+            if let Some(txn) = txn.as_mut() {
+                txn.add(&msg.tp, msg.offset);
+            }
             pending.push(Delivery { msg, future });
         }
+        drop(txn);
         deliveries.spawn(async move {
             for Delivery { msg, future } in pending {
                 if !sink.deliver(&msg, future).await {
@@ -348,6 +381,8 @@ impl Sink {
     async fn deliver(&self, msg: &InboundMessage, future: DeliveryFuture) -> bool {
         match future.await {
             Ok(Ok(_)) => true,
+            // exactly-once: an aborted transaction purged it; the message is read again
+            Ok(Err((e, _))) if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)) => false,
             Ok(Err((e, refused))) => {
                 let hint = if too_large(&e) {
                     " (the broker refused a batch as too large: has a topic's max.message.bytes been lowered since the \

@@ -41,6 +41,15 @@ struct PartitionState {
     last_registered: Option<i64>,
     /// First forgotten offset: nothing at or after it is registered again in this generation.
     blocked_at: Option<i64>,
+    /// First offset registered in this generation: where the consumer started (the committed
+    /// offset, or the reset position), for a rewind.
+    start: Option<i64>,
+}
+
+impl PartitionState {
+    fn new(generation: Generation, committed: Option<i64>) -> Self {
+        Self { generation, pending: VecDeque::new(), committable: None, committed, last_registered: None, blocked_at: None, start: None }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -60,8 +69,7 @@ impl OffsetTracker {
     pub fn assign(&mut self, tp: TopicPartition) -> Generation {
         self.last_generation += 1;
         let generation = self.last_generation;
-        self.partitions
-            .insert(tp, PartitionState { generation, pending: VecDeque::new(), committable: None, committed: None, last_registered: None, blocked_at: None });
+        self.partitions.insert(tp, PartitionState::new(generation, None));
         generation
     }
 
@@ -85,6 +93,7 @@ impl OffsetTracker {
             return None;
         }
         state.last_registered = Some(offset);
+        state.start.get_or_insert(offset);
         state.pending.push_back((offset, false));
         Some(state.generation)
     }
@@ -152,6 +161,26 @@ impl OffsetTracker {
     }
 
     /// Record a successful commit (ignored if the partition was revoked meanwhile).
+    /// Starts a new generation for every assigned partition (work of the old one is stale from
+    /// now on) and returns where each must be read again from: its last committed offset, else
+    /// where this generation started. Partitions that received nothing and committed nothing
+    /// are not listed (their fetch position is still the start).
+    pub fn rewind(&mut self) -> Vec<(TopicPartition, i64)> {
+        let mut targets = Vec::new();
+        let tps: Vec<TopicPartition> = self.partitions.keys().cloned().collect();
+        for tp in tps {
+            let old = self.partitions.remove(&tp).expect("listed");
+            let target = old.committed.or(old.start);
+            self.last_generation += 1;
+            self.partitions.insert(tp.clone(), PartitionState::new(self.last_generation, target));
+            if let Some(target) = target {
+                targets.push((tp, target));
+            }
+        }
+        targets.sort();
+        targets
+    }
+
     pub fn mark_committed(&mut self, tp: &TopicPartition, offset: i64) {
         if let Some(state) = self.partitions.get_mut(tp) {
             if state.committed.is_none_or(|c| c < offset) {
@@ -188,6 +217,33 @@ mod tests {
         // offset gaps (compaction, transaction markers) are fine: 15 was the next received
         assert_eq!(t.commit_candidates(), vec![(tp(0), 16)]);
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_rewind_goes_back_to_the_last_commit_and_makes_work_in_flight_stale() {
+        let mut t = OffsetTracker::new();
+        let g = t.assign(tp(0));
+        let g3 = t.assign(tp(3));
+        let _idle = t.assign(tp(4));
+        for o in [5, 6, 7, 8] {
+            t.register(&tp(0), o);
+        }
+        t.register(&tp(3), 40);
+        assert!(t.complete(&tp(0), 5, g) && t.complete(&tp(0), 6, g));
+        t.mark_committed(&tp(0), 7);
+        assert!(t.complete(&tp(0), 7, g));
+        // partition 0 back to its commit (7, not the completed 8), partition 3 to where it
+        // started (nothing committed), partition 4 untouched (nothing read)
+        assert_eq!(t.rewind(), vec![(tp(0), 7), (tp(3), 40)]);
+        assert!(!t.complete(&tp(0), 8, g), "work of the old generation is stale");
+        assert!(!t.complete(&tp(3), 40, g3));
+        assert_eq!(t.in_flight(), 0);
+        let g0 = t.register(&tp(0), 7).expect("offsets are read again");
+        assert_ne!(g0, g);
+        assert!(t.complete(&tp(0), 7, g0));
+        assert_eq!(t.commit_candidates(), vec![(tp(0), 8)]);
+        // a second rewind before any commit goes back to the same place
+        assert_eq!(t.rewind()[0], (tp(0), 7));
     }
 
     #[test]

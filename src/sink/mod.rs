@@ -5,3 +5,4 @@
 pub mod dlq;
 pub mod producer;
 pub mod store;
+pub mod transactions;

@@ -28,6 +28,28 @@ pub struct Outgoing<'a> {
 impl EventProducer {
     /// A producer for `cfg` whose records are at most `message_max_bytes` (and batches too).
     pub fn new(cfg: &KafkaConfig, message_max_bytes: u32) -> Result<Self> {
+        Self::create(cfg, message_max_bytes, None)
+    }
+
+    /// The worker's transactional producer (`kafka.delivery: exactly_once`), its transactions
+    /// initialised: a previous producer with the same `transactional.id` (this instance before a
+    /// restart) is fenced and its open transaction aborted.
+    pub fn transactional(cfg: &KafkaConfig, message_max_bytes: u32, init_timeout: Duration) -> Result<Self> {
+        let id = cfg.transactional_id();
+        let this = Self::create(cfg, message_max_bytes, Some(&id))?;
+        this.producer
+            .init_transactions(init_timeout)
+            .with_context(|| format!("initialising transactions for transactional.id {id:?} (is the broker reachable?)"))?;
+        tracing::info!(transactional_id = %id, "transactional producer ready (exactly-once output)");
+        Ok(this)
+    }
+
+    /// The underlying producer (for `Transactions`).
+    pub fn client(&self) -> FutureProducer {
+        self.producer.clone()
+    }
+
+    fn create(cfg: &KafkaConfig, message_max_bytes: u32, transactional_id: Option<&str>) -> Result<Self> {
         let mut c = base_client_config(cfg);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
@@ -37,6 +59,12 @@ impl EventProducer {
             .set("batch.size", message_max_bytes.min(1_000_000).to_string())
             // librdkafka retries each delivery itself until this passes, in order per partition
             .set("delivery.timeout.ms", cfg.delivery_timeout_ms.to_string());
+        if let Some(id) = transactional_id {
+            // librdkafka requires delivery.timeout.ms <= transaction.timeout.ms
+            c.set("transactional.id", id)
+                .set("transaction.timeout.ms", cfg.transaction_timeout_ms.to_string())
+                .set("delivery.timeout.ms", cfg.delivery_timeout_ms.min(cfg.transaction_timeout_ms).to_string());
+        }
         let producer: FutureProducer =
             c.create().map_err(crate::source::redact_config_error).context("creating the Kafka producer")?;
         Ok(Self { producer })

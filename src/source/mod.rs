@@ -9,6 +9,9 @@
 //!   and running work gets `rebalance_drain_ms` to finish, completed offsets are committed,
 //!   and the rest is forgotten (its late completions are ignored; the next owner re-reads it).
 //! - Shutdown: stop taking messages, wait (bounded) for in-flight work, commit, leave the group.
+//! - `kafka.delivery: exactly_once`: "commit" means committing the producer's open transaction
+//!   with its offsets (`sink::transactions`), at the same three moments; an aborted transaction
+//!   rewinds the consumer to the last committed offsets.
 
 pub mod admin;
 pub mod readback;
@@ -28,6 +31,17 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::KafkaConfig;
 use crate::pipeline::offsets::{Generation, OffsetTracker, TopicPartition};
+use crate::pipeline::stage::Halt;
+use crate::sink::transactions::{Outcome, Transactions};
+
+/// How consumed offsets are committed.
+#[derive(Clone)]
+pub enum Committer {
+    /// At-least-once: the consumer commits the offsets of completed (delivered) work.
+    Offsets,
+    /// Exactly-once: the offsets go in the producer's transaction with the outputs.
+    Transactions { txn: Arc<Transactions>, halt: Arc<Halt> },
+}
 
 /// A message as read from Kafka, owned, with the assignment generation it belongs to.
 #[derive(Debug, Clone)]
@@ -109,6 +123,7 @@ impl SharedSource {
 pub struct SourceContext {
     shared: Arc<SharedSource>,
     rebalance_drain: Duration,
+    committer: Committer,
 }
 
 impl ClientContext for SourceContext {}
@@ -120,6 +135,27 @@ impl ConsumerContext for SourceContext {
                 let revoked: Vec<TopicPartition> =
                     tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect();
                 self.drain_revoked(&revoked);
+                if let Committer::Transactions { txn, halt } = &self.committer {
+                    // the open transaction holds outputs of these partitions: committed now with
+                    // their offsets, or aborted (never committed later, by another generation)
+                    let outcome = if consumer.assignment_lost() {
+                        txn.abort("the assignment was lost (session timed out): another member may own the partitions", self.rebalance_drain)
+                    } else {
+                        txn.commit(consumer.group_metadata().as_ref(), self.rebalance_drain)
+                    };
+                    if !settle(consumer, &self.shared, halt, outcome, false) {
+                        let outcome = txn.abort("the partitions are revoked and the transaction could not commit", self.rebalance_drain);
+                        settle(consumer, &self.shared, halt, outcome, false);
+                    }
+                    let mut state = self.shared.lock();
+                    for tp in &revoked {
+                        state.tracker.revoke(tp);
+                    }
+                    state.rebalanced = true;
+                    drop(state);
+                    info!(partitions = %tpl_names(tpl), "partitions revoked");
+                    return;
+                }
                 let mut commit = TopicPartitionList::new();
                 {
                     let mut state = self.shared.lock();
@@ -224,7 +260,7 @@ pub fn redact_config_error(e: rdkafka::error::KafkaError) -> anyhow::Error {
     }
 }
 
-pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_drain: Duration) -> Result<SourceConsumer> {
+pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_drain: Duration, committer: Committer) -> Result<SourceConsumer> {
     let mut c = base_client_config(cfg);
     c.set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
@@ -234,7 +270,7 @@ pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_d
         .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
         .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string());
     let consumer: SourceConsumer = c
-        .create_with_context(SourceContext { shared, rebalance_drain })
+        .create_with_context(SourceContext { shared, rebalance_drain, committer })
         .map_err(redact_config_error)
         .context("creating the Kafka consumer")?;
     consumer.subscribe(&[&cfg.input_topic]).context("subscribing to the input topic")?;
@@ -285,6 +321,7 @@ impl ShutdownClock {
 pub struct SourceSettings {
     pub max_in_flight: usize,
     pub commit_interval: Duration,
+    pub committer: Committer,
     pub shutdown: ShutdownClock,
     /// Fed every turn of the poll loop (`/healthz`).
     pub liveness: Arc<crate::telemetry::liveness::Liveness>,
@@ -349,9 +386,21 @@ pub fn run_poll_loop(
             Some(Err(e)) => warn!(error = %e, "consumer error"),
             None => {}
         }
-        if last_commit.elapsed() >= settings.commit_interval {
-            commit(&consumer, &shared, CommitMode::Sync);
-            last_commit = Instant::now();
+        match &settings.committer {
+            Committer::Offsets if last_commit.elapsed() >= settings.commit_interval => {
+                commit(&consumer, &shared, CommitMode::Sync);
+                last_commit = Instant::now();
+            }
+            Committer::Transactions { txn, halt }
+                if last_commit.elapsed() >= settings.commit_interval
+                    || (txn.full() && last_commit.elapsed() >= Duration::from_millis(50)) =>
+            {
+                // waits only briefly for the emit stage's batch: the loop must keep polling
+                let outcome = txn.commit(consumer.group_metadata().as_ref(), Duration::from_millis(200));
+                settle(&consumer, &shared, halt, outcome, true);
+                last_commit = Instant::now();
+            }
+            _ => {}
         }
     }
     shutdown(consumer, shared, tx, settings);
@@ -387,7 +436,20 @@ fn shutdown(consumer: SourceConsumer, shared: Arc<SharedSource>, tx: mpsc::Sende
     shared.lock().left = true;
     // may block for seconds while the group coordinator is away; the worker waits for it only
     // until shortly before the shutdown deadline
-    commit(&consumer, &shared, CommitMode::Sync);
+    match &settings.committer {
+        Committer::Offsets => commit(&consumer, &shared, CommitMode::Sync),
+        Committer::Transactions { txn, halt } => {
+            let wait = settings.shutdown.remaining(Duration::ZERO).max(Duration::from_millis(200));
+            let outcome = if halt.is_tripped() {
+                txn.abort("the worker stops after a failure", wait)
+            } else {
+                txn.commit(consumer.group_metadata().as_ref(), wait)
+            };
+            if !settle(&consumer, &shared, halt, outcome, false) {
+                settle(&consumer, &shared, halt, txn.abort("the worker stops and the transaction could not commit", wait), false);
+            }
+        }
+    }
     consumer.unsubscribe();
     info!("left the consumer group");
 }
@@ -433,6 +495,54 @@ fn set_paused(consumer: &SourceConsumer, pause: bool) -> bool {
             false
         }
     }
+}
+
+/// Acts on a transaction's outcome (exactly-once): committed offsets are noted, an abort rewinds
+/// the consumer (`seek`: false when the partitions are going anyway), a fatal error stops the
+/// worker. True when nothing remains open.
+fn settle(consumer: &SourceConsumer, shared: &SharedSource, halt: &Halt, outcome: Outcome, seek: bool) -> bool {
+    match outcome {
+        Outcome::Idle => true,
+        Outcome::Committed(offsets) => {
+            let mut state = shared.lock();
+            for (tp, next) in &offsets {
+                state.tracker.mark_committed(tp, *next);
+            }
+            true
+        }
+        Outcome::Pending(_) => false,
+        Outcome::Aborted(_) => {
+            rewind(consumer, shared, halt, seek);
+            true
+        }
+        Outcome::Fatal(e) => {
+            halt.trip(anyhow::anyhow!(e));
+            true
+        }
+    }
+}
+
+/// After an aborted transaction: every assigned partition starts a new generation (work of the
+/// old one in the pipeline is dropped as stale) and is read again from its last committed
+/// offset. A failed seek stops the worker (a restart reads from the committed offsets).
+fn rewind(consumer: &SourceConsumer, shared: &SharedSource, halt: &Halt, seek: bool) {
+    let targets = {
+        let mut state = shared.lock();
+        state.backlog.clear();
+        state.rebalanced = true; // re-apply the pause state
+        state.tracker.rewind()
+    };
+    if !seek {
+        return;
+    }
+    for (tp, offset) in &targets {
+        if let Err(e) = consumer.seek(&tp.topic, tp.partition, Offset::Offset(*offset), Duration::from_secs(10)) {
+            halt.trip(anyhow::anyhow!("rewinding {tp} to offset {offset} after an aborted transaction failed: {e}"));
+            return;
+        }
+    }
+    metrics::counter!(crate::telemetry::REWINDS).increment(1);
+    info!(offsets = ?targets, "rewound to the last committed offsets: the aborted transaction's messages are read again");
 }
 
 /// Commits every partition whose contiguous completed offset moved.

@@ -82,6 +82,11 @@ pub const TORCH_PEAK: &str = "convoflow_torch_allocated_peak_bytes";
 pub const REGISTRY_ERRORS: &str = "convoflow_schema_registry_errors_total";
 // Readiness
 pub const READY: &str = "convoflow_ready";
+/// Exactly-once: transactions by outcome (committed, aborted, fenced), their open → commit
+/// time, and the rewinds after an abort.
+pub const TRANSACTIONS: &str = "convoflow_transactions_total";
+pub const TRANSACTION_SECONDS: &str = "convoflow_transaction_seconds";
+pub const REWINDS: &str = "convoflow_rewinds_total";
 
 /// Every metric name (the deployment files are checked against this list).
 pub const ALL: &[&str] = &[
@@ -89,7 +94,8 @@ pub const ALL: &[&str] = &[
     BATCH_MESSAGES, BATCH_TURNS, BATCH_TOKENS, IN_FLIGHT, QUEUE_DEPTH, ENRICH_SECONDS, MODEL_SECONDS, END_TO_END_SECONDS,
     STAGE_BUSY_SECONDS, MODEL_PHASE_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS, STALE_BATCHES, STALE_MESSAGES,
     STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
-    GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, REGISTRY_ERRORS, READY,
+    GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, REGISTRY_ERRORS, READY, TRANSACTIONS,
+    TRANSACTION_SECONDS, REWINDS,
 ];
 
 /// The process-wide Prometheus recorder (installed once, on first use).
@@ -144,6 +150,9 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// A telemetry connection is closed this long after it was accepted (probes and scrapes take
 /// milliseconds; a client that holds one open cannot keep its slot).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// A telemetry connection that has sent nothing for this long is closed: idle keep-alive
+/// clients holding every slot delay a liveness probe by this much at most, not by a lifetime.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the GPU and allocator gauges are sampled (off the request path).
 const GPU_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -212,7 +221,8 @@ impl axum::serve::Listener for LimitedListener {
             match self.inner.accept().await {
                 Ok((io, addr)) => {
                     let closes = Box::pin(tokio::time::sleep(CONNECTION_LIFETIME));
-                    return (LimitedConnection { io, _slot: slot, closes }, addr);
+                    let idle = Box::pin(tokio::time::sleep(IDLE_TIMEOUT));
+                    return (LimitedConnection { io, _slot: slot, closes, idle }, addr);
                 }
                 Err(e) => {
                     // out of file descriptors and the like: wait instead of spinning
@@ -229,11 +239,13 @@ impl axum::serve::Listener for LimitedListener {
 }
 
 /// A telemetry connection: holds its slot until dropped, and fails its reads once
-/// `CONNECTION_LIFETIME` has passed (the server then closes it).
+/// `CONNECTION_LIFETIME` has passed or after `IDLE_TIMEOUT` without a byte received (the server
+/// then closes it).
 struct LimitedConnection {
     io: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
     closes: std::pin::Pin<Box<tokio::time::Sleep>>,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl AsyncRead for LimitedConnection {
@@ -241,7 +253,15 @@ impl AsyncRead for LimitedConnection {
         if self.closes.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "telemetry connection lifetime over")));
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        if self.idle.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "telemetry connection idle")));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+        }
+        read
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod flaky_store;
+pub mod scene;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
@@ -326,6 +327,9 @@ pub fn read_topic(topic: &str, at_least: usize, timeout: Duration, settle: Durat
     let consumer: BaseConsumer = client()
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
+        // as a downstream consumer reads (librdkafka's default, said here): records of open or
+        // aborted transactions are never returned
+        .set("isolation.level", "read_committed")
         .set("fetch.message.max.bytes", (16 * 1024 * 1024).to_string())
         .create()
         .unwrap();

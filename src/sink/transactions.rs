@@ -1,0 +1,309 @@
+//! Exactly-once output (`kafka.delivery: exactly_once`): one transactional producer per worker
+//! process; each transaction holds the records (enriched events, forwarded tombstones, DLQ
+//! copies) of a run of emitted messages and, through `send_offsets_to_transaction` with the
+//! consumer's group metadata (KIP-447), the input offsets just past them. A `read_committed`
+//! consumer of the output and DLQ topics therefore sees each input message's records once: a
+//! transaction either commits records and offsets together or neither.
+//!
+//! Who does what:
+//! - the emit stage holds the transaction (`lock`) while it enqueues one batch's records, begins
+//!   the transaction on its first record and notes each message's offset (`Txn::add`);
+//! - the source's poll thread commits it (`commit`) on the commit interval or when
+//!   `kafka.transaction_max_messages` are in it, before partitions are revoked and at shutdown,
+//!   and aborts it (`abort`) when that fails or a lost assignment means another member may own
+//!   the partitions; after an abort it rewinds the consumer to the last committed offsets.
+//!
+//! Holding the lock across a batch means a commit never splits a batch and never includes a
+//! message whose records are not in the transaction. A fenced producer (another process took the
+//! `transactional.id`, or the coordinator aborted a transaction that outlived
+//! `kafka.transaction_timeout_ms`) and a group that fenced this member (its generation is gone:
+//! a zombie) stop the worker: nothing it produced since its last commit becomes visible.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+use crate::pipeline::offsets::TopicPartition;
+use crate::telemetry;
+
+/// Where the open transaction stands.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No transaction open: the emit stage begins one with its next record.
+    #[default]
+    Idle,
+    Open,
+    /// A commit was started and must be finished (or aborted) before anything else is produced:
+    /// librdkafka refuses new records meanwhile. `offsets_sent` says whether the offsets are in.
+    Committing { offsets_sent: bool },
+    /// An abort was started and timed out: it is retried before anything else.
+    Aborting,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    phase: Phase,
+    /// Per input partition, the offset just past the last message whose records this
+    /// transaction holds (what `send_offsets_to_transaction` commits).
+    offsets: BTreeMap<TopicPartition, i64>,
+    messages: usize,
+    began: Option<Instant>,
+}
+
+/// What a commit or an abort came to, for the poll thread.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Nothing was open.
+    Idle,
+    /// Committed: these offsets are the group's now.
+    Committed(Vec<(TopicPartition, i64)>),
+    /// Not finished (the coordinator is away, a timeout): tried again at the next interval; the
+    /// emit stage waits meanwhile.
+    Pending(String),
+    /// Aborted: nothing of the transaction is visible; the consumer must rewind to the last
+    /// committed offsets and re-read.
+    Aborted(String),
+    /// The producer or this member was fenced, or the producer failed for good: the worker
+    /// stops (its open transaction stays invisible).
+    Fatal(String),
+}
+
+/// Group errors that mean this member no longer owns what it consumed: it is a zombie.
+fn fenced_by_group(code: RDKafkaErrorCode) -> bool {
+    matches!(code, RDKafkaErrorCode::IllegalGeneration | RDKafkaErrorCode::UnknownMemberId | RDKafkaErrorCode::FencedInstanceId)
+}
+
+/// How a transactional call failed.
+enum Failure {
+    Retriable(String),
+    Abortable { reason: String, zombie: bool },
+    Fatal(String),
+}
+
+fn classify(what: &str, e: &KafkaError) -> Failure {
+    let reason = format!("{what}: {e}");
+    match e {
+        KafkaError::Transaction(re) if re.is_fatal() => Failure::Fatal(reason),
+        KafkaError::Transaction(re) if re.txn_requires_abort() => Failure::Abortable { reason, zombie: fenced_by_group(re.code()) },
+        KafkaError::Transaction(re) if re.is_retriable() => Failure::Retriable(reason),
+        other => match other.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch) => Failure::Fatal(reason),
+            Some(code) if fenced_by_group(code) => Failure::Abortable { reason, zombie: true },
+            _ => Failure::Abortable { reason, zombie: false },
+        },
+    }
+}
+
+/// The transactional producer's transactions; shared by the emit stage and the poll thread.
+pub struct Transactions {
+    producer: FutureProducer,
+    open: tokio::sync::Mutex<Open>,
+    /// Messages in the open transaction, readable without the lock (the size bound).
+    messages: AtomicUsize,
+    max_messages: usize,
+    /// Set when the open transaction must be aborted but could not be at once (partitions were
+    /// revoked while the emit stage held it): the next commit aborts instead, and the emit stage
+    /// adds nothing to it meanwhile.
+    doomed: AtomicBool,
+    /// Bound on each blocking transactional call.
+    call_timeout: Duration,
+}
+
+/// The open transaction, held by the emit stage for one batch.
+pub struct Txn<'a> {
+    open: tokio::sync::MutexGuard<'a, Open>,
+    owner: &'a Transactions,
+}
+
+impl Txn<'_> {
+    /// Begins a transaction unless one is open. An error stops the worker.
+    pub fn begin(&mut self) -> Result<(), String> {
+        if self.open.phase == Phase::Idle {
+            self.owner.producer.begin_transaction().map_err(|e| format!("beginning a transaction: {e}"))?;
+            self.open.phase = Phase::Open;
+            self.open.began = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Notes that the records of `tp`@`offset` were enqueued in this transaction.
+    pub fn add(&mut self, tp: &TopicPartition, offset: i64) {
+        let next = self.open.offsets.entry(tp.clone()).or_insert(offset + 1);
+        *next = (*next).max(offset + 1);
+        self.open.messages += 1;
+        self.owner.messages.store(self.open.messages, Ordering::Relaxed);
+    }
+}
+
+impl Transactions {
+    /// `producer` must have a `transactional.id` and have run `init_transactions`.
+    pub fn new(producer: FutureProducer, max_messages: usize, call_timeout: Duration) -> Self {
+        Self { producer, open: tokio::sync::Mutex::new(Open::default()), messages: AtomicUsize::new(0), max_messages, doomed: AtomicBool::new(false), call_timeout }
+    }
+
+    /// The open transaction for the emit stage, once no commit or abort is under way.
+    pub async fn lock(&self) -> Txn<'_> {
+        loop {
+            let open = self.open.lock().await;
+            if matches!(open.phase, Phase::Idle | Phase::Open) && !self.doomed.load(Ordering::SeqCst) {
+                return Txn { open, owner: self };
+            }
+            drop(open);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the open transaction reached `kafka.transaction_max_messages`.
+    pub fn full(&self) -> bool {
+        self.messages.load(Ordering::Relaxed) >= self.max_messages
+    }
+
+    /// The transaction, waiting up to `wait` for the emit stage to finish its batch (None past
+    /// it: the poll thread must not stall behind a producer queue that does not drain).
+    fn hold(&self, wait: Duration) -> Option<tokio::sync::MutexGuard<'_, Open>> {
+        let until = Instant::now() + wait;
+        loop {
+            if let Ok(open) = self.open.try_lock() {
+                return Some(open);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Commits the open transaction with its offsets (poll thread; blocks up to the call
+    /// timeout per call, and up to `wait` for the emit stage's batch). `group` is the
+    /// consumer's current group metadata.
+    pub fn commit(&self, group: Option<&ConsumerGroupMetadata>, wait: Duration) -> Outcome {
+        let Some(mut open) = self.hold(wait) else { return Outcome::Pending("the emit stage holds the transaction".into()) };
+        if self.doomed.load(Ordering::SeqCst) && open.phase != Phase::Idle {
+            return self.abort_locked(&mut open, "partitions were revoked while it was open".into());
+        }
+        self.doomed.store(false, Ordering::SeqCst);
+        match open.phase {
+            Phase::Idle => return Outcome::Idle,
+            Phase::Aborting => return self.abort_locked(&mut open, "finishing an abort".into()),
+            Phase::Open | Phase::Committing { .. } => {}
+        }
+        let started = Instant::now();
+        if !matches!(open.phase, Phase::Committing { offsets_sent: true }) {
+            open.phase = Phase::Committing { offsets_sent: false };
+            if !open.offsets.is_empty() {
+                let Some(group) = group else { return Outcome::Pending("no group metadata yet".into()) };
+                let mut tpl = TopicPartitionList::new();
+                for (tp, next) in &open.offsets {
+                    let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next));
+                }
+                if let Err(e) = self.producer.send_offsets_to_transaction(&tpl, group, self.call_timeout) {
+                    return self.failed(&mut open, classify("sending the offsets to the transaction", &e));
+                }
+            }
+            open.phase = Phase::Committing { offsets_sent: true };
+        }
+        if let Err(e) = self.producer.commit_transaction(self.call_timeout) {
+            return self.failed(&mut open, classify("committing the transaction", &e));
+        }
+        let committed: Vec<_> = std::mem::take(&mut open.offsets).into_iter().collect();
+        let messages = std::mem::take(&mut open.messages);
+        self.messages.store(0, Ordering::Relaxed);
+        if let Some(began) = open.began.take() {
+            metrics::histogram!(telemetry::TRANSACTION_SECONDS).record(began.elapsed().as_secs_f64());
+        }
+        open.phase = Phase::Idle;
+        metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "committed").increment(1);
+        debug!(messages, offsets = ?committed, commit_ms = started.elapsed().as_millis() as u64, "transaction committed");
+        Outcome::Committed(committed)
+    }
+
+    /// Aborts the open transaction (poll thread): nothing of it becomes visible.
+    pub fn abort(&self, why: &str, wait: Duration) -> Outcome {
+        let Some(mut open) = self.hold(wait) else {
+            self.doomed.store(true, Ordering::SeqCst);
+            return Outcome::Pending("the emit stage holds the transaction: aborted at the next interval".into());
+        };
+        if open.phase == Phase::Idle {
+            return Outcome::Idle;
+        }
+        self.abort_locked(&mut open, why.to_string())
+    }
+
+    fn failed(&self, open: &mut Open, failure: Failure) -> Outcome {
+        match failure {
+            Failure::Retriable(reason) => {
+                warn!(%reason, "the transaction is not committed yet; retrying at the next interval");
+                Outcome::Pending(reason)
+            }
+            Failure::Fatal(reason) => {
+                metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "fenced").increment(1);
+                Outcome::Fatal(format!("the transactional producer failed for good (fenced by a newer instance or by the coordinator?): {reason}"))
+            }
+            Failure::Abortable { reason, zombie: true } => match self.abort_locked(open, reason.clone()) {
+                Outcome::Fatal(e) => Outcome::Fatal(e),
+                _ => Outcome::Fatal(format!(
+                    "fenced by the consumer group: this member's generation is over (another member owns its partitions), \
+                     its open transaction was aborted: {reason}"
+                )),
+            },
+            Failure::Abortable { reason, zombie: false } => self.abort_locked(open, reason),
+        }
+    }
+
+    fn abort_locked(&self, open: &mut Open, reason: String) -> Outcome {
+        open.phase = Phase::Aborting;
+        match self.producer.abort_transaction(self.call_timeout) {
+            Ok(()) => {
+                let messages = std::mem::take(&mut open.messages);
+                self.messages.store(0, Ordering::Relaxed);
+                open.offsets.clear();
+                open.began = None;
+                open.phase = Phase::Idle;
+                self.doomed.store(false, Ordering::SeqCst);
+                metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "aborted").increment(1);
+                info!(messages, %reason, "transaction aborted: its messages are read again");
+                Outcome::Aborted(reason)
+            }
+            Err(e) => match classify("aborting the transaction", &e) {
+                Failure::Fatal(why) => Outcome::Fatal(format!("the transactional producer failed for good: {why} (aborting because {reason})")),
+                Failure::Retriable(why) | Failure::Abortable { reason: why, .. } => {
+                    warn!(%why, "the abort is not finished; retrying at the next interval");
+                    Outcome::Pending(why)
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_fencing_codes_mark_a_zombie() {
+        for code in [RDKafkaErrorCode::IllegalGeneration, RDKafkaErrorCode::UnknownMemberId, RDKafkaErrorCode::FencedInstanceId] {
+            assert!(fenced_by_group(code), "{code:?}");
+        }
+        assert!(!fenced_by_group(RDKafkaErrorCode::RebalanceInProgress));
+        assert!(!fenced_by_group(RDKafkaErrorCode::RequestTimedOut));
+    }
+
+    #[test]
+    fn producer_fencing_is_fatal_and_a_timeout_is_not() {
+        let fenced = KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced);
+        assert!(matches!(classify("x", &fenced), Failure::Fatal(_)));
+        let epoch = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidProducerEpoch);
+        assert!(matches!(classify("x", &epoch), Failure::Fatal(_)));
+        let generation = KafkaError::MessageProduction(RDKafkaErrorCode::IllegalGeneration);
+        assert!(matches!(classify("x", &generation), Failure::Abortable { zombie: true, .. }));
+        let other = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert!(matches!(classify("x", &other), Failure::Abortable { zombie: false, .. }));
+    }
+}

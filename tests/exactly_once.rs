@@ -1,0 +1,90 @@
+//! Exactly-once output (`kafka.delivery: exactly_once`) against a real Apache Kafka broker:
+//! `convoflow run` processes killed, paused and cut off from the broker, and the output topic
+//! read back the way a downstream consumer reads it (`isolation.level=read_committed`, the
+//! readers' setting in tests/common). Tests run one at a time; figures are printed
+//! (`cargo test --test exactly_once -- --nocapture`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::scene::*;
+use common::*;
+
+/// The worker settings of exactly-once, for a worker with the stable identity `instance`.
+fn exactly_once(instance: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![("CONVOFLOW__KAFKA__DELIVERY", "exactly_once"), ("CONVOFLOW__KAFKA__INSTANCE_ID", instance)]
+}
+
+/// The chaos suite's ten SIGKILLs (same seed, same moments, same throttle), with transactions:
+/// each restart (same instance id) fences its killed predecessor and aborts its open
+/// transaction, so a read_committed reader sees every input event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_sigkills_with_transactions_leave_every_event_exactly_once() {
+    let _serial = shared_broker();
+    let report = sigkill_rounds("eos-sigkill-10", &exactly_once("w")).await;
+    assert!(report.lost.is_empty(), "inputs without an enriched event: {:?}", report.lost);
+    assert_eq!(report.duplicates, 0, "a read_committed reader sees each input once");
+    assert_eq!(report.points_found, report.points_expected, "exactly one point per chunk id");
+}
+
+/// A zombie: two members; A is SIGSTOPped past the session timeout and the transaction timeout
+/// while its transaction is open, B takes every partition and works on, then A is SIGCONTed.
+/// A's transaction was aborted by the coordinator and A is fenced: it exits non-zero with the
+/// fencing error, and nothing it produced is visible — every input once, from B or from A's
+/// commits before the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_zombie_is_fenced_and_its_open_transaction_never_becomes_visible() {
+    let _serial = shared_broker();
+    let topics = Topics::new("eos-zombie");
+    create_topic(&topics.input, 4).await;
+    let events = sample_events(86, 150);
+    produce_conversations(&topics.input, &events).await;
+    let total = events.len();
+    // transactions that stay open 5 s (the commit interval) and time out after 10 s
+    let common_env = [("CONVOFLOW__KAFKA__COMMIT_INTERVAL_MS", "5000"), ("CONVOFLOW__KAFKA__TRANSACTION_TIMEOUT_MS", "10000")];
+    let env_of = |instance: &'static str| -> Vec<(&str, &str)> {
+        SLOW.iter().copied().chain(common_env).chain(exactly_once(instance)).collect()
+    };
+    let mut a = Worker::start("a", &topics, &env_of("a"));
+    a.wait_for_log("partitions assigned", Duration::from_secs(60));
+    let mut b = Worker::start("b", &topics, &env_of("b"));
+    b.wait_for_log("partitions assigned", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    a.signal("STOP");
+    let stopped = Instant::now();
+    let started = Instant::now();
+    while b.assignments().last().map_or(0, Vec::len) < 4 {
+        assert!(started.elapsed() < Duration::from_secs(60), "B did not take every partition: {:?}", b.assignments());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took_over = stopped.elapsed();
+    // past A's transaction timeout, with B at work meanwhile
+    std::thread::sleep(Duration::from_secs(15).saturating_sub(took_over));
+    a.signal("CONT");
+    let (code, after) = a.wait_exit(Duration::from_secs(60));
+    let log = a.log_text();
+    println!("eos-zombie: B took over {:.1} s after the pause; A exited {code:?} {:.1} s after SIGCONT", took_over.as_secs_f64(), after.as_secs_f64());
+    assert!(code.is_some_and(|c| c != 0), "the zombie exits non-zero: {code:?}\n{log}");
+    assert!(log.to_lowercase().contains("fenced"), "with the fencing error:\n{log}");
+
+    wait_for_distinct_sources(&topics.output, total, Duration::from_secs(180));
+    lag_reaches_zero_or_explain(&topics, &b, Duration::from_secs(60)).await;
+    b.signal("TERM");
+    assert_eq!(b.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", b.log_text());
+    let records = read_topic(&topics.output, total, Duration::from_secs(30), Duration::from_secs(2));
+    let (lost, duplicates) = losses_and_duplicates(&topics.input, &records);
+    println!("eos-zombie: {total} events, {} lost, {duplicates} duplicates", lost.len());
+    assert!(lost.is_empty(), "inputs without an enriched event: {lost:?}");
+    assert_eq!(duplicates, 0, "nothing the zombie produced after the takeover is visible");
+}
+
+/// The broker halted mid-transaction and restarted 20 s later: the worker aborts the open
+/// transaction (its assignment was lost), rewinds, and ends with every input exactly once,
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_transaction_ends_with_exactly_once_output() {
+    let report = broker_restart_round("eos-broker-restart", &exactly_once("w")).await;
+    assert!(report.lost.is_empty(), "inputs without an enriched event: {:?}", report.lost);
+    assert_eq!(report.duplicates, 0, "a read_committed reader sees each input once");
+}
