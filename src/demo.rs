@@ -129,6 +129,9 @@ pub async fn run(config: Option<&Path>, conversations: u64, timeout: Duration) -
     let expected = topic_size(&cfg.kafka, &cfg.kafka.input_topic)?;
 
     let stop = Arc::new(AtomicBool::new(false));
+    // the demo stops its worker once everything is enriched and then searches the store: the
+    // store's flush at the end must be waited for, not cut at a pod's grace period
+    cfg.pipeline.shutdown_timeout_ms = cfg.pipeline.shutdown_timeout_ms.max(IN_PROCESS_SHUTDOWN_MS);
     if cfg.models.embedding.is_some() || cfg.models.ner.is_some() || cfg.models.sentiment.is_some() {
         println!("loading the models…");
     }
@@ -264,3 +267,8 @@ fn print_summary(outputs: &[(i64, EnrichedConversation)], input_ts: &HashMap<(i3
         }
     }
 }
+
+/// Shutdown budget of an in-process worker whose store is opened again after it stops (demo,
+/// bench): long enough for the embedded store's final flush (an optimizer pass can take
+/// seconds on a large collection).
+pub const IN_PROCESS_SHUTDOWN_MS: u64 = 600_000;

@@ -134,6 +134,8 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
         admin::ensure_topics(&cfg.kafka, std::slice::from_ref(&cfg.kafka.input_topic), args.partitions as usize).await?;
     }
 
+    // the store is opened again once the worker stops: wait for its final flush
+    cfg.pipeline.shutdown_timeout_ms = cfg.pipeline.shutdown_timeout_ms.max(crate::demo::IN_PROCESS_SHUTDOWN_MS);
     let stop = Arc::new(AtomicBool::new(false));
     let worker = tokio::spawn(crate::worker::run(cfg.clone(), stop.clone()));
     eprintln!("bench: waiting for the worker (models: {})", found.lines.join("; "));

@@ -134,18 +134,21 @@ impl ConsumerContext for SourceContext {
             Rebalance::Revoke(tpl) => {
                 let revoked: Vec<TopicPartition> =
                     tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect();
-                self.drain_revoked(&revoked);
                 if let Committer::Transactions { txn, halt } = &self.committer {
                     // the open transaction holds outputs of these partitions: committed now with
-                    // their offsets, or aborted (never committed later, by another generation)
-                    let outcome = if consumer.assignment_lost() {
-                        txn.abort("the assignment was lost (session timed out): another member may own the partitions", self.rebalance_drain)
+                    // their offsets, or aborted (never committed later, by another generation).
+                    // A lost assignment is not waited for: another member may own it already.
+                    if consumer.assignment_lost() {
+                        self.drop_backlog_of(&revoked);
+                        let why = "the assignment was lost (session timed out): another member may own the partitions";
+                        settle(consumer, &self.shared, halt, txn.abort(why, self.rebalance_drain), false);
                     } else {
-                        txn.commit(consumer.group_metadata().as_ref(), self.rebalance_drain)
-                    };
-                    if !settle(consumer, &self.shared, halt, outcome, false) {
-                        let outcome = txn.abort("the partitions are revoked and the transaction could not commit", self.rebalance_drain);
-                        settle(consumer, &self.shared, halt, outcome, false);
+                        self.drain_revoked(&revoked);
+                        let outcome = txn.commit(consumer.group_metadata().as_ref(), self.rebalance_drain);
+                        if !settle(consumer, &self.shared, halt, outcome, false) {
+                            let why = "the partitions are revoked and the transaction could not commit";
+                            settle(consumer, &self.shared, halt, txn.abort(why, self.rebalance_drain), false);
+                        }
                     }
                     let mut state = self.shared.lock();
                     for tp in &revoked {
@@ -156,6 +159,7 @@ impl ConsumerContext for SourceContext {
                     info!(partitions = %tpl_names(tpl), "partitions revoked");
                     return;
                 }
+                self.drain_revoked(&revoked);
                 let mut commit = TopicPartitionList::new();
                 {
                     let mut state = self.shared.lock();
@@ -193,20 +197,23 @@ impl ConsumerContext for SourceContext {
 }
 
 impl SourceContext {
+    /// Drops the backlogged (not yet queued) messages of `revoked` partitions.
+    fn drop_backlog_of(&self, revoked: &[TopicPartition]) {
+        let mut state = self.shared.lock();
+        let SourceState { tracker, backlog, .. } = &mut *state;
+        backlog.retain(|m| {
+            let keep = !revoked.contains(&m.tp);
+            if !keep {
+                tracker.forget_from(&m.tp, m.offset);
+            }
+            keep
+        });
+    }
+
     /// Drop backlogged messages of revoked partitions, then wait (bounded) for their queued
     /// and running work to complete so it can be committed before the partitions move.
     fn drain_revoked(&self, revoked: &[TopicPartition]) {
-        {
-            let mut state = self.shared.lock();
-            let SourceState { tracker, backlog, .. } = &mut *state;
-            backlog.retain(|m| {
-                let keep = !revoked.contains(&m.tp);
-                if !keep {
-                    tracker.forget_from(&m.tp, m.offset);
-                }
-                keep
-            });
-        }
+        self.drop_backlog_of(revoked);
         if self.shared.lock().shutting_down {
             return;
         }
@@ -542,7 +549,8 @@ fn rewind(consumer: &SourceConsumer, shared: &SharedSource, halt: &Halt, seek: b
         }
     }
     metrics::counter!(crate::telemetry::REWINDS).increment(1);
-    info!(offsets = ?targets, "rewound to the last committed offsets: the aborted transaction's messages are read again");
+    let offsets: Vec<String> = targets.iter().map(|(tp, o)| format!("{tp}@{o}")).collect();
+    info!(offsets = %offsets.join(","), "rewound to the last committed offsets: the aborted transaction's messages are read again");
 }
 
 /// Commits every partition whose contiguous completed offset moved.
