@@ -722,6 +722,13 @@ impl Config {
                      and transaction_timeout_ms >= 1000"
                 );
             }
+            // a partial (cooperative) revoke would leave the kept partitions' place in an aborted
+            // transaction unknown; the eager protocol revokes everything at once
+            if k.client.iter().any(|(key, value)| {
+                key.replace('_', ".").eq_ignore_ascii_case("partition.assignment.strategy") && value.to_ascii_lowercase().contains("cooperative")
+            }) {
+                bail!("kafka.delivery exactly_once needs an eager partition.assignment.strategy (range, roundrobin), not cooperative-sticky");
+            }
             if k.client.keys().any(|key| key.replace('_', ".").eq_ignore_ascii_case("transactional.id")) {
                 bail!("kafka.client.transactional.id is not accepted: it is derived from kafka.transactional_id_prefix and instance_id");
             }
@@ -814,6 +821,33 @@ mod tests {
         let err = format!("{:#}", Config::load_with_env(None, unknown).unwrap_err());
         assert!(err.contains("brokres"), "{err}");
         assert_eq!(Config::default().kafka.dlq_topic(), "conversations.dlq");
+    }
+
+    /// `kafka.delivery` from the environment; exactly-once's own settings are checked, and the
+    /// transactional id is the prefix, the group and the instance.
+    #[test]
+    fn exactly_once_is_configured_and_checked() {
+        let env = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let cfg = Config::load_with_env(
+            None,
+            env(&[("CONVOFLOW__KAFKA__DELIVERY", "exactly_once"), ("CONVOFLOW__KAFKA__INSTANCE_ID", "convoflow-0")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.kafka.delivery, Delivery::ExactlyOnce);
+        assert_eq!(cfg.kafka.transactional_id(), "convoflow.convoflow.convoflow-0");
+        assert_eq!(Config::default().kafka.delivery, Delivery::AtLeastOnce, "at-least-once stays the default");
+        let refused = [
+            env(&[("CONVOFLOW__KAFKA__DELIVERY", "exactly_once"), ("CONVOFLOW__KAFKA__TRANSACTION_MAX_MESSAGES", "0")]),
+            env(&[("CONVOFLOW__KAFKA__DELIVERY", "exactly_once"), ("CONVOFLOW__KAFKA__CLIENT__TRANSACTIONAL_ID", "x")]),
+            env(&[
+                ("CONVOFLOW__KAFKA__DELIVERY", "exactly_once"),
+                ("CONVOFLOW__KAFKA__CLIENT__PARTITION_ASSIGNMENT_STRATEGY", "cooperative-sticky"),
+            ]),
+            env(&[("CONVOFLOW__KAFKA__DELIVERY", "exactly-twice")]),
+        ];
+        for r in refused {
+            assert!(Config::load_with_env(None, r.clone()).is_err(), "{r:?}");
+        }
     }
 
     /// Secrets from the environment land in `kafka.security`; every report of them says only

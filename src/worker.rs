@@ -176,6 +176,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
             (producer, Some(txn))
         }
     };
+    let transactions_for_pipeline = transactions.clone();
     let committer = match &transactions {
         Some(txn) => source::Committer::Transactions { txn: txn.clone(), halt: halt.clone() },
         None => source::Committer::Offsets,
@@ -205,6 +206,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         readiness: readiness.clone(),
         emitter: Some(emitter),
         shared,
+        transactions: transactions_for_pipeline,
     };
     let consumer = source::create_consumer(
         kafka,
@@ -266,10 +268,10 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
 /// Room left under a topic's `max.message.bytes` for the record batch's own framing (the broker
 /// compares whole batches with it; librdkafka checks records without it).
 const BATCH_FRAMING: u32 = 512;
-/// Bound on each transactional call of the poll thread (send offsets, commit, abort): short, so
-/// the thread keeps polling (liveness) while the coordinator is away; a call that times out is
-/// retried at the next commit interval.
-const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(4);
+/// Bound on each transactional call of the poll thread (send offsets, commit, abort; a commit
+/// flushes first, with the same bound): short, so the thread keeps polling (liveness) while the
+/// coordinator is away; a call that times out is resumed at the next commit interval.
+const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on `init_transactions` at start (it fences and aborts a predecessor's transaction).
 const TRANSACTION_INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -296,6 +298,8 @@ struct Pipeline {
     /// The emit stage (moved into its task by `run`).
     emitter: Option<Emitter>,
     shared: Arc<SharedSource>,
+    /// Exactly-once: the producer's transactions (a batch left out must doom the open one).
+    transactions: Option<Arc<Transactions>>,
 }
 
 /// A prepared micro-batch whose model inputs are queued on the model threads.
@@ -465,6 +469,11 @@ impl Pipeline {
                 // stopping while the store is down: not a failure of the worker; the batch stays
                 // uncommitted and the next owner of its partitions re-reads it
                 warn!(messages = batch.len(), error = %e, "stopping during a vector store outage; the batch is left uncommitted");
+                if let Some(txn) = &self.transactions {
+                    // batches after this one may still be emitted: the open transaction must
+                    // not commit their offsets past it
+                    txn.doom();
+                }
                 return None;
             }
             self.fail(anyhow::Error::new(e).context("writing to the vector store"), batch.len());

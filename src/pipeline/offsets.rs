@@ -160,7 +160,6 @@ impl OffsetTracker {
         out
     }
 
-    /// Record a successful commit (ignored if the partition was revoked meanwhile).
     /// Starts a new generation for every assigned partition (work of the old one is stale from
     /// now on) and returns where each must be read again from: its last committed offset, else
     /// where this generation started. Partitions that received nothing and committed nothing
@@ -181,6 +180,7 @@ impl OffsetTracker {
         targets
     }
 
+    /// Record a successful commit (ignored if the partition was revoked meanwhile).
     pub fn mark_committed(&mut self, tp: &TopicPartition, offset: i64) {
         if let Some(state) = self.partitions.get_mut(tp) {
             if state.committed.is_none_or(|c| c < offset) {

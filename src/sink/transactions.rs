@@ -41,10 +41,13 @@ enum Phase {
     Idle,
     Open,
     /// A commit was started and must be finished (or aborted) before anything else is produced:
-    /// librdkafka refuses new records meanwhile. `offsets_sent` says whether the offsets are in.
+    /// librdkafka refuses new records meanwhile, and a `commit_transaction` that timed out must
+    /// be resumed before anything else is called. `offsets_sent` says whether the offsets are in.
     Committing { offsets_sent: bool },
     /// An abort was started and timed out: it is retried before anything else.
     Aborting,
+    /// The source committed or aborted for the last time: nothing more begins.
+    Closed,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +96,8 @@ fn classify(what: &str, e: &KafkaError) -> Failure {
         KafkaError::Transaction(re) if re.is_fatal() => Failure::Fatal(reason),
         KafkaError::Transaction(re) if re.txn_requires_abort() => Failure::Abortable { reason, zombie: fenced_by_group(re.code()) },
         KafkaError::Transaction(re) if re.is_retriable() => Failure::Retriable(reason),
+        // rust-rdkafka's commit_transaction flushes first: deliveries still under way
+        KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut) => Failure::Retriable(reason),
         other => match other.rdkafka_error_code() {
             Some(RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch) => Failure::Fatal(reason),
             Some(code) if fenced_by_group(code) => Failure::Abortable { reason, zombie: true },
@@ -108,9 +113,9 @@ pub struct Transactions {
     /// Messages in the open transaction, readable without the lock (the size bound).
     messages: AtomicUsize,
     max_messages: usize,
-    /// Set when the open transaction must be aborted but could not be at once (partitions were
-    /// revoked while the emit stage held it): the next commit aborts instead, and the emit stage
-    /// adds nothing to it meanwhile.
+    /// Set when the open transaction must be aborted but could not be at once (the emit stage
+    /// held it, or a message of the pipeline was left out of it): the next commit aborts
+    /// instead, and the emit stage adds nothing to it meanwhile.
     doomed: AtomicBool,
     /// Bound on each blocking transactional call.
     call_timeout: Duration,
@@ -142,13 +147,29 @@ impl Txn<'_> {
     }
 }
 
+/// The transaction held by the poll thread: the emit stage cannot add to it meanwhile, so
+/// what the poll thread does under it (commit, abort, then the offset tracker's rewind or
+/// revoke) is one step as the emit stage sees it.
+pub struct Held<'a> {
+    open: tokio::sync::MutexGuard<'a, Open>,
+    owner: &'a Transactions,
+}
+
 impl Transactions {
     /// `producer` must have a `transactional.id` and have run `init_transactions`.
     pub fn new(producer: FutureProducer, max_messages: usize, call_timeout: Duration) -> Self {
-        Self { producer, open: tokio::sync::Mutex::new(Open::default()), messages: AtomicUsize::new(0), max_messages, doomed: AtomicBool::new(false), call_timeout }
+        Self {
+            producer,
+            open: tokio::sync::Mutex::new(Open::default()),
+            messages: AtomicUsize::new(0),
+            max_messages,
+            doomed: AtomicBool::new(false),
+            call_timeout,
+        }
     }
 
-    /// The open transaction for the emit stage, once no commit or abort is under way.
+    /// The open transaction for the emit stage, once no commit or abort is under way (and
+    /// never again once the source closed it).
     pub async fn lock(&self) -> Txn<'_> {
         loop {
             let open = self.open.lock().await;
@@ -165,13 +186,20 @@ impl Transactions {
         self.messages.load(Ordering::Relaxed) >= self.max_messages
     }
 
-    /// The transaction, waiting up to `wait` for the emit stage to finish its batch (None past
-    /// it: the poll thread must not stall behind a producer queue that does not drain).
-    fn hold(&self, wait: Duration) -> Option<tokio::sync::MutexGuard<'_, Open>> {
+    /// The open transaction must not commit (a message was left out of it): it is aborted at
+    /// the next commit.
+    pub fn doom(&self) {
+        self.doomed.store(true, Ordering::SeqCst);
+    }
+
+    /// The transaction for the poll thread, waiting up to `wait` for the emit stage to finish
+    /// its batch (None past it: the poll thread must not stall behind a producer queue that
+    /// does not drain).
+    pub fn hold(&self, wait: Duration) -> Option<Held<'_>> {
         let until = Instant::now() + wait;
         loop {
             if let Ok(open) = self.open.try_lock() {
-                return Some(open);
+                return Some(Held { open, owner: self });
             }
             if Instant::now() >= until {
                 return None;
@@ -179,64 +207,78 @@ impl Transactions {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
+}
 
-    /// Commits the open transaction with its offsets (poll thread; blocks up to the call
-    /// timeout per call, and up to `wait` for the emit stage's batch). `group` is the
-    /// consumer's current group metadata.
-    pub fn commit(&self, group: Option<&ConsumerGroupMetadata>, wait: Duration) -> Outcome {
-        let Some(mut open) = self.hold(wait) else { return Outcome::Pending("the emit stage holds the transaction".into()) };
-        if self.doomed.load(Ordering::SeqCst) && open.phase != Phase::Idle {
-            return self.abort_locked(&mut open, "partitions were revoked while it was open".into());
+impl Held<'_> {
+    /// Commits the open transaction with its offsets (blocks up to the call timeout per call).
+    /// `group` is the consumer's current group metadata.
+    pub fn commit(&mut self, group: Option<&ConsumerGroupMetadata>) -> Outcome {
+        let owner = self.owner;
+        if owner.doomed.load(Ordering::SeqCst) && !matches!(self.open.phase, Phase::Idle | Phase::Closed) {
+            return self.abort("a message was left out of it or its partitions were revoked while it was open");
         }
-        self.doomed.store(false, Ordering::SeqCst);
-        match open.phase {
-            Phase::Idle => return Outcome::Idle,
-            Phase::Aborting => return self.abort_locked(&mut open, "finishing an abort".into()),
+        owner.doomed.store(false, Ordering::SeqCst);
+        match self.open.phase {
+            Phase::Idle | Phase::Closed => return Outcome::Idle,
+            Phase::Aborting => return self.abort("finishing an abort"),
             Phase::Open | Phase::Committing { .. } => {}
         }
-        let started = Instant::now();
-        if !matches!(open.phase, Phase::Committing { offsets_sent: true }) {
-            open.phase = Phase::Committing { offsets_sent: false };
-            if !open.offsets.is_empty() {
+        if !matches!(self.open.phase, Phase::Committing { offsets_sent: true }) {
+            self.open.phase = Phase::Committing { offsets_sent: false };
+            if !self.open.offsets.is_empty() {
                 let Some(group) = group else { return Outcome::Pending("no group metadata yet".into()) };
                 let mut tpl = TopicPartitionList::new();
-                for (tp, next) in &open.offsets {
+                for (tp, next) in &self.open.offsets {
                     let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next));
                 }
-                if let Err(e) = self.producer.send_offsets_to_transaction(&tpl, group, self.call_timeout) {
-                    return self.failed(&mut open, classify("sending the offsets to the transaction", &e));
+                if let Err(e) = owner.producer.send_offsets_to_transaction(&tpl, group, owner.call_timeout) {
+                    return self.failed(classify("sending the offsets to the transaction", &e));
                 }
             }
-            open.phase = Phase::Committing { offsets_sent: true };
+            self.open.phase = Phase::Committing { offsets_sent: true };
         }
-        if let Err(e) = self.producer.commit_transaction(self.call_timeout) {
-            return self.failed(&mut open, classify("committing the transaction", &e));
+        self.finish_commit()
+    }
+
+    /// `commit_transaction`, started or resumed (a timed-out call must be resumed before any
+    /// other transactional call: librdkafka answers anything else with a conflict).
+    fn finish_commit(&mut self) -> Outcome {
+        let owner = self.owner;
+        let started = Instant::now();
+        if let Err(e) = owner.producer.commit_transaction(owner.call_timeout) {
+            return self.failed(classify("committing the transaction", &e));
         }
-        let committed: Vec<_> = std::mem::take(&mut open.offsets).into_iter().collect();
-        let messages = std::mem::take(&mut open.messages);
-        self.messages.store(0, Ordering::Relaxed);
-        if let Some(began) = open.began.take() {
+        let committed: Vec<_> = std::mem::take(&mut self.open.offsets).into_iter().collect();
+        let messages = std::mem::take(&mut self.open.messages);
+        owner.messages.store(0, Ordering::Relaxed);
+        if let Some(began) = self.open.began.take() {
             metrics::histogram!(telemetry::TRANSACTION_SECONDS).record(began.elapsed().as_secs_f64());
         }
-        open.phase = Phase::Idle;
+        self.open.phase = Phase::Idle;
         metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "committed").increment(1);
         debug!(messages, offsets = ?committed, commit_ms = started.elapsed().as_millis() as u64, "transaction committed");
         Outcome::Committed(committed)
     }
 
-    /// Aborts the open transaction (poll thread): nothing of it becomes visible.
-    pub fn abort(&self, why: &str, wait: Duration) -> Outcome {
-        let Some(mut open) = self.hold(wait) else {
-            self.doomed.store(true, Ordering::SeqCst);
-            return Outcome::Pending("the emit stage holds the transaction: aborted at the next interval".into());
-        };
-        if open.phase == Phase::Idle {
-            return Outcome::Idle;
+    /// Aborts the open transaction: nothing of it becomes visible. A commit whose offsets were
+    /// sent is resumed instead (it was started under a valid generation; librdkafka allows
+    /// nothing else until it ends) and aborted only if it fails.
+    pub fn abort(&mut self, why: &str) -> Outcome {
+        match self.open.phase {
+            Phase::Idle | Phase::Closed => Outcome::Idle,
+            Phase::Committing { offsets_sent: true } => self.finish_commit(),
+            _ => self.abort_now(why.to_string()),
         }
-        self.abort_locked(&mut open, why.to_string())
     }
 
-    fn failed(&self, open: &mut Open, failure: Failure) -> Outcome {
+    /// After the last commit or abort: nothing more begins (the worker is leaving).
+    pub fn close(&mut self) {
+        if matches!(self.open.phase, Phase::Idle) {
+            self.open.phase = Phase::Closed;
+        }
+    }
+
+    fn failed(&mut self, failure: Failure) -> Outcome {
         match failure {
             Failure::Retriable(reason) => {
                 warn!(%reason, "the transaction is not committed yet; retrying at the next interval");
@@ -246,27 +288,31 @@ impl Transactions {
                 metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "fenced").increment(1);
                 Outcome::Fatal(format!("the transactional producer failed for good (fenced by a newer instance or by the coordinator?): {reason}"))
             }
-            Failure::Abortable { reason, zombie: true } => match self.abort_locked(open, reason.clone()) {
+            Failure::Abortable { reason, zombie: true } => match self.abort_now(reason.clone()) {
                 Outcome::Fatal(e) => Outcome::Fatal(e),
-                _ => Outcome::Fatal(format!(
-                    "fenced by the consumer group: this member's generation is over (another member owns its partitions), \
-                     its open transaction was aborted: {reason}"
-                )),
+                _ => {
+                    metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "fenced").increment(1);
+                    Outcome::Fatal(format!(
+                        "fenced by the consumer group: this member's generation is over (another member owns its partitions), \
+                         its open transaction was aborted: {reason}"
+                    ))
+                }
             },
-            Failure::Abortable { reason, zombie: false } => self.abort_locked(open, reason),
+            Failure::Abortable { reason, zombie: false } => self.abort_now(reason),
         }
     }
 
-    fn abort_locked(&self, open: &mut Open, reason: String) -> Outcome {
-        open.phase = Phase::Aborting;
-        match self.producer.abort_transaction(self.call_timeout) {
+    fn abort_now(&mut self, reason: String) -> Outcome {
+        let owner = self.owner;
+        self.open.phase = Phase::Aborting;
+        match owner.producer.abort_transaction(owner.call_timeout) {
             Ok(()) => {
-                let messages = std::mem::take(&mut open.messages);
-                self.messages.store(0, Ordering::Relaxed);
-                open.offsets.clear();
-                open.began = None;
-                open.phase = Phase::Idle;
-                self.doomed.store(false, Ordering::SeqCst);
+                let messages = std::mem::take(&mut self.open.messages);
+                owner.messages.store(0, Ordering::Relaxed);
+                self.open.offsets.clear();
+                self.open.began = None;
+                self.open.phase = Phase::Idle;
+                owner.doomed.store(false, Ordering::SeqCst);
                 metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "aborted").increment(1);
                 info!(messages, %reason, "transaction aborted: its messages are read again");
                 Outcome::Aborted(reason)
@@ -305,5 +351,8 @@ mod tests {
         assert!(matches!(classify("x", &generation), Failure::Abortable { zombie: true, .. }));
         let other = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         assert!(matches!(classify("x", &other), Failure::Abortable { zombie: false, .. }));
+        // rust-rdkafka's commit_transaction flushes first: a slow delivery is retried, not aborted
+        let slow = KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut);
+        assert!(matches!(classify("x", &slow), Failure::Retriable(_)));
     }
 }

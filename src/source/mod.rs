@@ -136,26 +136,37 @@ impl ConsumerContext for SourceContext {
                     tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect();
                 if let Committer::Transactions { txn, halt } = &self.committer {
                     // the open transaction holds outputs of these partitions: committed now with
-                    // their offsets, or aborted (never committed later, by another generation).
-                    // A lost assignment is not waited for: another member may own it already.
-                    if consumer.assignment_lost() {
+                    // their offsets, or aborted (never committed later under another
+                    // generation). A lost assignment is not waited for: another member may own
+                    // it already. The partitions leave the tracker while the transaction is
+                    // still held, so the emit stage cannot add their messages to the next one.
+                    let lost = consumer.assignment_lost();
+                    if lost {
                         self.drop_backlog_of(&revoked);
-                        let why = "the assignment was lost (session timed out): another member may own the partitions";
-                        settle(consumer, &self.shared, halt, txn.abort(why, self.rebalance_drain), false);
                     } else {
                         self.drain_revoked(&revoked);
-                        let outcome = txn.commit(consumer.group_metadata().as_ref(), self.rebalance_drain);
-                        if !settle(consumer, &self.shared, halt, outcome, false) {
-                            let why = "the partitions are revoked and the transaction could not commit";
-                            settle(consumer, &self.shared, halt, txn.abort(why, self.rebalance_drain), false);
+                    }
+                    let held = txn.hold(self.rebalance_drain);
+                    match held {
+                        Some(mut held) => {
+                            let outcome = if lost {
+                                held.abort("the assignment was lost (session timed out): another member may own the partitions")
+                            } else {
+                                held.commit(consumer.group_metadata().as_ref())
+                            };
+                            if !settle(consumer, &self.shared, halt, outcome, false) && !lost {
+                                let outcome = held.abort("the partitions are revoked and the transaction could not commit");
+                                settle(consumer, &self.shared, halt, outcome, false);
+                            }
+                            self.revoke_all(&revoked);
+                        }
+                        None => {
+                            // the emit stage holds it: it must not commit with these partitions'
+                            // offsets later; what it adds from now on is of current partitions
+                            txn.doom();
+                            self.revoke_all(&revoked);
                         }
                     }
-                    let mut state = self.shared.lock();
-                    for tp in &revoked {
-                        state.tracker.revoke(tp);
-                    }
-                    state.rebalanced = true;
-                    drop(state);
                     info!(partitions = %tpl_names(tpl), "partitions revoked");
                     return;
                 }
@@ -197,6 +208,15 @@ impl ConsumerContext for SourceContext {
 }
 
 impl SourceContext {
+    /// Removes `revoked` partitions from the tracker: their work in flight becomes stale.
+    fn revoke_all(&self, revoked: &[TopicPartition]) {
+        let mut state = self.shared.lock();
+        for tp in revoked {
+            state.tracker.revoke(tp);
+        }
+        state.rebalanced = true;
+    }
+
     /// Drops the backlogged (not yet queued) messages of `revoked` partitions.
     fn drop_backlog_of(&self, revoked: &[TopicPartition]) {
         let mut state = self.shared.lock();
@@ -402,9 +422,12 @@ pub fn run_poll_loop(
                 if last_commit.elapsed() >= settings.commit_interval
                     || (txn.full() && last_commit.elapsed() >= Duration::from_millis(50)) =>
             {
-                // waits only briefly for the emit stage's batch: the loop must keep polling
-                let outcome = txn.commit(consumer.group_metadata().as_ref(), Duration::from_millis(200));
-                settle(&consumer, &shared, halt, outcome, true);
+                // waits only briefly for the emit stage's batch: the loop must keep polling;
+                // a rewind happens while the transaction is still held
+                if let Some(mut held) = txn.hold(Duration::from_millis(200)) {
+                    let outcome = held.commit(consumer.group_metadata().as_ref());
+                    settle(&consumer, &shared, halt, outcome, true);
+                }
                 last_commit = Instant::now();
             }
             _ => {}
@@ -446,14 +469,23 @@ fn shutdown(consumer: SourceConsumer, shared: Arc<SharedSource>, tx: mpsc::Sende
     match &settings.committer {
         Committer::Offsets => commit(&consumer, &shared, CommitMode::Sync),
         Committer::Transactions { txn, halt } => {
+            // the last one: committed, or aborted after a failure; then closed, so the emit
+            // stage cannot begin another that nobody would end
             let wait = settings.shutdown.remaining(Duration::ZERO).max(Duration::from_millis(200));
-            let outcome = if halt.is_tripped() {
-                txn.abort("the worker stops after a failure", wait)
-            } else {
-                txn.commit(consumer.group_metadata().as_ref(), wait)
-            };
-            if !settle(&consumer, &shared, halt, outcome, false) {
-                settle(&consumer, &shared, halt, txn.abort("the worker stops and the transaction could not commit", wait), false);
+            match txn.hold(wait) {
+                Some(mut held) => {
+                    let outcome = if halt.is_tripped() {
+                        held.abort("the worker stops after a failure")
+                    } else {
+                        held.commit(consumer.group_metadata().as_ref())
+                    };
+                    if !settle(&consumer, &shared, halt, outcome, false) {
+                        let outcome = held.abort("the worker stops and the transaction could not commit");
+                        settle(&consumer, &shared, halt, outcome, false);
+                    }
+                    held.close();
+                }
+                None => warn!("the emit stage still holds the transaction: left open, aborted when this instance restarts or after kafka.transaction_timeout_ms"),
             }
         }
     }
