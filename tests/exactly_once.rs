@@ -59,8 +59,10 @@ async fn a_paused_zombie_is_fenced_and_its_open_transaction_never_becomes_visibl
         std::thread::sleep(Duration::from_millis(200));
     }
     let took_over = stopped.elapsed();
-    // past A's transaction timeout, with B at work meanwhile
-    std::thread::sleep(Duration::from_secs(15).saturating_sub(took_over));
+    // past A's transaction timeout (10 s) and the broker's sweep of timed-out transactions
+    // (every 10 s by default), with B at work meanwhile: whichever call A makes first on waking
+    // (its periodic commit, or the abort of its lost assignment) is refused as fenced
+    std::thread::sleep(Duration::from_secs(25).saturating_sub(took_over));
     a.signal("CONT");
     let (code, after) = a.wait_exit(Duration::from_secs(60));
     let log = a.log_text();
