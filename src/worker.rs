@@ -176,7 +176,6 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
             (producer, Some(txn))
         }
     };
-    let transactions_for_pipeline = transactions.clone();
     let committer = match &transactions {
         Some(txn) => source::Committer::Transactions { txn: txn.clone(), halt: halt.clone() },
         None => source::Committer::Offsets,
@@ -189,7 +188,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
             dlq_topic,
             group_id: kafka.group_id.clone(),
             message_max_bytes: message_max_bytes as usize,
-            transactions,
+            transactions: transactions.clone(),
         },
         DlqBreaker::new(cfg.pipeline.dlq_max_consecutive, cfg.pipeline.dlq_max_ratio, cfg.pipeline.dlq_window),
         shared.clone(),
@@ -206,7 +205,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         readiness: readiness.clone(),
         emitter: Some(emitter),
         shared,
-        transactions: transactions_for_pipeline,
+        transactions,
     };
     let consumer = source::create_consumer(
         kafka,

@@ -127,12 +127,17 @@ async fn the_telemetry_port_holds_a_bounded_number_of_connections() {
     let addr = telemetry::serve("127.0.0.1:0", readiness, liveness).await.unwrap();
     let port = addr.port();
     assert_eq!(tokio::task::spawn_blocking(move || http_get(port, "/healthz")).await.unwrap().unwrap().0, 200);
-    let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let probe = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        (http_get(port, "/healthz"), started.elapsed())
-    });
+    // every slot taken by a connection that sends nothing, then a probe timed from its start
+    let fill_slots_then_probe = || async move {
+        let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let probe = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            (http_get(port, "/healthz"), started.elapsed())
+        });
+        (idle, probe)
+    };
+    let (idle, probe) = fill_slots_then_probe().await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(!probe.is_finished(), "a connection over the limit is not served while the idle ones hold every slot");
     // the idle connections stay open on the client's side: the server closes them
@@ -145,12 +150,7 @@ async fn the_telemetry_port_holds_a_bounded_number_of_connections() {
         assert_eq!(c.read(&mut [0u8; 16]).unwrap(), 0, "the server closed an idle connection");
     }
     // a slot frees as soon as a client closes its connection
-    let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let probe = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        (http_get(port, "/healthz"), started.elapsed())
-    });
+    let (idle, probe) = fill_slots_then_probe().await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert!(!probe.is_finished());
     drop(idle);

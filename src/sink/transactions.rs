@@ -8,10 +8,11 @@
 //! Who does what:
 //! - the emit stage holds the transaction (`lock`) while it enqueues one batch's records, begins
 //!   the transaction on its first record and notes each message's offset (`Txn::add`);
-//! - the source's poll thread commits it (`commit`) on the commit interval or when
-//!   `kafka.transaction_max_messages` are in it, before partitions are revoked and at shutdown,
-//!   and aborts it (`abort`) when that fails or a lost assignment means another member may own
-//!   the partitions; after an abort it rewinds the consumer to the last committed offsets.
+//! - the source's poll thread holds it (`hold` → `Held`) to commit it (`Held::commit`) on the
+//!   commit interval or when `kafka.transaction_max_messages` are in it, before partitions are
+//!   revoked and at shutdown, and to abort it (`Held::abort`) when that fails or a lost
+//!   assignment means another member may own the partitions; after an abort, still holding it,
+//!   it rewinds the consumer to the last committed offsets.
 //!
 //! Holding the lock across a batch means a commit never splits a batch and never includes a
 //! message whose records are not in the transaction. A fenced producer (another process took the
@@ -27,7 +28,6 @@ use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use crate::pipeline::offsets::TopicPartition;
@@ -56,7 +56,6 @@ struct Open {
     /// Per input partition, the offset just past the last message whose records this
     /// transaction holds (what `send_offsets_to_transaction` commits).
     offsets: BTreeMap<TopicPartition, i64>,
-    messages: usize,
     began: Option<Instant>,
 }
 
@@ -110,7 +109,8 @@ fn classify(what: &str, e: &KafkaError) -> Failure {
 pub struct Transactions {
     producer: FutureProducer,
     open: tokio::sync::Mutex<Open>,
-    /// Messages in the open transaction, readable without the lock (the size bound).
+    /// Messages in the open transaction (kept outside the lock: the poll thread reads it for
+    /// the size bound without taking the transaction).
     messages: AtomicUsize,
     max_messages: usize,
     /// Set when the open transaction must be aborted but could not be at once (the emit stage
@@ -142,8 +142,7 @@ impl Txn<'_> {
     pub fn add(&mut self, tp: &TopicPartition, offset: i64) {
         let next = self.open.offsets.entry(tp.clone()).or_insert(offset + 1);
         *next = (*next).max(offset + 1);
-        self.open.messages += 1;
-        self.owner.messages.store(self.open.messages, Ordering::Relaxed);
+        self.owner.messages.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -227,10 +226,7 @@ impl Held<'_> {
             self.open.phase = Phase::Committing { offsets_sent: false };
             if !self.open.offsets.is_empty() {
                 let Some(group) = group else { return Outcome::Pending("no group metadata yet".into()) };
-                let mut tpl = TopicPartitionList::new();
-                for (tp, next) in &self.open.offsets {
-                    let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next));
-                }
+                let tpl = crate::source::offsets_list(self.open.offsets.iter().map(|(tp, next)| (tp, *next)));
                 if let Err(e) = owner.producer.send_offsets_to_transaction(&tpl, group, owner.call_timeout) {
                     return self.failed(classify("sending the offsets to the transaction", &e));
                 }
@@ -249,8 +245,7 @@ impl Held<'_> {
             return self.failed(classify("committing the transaction", &e));
         }
         let committed: Vec<_> = std::mem::take(&mut self.open.offsets).into_iter().collect();
-        let messages = std::mem::take(&mut self.open.messages);
-        owner.messages.store(0, Ordering::Relaxed);
+        let messages = owner.messages.swap(0, Ordering::Relaxed);
         if let Some(began) = self.open.began.take() {
             metrics::histogram!(telemetry::TRANSACTION_SECONDS).record(began.elapsed().as_secs_f64());
         }
@@ -307,8 +302,7 @@ impl Held<'_> {
         self.open.phase = Phase::Aborting;
         match owner.producer.abort_transaction(owner.call_timeout) {
             Ok(()) => {
-                let messages = std::mem::take(&mut self.open.messages);
-                owner.messages.store(0, Ordering::Relaxed);
+                let messages = owner.messages.swap(0, Ordering::Relaxed);
                 self.open.offsets.clear();
                 self.open.began = None;
                 self.open.phase = Phase::Idle;

@@ -32,7 +32,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::KafkaConfig;
 use crate::pipeline::offsets::{Generation, OffsetTracker, TopicPartition};
 use crate::pipeline::stage::Halt;
-use crate::sink::transactions::{Outcome, Transactions};
+use crate::sink::transactions::{Held, Outcome, Transactions};
 
 /// How consumed offsets are committed.
 #[derive(Clone)]
@@ -154,9 +154,11 @@ impl ConsumerContext for SourceContext {
                             } else {
                                 held.commit(consumer.group_metadata().as_ref())
                             };
-                            if !settle(consumer, &self.shared, halt, outcome, false) && !lost {
-                                let outcome = held.abort("the partitions are revoked and the transaction could not commit");
+                            if lost {
                                 settle(consumer, &self.shared, halt, outcome, false);
+                            } else {
+                                let why = "the partitions are revoked and the transaction could not commit";
+                                settle_or_abort(consumer, &self.shared, halt, &mut held, outcome, why);
                             }
                             self.revoke_all(&revoked);
                         }
@@ -479,10 +481,7 @@ fn shutdown(consumer: SourceConsumer, shared: Arc<SharedSource>, tx: mpsc::Sende
                     } else {
                         held.commit(consumer.group_metadata().as_ref())
                     };
-                    if !settle(&consumer, &shared, halt, outcome, false) {
-                        let outcome = held.abort("the worker stops and the transaction could not commit");
-                        settle(&consumer, &shared, halt, outcome, false);
-                    }
+                    settle_or_abort(&consumer, &shared, halt, &mut held, outcome, "the worker stops and the transaction could not commit");
                     held.close();
                 }
                 None => warn!("the emit stage still holds the transaction: left open, aborted when this instance restarts or after kafka.transaction_timeout_ms"),
@@ -561,6 +560,14 @@ fn settle(consumer: &SourceConsumer, shared: &SharedSource, halt: &Halt, outcome
     }
 }
 
+/// Settles `outcome` of the transaction held in `held`; if it is still open (pending), aborts it
+/// for `why` and settles that, before the partitions go (revoke, shutdown: no seek).
+fn settle_or_abort(consumer: &SourceConsumer, shared: &SharedSource, halt: &Halt, held: &mut Held<'_>, outcome: Outcome, why: &str) {
+    if !settle(consumer, shared, halt, outcome, false) {
+        settle(consumer, shared, halt, held.abort(why), false);
+    }
+}
+
 /// After an aborted transaction: every assigned partition starts a new generation (work of the
 /// old one in the pipeline is dropped as stale) and is read again from its last committed
 /// offset. A failed seek stops the worker (a restart reads from the committed offsets).
@@ -585,16 +592,22 @@ fn rewind(consumer: &SourceConsumer, shared: &SharedSource, halt: &Halt, seek: b
     info!(offsets = %offsets.join(","), "rewound to the last committed offsets: the aborted transaction's messages are read again");
 }
 
+/// The offsets to commit (next offset to read, per partition) as librdkafka's list.
+pub(crate) fn offsets_list<'a>(offsets: impl IntoIterator<Item = (&'a TopicPartition, i64)>) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (tp, next) in offsets {
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
+    }
+    tpl
+}
+
 /// Commits every partition whose contiguous completed offset moved.
 fn commit(consumer: &SourceConsumer, shared: &SharedSource, mode: CommitMode) {
     let candidates = shared.lock().tracker.commit_candidates();
     if candidates.is_empty() {
         return;
     }
-    let mut tpl = TopicPartitionList::new();
-    for (tp, next) in &candidates {
-        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next));
-    }
+    let tpl = offsets_list(candidates.iter().map(|(tp, next)| (tp, *next)));
     let started = Instant::now();
     match consumer.commit(&tpl, mode) {
         Ok(()) => {
