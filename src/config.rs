@@ -20,6 +20,8 @@ pub struct Config {
     pub gpu: GpuConfig,
     pub qdrant: QdrantConfig,
     pub telemetry: TelemetryConfig,
+    pub llm: LlmConfig,
+    pub serve: ServeConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -665,6 +667,108 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// The LLM that answers questions (`convoflow ask`, `POST /v1/ask`): any server of the OpenAI
+/// chat-completions API (vLLM, llama.cpp's server, TGI, Ollama). Nothing connects to it before
+/// the first question; the worker never uses it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Base URL of the OpenAI-compatible API, up to and including `/v1`
+    /// (e.g. `http://127.0.0.1:8000/v1`); empty: no LLM configured.
+    pub url: String,
+    /// The model name the server serves (vLLM: `--served-model-name`, else the model id).
+    pub model: String,
+    /// Bearer token (vLLM `--api-key`); set CONVOFLOW__LLM__API_KEY, not this file.
+    pub api_key: Option<Secret>,
+    /// Most tokens generated per answer.
+    pub max_tokens: u32,
+    pub temperature: f32,
+    /// Time for one answer, from sending the prompt to the last token.
+    pub timeout_ms: u64,
+    /// Time to open the connection.
+    pub connect_timeout_ms: u64,
+    /// The model's context window (prompt + answer) as the server runs it (vLLM `--max-model-len`).
+    pub context_tokens: usize,
+    /// `tokenizer.json` of the served model, to count prompt tokens exactly; null: count UTF-8
+    /// bytes (an upper bound for byte-level BPE and SentencePiece tokenizers, so the prompt
+    /// always fits, with fewer retrieved turns).
+    pub tokenizer: Option<PathBuf>,
+    /// Sent as a `system` message when set (Mistral-Instruct's chat template refuses a system
+    /// role, so by default the instructions are part of `prompt_template`).
+    pub system_prompt: Option<String>,
+    /// The user message: `{sources}` (the numbered excerpts) and `{question}` are replaced.
+    pub prompt_template: String,
+    /// One numbered excerpt: `{n}`, `{conversation_id}`, `{turn_id}`, `{speaker}`, `{ts}`,
+    /// `{stars}`, `{entities}`, `{text}`.
+    pub source_template: String,
+    /// Retrieved turns offered to the model (before trimming to the context budget).
+    pub top_k: usize,
+}
+
+pub const DEFAULT_PROMPT_TEMPLATE: &str = "You answer questions about customer conversations. Use only the numbered \
+excerpts below. Cite the excerpts you use by their number in brackets, like [2]. If the excerpts do not contain the \
+answer, say that the conversations do not tell. Answer in the language of the question.\n\nExcerpts:\n{sources}\n\n\
+Question: {question}";
+pub const DEFAULT_SOURCE_TEMPLATE: &str =
+    "[{n}] conversation {conversation_id}, turn {turn_id}, {speaker}, {ts} ({stars}; entities: {entities})\n{text}";
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            model: "TheBloke/Mistral-7B-Instruct-v0.2-GPTQ".into(),
+            api_key: None,
+            max_tokens: 512,
+            temperature: 0.2,
+            timeout_ms: 120_000,
+            connect_timeout_ms: 5_000,
+            context_tokens: 8192,
+            tokenizer: None,
+            system_prompt: None,
+            prompt_template: DEFAULT_PROMPT_TEMPLATE.into(),
+            source_template: DEFAULT_SOURCE_TEMPLATE.into(),
+            top_k: 8,
+        }
+    }
+}
+
+impl LlmConfig {
+    pub fn is_configured(&self) -> bool {
+        !self.url.trim().is_empty()
+    }
+}
+
+/// `convoflow serve`: the search/ask HTTP API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address of the API (port 0: any free port, logged at start).
+    pub listen: String,
+    /// Requests served at once; more wait up to `queue_timeout_ms`, then get 503.
+    pub max_concurrent_requests: usize,
+    pub queue_timeout_ms: u64,
+    /// Largest request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Most hits one search may ask for (`k`).
+    pub max_k: usize,
+    /// When set, every route but /healthz and /metrics needs `Authorization: Bearer <key>`;
+    /// set CONVOFLOW__SERVE__API_KEY, not this file.
+    pub api_key: Option<Secret>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_concurrent_requests: 16,
+            queue_timeout_ms: 10_000,
+            max_body_bytes: 64 * 1024,
+            max_k: 100,
+            api_key: None,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path` (if given) and then `CONVOFLOW__*` environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self> {
@@ -698,6 +802,28 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.telemetry.liveness_poll_stall_ms == 0 || self.telemetry.liveness_progress_stall_ms == 0 {
             bail!("telemetry.liveness_poll_stall_ms and liveness_progress_stall_ms must be > 0");
+        }
+        let l = &self.llm;
+        if l.is_configured() {
+            if !(l.url.starts_with("http://") || l.url.starts_with("https://")) {
+                bail!("llm.url must be an http:// or https:// URL up to /v1 (e.g. http://127.0.0.1:8000/v1), got {:?}", l.url);
+            }
+            if l.model.trim().is_empty() {
+                bail!("llm.model must name the model the server serves");
+            }
+        }
+        if l.max_tokens == 0 || l.top_k == 0 || l.context_tokens <= l.max_tokens as usize + 64 {
+            bail!(
+                "llm.max_tokens and llm.top_k must be > 0 and llm.context_tokens ({}) must exceed max_tokens ({}) + 64",
+                l.context_tokens,
+                l.max_tokens
+            );
+        }
+        if !l.prompt_template.contains("{question}") || !l.prompt_template.contains("{sources}") {
+            bail!("llm.prompt_template must contain {{sources}} and {{question}}");
+        }
+        if self.serve.max_concurrent_requests == 0 || self.serve.max_body_bytes < 256 || self.serve.max_k == 0 {
+            bail!("serve.max_concurrent_requests and serve.max_k must be > 0, serve.max_body_bytes >= 256");
         }
         let k = &self.kafka;
         if k.brokers.trim().is_empty() || k.group_id.is_empty() || k.input_topic.is_empty() || k.output_topic.is_empty() {

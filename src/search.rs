@@ -11,45 +11,73 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::infer::{Model, Task};
-use crate::pipeline::bm25;
-use crate::sink::store::{self, Bootstrap, Hit, HybridQuery, SearchFilter};
+use crate::sink::store::{self, Bootstrap, Hit, SearchFilter};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SearchArgs {
-    /// What to look for.
+    /// What to look for (embedded with the embedding model's query template, and BM25 terms).
     pub query: String,
-    #[arg(long)]
-    pub tenant: Option<String>,
-    #[arg(long)]
-    pub speaker: Option<String>,
-    #[arg(long)]
-    pub language: Option<String>,
-    #[arg(long)]
-    pub conversation: Option<String>,
-    /// Only chunks of turns with at least this many sentiment stars.
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=5))]
-    pub min_stars: Option<i32>,
-    /// LABEL:VALUE, e.g. PER:Marie Curie (repeatable; all must match).
-    #[arg(long = "entity")]
-    pub entities: Vec<String>,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    /// Number of hits to show (with --group-by: number of groups, one hit each).
     #[arg(long, short = 'k', default_value_t = 10)]
     pub limit: usize,
     /// Print JSON (one array of hits) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Return only the best hit per conversation (Qdrant's grouping on `conversation_id`,
+    /// group size 1), so one conversation that repeats the query's words fills one row.
+    #[arg(long, value_enum)]
+    pub group_by: Option<GroupBy>,
 }
 
-impl SearchArgs {
+/// What `search --group-by` groups hits by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    /// The best turn (chunk) of each conversation.
+    Conversation,
+}
+
+impl GroupBy {
+    /// The payload field the store groups by.
+    pub fn field(self) -> &'static str {
+        match self {
+            GroupBy::Conversation => store::GROUP_BY_CONVERSATION,
+        }
+    }
+}
+
+/// The payload filters `search` and `ask` share; all given ones must hold.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Only chunks of this tenant (exact match).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Only chunks of turns by this speaker (exact match, e.g. agent-7).
+    #[arg(long)]
+    pub speaker: Option<String>,
+    /// Only chunks of conversations in this language (ISO code as in the events, e.g. fr).
+    #[arg(long)]
+    pub language: Option<String>,
+    /// Only chunks of this conversation (its conversation_id).
+    #[arg(long)]
+    pub conversation: Option<String>,
+    /// Only chunks of turns with at least this many sentiment stars (1-5).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=5))]
+    pub min_stars: Option<i32>,
+    /// Only chunks whose turn mentions this entity: LABEL:VALUE, e.g. "PER:Marie Curie" (value
+    /// case-insensitive; repeatable, all must match).
+    #[arg(long = "entity", value_name = "LABEL:VALUE")]
+    pub entities: Vec<String>,
+}
+
+impl FilterArgs {
     pub fn filter(&self) -> Result<SearchFilter> {
         let entities = self
             .entities
             .iter()
-            .map(|e| match e.split_once(':') {
-                Some((label, value)) if !label.trim().is_empty() && !value.trim().is_empty() => {
-                    Ok((label.trim().to_string(), value.trim().to_string()))
-                }
-                _ => bail!("--entity expects LABEL:VALUE (e.g. PER:Marie Curie), got {e:?}"),
-            })
+            .map(|e| parse_entity(e))
             .collect::<Result<_>>()?;
         Ok(SearchFilter {
             conversation_id: self.conversation.clone(),
@@ -59,6 +87,16 @@ impl SearchArgs {
             min_stars: self.min_stars,
             entities,
         })
+    }
+}
+
+/// `LABEL:VALUE` (e.g. `PER:Marie Curie`) as (label, value), both trimmed.
+pub fn parse_entity(e: &str) -> Result<(String, String)> {
+    match e.split_once(':') {
+        Some((label, value)) if !label.trim().is_empty() && !value.trim().is_empty() => {
+            Ok((label.trim().to_string(), value.trim().to_string()))
+        }
+        _ => bail!("--entity expects LABEL:VALUE (e.g. PER:Marie Curie), got {e:?}"),
     }
 }
 
@@ -99,7 +137,7 @@ pub fn embed_queries(cfg: &Config, queries: &[&str]) -> Result<Option<Vec<Vec<f3
 }
 
 pub async fn run(cfg: &Config, args: &SearchArgs) -> Result<()> {
-    let filter = args.filter()?;
+    let filter = args.filters.filter()?;
     let dim = dense_dim(cfg)?;
     let dense = embed_query(cfg, &args.query)?;
     if dense.is_none() {
@@ -107,14 +145,7 @@ pub async fn run(cfg: &Config, args: &SearchArgs) -> Result<()> {
     }
     let store = store::open(&cfg.qdrant)?;
     store.ensure_collection(&store::collection_spec(&cfg.qdrant, dim), Bootstrap::MustExist).await?;
-    let query = HybridQuery {
-        dense,
-        sparse: bm25::query_vector(&args.query),
-        filter,
-        limit: args.limit,
-        prefetch_limit: (args.limit * 5).max(50),
-    };
-    let hits = store.search(&query).await?;
+    let hits = store.search(&crate::ask::hybrid_query(&args.query, dense, filter, args.limit, args.group_by)).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&hits_json(&hits))?);
     } else {
@@ -177,40 +208,71 @@ pub fn table(hits: &[Hit], ansi: bool) -> String {
     table_with(hits, ansi, true)
 }
 
+/// A payload field as text: strings as they are, numbers and the rest as JSON, `-` when absent.
+fn field_text(payload: &serde_json::Map<String, Value>, key: &str) -> String {
+    match payload.get(key) {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// The turn's time (`ts`, RFC 3339) as `YYYY-MM-DD HH:MM:SS` UTC; as stored when not RFC 3339.
+fn time_text(payload: &serde_json::Map<String, Value>) -> String {
+    let raw = field_text(payload, "ts");
+    chrono::DateTime::parse_from_rfc3339(&raw)
+        .map(|t| t.with_timezone(&chrono::Utc).format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or(raw)
+}
+
 /// `table`, with entity marks only when `entities` (the demo turns them off for untrained NER).
+/// Columns: rank, fused score, conversation, turn id, turn time (UTC), speaker (stars), snippet —
+/// the turn and time tell apart turns that repeat the same sentence.
 pub fn table_with(hits: &[Hit], ansi: bool, entities: bool) -> String {
+    const COLUMNS: usize = 7;
     if hits.is_empty() {
         return "no results\n".into();
     }
-    let get = |h: &Hit, k: &str| h.payload.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
-    let rows: Vec<[String; 5]> = hits
+    let rows: Vec<[String; COLUMNS]> = hits
         .iter()
         .enumerate()
         .map(|(i, h)| {
-            let stars = h.payload.get("sentiment_stars").and_then(Value::as_i64).map_or("-".into(), |s| format!("{s}★"));
-            [format!("{}", i + 1), format!("{:.4}", h.score), get(h, "conversation_id"), format!("{} ({stars})", get(h, "speaker")), {
-                let mut payload = h.payload.clone();
+            let p = &h.payload;
+            let stars = p.get("sentiment_stars").and_then(Value::as_i64).map_or("-".into(), |s| format!("{s}★"));
+            let snippet = {
+                let mut payload = p.clone();
                 if !entities {
                     payload.remove("entities");
                 }
                 snippet(&payload, 90, ansi)
-            }]
+            };
+            [
+                format!("{}", i + 1),
+                format!("{:.4}", h.score),
+                field_text(p, "conversation_id"),
+                field_text(p, "turn_id"),
+                time_text(p),
+                format!("{} ({stars})", field_text(p, "speaker")),
+                snippet,
+            ]
         })
         .collect();
-    let headers = ["#", "score", "conversation", "speaker", "snippet"];
-    let widths: Vec<usize> =
-        (0..4).map(|c| rows.iter().map(|r| r[c].chars().count()).chain([headers[c].len()]).max().unwrap_or(0)).collect();
+    let headers = ["#", "score", "conversation", "turn", "time (UTC)", "speaker", "snippet"];
+    let widths: Vec<usize> = (0..COLUMNS - 1)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).chain([headers[c].chars().count()]).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
-    let line = |cells: [&str; 5], out: &mut String| {
-        for c in 0..4 {
-            out.push_str(&format!("{:<w$}  ", cells[c], w = widths[c]));
+    let mut line = |cells: [&str; COLUMNS]| {
+        for (cell, w) in cells.iter().zip(&widths) {
+            out.push_str(cell);
+            out.push_str(&" ".repeat(w - cell.chars().count() + 2));
         }
-        out.push_str(cells[4]);
+        out.push_str(cells[COLUMNS - 1]);
         out.push('\n');
     };
-    line(headers, &mut out);
+    line(headers);
     for r in &rows {
-        line([&r[0], &r[1], &r[2], &r[3], &r[4]], &mut out);
+        line(std::array::from_fn(|c| r[c].as_str()));
     }
     out
 }
@@ -235,16 +297,57 @@ mod tests {
         assert_eq!(snippet(&h.payload, 200, false), "Bonjour [Marie Curie|PER] de [Lyon|LOC]");
         assert!(snippet(&h.payload, 200, true).contains("\x1b[1m[Marie Curie|PER]\x1b[0m"));
         let t = table(&[h], false);
-        assert!(t.starts_with("#  score   conversation  speaker"), "{t}");
+        assert!(t.starts_with("#  score   conversation  turn  time (UTC)  speaker       snippet"), "{t}");
         assert!(t.contains("conv-1") && t.contains("agent-7 (4★)") && t.contains("[Lyon|LOC]"), "{t}");
         assert_eq!(table(&[], false), "no results\n");
     }
 
+    /// Two turns repeating the same sentence are told apart by their turn id and time.
+    #[test]
+    fn table_shows_the_turn_and_its_time() {
+        let mut a = hit("Merci beaucoup", json!([]));
+        a.payload.insert("turn_id".into(), json!("t3"));
+        a.payload.insert("ts".into(), json!("2026-05-28T10:15:03.250Z"));
+        let mut b = hit("Merci beaucoup", json!([]));
+        b.payload.insert("turn_id".into(), json!(7));
+        b.payload.insert("ts".into(), json!("not a time"));
+        let t = table(&[a, b], false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[1].contains("  t3  ") && lines[1].contains("2026-05-28 10:15:03"), "{t}");
+        assert!(lines[2].contains("  7   ") && lines[2].contains("not a time"), "{t}");
+        // the columns line up: the snippet starts at the same character in every row
+        let at = |l: &str| l.chars().collect::<Vec<_>>().windows(5).position(|w| w.iter().collect::<String>() == "Merci");
+        assert_eq!(at(lines[1]), at(lines[2]), "{t}");
+        // a hit without turn or time (older points) shows dashes
+        let t = table(&[hit("x", json!([]))], false);
+        assert!(t.lines().nth(1).unwrap().contains("conv-1        -     -  "), "{t}");
+    }
+
+    #[test]
+    fn search_help_documents_every_flag() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SearchArgs,
+        }
+        let cmd = Cli::command();
+        for arg in cmd.get_arguments().filter(|a| a.get_id() != "help") {
+            assert!(arg.get_help().is_some_and(|h| !h.to_string().is_empty()), "--{} has no help", arg.get_id());
+        }
+        let help = Cli::command().render_long_help().to_string();
+        for flag in ["--tenant", "--speaker", "--language", "--conversation", "--min-stars", "--entity", "--limit", "--json", "--group-by"] {
+            assert!(help.contains(flag), "{flag} in {help}");
+        }
+        let parsed = <Cli as clap::Parser>::try_parse_from(["x", "q", "--group-by", "conversation"]).unwrap();
+        assert_eq!(parsed.args.group_by.map(GroupBy::field), Some("conversation_id"));
+    }
+
     #[test]
     fn entity_filters_are_parsed_and_checked() {
-        let mut args = SearchArgs {
-            query: "q".into(), tenant: Some("acme".into()), speaker: None, language: None, conversation: None,
-            min_stars: Some(4), entities: vec!["PER: Marie Curie".into()], limit: 5, json: false,
+        let mut args = FilterArgs {
+            tenant: Some("acme".into()), min_stars: Some(4), entities: vec!["PER: Marie Curie".into()], ..Default::default()
         };
         let f = args.filter().unwrap();
         assert_eq!(f.entities, vec![("PER".to_string(), "Marie Curie".to_string())]);

@@ -78,6 +78,7 @@ async fn every_chunk_is_a_point_before_its_offset_is_committed_and_tombstones_de
             filter: SearchFilter::default(),
             limit: 1,
             prefetch_limit: 20,
+            group_by: None,
         })
         .await
         .unwrap();

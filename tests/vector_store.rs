@@ -47,13 +47,13 @@ fn point(i: usize, text: &str, dense: Vec<f32>) -> StorePoint {
         "turn_id": format!("t{}", i % 10),
         "chunk_index": 0,
         "tenant": format!("tenant-{}", i % 3),
-        "speaker": if i % 2 == 0 { "agent" } else { "customer" },
-        "language": if i % 4 == 0 { "en" } else { "fr" },
+        "speaker": if i.is_multiple_of(2) { "agent" } else { "customer" },
+        "language": if i.is_multiple_of(4) { "en" } else { "fr" },
         "ts": rfc3339(1_780_000_000_000 + i as i64 * 1000),
         "text": text,
         "sentiment_stars": 1 + (i % 5) as i64,
-        "entity_labels": if i % 7 == 0 { json!(["PER"]) } else { json!([]) },
-        "entity_values": if i % 7 == 0 { json!(["PER:marie curie"]) } else { json!([]) },
+        "entity_labels": if i.is_multiple_of(7) { json!(["PER"]) } else { json!([]) },
+        "entity_values": if i.is_multiple_of(7) { json!(["PER:marie curie"]) } else { json!([]) },
     });
     StorePoint {
         id: convoflow::event::point_id(&format!("tenant-{}", i % 3), &format!("conv-{}", i / 10), &format!("t{}", i % 10), 0),
@@ -141,6 +141,7 @@ async fn contract(open: impl Fn() -> Arc<dyn VectorStore>, collection: &str) {
         filter: SearchFilter::default(),
         limit: 10,
         prefetch_limit: 50,
+        group_by: None,
     };
     let hits = store.search(&query).await.unwrap();
     assert_eq!(hits.len(), 10);
@@ -231,6 +232,119 @@ async fn qdrant_backend_passes_the_contract() {
     client.build().unwrap().delete_collection(&cfg.collection).await.unwrap();
 }
 
+/// `--group-by conversation`: several turns of one conversation match; grouped, each
+/// conversation comes once, with its best turn, best conversation first.
+async fn grouping(open: impl Fn() -> Arc<dyn VectorStore>, collection: &str) {
+    let store = open();
+    store.ensure_collection(&spec(collection, DIM), Bootstrap::CreateIfMissing).await.unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut points: Vec<StorePoint> = (0..500)
+        .map(|i| {
+            let text: Vec<&str> = (0..12).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+            point(i, &text.join(" "), random_vector(&mut rng))
+        })
+        .collect();
+    let query = random_vector(&mut rng);
+    // (index → conversation conv-{i/10}, turn t{i%10}), dense noise, text: the closer the
+    // vector and the denser the terms, the better; three conversations, 3 + 2 + 1 matching turns
+    let planted = [
+        (9000, 0.2f32, "zygomorphic orchid zygomorphic orchid"),
+        (9010, 0.4, "zygomorphic orchid, zygomorphic"),
+        (9001, 0.6, "la fleur zygomorphic orchid"),
+        (9020, 0.8, "la fleur zygomorphic orchid du client"),
+        (9011, 1.0, "la fleur zygomorphic orchid du client, delivery"),
+        (9002, 1.2, "la fleur zygomorphic orchid du client, delivery delay et retard de livraison"),
+    ];
+    // away from the query along one direction orthogonal to it: cosine 1/√(1+d²), strictly in
+    // the order above (no sampling noise to swap neighbours)
+    let away = {
+        let r = random_vector(&mut rng);
+        let along: f32 = r.iter().zip(&query).map(|(a, b)| a * b).sum();
+        unit(r.iter().zip(&query).map(|(a, b)| a - along * b).collect())
+    };
+    let mut ids = std::collections::HashMap::new();
+    for (i, distance, text) in planted {
+        let dense = unit(query.iter().zip(&away).map(|(q, e)| q + distance * e).collect());
+        let p = point(i, text, dense);
+        ids.insert(i, p.id);
+        points.push(p);
+    }
+    StoreWriter::new(store.clone(), BatchLimits::default(), RetryPolicy::default()).upsert_all(&points).await.unwrap();
+    let conversation = |h: &convoflow::sink::store::Hit| h.payload["conversation_id"].as_str().unwrap().to_string();
+
+    let plain = HybridQuery {
+        dense: Some(query.clone()),
+        sparse: query_vector("zygomorphic orchid"),
+        filter: SearchFilter::default(),
+        limit: 6,
+        prefetch_limit: 50,
+        group_by: None,
+    };
+    let hits = store.search(&plain).await.unwrap();
+    let convs: Vec<String> = hits.iter().map(conversation).collect();
+    assert_eq!(convs.iter().filter(|c| *c == "conv-900").count(), 3, "ungrouped, one conversation fills rows: {convs:?}");
+
+    let grouped = HybridQuery { limit: 3, group_by: Some(store::GROUP_BY_CONVERSATION.into()), ..plain.clone() };
+    let hits = store.search(&grouped).await.unwrap();
+    let got: Vec<Uuid> = hits.iter().map(|h| h.id).collect();
+    assert_eq!(got, vec![ids[&9000], ids[&9010], ids[&9020]], "the best turn of each conversation, best first: {hits:?}");
+    assert_eq!(hits.iter().map(conversation).collect::<Vec<_>>(), ["conv-900", "conv-901", "conv-902"]);
+    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score), "{hits:?}");
+    assert!(hits[0].payload["text"].as_str().unwrap().contains("zygomorphic"), "hits carry their payload");
+    // each group's hit is its conversation's first in the ungrouped ranking
+    let all = store.search(&HybridQuery { limit: 30, ..plain.clone() }).await.unwrap();
+    for h in &hits {
+        let first = all.iter().find(|a| conversation(a) == conversation(h)).unwrap();
+        assert_eq!(first.id, h.id, "{}", conversation(h));
+    }
+    // more groups than match: every conversation at most once
+    let many = store.search(&HybridQuery { limit: 20, ..grouped.clone() }).await.unwrap();
+    let distinct: std::collections::HashSet<String> = many.iter().map(conversation).collect();
+    assert_eq!(distinct.len(), many.len(), "one hit per conversation");
+    assert_eq!(many.len(), 20);
+    assert_eq!(&many[..3].iter().map(|h| h.id).collect::<Vec<_>>(), &got);
+    // BM25 alone and under a filter, the same
+    let sparse = store.search(&HybridQuery { dense: None, ..grouped.clone() }).await.unwrap();
+    let sparse_convs: std::collections::HashSet<String> = sparse.iter().map(conversation).collect();
+    assert_eq!(sparse.len(), 3);
+    assert_eq!(sparse_convs, ["conv-900", "conv-901", "conv-902"].map(String::from).into());
+    let tenant = points.iter().find(|p| p.id == ids[&9001]).unwrap().payload["tenant"].as_str().unwrap().to_string();
+    let filtered = HybridQuery { filter: SearchFilter { tenant: Some(tenant.clone()), ..Default::default() }, ..grouped.clone() };
+    let hits = store.search(&filtered).await.unwrap();
+    assert!(hits.iter().all(|h| h.payload["tenant"] == json!(tenant)));
+    let of_900: Vec<_> = hits.iter().filter(|h| conversation(h) == "conv-900").collect();
+    assert_eq!(of_900.len(), 1, "{hits:?}");
+    assert_eq!(of_900[0].id, ids[&9001], "conv-900's best turn of that tenant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_backend_groups_hits_by_conversation() {
+    let dir = temp_dir("edge-grouping");
+    let cfg = edge_config(&dir);
+    grouping(|| store::open(&cfg).unwrap(), &cfg.collection).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `QDRANT_URL=http://host:6334 cargo test --release --test vector_store -- --ignored`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QDRANT_URL (a Qdrant server)"]
+async fn qdrant_backend_groups_hits_by_conversation() {
+    let url = std::env::var("QDRANT_URL").expect("QDRANT_URL: the gRPC URL of a Qdrant server");
+    let cfg = QdrantConfig {
+        backend: StoreBackend::Qdrant,
+        url: url.clone(),
+        api_key: std::env::var("QDRANT_API_KEY").ok().map(convoflow::config::Secret::new),
+        collection: format!("convoflow-grouping-{}", std::process::id()),
+        ..Default::default()
+    };
+    grouping(|| store::open(&cfg).unwrap(), &cfg.collection).await;
+    let mut client = qdrant_client::Qdrant::from_url(&url).skip_compatibility_check();
+    if let Some(key) = &cfg.api_key {
+        client = client.api_key(key.expose().to_string());
+    }
+    client.build().unwrap().delete_collection(&cfg.collection).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_optimization_keeps_everything_searchable() {
     let dir = temp_dir("edge-optimize");
@@ -249,6 +363,7 @@ async fn edge_optimization_keeps_everything_searchable() {
             filter: SearchFilter::default(),
             limit: 3,
             prefetch_limit: 50,
+            group_by: None,
         };
         let top: Vec<Uuid> = store.search(&q).await.unwrap().iter().map(|h| h.id).collect();
         assert_eq!(top, data.planted);

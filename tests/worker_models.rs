@@ -147,6 +147,7 @@ async fn hundred_conversations_end_to_end_with_models_points_events_and_search()
             filter: SearchFilter::default(),
             limit: 5,
             prefetch_limit: 50,
+            group_by: None,
         })
         .await
         .unwrap();

@@ -55,11 +55,34 @@ pub fn configure(device: Device, gpu: &crate::config::GpuConfig) -> anyhow::Resu
     Ok(())
 }
 
+/// Whether the libtorch this process loaded is a CUDA build (its `libtorch_cuda.so` sits next
+/// to `libtorch_cpu.so`), found from the process's own memory map.
+fn libtorch_has_cuda_library() -> Option<bool> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let cpu = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libtorch_cpu.so"))?;
+    Some(std::path::Path::new(cpu).with_file_name("libtorch_cuda.so").exists())
+}
+
+/// The CUDA line of `check`: what is there and what the models will run on.
+fn cuda_line() -> String {
+    let devices = Cuda::device_count();
+    if Cuda::is_available() {
+        return format!("cuda: {devices} device(s) visible; the models run on cuda:0 unless gpu.device says otherwise");
+    }
+    match libtorch_has_cuda_library() {
+        Some(true) => "cuda: no CUDA device visible — the linked libtorch is a CUDA build (libtorch_cuda.so is present) \
+                       but this machine has no usable NVIDIA GPU or driver; the models run on the CPU"
+            .into(),
+        Some(false) => "cuda: this libtorch is a CPU-only build; the models run on the CPU".into(),
+        None => format!("cuda: not available (libtorch reports CUDA support: {}); the models run on the CPU", tch::utils::has_cuda()),
+    }
+}
+
 /// One line per fact, for `convoflow check`.
 pub fn report() -> Vec<String> {
     let mut lines = vec![
         format!("libtorch: {} (built against)", env!("CONVOFLOW_LIBTORCH_VERSION")),
-        format!("cuda: available {} ({} device(s)), built with CUDA {}", Cuda::is_available(), Cuda::device_count(), tch::utils::has_cuda()),
+        cuda_line(),
         format!("cudnn: available {}", Cuda::cudnn_is_available()),
         format!("cpu: {} intra-op threads, mkldnn {}, openmp {}", tch::get_num_threads(), tch::utils::has_mkldnn(), tch::utils::has_openmp()),
     ];

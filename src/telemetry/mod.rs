@@ -87,6 +87,21 @@ pub const READY: &str = "convoflow_ready";
 pub const TRANSACTIONS: &str = "convoflow_transactions_total";
 pub const TRANSACTION_SECONDS: &str = "convoflow_transaction_seconds";
 pub const REWINDS: &str = "convoflow_rewinds_total";
+// The search/ask API (`convoflow serve`) and the LLM (`ask`, `/v1/ask`)
+/// API requests by `route` (search, ask, healthz, metrics) and `status` (HTTP code).
+pub const API_REQUESTS: &str = "convoflow_api_requests_total";
+/// API request time by `route` (a streamed answer: until its last event).
+pub const API_REQUEST_SECONDS: &str = "convoflow_api_request_seconds";
+/// API requests being served now (bounded by `serve.max_concurrent_requests`).
+pub const API_IN_FLIGHT: &str = "convoflow_api_in_flight_requests";
+/// LLM completions by `outcome`: ok, unreachable, bad_model, rejected, disconnected, timeout, error.
+pub const LLM_REQUESTS: &str = "convoflow_llm_requests_total";
+/// Time from sending the prompt to the first generated token.
+pub const LLM_FIRST_TOKEN_SECONDS: &str = "convoflow_llm_first_token_seconds";
+/// Tokens by `kind`: prompt, completion (as the server reports them, else counted chunks).
+pub const LLM_TOKENS: &str = "convoflow_llm_tokens_total";
+/// Generation speed of each answer (completion tokens / time after the first token).
+pub const LLM_TOKENS_PER_SECOND: &str = "convoflow_llm_tokens_per_second";
 
 /// Every metric name (the deployment files are checked against this list).
 pub const ALL: &[&str] = &[
@@ -95,7 +110,8 @@ pub const ALL: &[&str] = &[
     STAGE_BUSY_SECONDS, MODEL_PHASE_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS, STALE_BATCHES, STALE_MESSAGES,
     STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
     GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, REGISTRY_ERRORS, READY, TRANSACTIONS,
-    TRANSACTION_SECONDS, REWINDS,
+    TRANSACTION_SECONDS, REWINDS, API_REQUESTS, API_REQUEST_SECONDS, API_IN_FLIGHT, LLM_REQUESTS, LLM_FIRST_TOKEN_SECONDS,
+    LLM_TOKENS, LLM_TOKENS_PER_SECOND,
 ];
 
 /// The process-wide Prometheus recorder (installed once, on first use).

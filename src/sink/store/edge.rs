@@ -66,7 +66,8 @@ impl EdgeStore {
         if self.min_free_bytes == 0 {
             return Ok(());
         }
-        let dir = if self.path.exists() { self.path.as_path() } else { self.path.parent().unwrap_or(&self.path) };
+        // the nearest existing directory: a store not created yet lies under a missing parent too
+        let dir = self.path.ancestors().find(|p| p.exists()).unwrap_or(&self.path);
         match free_bytes(dir) {
             Ok(free) if free < self.min_free_bytes => Err(StoreError::Transient(format!(
                 "only {free} bytes free on the filesystem of {} (qdrant.edge_min_free_bytes {}): writes wait for space",
@@ -112,6 +113,41 @@ impl EdgeStore {
             .await
             .map_err(|e| StoreError::Permanent(format!("edge task failed: {e}")))?
             .map_err(classify)
+    }
+
+    /// The hybrid query: dense and sparse prefetches (with the filter) fused by RRF.
+    async fn fused(&self, q: HybridQuery) -> Result<Vec<Hit>, StoreError> {
+        let f = filter(&q.filter);
+        let sparse = qdrant_edge::SparseVector::new(
+            q.sparse.indices.iter().map(|&i| i as u32).collect(),
+            q.sparse.values.clone(),
+        )
+        .map_err(|e| StoreError::Permanent(format!("bad sparse query: {e}")))?;
+        let prefetch = |query: VectorInternal, using: &str| Prefetch {
+            prefetches: vec![],
+            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery { query, using: Some(using.to_string()) }))),
+            limit: q.prefetch_limit.max(q.limit),
+            params: None,
+            filter: f.clone(),
+            score_threshold: None,
+        };
+        let mut prefetches = vec![prefetch(VectorInternal::Sparse(sparse), SPARSE)];
+        if let Some(dense) = &q.dense {
+            prefetches.insert(0, prefetch(VectorInternal::Dense(dense.clone()), DENSE));
+        }
+        let request = QueryRequest {
+            prefetches,
+            query: Some(ScoringQuery::Fusion(Fusion::Rrf { k: 60, weights: None })),
+            filter: f.clone(),
+            score_threshold: None,
+            limit: q.limit,
+            offset: 0,
+            params: None,
+            with_vector: WithVector::Bool(false),
+            with_payload: WithPayloadInterface::Bool(true),
+        };
+        let points = self.blocking(move |s| s.query(request)).await?;
+        Ok(points.into_iter().filter_map(from_scored).collect())
     }
 
     /// Starts one optimization pass in the background when enough points were written.
@@ -341,37 +377,10 @@ impl VectorStore for EdgeStore {
     }
 
     async fn search(&self, q: &HybridQuery) -> Result<Vec<Hit>, StoreError> {
-        let f = filter(&q.filter);
-        let sparse = qdrant_edge::SparseVector::new(
-            q.sparse.indices.iter().map(|&i| i as u32).collect(),
-            q.sparse.values.clone(),
-        )
-        .map_err(|e| StoreError::Permanent(format!("bad sparse query: {e}")))?;
-        let prefetch = |query: VectorInternal, using: &str| Prefetch {
-            prefetches: vec![],
-            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery { query, using: Some(using.to_string()) }))),
-            limit: q.prefetch_limit.max(q.limit),
-            params: None,
-            filter: f.clone(),
-            score_threshold: None,
-        };
-        let mut prefetches = vec![prefetch(VectorInternal::Sparse(sparse), SPARSE)];
-        if let Some(dense) = &q.dense {
-            prefetches.insert(0, prefetch(VectorInternal::Dense(dense.clone()), DENSE));
+        match &q.group_by {
+            Some(field) => super::search_grouped(q, field, |candidates| self.fused(candidates)).await,
+            None => self.fused(q.clone()).await,
         }
-        let request = QueryRequest {
-            prefetches,
-            query: Some(ScoringQuery::Fusion(Fusion::Rrf { k: 60, weights: None })),
-            filter: f.clone(),
-            score_threshold: None,
-            limit: q.limit,
-            offset: 0,
-            params: None,
-            with_vector: WithVector::Bool(false),
-            with_payload: WithPayloadInterface::Bool(true),
-        };
-        let points = self.blocking(move |s| s.query(request)).await?;
-        Ok(points.into_iter().filter_map(from_scored).collect())
     }
 
     async fn optimize(&self) -> Result<(), StoreError> {
@@ -397,10 +406,10 @@ impl VectorStore for EdgeStore {
 
 impl Drop for EdgeStore {
     fn drop(&mut self) {
-        if let Some(shard) = self.shard.get_mut().ok().and_then(|s| s.take()) {
-            if let Err(e) = shard.flush() {
-                warn!(error = %e, "flushing the edge collection on close");
-            }
+        if let Some(shard) = self.shard.get_mut().ok().and_then(|s| s.take())
+            && let Err(e) = shard.flush()
+        {
+            warn!(error = %e, "flushing the edge collection on close");
         }
     }
 }

@@ -134,15 +134,83 @@ impl SearchFilter {
 }
 
 /// A hybrid query: dense and BM25 prefetches fused by reciprocal rank fusion.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HybridQuery {
     /// The embedded query; None searches BM25 alone.
     pub dense: Option<Vec<f32>>,
     pub sparse: SparseVector,
     pub filter: SearchFilter,
+    /// Hits to return; with `group_by`, groups to return (one hit each).
     pub limit: usize,
     /// Candidates each prefetch contributes to the fusion.
     pub prefetch_limit: usize,
+    /// Payload field to group the hits by (group size 1): only the best hit of each distinct
+    /// value is returned, best first — e.g. [`GROUP_BY_CONVERSATION`] for the best turn per
+    /// conversation (see [`search_grouped`]). None: plain hits.
+    pub group_by: Option<String>,
+}
+
+/// The payload field `search --group-by conversation` groups by.
+pub const GROUP_BY_CONVERSATION: &str = "conversation_id";
+
+/// Most candidates one prefetch fetches while a grouped search looks for `limit` groups.
+pub const MAX_GROUP_PREFETCH: usize = 10_000;
+
+/// A grouped search (`query.group_by`) on any backend, given its plain fused search: one fused
+/// query over-fetches candidates (each prefetch and the fusion at least 10 × limit) and the
+/// best hit of each group is kept, in fused order; while fewer than `limit`
+/// groups came and the prefetches were full, again with 4 × the candidates (up to
+/// [`MAX_GROUP_PREFETCH`] per prefetch).
+///
+/// Not Qdrant's own grouping (`query_groups` on the server, `EdgeShardRead::query_groups` in
+/// qdrant-edge): its driver fetches `limit` candidates, then runs the query again without the
+/// groups found so far, and a fusion restarts its ranks in every round — a conversation found in
+/// the second round gets a first-rank RRF score and comes before the best conversation of the
+/// first round. Reciprocal ranks from one fusion compare; a larger prefetch only appends lower
+/// ranks, so the hits kept here have the scores an ungrouped search gives them.
+pub(crate) async fn search_grouped<F, Fut>(q: &HybridQuery, field: &str, mut fused: F) -> Result<Vec<Hit>, StoreError>
+where
+    F: FnMut(HybridQuery) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Hit>, StoreError>>,
+{
+    if q.limit == 0 {
+        return Ok(vec![]);
+    }
+    let mut prefetch = q.prefetch_limit.max(q.limit.saturating_mul(10)).min(MAX_GROUP_PREFETCH);
+    loop {
+        let candidates = HybridQuery { limit: prefetch, prefetch_limit: prefetch, group_by: None, ..q.clone() };
+        let hits = fused(candidates).await?;
+        // fewer fused candidates than one prefetch's limit: every prefetch had all it matches
+        let exhausted = hits.len() < prefetch;
+        let best = best_per_group(hits, field, q.limit);
+        if best.len() >= q.limit || exhausted || prefetch >= MAX_GROUP_PREFETCH {
+            return Ok(best);
+        }
+        prefetch = prefetch.saturating_mul(4).min(MAX_GROUP_PREFETCH);
+    }
+}
+
+/// The first (best) hit of each distinct value of the payload `field` (a dotted path; string or
+/// number values), at most `limit`, in the given order; hits without the field are left out.
+pub fn best_per_group(hits: Vec<Hit>, field: &str, limit: usize) -> Vec<Hit> {
+    let mut seen = std::collections::HashSet::new();
+    hits.into_iter()
+        .filter(|h| group_key(&h.payload, field).is_some_and(|k| seen.insert(k)))
+        .take(limit)
+        .collect()
+}
+
+fn group_key(payload: &Map<String, Value>, field: &str) -> Option<String> {
+    let mut parts = field.split('.');
+    let mut value = payload.get(parts.next()?)?;
+    for part in parts {
+        value = value.get(part)?;
+    }
+    match value {
+        Value::String(s) => Some(format!("s{s}")),
+        Value::Number(n) => Some(format!("n{n}")),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +270,8 @@ pub trait VectorStore: Send + Sync {
     async fn delete_points(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError>;
     /// Exact number of points matching the filter.
     async fn count(&self, filter: &SearchFilter) -> Result<u64, StoreError>;
+    /// Hybrid search; with `query.group_by`, the best hit of each group (at most `limit` groups),
+    /// best group first.
     async fn search(&self, query: &HybridQuery) -> Result<Vec<Hit>, StoreError>;
     /// Persists what is buffered (edge); a no-op for a server.
     async fn flush(&self) -> Result<(), StoreError>;
@@ -247,4 +317,65 @@ pub(crate) fn check_dense(spec: &CollectionSpec, existing_dim: usize, cosine: bo
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn hit(n: u128, score: f32, payload: Value) -> Hit {
+        Hit { id: Uuid::from_u128(n), score, payload: payload.as_object().unwrap().clone() }
+    }
+
+    #[test]
+    fn the_best_hit_of_each_group_is_kept_in_order() {
+        let hits = vec![
+            hit(1, 0.9, json!({"conversation_id": "a"})),
+            hit(2, 0.8, json!({"conversation_id": "a"})),
+            hit(3, 0.7, json!({})),
+            hit(4, 0.6, json!({"conversation_id": "b"})),
+            hit(5, 0.5, json!({"conversation_id": 7})),
+            hit(6, 0.4, json!({"conversation_id": "7"})),
+            hit(7, 0.3, json!({"conversation_id": "b"})),
+        ];
+        let ids = |h: Vec<Hit>| h.into_iter().map(|h| h.id.as_u128()).collect::<Vec<_>>();
+        assert_eq!(ids(best_per_group(hits.clone(), "conversation_id", 10)), [1, 4, 5, 6], "a number and a string differ");
+        assert_eq!(ids(best_per_group(hits, "conversation_id", 2)), [1, 4]);
+        let nested = vec![hit(1, 0.9, json!({"meta": {"thread": "x"}})), hit(2, 0.8, json!({"meta": {"thread": "x"}}))];
+        assert_eq!(ids(best_per_group(nested, "meta.thread", 10)), [1]);
+    }
+
+    /// Candidates grow until enough groups come, or the prefetches run dry.
+    #[tokio::test]
+    async fn grouped_search_fetches_more_until_enough_groups() {
+        // 1,000 hits, ten per conversation, in fused order
+        let all: Vec<Hit> = (0..1_000).map(|i| hit(i, 1.0 / (i as f32 + 1.0), json!({"conversation_id": format!("c{}", i / 10)}))).collect();
+        let q = HybridQuery { dense: Some(vec![1.0]), limit: 30, prefetch_limit: 50, group_by: Some("conversation_id".into()), ..Default::default() };
+        let mut asked = vec![];
+        let hits = search_grouped(&q, "conversation_id", |c| {
+            asked.push((c.prefetch_limit, c.limit, c.group_by.clone()));
+            let n = c.limit.min(all.len());
+            std::future::ready(Ok(all[..n].to_vec()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(hits.len(), 30);
+        assert_eq!(hits[0].id.as_u128(), 0);
+        assert_eq!(hits[29].id.as_u128(), 290, "the best (first) hit of conversation c29");
+        // 300 per prefetch and fused (10 × limit): they hold 30 conversations
+        assert_eq!(asked, [(300, 300, None)]);
+
+        let q = HybridQuery { limit: 200, ..q };
+        let mut asked = vec![];
+        let hits = search_grouped(&q, "conversation_id", |c| {
+            asked.push(c.prefetch_limit);
+            let n = c.limit.min(all.len());
+            std::future::ready(Ok(all[..n].to_vec()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(hits.len(), 100, "all there are");
+        assert_eq!(asked, [2_000], "fewer candidates than asked: nothing more to fetch");
+    }
 }

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use qdrant_client::qdrant::{
     Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, DeletePointsBuilder,
     Distance, FieldType, Filter, Fusion, Modifier, NamedVectors, PointStruct, PrefetchQueryBuilder, Query,
-    QueryPointsBuilder, Range, ScalarQuantizationBuilder, SparseVectorParamsBuilder, SparseVectorsConfigBuilder,
+    QueryPointsBuilder, ScoredPoint, Range, ScalarQuantizationBuilder, SparseVectorParamsBuilder, SparseVectorsConfigBuilder,
     UpsertPointsBuilder, Vector, VectorParamsBuilder, VectorsConfigBuilder, point_id::PointIdOptions,
     vectors_config,
 };
@@ -58,6 +58,37 @@ impl RemoteStore {
         }
         let client = builder.build().map_err(|e| StoreError::Permanent(format!("Qdrant client for {}: {e}", cfg.url)))?;
         Ok(Self { client, collection: cfg.collection.clone(), url: cfg.url.clone() })
+    }
+
+    /// The hybrid query: dense and sparse prefetches (with the filter) fused by RRF.
+    async fn fused(&self, q: HybridQuery) -> Result<Vec<Hit>, StoreError> {
+        let f = filter(&q.filter);
+        let prefetch_limit = q.prefetch_limit.max(q.limit) as u64;
+        let prefetch = |query: Query, using: &str| {
+            let mut p = PrefetchQueryBuilder::default().query(query).using(using).limit(prefetch_limit);
+            if let Some(f) = &f {
+                p = p.filter(f.clone());
+            }
+            p
+        };
+        let mut request = QueryPointsBuilder::new(&self.collection);
+        if let Some(dense) = &q.dense {
+            request = request.add_prefetch(prefetch(Query::new_nearest(dense.clone()), DENSE));
+        }
+        let sparse = qdrant_client::qdrant::VectorInput::new_sparse(
+            q.sparse.indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            q.sparse.values.clone(),
+        );
+        request = request
+            .add_prefetch(prefetch(Query::new_nearest(sparse), SPARSE))
+            .query(Query::new_fusion(Fusion::Rrf))
+            .limit(q.limit as u64)
+            .with_payload(true);
+        if let Some(f) = f.clone() {
+            request = request.filter(f);
+        }
+        let reply = self.client.query(request).await.map_err(|e| classify(&self.url, e))?;
+        Ok(reply.result.into_iter().filter_map(to_hit).collect())
     }
 
     async fn check_server_version(&self) -> Result<(), StoreError> {
@@ -152,6 +183,16 @@ fn to_point(p: &StorePoint) -> PointStruct {
         vectors = vectors.add_vector(DENSE, Vector::new_dense(dense.clone()));
     }
     PointStruct::new(p.id.to_string(), vectors, Payload::from(p.payload.clone()))
+}
+
+/// A scored point of convoflow's (UUID id) as a hit.
+fn to_hit(p: ScoredPoint) -> Option<Hit> {
+    let id = match p.id?.point_id_options? {
+        PointIdOptions::Uuid(s) => Uuid::parse_str(&s).ok()?,
+        PointIdOptions::Num(_) => return None,
+    };
+    let payload = p.payload.into_iter().map(|(k, v)| (k, v.into_json())).collect();
+    Some(Hit { id, score: p.score, payload })
 }
 
 #[async_trait]
@@ -252,44 +293,10 @@ impl VectorStore for RemoteStore {
     }
 
     async fn search(&self, q: &HybridQuery) -> Result<Vec<Hit>, StoreError> {
-        let f = filter(&q.filter);
-        let prefetch_limit = q.prefetch_limit.max(q.limit) as u64;
-        let prefetch = |query: Query, using: &str| {
-            let mut p = PrefetchQueryBuilder::default().query(query).using(using).limit(prefetch_limit);
-            if let Some(f) = &f {
-                p = p.filter(f.clone());
-            }
-            p
-        };
-        let mut request = QueryPointsBuilder::new(&self.collection);
-        if let Some(dense) = &q.dense {
-            request = request.add_prefetch(prefetch(Query::new_nearest(dense.clone()), DENSE));
+        match &q.group_by {
+            Some(field) => super::search_grouped(q, field, |candidates| self.fused(candidates)).await,
+            None => self.fused(q.clone()).await,
         }
-        let sparse = qdrant_client::qdrant::VectorInput::new_sparse(
-            q.sparse.indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            q.sparse.values.clone(),
-        );
-        request = request
-            .add_prefetch(prefetch(Query::new_nearest(sparse), SPARSE))
-            .query(Query::new_fusion(Fusion::Rrf))
-            .limit(q.limit as u64)
-            .with_payload(true);
-        if let Some(f) = f.clone() {
-            request = request.filter(f);
-        }
-        let reply = self.client.query(request).await.map_err(|e| classify(&self.url, e))?;
-        Ok(reply
-            .result
-            .into_iter()
-            .filter_map(|p| {
-                let id = match p.id?.point_id_options? {
-                    PointIdOptions::Uuid(s) => Uuid::parse_str(&s).ok()?,
-                    PointIdOptions::Num(_) => return None,
-                };
-                let payload = p.payload.into_iter().map(|(k, v)| (k, v.into_json())).collect();
-                Some(Hit { id, score: p.score, payload })
-            })
-            .collect())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
