@@ -33,11 +33,16 @@ pub struct TokenCounter {
 impl TokenCounter {
     pub fn new(llm: &LlmConfig) -> Result<Self> {
         let tokenizer = match &llm.tokenizer {
-            Some(path) => Some(
-                tokenizers::Tokenizer::from_file(path)
+            Some(path) => {
+                let mut t = tokenizers::Tokenizer::from_file(path)
                     .map_err(|e| anyhow::anyhow!("{e}"))
-                    .with_context(|| format!("loading llm.tokenizer {}", path.display()))?,
-            ),
+                    .with_context(|| format!("loading llm.tokenizer {}", path.display()))?;
+                // a tokenizer.json may carry truncation (often 512) or padding: either would
+                // miscount a prompt, so both are turned off
+                t.with_truncation(None).map_err(|e| anyhow::anyhow!("{e}"))?;
+                t.with_padding(None);
+                Some(t)
+            }
             None => None,
         };
         Ok(Self { tokenizer })
@@ -296,13 +301,8 @@ pub async fn run(cfg: &Config, args: &AskArgs) -> Result<()> {
     let worker = client.clone();
     let completion = tokio::task::spawn_blocking(move || {
         let mut out = std::io::stdout().lock();
-        worker.stream_chat(&messages, &mut |text| {
-            if streaming {
-                let _ = out.write_all(text.as_bytes());
-                let _ = out.flush();
-            }
-            true
-        })
+        // a closed stdout (`ask … | head`) stops the generation
+        worker.stream_chat(&messages, &mut |text| !streaming || out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_ok())
     })
     .await
     .context("the LLM thread")?;

@@ -822,8 +822,14 @@ impl Config {
         if !l.prompt_template.contains("{question}") || !l.prompt_template.contains("{sources}") {
             bail!("llm.prompt_template must contain {{sources}} and {{question}}");
         }
+        if l.timeout_ms == 0 || l.connect_timeout_ms == 0 {
+            bail!("llm.timeout_ms and llm.connect_timeout_ms must be > 0");
+        }
         if self.serve.max_concurrent_requests == 0 || self.serve.max_body_bytes < 256 || self.serve.max_k == 0 {
             bail!("serve.max_concurrent_requests and serve.max_k must be > 0, serve.max_body_bytes >= 256");
+        }
+        if l.top_k > self.serve.max_k {
+            bail!("llm.top_k ({}) must not exceed serve.max_k ({}): it is /v1/ask's default k", l.top_k, self.serve.max_k);
         }
         let k = &self.kafka;
         if k.brokers.trim().is_empty() || k.group_id.is_empty() || k.input_topic.is_empty() || k.output_topic.is_empty() {

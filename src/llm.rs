@@ -160,6 +160,10 @@ impl LlmClient {
 
     fn transport(&self, e: ureq::Error) -> LlmError {
         match e {
+            // no connection within llm.connect_timeout_ms: the server is not there
+            ureq::Error::Timeout(t @ (ureq::Timeout::Resolve | ureq::Timeout::Connect)) => {
+                LlmError::Unreachable { url: self.base.clone(), reason: format!("no connection within llm.connect_timeout_ms ({t})") }
+            }
             ureq::Error::Timeout(_) => LlmError::Timeout { timeout_ms: self.timeout_ms },
             other => LlmError::Unreachable { url: self.base.clone(), reason: other.to_string() },
         }
@@ -259,6 +263,13 @@ impl LlmClient {
                 }
                 Err(e) => return Err(LlmError::Disconnected { received: done.chunks, reason: e.to_string() }),
             };
+            // llama.cpp's server reports an error inside a stream as an `error: {json}` line
+            if let Some(error) = line.strip_prefix("error:") {
+                let error: Value = serde_json::from_str(error.trim()).unwrap_or_else(|_| json!({"message": error.trim()}));
+                let message = error.get("message").and_then(Value::as_str).map_or_else(|| error.to_string(), str::to_string);
+                let code = error.get("code").and_then(Value::as_u64).unwrap_or(500) as u16;
+                return Err(self.refusal(code, &json!({"error": {"message": message}}).to_string()));
+            }
             let Some(data) = line.strip_prefix("data:") else { continue };
             let data = data.trim();
             if data == "[DONE]" {
@@ -290,7 +301,9 @@ impl LlmClient {
                 }
             }
         }
-        if !finished {
+        // some servers (TGI, older llama.cpp forks) end the stream after the finish_reason
+        // without `data: [DONE]`: the answer is complete all the same
+        if !finished && done.finish_reason.is_none() {
             return Err(LlmError::Disconnected {
                 received: done.chunks,
                 reason: "the stream ended without its final `data: [DONE]`".into(),

@@ -285,13 +285,21 @@ async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Res
         _ => "other",
     };
     metrics::gauge!(telemetry::API_IN_FLIGHT).increment(1.0);
-    let finish = |status: StatusCode| Finished { route, status: status.as_u16(), started };
+    // counted whatever happens next: a client that goes away while its request waits or runs
+    // drops this future, and the guard counts it as 499 (nginx's "client closed request")
+    let mut done = Finished { route, status: 499, started };
     let mut permit = None;
     if path.starts_with("/v1/") {
         if let Some(key) = &state.api_key {
-            let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-            if given != Some(key.expose()) {
-                let _done = finish(StatusCode::UNAUTHORIZED);
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim());
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.expose().as_bytes())) {
+                done.status = StatusCode::UNAUTHORIZED.as_u16();
                 let mut r = ApiError { status: StatusCode::UNAUTHORIZED, message: "missing or wrong bearer token (serve.api_key)".into() }.into_response();
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
                 return r;
@@ -301,7 +309,7 @@ async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Res
         match tokio::time::timeout(wait, state.slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => permit = Some(p),
             _ => {
-                let _done = finish(StatusCode::SERVICE_UNAVAILABLE);
+                done.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
                 let mut r = ApiError {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     message: format!("busy: {} requests in progress (serve.max_concurrent_requests)", state.cfg.serve.max_concurrent_requests),
@@ -313,7 +321,7 @@ async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Res
         }
     }
     let response = next.run(request).await;
-    let done = finish(response.status());
+    done.status = response.status().as_u16();
     let (parts, body) = response.into_parts();
     // the slot and the count live as long as the body: a stream holds them to its end
     let body = body.into_data_stream().map(move |chunk| {
@@ -321,6 +329,20 @@ async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Res
         chunk
     });
     Response::from_parts(parts, Body::from_stream(body))
+}
+
+/// Equal byte strings, in a time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Set when the request's handler is dropped (its client went away): stops its completion.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 async fn healthz(State(state): State<Shared>) -> Response {
@@ -358,7 +380,7 @@ async fn healthz(State(state): State<Shared>) -> Response {
 
 async fn search(State(state): State<Shared>, Json(req): Json<SearchRequest>) -> Result<Json<Value>, ApiError> {
     let started = Instant::now();
-    let k = state.k(req.k, 10)?;
+    let k = state.k(req.k, 10.min(state.cfg.serve.max_k))?;
     let hits = state.retrieve(&req.query, &req.filters, k, req.group_by).await?;
     Ok(Json(json!({ "hits": crate::search::hits_json(&hits), "took_ms": started.elapsed().as_secs_f64() * 1000.0 })))
 }
@@ -367,7 +389,13 @@ async fn ask_route(State(state): State<Shared>, Json(req): Json<AskRequest>) -> 
     let Some(llm) = state.llm.clone() else { return Err(LlmError::NotConfigured.into()) };
     let k = state.k(req.k, state.cfg.llm.top_k)?;
     let hits = state.retrieve(&req.question, &req.filters, k, req.group_by).await?;
-    let prompt = ask::build_prompt(&state.cfg.llm, &req.question, &hits, &state.counter)?;
+    // tokenizing the prompt is CPU work: off the async threads
+    let prompt = {
+        let (state, question, hits) = (state.clone(), req.question.clone(), hits.clone());
+        tokio::task::spawn_blocking(move || ask::build_prompt(&state.cfg.llm, &question, &hits, &state.counter))
+            .await
+            .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("building the prompt: {e}") })??
+    };
     let meta = json!({
         "sources": prompt.sources,
         "retrieved": hits.len(),
@@ -378,8 +406,13 @@ async fn ask_route(State(state): State<Shared>, Json(req): Json<AskRequest>) -> 
     });
     let messages = prompt.messages.clone();
     if !req.stream {
+        // a client that goes away drops this handler: the flag stops the generation
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _cancel = CancelOnDrop(cancelled.clone());
         let client = llm.clone();
-        let completion = tokio::task::spawn_blocking(move || client.stream_chat(&messages, &mut |_| true))
+        let completion = tokio::task::spawn_blocking(move || {
+            client.stream_chat(&messages, &mut |_| !cancelled.load(std::sync::atomic::Ordering::SeqCst))
+        })
             .await
             .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("the LLM thread: {e}") })??;
         let answer = Answer {
@@ -400,9 +433,24 @@ async fn ask_route(State(state): State<Shared>, Json(req): Json<AskRequest>) -> 
     let (tx, rx) = mpsc::channel::<Event>(256);
     let first = Event::default().event("sources").json_data(&meta).expect("serializable");
     let _ = tx.send(first).await;
+    // a client that stops reading without closing fills the channel: after llm.timeout_ms
+    // of a full channel the answer is abandoned, so no slot is held forever
+    let stall = Duration::from_millis(state.cfg.llm.timeout_ms);
     tokio::task::spawn_blocking(move || {
         let result = llm.stream_chat(&messages, &mut |text| {
-            tx.blocking_send(Event::default().event("token").json_data(json!({ "text": text })).expect("serializable")).is_ok()
+            let mut event = Event::default().event("token").json_data(json!({ "text": text })).expect("serializable");
+            let deadline = Instant::now() + stall;
+            loop {
+                match tx.try_send(event) {
+                    Ok(()) => return true,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                    Err(mpsc::error::TrySendError::Full(back)) if Instant::now() < deadline => {
+                        event = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => return false,
+                }
+            }
         });
         let last = match result {
             Ok(c) => Event::default().event("done").json_data(&c),
