@@ -254,6 +254,23 @@ pub struct Answer {
     pub completion: Completion,
 }
 
+impl Answer {
+    /// The answer to `question` from `retrieved` hits, of which `prompt` kept some.
+    pub fn new(question: String, model: &str, retrieved: usize, prompt: Prompt, completion: Completion) -> Self {
+        Self {
+            question,
+            answer: completion.text.clone(),
+            model: model.to_string(),
+            retrieved,
+            dropped: prompt.dropped,
+            prompt_tokens_counted: prompt.prompt_tokens,
+            prompt_budget: prompt.budget,
+            sources: prompt.sources,
+            completion,
+        }
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct AskArgs {
     /// The question, in any language the model speaks (it is asked to answer in the same one).
@@ -315,17 +332,7 @@ pub async fn run(cfg: &Config, args: &AskArgs) -> Result<()> {
             return Err(e.into());
         }
     };
-    let answer = Answer {
-        question: args.question.clone(),
-        answer: completion.text.clone(),
-        model: client.model().to_string(),
-        retrieved: hits.len(),
-        dropped: prompt.dropped,
-        prompt_tokens_counted: prompt.prompt_tokens,
-        prompt_budget: prompt.budget,
-        sources: prompt.sources,
-        completion,
-    };
+    let answer = Answer::new(args.question.clone(), client.model(), hits.len(), prompt, completion);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());

@@ -415,18 +415,7 @@ async fn ask_route(State(state): State<Shared>, Json(req): Json<AskRequest>) -> 
         })
             .await
             .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("the LLM thread: {e}") })??;
-        let answer = Answer {
-            question: req.question,
-            answer: completion.text.clone(),
-            model: llm.model().to_string(),
-            retrieved: hits.len(),
-            dropped: prompt.dropped,
-            prompt_tokens_counted: prompt.prompt_tokens,
-            prompt_budget: prompt.budget,
-            sources: prompt.sources,
-            completion,
-        };
-        return Ok(Json(answer).into_response());
+        return Ok(Json(Answer::new(req.question, llm.model(), hits.len(), prompt, completion)).into_response());
     }
     // the answer as Server-Sent Events, each piece forwarded as the LLM produces it; a client
     // that goes away closes the channel, which stops the completion (and the LLM's generation)
