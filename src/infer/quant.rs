@@ -1,16 +1,20 @@
 //! int8 Linear layers on CPU: dynamic quantization through libtorch's fbgemm kernels
 //! (`quantized::linear_prepack` / `quantized::linear_dynamic`, reached through the C++ shim in
 //! src/infer/shim/qlinear_shim.cpp because tch does not bind them). Weights are int8 within
-//! [-63, 63], one scale per output channel; each input is quantized to uint8 from its own range
-//! at every call (8 bits: the 7-bit weights keep fbgemm's AVX2 int16 pair sums from saturating);
-//! accumulation is int32 and the output fp32 with the fp32 bias added.
+//! [-63, 63], one scale per output channel; the input is quantized to uint8 at every call, with
+//! one scale per token: each row is divided by its own largest magnitude before fbgemm quantizes
+//! the batch, and the output row multiplied back (a row scale commutes with the GEMM), so one
+//! token with large activations (a [CLS] or [SEP]) no longer coarsens every other token's step
+//! (all-MiniLM-L6-v2's lowest cosine to fp32 rose from 0.9896 with one scale per batch to 0.9929).
+//! 8-bit inputs: the 7-bit weights keep fbgemm's AVX2 int16 pair sums from saturating.
+//! Accumulation is int32, the output fp32 with the fp32 bias added after the row scale.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 
 use tch::{Device, Tensor};
 
 unsafe extern "C" {
-    fn cf_qlinear_prepack(weight: *const c_void, bias: *const c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
+    fn cf_qlinear_prepack(weight: *const c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
     fn cf_qlinear_free(packed: *mut c_void);
     fn cf_qlinear_forward(
         packed: *const c_void,
@@ -28,9 +32,11 @@ fn message(buf: &[c_char]) -> String {
     unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
 }
 
-/// A packed int8 weight with its fp32 bias (fbgemm's packed params, owned by the shim).
+/// A packed int8 weight (fbgemm's packed params, owned by the shim, packed without a bias) and
+/// the fp32 bias, added after the per-token scale is undone.
 pub struct QLinear {
     packed: *mut c_void,
+    bias: Tensor,
 }
 
 // SAFETY: the packed params are immutable once built; `linear_dynamic` only reads them. A model
@@ -45,12 +51,16 @@ impl QLinear {
         }
         let mut err = [0 as c_char; 1024];
         // SAFETY: both pointers are live tch tensors (at::Tensor*) for the duration of the call
-        let packed = unsafe { cf_qlinear_prepack(weight.as_ptr().cast(), bias.as_ptr().cast(), err.as_mut_ptr(), err.len()) };
-        if packed.is_null() { Err(message(&err)) } else { Ok(Self { packed }) }
+        let packed = unsafe { cf_qlinear_prepack(weight.as_ptr().cast(), err.as_mut_ptr(), err.len()) };
+        if packed.is_null() { Err(message(&err)) } else { Ok(Self { packed, bias: bias.to_kind(tch::Kind::Float) }) }
     }
 
     /// `input` [..., in] fp32 → [..., out] fp32.
     pub fn forward(&self, input: &Tensor) -> Tensor {
+        // one scale per token: the row's largest magnitude (an ∞-norm, no |x| copy)
+        let mut scale = input.linalg_norm(f64::INFINITY, [-1i64].as_slice(), true, None::<tch::Kind>);
+        let _ = scale.clamp_min_(1e-12);
+        let input = input / &scale;
         let mut out = Tensor::new();
         let mut err = [0 as c_char; 1024];
         // SAFETY: `packed` is owned by self; `input` and `out` are live tch tensors; the shim
@@ -60,6 +70,7 @@ impl QLinear {
         };
         // tch's own ops panic on a libtorch error too; Model::run_sequences catches it
         assert!(rc == 0, "quantized linear: {}", message(&err));
+        let _ = out.g_mul_(&scale).g_add_(&self.bias);
         out
     }
 }
@@ -98,6 +109,24 @@ mod tests {
         // not the fp32 result: the output carries quantization error
         assert!(rel > 1e-5, "relative error {rel}: no quantization happened");
         assert!(engine() > 0, "a quantized engine is available");
+    }
+
+    #[test]
+    fn each_token_keeps_its_own_input_scale() {
+        // one token 1000× larger than the others (a [CLS] with outlier activations): with one
+        // input scale for the batch the small tokens would fall under a single uint8 step
+        tch::manual_seed(2);
+        let w = Tensor::randn([32, 64], (Kind::Float, Device::Cpu)) * 0.05;
+        let b = Tensor::zeros([32], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([4, 64], (Kind::Float, Device::Cpu));
+        let _ = x.get(0).g_mul_scalar_(1000.0);
+        let y = QLinear::new(&w, &b).unwrap().forward(&x);
+        let reference = x.linear(&w, Some(&b));
+        for row in 1..4 {
+            let (got, want) = (y.get(row), reference.get(row));
+            let rel = f64::try_from((&got - &want).norm()).unwrap() / f64::try_from(want.norm()).unwrap();
+            assert!(rel < 0.05, "token {row}: relative error {rel}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 // convoflow's int8 shim: dynamically quantized Linear layers on CPU through libtorch's own
 // quantized kernels (fbgemm), which tch 0.24 does not bind: `quantized::linear_prepack` packs an
-// int8 weight (per output channel, symmetric) with its fp32 bias once; `quantized::linear_dynamic`
+// int8 weight (per output channel, symmetric, no bias: src/infer/quant.rs adds it) once; `quantized::linear_dynamic`
 // then quantizes each input to uint8 from its own min/max, runs the int8 GEMM and returns fp32 —
 // the op behind torch.ao's dynamic quantization. Both are reached through the dispatcher by
 // name, boxed, so no header of the packed-params class is needed. Every entry point catches C++
@@ -34,22 +34,21 @@ const c10::OperatorHandle& linear_dynamic() {
 
 extern "C" {
 
-// Packs `weight` ([out, in], any float dtype) and `bias` ([out]) into int8 fbgemm packed
+// Packs `weight` ([out, in], any float dtype), without a bias, into int8 fbgemm packed
 // params: one scale per output channel, zero point 0, values within [-63, 63] (7 bits): with
 // 8-bit inputs fbgemm's AVX2 kernels sum pairs of u8 x s8 products in int16, and
 // 2 x 255 x 63 < 32767 never saturates, while 8-bit inputs keep the activations (quantized per
 // call over a whole batch, so the coarser of the two) at full precision. Returns an owned handle
 // (free it with cf_qlinear_free) or null with the message in `err`.
-void* cf_qlinear_prepack(const void* weight, const void* bias, char* err, size_t errlen) {
+void* cf_qlinear_prepack(const void* weight, char* err, size_t errlen) {
   try {
     const auto& w = *static_cast<const at::Tensor*>(weight);
-    const auto& b = *static_cast<const at::Tensor*>(bias);
     at::NoGradGuard no_grad;
     auto wf = w.to(at::kCPU, at::kFloat).contiguous();
     auto scales = wf.abs().amax({1}).div(63.0).clamp_min(1e-12).to(at::kDouble);
     auto zero_points = at::zeros({wf.size(0)}, at::dtype(at::kLong));
     auto qw = at::quantize_per_channel(wf, scales, zero_points, 0, at::kQInt8);
-    std::vector<c10::IValue> stack{qw, std::optional<at::Tensor>(b.to(at::kCPU, at::kFloat).contiguous())};
+    std::vector<c10::IValue> stack{qw, std::optional<at::Tensor>()};
     linear_prepack().callBoxed(&stack);
     return new c10::IValue(std::move(stack.at(0)));
   } catch (const std::exception& e) {
