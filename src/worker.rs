@@ -194,7 +194,9 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         shared.clone(),
         halt.clone(),
     );
+    let shutdown = source::ShutdownClock::watch(stop.clone(), Duration::from_millis(cfg.pipeline.shutdown_timeout_ms));
     let pipeline = Pipeline {
+        shutdown: shutdown.clone(),
         store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry).for_worker(readiness.clone(), stop.clone()),
         payload_text: cfg.qdrant.payload_text,
         stop: stop.clone(),
@@ -214,7 +216,6 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         committer.clone(),
     )?;
     let (tx, rx) = mpsc::channel(cfg.pipeline.queue_capacity);
-    let shutdown = source::ShutdownClock::watch(stop.clone(), Duration::from_millis(cfg.pipeline.shutdown_timeout_ms));
     let settings = SourceSettings {
         max_in_flight: cfg.pipeline.max_in_flight,
         commit_interval: Duration::from_millis(kafka.commit_interval_ms),
@@ -235,7 +236,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     // waited for until shortly before the deadline, then left behind (what it did not commit is
     // re-read after a restart).
     let source_done = tokio::task::spawn_blocking(move || poll_thread.join());
-    match tokio::time::timeout(shutdown.remaining(Duration::from_millis(500)), source_done).await {
+    match tokio::time::timeout(shutdown.remaining(SOURCE_LEFT_BEHIND), source_done).await {
         Ok(joined) => joined?.map_err(|_| anyhow!("the source thread panicked"))?,
         Err(_) => warn!("the Kafka consumer did not close in time (broker unreachable?); exiting without it"),
     }
@@ -264,6 +265,11 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     }
 }
 
+/// How long before the shutdown deadline the worker stops waiting for the source (its poll
+/// thread may be blocked in a librdkafka call that waits for an unresponsive broker, such as a
+/// synchronous commit): the pipeline stops without it, and the worker exits on time.
+const SOURCE_LEFT_BEHIND: Duration = Duration::from_millis(500);
+
 /// Room left under a topic's `max.message.bytes` for the record batch's own framing (the broker
 /// compares whole batches with it; librdkafka checks records without it).
 const BATCH_FRAMING: u32 = 512;
@@ -284,6 +290,9 @@ pub struct Stats {
 }
 
 struct Pipeline {
+    /// The shutdown's deadline: past it (less `SOURCE_LEFT_BEHIND`) the pipeline stops
+    /// without waiting for the source to leave.
+    shutdown: source::ShutdownClock,
     store: StoreWriter,
     readiness: Arc<Readiness>,
     payload_text: PayloadText,
@@ -338,10 +347,23 @@ impl Pipeline {
         ];
         // The batch stage notices the source's leaving only while it waits for messages; a stage
         // busy elsewhere (a full channel) must not keep the rest waiting on models or the store.
+        // A source that has not left by shortly before the shutdown deadline is stuck (its poll
+        // thread waits in librdkafka for a broker that does not answer): the pipeline stops
+        // without it; what it did not complete stays uncommitted and is re-read.
         let source_watch = tokio::spawn({
-            let (shared, flight) = (self.shared.clone(), flight.clone());
+            let (shared, flight, clock) = (self.shared.clone(), flight.clone(), self.shutdown.clone());
             async move {
-                while !shared.lock().left {
+                loop {
+                    if shared.lock().left {
+                        break;
+                    }
+                    if clock.stopping() && clock.remaining(SOURCE_LEFT_BEHIND).is_zero() {
+                        warn!(
+                            "the Kafka source has not left by the shutdown deadline (blocked on an unresponsive broker?): \
+                             the pipeline stops without it; unfinished work stays uncommitted and is re-read"
+                        );
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 flight.abandon();
@@ -658,7 +680,13 @@ async fn form_batches(
     room: usize,
     linger: Duration,
 ) {
-    while let Some(first) = rx.recv().await {
+    loop {
+        // the source's leaving (or the pipeline's giving up on it) ends the wait too
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            _ = flight.abandoned() => None,
+        };
+        let Some(first) = first else { break };
         let mut batch = vec![first];
         let linger_until = Instant::now() + linger;
         let mut open = true;
@@ -680,6 +708,7 @@ async fn form_batches(
                 },
                 _ = flight.ended.notified() => {}
                 _ = tokio::time::sleep_until(linger_until), if lingering => {}
+                _ = flight.abandoned() => open = false,
             }
         }
         metrics::gauge!(telemetry::QUEUE_DEPTH).set(rx.len() as f64);

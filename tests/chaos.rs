@@ -62,6 +62,44 @@ async fn sigterm_with_the_broker_away_exits_on_time_and_commits_nothing_undelive
     );
 }
 
+/// SIGTERM while the poll thread is blocked in a librdkafka call: the broker is frozen (SIGSTOP,
+/// connections open, nothing answers), so the periodic synchronous offset commit of the work
+/// completed before the freeze waits for the coordinator's answer (librdkafka's request timeout,
+/// a minute) and the source cannot start its shutdown. The pipeline does not wait for the
+/// source past the shutdown deadline: the worker exits on time, with code 0 (before: the
+/// watchdog's exit 1 at 12 s), and nothing undelivered is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_source_waits_on_a_frozen_broker_exits_on_time() {
+    let scene = Scene::start("term-frozen");
+    let topics = Topics::new("term-frozen");
+    create_topic(&topics.input, 3).await;
+    let events = sample_events(83, 300);
+    produce_conversations(&topics.input, &events).await;
+
+    let env: Vec<(&str, &str)> = SLOW.iter().copied().chain([("CONVOFLOW__KAFKA__COMMIT_INTERVAL_MS", "2000")]).collect();
+    let mut worker = Worker::start("w", &topics, &env);
+    read_topic(&topics.output, 40, Duration::from_secs(120), Duration::ZERO);
+    scene.broker.freeze();
+    // past the next commit tick: the commit of what completed before the freeze is waiting
+    std::thread::sleep(Duration::from_secs(3));
+    worker.signal("TERM");
+    let (code, took) = worker.wait_exit(Duration::from_secs(20));
+    scene.broker.thaw();
+    println!("term-frozen: exit code {code:?} {:.1} s after SIGTERM", took.as_secs_f64());
+    assert!(took < Duration::from_millis(8_500), "exit took {took:?} (shutdown_timeout_ms 7000)\n{}", worker.log_text());
+    assert_eq!(code, Some(0), "{}", worker.log_text());
+
+    let committed = committed(&topics.group, &topics.input);
+    let outputs = by_source(&read_topic(&topics.output, events.len(), Duration::from_secs(10), Duration::from_secs(1)));
+    for (p, end) in &high_watermarks(&topics.input) {
+        let c = committed[p].max(0);
+        for offset in 0..c {
+            assert!(outputs.contains_key(&(*p, offset)), "partition {p} offset {offset} committed ({c}) but never delivered");
+        }
+        assert!(c <= *end);
+    }
+}
+
 /// Ten SIGKILLs of `convoflow run` at seeded random moments over 1,000 conversations, each
 /// restart on the same embedded store: every input event gets its enriched event, and the store
 /// holds exactly the points of every chunk the enriched events name — none missing, none extra.

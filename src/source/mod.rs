@@ -335,6 +335,11 @@ impl ShutdownClock {
         *self.stopped_at.get().unwrap_or(&Instant::now()) + self.budget
     }
 
+    /// Whether the worker was asked to stop (the deadline runs).
+    pub fn stopping(&self) -> bool {
+        self.stopped_at.get().is_some()
+    }
+
     /// Time left until the deadline, less `reserve`.
     pub fn remaining(&self, reserve: Duration) -> Duration {
         self.deadline().saturating_duration_since(Instant::now()).saturating_sub(reserve)

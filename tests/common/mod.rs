@@ -90,6 +90,23 @@ impl OwnBroker {
         Self::script(&self.state, &["halt"]);
     }
 
+    /// Freezes the broker process (SIGSTOP): its connections stay open and nothing answers, so
+    /// requests wait for their timeouts instead of failing at once (`thaw` resumes it).
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    /// Signals the broker process this broker's script started (its PID file).
+    fn signal(&self, sig: &str) {
+        let pid = std::fs::read_to_string(self.state.join("pid")).expect("the broker's PID file");
+        let status = Command::new("kill").args([format!("-{sig}"), pid.trim().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill -{sig} {}", pid.trim());
+    }
+
     /// Starts it again on the same data and port; returns once it serves.
     pub fn restart(&self) {
         Self::script(&self.state, &["restart"]);
