@@ -25,25 +25,74 @@ async fn a_broker_restart_mid_run_is_ridden_out_without_a_worker_restart_and_not
 /// for deliveries that could never complete). Nothing is committed past what was delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_the_broker_away_exits_on_time_and_commits_nothing_undelivered() {
-    let scene = Scene::start("term-no-broker");
-    let topics = Topics::new("term-no-broker");
-    create_topic(&topics.input, 3).await;
-    let events = sample_events(82, 300);
-    produce_conversations(&topics.input, &events).await;
-
-    let mut worker = Worker::start("w", &topics, SLOW);
-    read_topic(&topics.output, 40, Duration::from_secs(120), Duration::ZERO);
-    scene.broker.halt();
+    let mut run = busy_worker("term-no-broker", 82, SLOW).await;
+    run.scene.broker.halt();
     std::thread::sleep(Duration::from_secs(1));
+    let (code, took) = sigterm_and_wait("term-no-broker", &mut run.worker);
+    assert_exited_on_time(code, took, &run.worker);
+
+    run.scene.broker.restart();
+    assert_committed_was_delivered("term-no-broker", &run.topics, run.events);
+}
+
+/// SIGTERM while the poll thread is blocked in a librdkafka call: the broker is frozen (SIGSTOP,
+/// connections open, nothing answers), so the periodic synchronous offset commit of the work
+/// completed before the freeze waits for the coordinator's answer (librdkafka's request timeout,
+/// a minute) and the source cannot start its shutdown. The pipeline does not wait for the
+/// source past the shutdown deadline: the worker exits on time, with code 0 (before: the
+/// watchdog's exit 1 at 12 s), and nothing undelivered is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_source_waits_on_a_frozen_broker_exits_on_time() {
+    let env: Vec<(&str, &str)> = SLOW.iter().copied().chain([("CONVOFLOW__KAFKA__COMMIT_INTERVAL_MS", "2000")]).collect();
+    let mut run = busy_worker("term-frozen", 83, &env).await;
+    run.scene.broker.freeze();
+    // past the next commit tick: the commit of what completed before the freeze is waiting
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, took) = sigterm_and_wait("term-frozen", &mut run.worker);
+    run.scene.broker.thaw();
+    assert_exited_on_time(code, took, &run.worker);
+
+    assert_committed_was_delivered("term-frozen", &run.topics, run.events);
+}
+
+/// A broker of the test's own, the events of 300 conversations on a 3-partition input, and a
+/// worker that has enriched at least 40 of them.
+struct BusyWorker {
+    scene: Scene,
+    topics: Topics,
+    /// How many input events there are.
+    events: usize,
+    worker: Worker,
+}
+
+async fn busy_worker(name: &str, seed: u64, env: &[(&str, &str)]) -> BusyWorker {
+    let scene = Scene::start(name);
+    let topics = Topics::new(name);
+    create_topic(&topics.input, 3).await;
+    let events = sample_events(seed, 300);
+    produce_conversations(&topics.input, &events).await;
+    let worker = Worker::start("w", &topics, env);
+    read_topic(&topics.output, 40, Duration::from_secs(120), Duration::ZERO);
+    BusyWorker { scene, topics, events: events.len(), worker }
+}
+
+fn sigterm_and_wait(name: &str, worker: &mut Worker) -> (Option<i32>, Duration) {
     worker.signal("TERM");
     let (code, took) = worker.wait_exit(Duration::from_secs(20));
-    println!("term-no-broker: exit code {code:?} {:.1} s after SIGTERM", took.as_secs_f64());
+    println!("{name}: exit code {code:?} {:.1} s after SIGTERM", took.as_secs_f64());
+    (code, took)
+}
+
+/// Exit code 0 within `shutdown_timeout_ms` (7 s) and a margin.
+fn assert_exited_on_time(code: Option<i32>, took: Duration, worker: &Worker) {
     assert!(took < Duration::from_millis(8_500), "exit took {took:?} (shutdown_timeout_ms 7000)\n{}", worker.log_text());
     assert_eq!(code, Some(0), "{}", worker.log_text());
+}
 
-    scene.broker.restart();
+/// Every committed input offset has its enriched event on the output topic (the broker serving).
+fn assert_committed_was_delivered(name: &str, topics: &Topics, events: usize) {
     let committed = committed(&topics.group, &topics.input);
-    let outputs = by_source(&read_topic(&topics.output, events.len(), Duration::from_secs(10), Duration::from_secs(1)));
+    let outputs = by_source(&read_topic(&topics.output, events, Duration::from_secs(10), Duration::from_secs(1)));
     let high = high_watermarks(&topics.input);
     let mut committed_total = 0;
     for (p, end) in &high {
@@ -55,49 +104,11 @@ async fn sigterm_with_the_broker_away_exits_on_time_and_commits_nothing_undelive
         assert!(c <= *end);
     }
     println!(
-        "term-no-broker: committed {committed_total} of {} inputs, {} delivered: {:?}",
+        "{name}: committed {committed_total} of {} inputs, {} delivered: {:?}",
         high.values().sum::<i64>(),
         outputs.len(),
         committed.iter().collect::<BTreeMap<_, _>>()
     );
-}
-
-/// SIGTERM while the poll thread is blocked in a librdkafka call: the broker is frozen (SIGSTOP,
-/// connections open, nothing answers), so the periodic synchronous offset commit of the work
-/// completed before the freeze waits for the coordinator's answer (librdkafka's request timeout,
-/// a minute) and the source cannot start its shutdown. The pipeline does not wait for the
-/// source past the shutdown deadline: the worker exits on time, with code 0 (before: the
-/// watchdog's exit 1 at 12 s), and nothing undelivered is committed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_while_the_source_waits_on_a_frozen_broker_exits_on_time() {
-    let scene = Scene::start("term-frozen");
-    let topics = Topics::new("term-frozen");
-    create_topic(&topics.input, 3).await;
-    let events = sample_events(83, 300);
-    produce_conversations(&topics.input, &events).await;
-
-    let env: Vec<(&str, &str)> = SLOW.iter().copied().chain([("CONVOFLOW__KAFKA__COMMIT_INTERVAL_MS", "2000")]).collect();
-    let mut worker = Worker::start("w", &topics, &env);
-    read_topic(&topics.output, 40, Duration::from_secs(120), Duration::ZERO);
-    scene.broker.freeze();
-    // past the next commit tick: the commit of what completed before the freeze is waiting
-    std::thread::sleep(Duration::from_secs(3));
-    worker.signal("TERM");
-    let (code, took) = worker.wait_exit(Duration::from_secs(20));
-    scene.broker.thaw();
-    println!("term-frozen: exit code {code:?} {:.1} s after SIGTERM", took.as_secs_f64());
-    assert!(took < Duration::from_millis(8_500), "exit took {took:?} (shutdown_timeout_ms 7000)\n{}", worker.log_text());
-    assert_eq!(code, Some(0), "{}", worker.log_text());
-
-    let committed = committed(&topics.group, &topics.input);
-    let outputs = by_source(&read_topic(&topics.output, events.len(), Duration::from_secs(10), Duration::from_secs(1)));
-    for (p, end) in &high_watermarks(&topics.input) {
-        let c = committed[p].max(0);
-        for offset in 0..c {
-            assert!(outputs.contains_key(&(*p, offset)), "partition {p} offset {offset} committed ({c}) but never delivered");
-        }
-        assert!(c <= *end);
-    }
 }
 
 /// Ten SIGKILLs of `convoflow run` at seeded random moments over 1,000 conversations, each

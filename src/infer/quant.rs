@@ -50,7 +50,7 @@ impl QLinear {
             return Err(format!("int8 layers run on CPU only, the weight is on {:?}", weight.device()));
         }
         let mut err = [0 as c_char; 1024];
-        // SAFETY: both pointers are live tch tensors (at::Tensor*) for the duration of the call
+        // SAFETY: `weight` is a live tch tensor (at::Tensor*) for the duration of the call
         let packed = unsafe { cf_qlinear_prepack(weight.as_ptr().cast(), err.as_mut_ptr(), err.len()) };
         if packed.is_null() { Err(message(&err)) } else { Ok(Self { packed, bias: bias.to_kind(tch::Kind::Float) }) }
     }
