@@ -389,14 +389,25 @@ pub fn read_topic(topic: &str, at_least: usize, timeout: Duration, settle: Durat
 }
 
 /// Committed offset per partition of `group` on `topic` (-1001 = none), read by a separate,
-/// unsubscribed consumer.
+/// unsubscribed consumer; retried for up to 30 s while the group coordinator settles (a broker
+/// just restarted or thawed answers NOT_COORDINATOR or COORDINATOR_LOAD_IN_PROGRESS for a while).
 pub fn committed(group: &str, topic: &str) -> BTreeMap<i32, i64> {
     let consumer: BaseConsumer = client().set("group.id", group).create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..partition_count(topic) {
         tpl.add_partition(topic, p);
     }
-    let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let started = Instant::now();
+    let got = loop {
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(got) => break got,
+            Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                eprintln!("committed offsets of {group}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("committed offsets of {group} on {topic}: {e}"),
+        }
+    };
     got.elements().iter().map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1))).collect()
 }
 

@@ -140,14 +140,14 @@ impl EdgeStore {
             query: Some(ScoringQuery::Fusion(Fusion::Rrf { k: 60, weights: None })),
             filter: f.clone(),
             score_threshold: None,
-            limit: q.limit,
+            limit: super::fusion_candidates(&q),
             offset: 0,
             params: None,
             with_vector: WithVector::Bool(false),
             with_payload: WithPayloadInterface::Bool(true),
         };
         let points = self.blocking(move |s| s.query(request)).await?;
-        Ok(points.into_iter().filter_map(from_scored).collect())
+        Ok(super::rank_fused(points.into_iter().filter_map(from_scored).collect(), q.limit))
     }
 
     /// Starts one optimization pass in the background when enough points were written.

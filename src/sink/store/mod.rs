@@ -190,6 +190,27 @@ where
     }
 }
 
+/// Hits a fusion of `q` can return at most: every prefetch's candidates (dense and BM25, or
+/// BM25 alone). The backends ask the fusion for all of them and cut with [`rank_fused`].
+pub(crate) fn fusion_candidates(q: &HybridQuery) -> usize {
+    q.prefetch_limit.max(q.limit).saturating_mul(if q.dense.is_some() { 2 } else { 1 })
+}
+
+/// Fused hits, best first, in an order that does not change between runs: equal scores by point
+/// id; the first `limit`.
+///
+/// Qdrant's reciprocal rank fusion (the server's and qdrant-edge's `rrf_scoring`) gathers the
+/// points in a randomly seeded hash map and sorts them unstably, and equal fused scores are
+/// common: a point ranked (1st, 2nd) by the two prefetches scores exactly what one ranked
+/// (2nd, 1st) does. Their order — and, at the `limit` boundary, which of them is returned —
+/// changed from one process to the next (`search` and `ask` cited the same turns in different
+/// orders). So the fusion is asked for every candidate ([`fusion_candidates`]) and cut here.
+pub(crate) fn rank_fused(mut hits: Vec<Hit>, limit: usize) -> Vec<Hit> {
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(&b.id)));
+    hits.truncate(limit);
+    hits
+}
+
 /// The first (best) hit of each distinct value of the payload `field` (a dotted path; string or
 /// number values), at most `limit`, in the given order; hits without the field are left out.
 pub fn best_per_group(hits: Vec<Hit>, field: &str, limit: usize) -> Vec<Hit> {
@@ -377,5 +398,22 @@ mod tests {
         .unwrap();
         assert_eq!(hits.len(), 100, "all there are");
         assert_eq!(asked, [2_000], "fewer candidates than asked: nothing more to fetch");
+    }
+
+    /// Equal fused scores come out by point id whatever order the engine gave, and the cut
+    /// keeps the same ones.
+    #[test]
+    fn equal_fused_scores_are_ordered_by_id_before_the_cut() {
+        let tied = 1.0 / 61.0 + 1.0 / 62.0;
+        let ids = |h: Vec<Hit>| h.into_iter().map(|h| h.id.as_u128()).collect::<Vec<_>>();
+        let a = vec![hit(9, tied, json!({})), hit(3, 1.0 / 63.0, json!({})), hit(4, tied, json!({})), hit(7, tied, json!({}))];
+        let mut b = a.clone();
+        b.reverse();
+        assert_eq!(ids(rank_fused(a.clone(), 10)), [4, 7, 9, 3]);
+        assert_eq!(ids(rank_fused(b, 2)), [4, 7]);
+        assert_eq!(ids(rank_fused(a, 2)), [4, 7]);
+        let q = HybridQuery { dense: Some(vec![1.0]), limit: 5, prefetch_limit: 50, ..Default::default() };
+        assert_eq!(fusion_candidates(&q), 100);
+        assert_eq!(fusion_candidates(&HybridQuery { dense: None, limit: 80, ..q }), 80);
     }
 }

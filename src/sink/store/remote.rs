@@ -82,13 +82,13 @@ impl RemoteStore {
         request = request
             .add_prefetch(prefetch(Query::new_nearest(sparse), SPARSE))
             .query(Query::new_fusion(Fusion::Rrf))
-            .limit(q.limit as u64)
+            .limit(super::fusion_candidates(&q) as u64)
             .with_payload(true);
         if let Some(f) = f.clone() {
             request = request.filter(f);
         }
         let reply = self.client.query(request).await.map_err(|e| classify(&self.url, e))?;
-        Ok(reply.result.into_iter().filter_map(to_hit).collect())
+        Ok(super::rank_fused(reply.result.into_iter().filter_map(to_hit).collect(), q.limit))
     }
 
     async fn check_server_version(&self) -> Result<(), StoreError> {
