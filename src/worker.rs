@@ -172,7 +172,9 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
             let producer = tokio::task::spawn_blocking(move || EventProducer::transactional(&k, message_max_bytes, TRANSACTION_INIT_TIMEOUT))
                 .await
                 .context("initialising transactions")??;
-            let txn = Arc::new(Transactions::new(producer.client(), kafka.transaction_max_messages, TRANSACTION_CALL_TIMEOUT));
+            let (k, mmb) = (kafka.clone(), message_max_bytes);
+            let make = Box::new(move || EventProducer::transactional_uninitialised(&k, mmb));
+            let txn = Arc::new(Transactions::new(producer.clone(), make, kafka.transaction_max_messages, TRANSACTION_CALL_TIMEOUT));
             (producer, Some(txn))
         }
     };
@@ -231,6 +233,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         .context("starting the source thread")?;
     info!(input = %kafka.input_topic, output = %kafka.output_topic, group = %kafka.group_id, "worker started");
 
+    let pipeline_transactions = pipeline.transactions.clone();
     let (stats, failure) = pipeline.run(rx, &cfg.pipeline).await;
     // The source's last commit and its leaving the group may block while the broker is away:
     // waited for until shortly before the deadline, then left behind (what it did not commit is
@@ -242,6 +245,8 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     }
     // bounded too: with the broker away, what is still queued is not waited for (it was not
     // completed, so it is re-read after a restart)
+    // exactly-once: the current producer (a failed one may have been replaced)
+    let producer = pipeline_transactions.as_ref().map(|t| t.current()).unwrap_or(producer);
     if let Err(e) = producer.flush(shutdown.remaining(Duration::from_millis(300))) {
         warn!(error = %format!("{e:#}"), "records still queued at exit were not delivered; their messages stay uncommitted");
     }

@@ -92,3 +92,89 @@ async fn a_broker_restart_mid_transaction_ends_with_exactly_once_output() {
     assert!(report.lost.is_empty(), "inputs without an enriched event: {:?}", report.lost);
     assert_eq!(report.duplicates, 0, "a read_committed reader sees each input once");
 }
+
+/// The fault behind the broker-restart test's rare failure, made deterministic: librdkafka
+/// fails the transactional producer for good without fencing it (it answered an abort after a
+/// broker restart with a fatal INVALID_TXN_STATE, librdkafka #3297 / #4849; here raised with
+/// librdkafka's own `rd_kafka_test_fatal_error`). The transactions replace the producer (same
+/// `transactional.id`), the open transaction ends aborted and stays invisible, the next one
+/// commits, a record of the failed producer is recognised as superseded (its message is read
+/// again, the worker does not stop); a newer instance's fencing is not ridden out; failures
+/// in a row without a commit stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_failed_for_good_but_not_fenced_is_replaced_and_its_transaction_stays_invisible() {
+    use std::sync::Arc;
+
+    use convoflow::sink::producer::{EventProducer, Outgoing};
+    use convoflow::sink::transactions::{MAX_REPLACEMENTS, Outcome, Transactions};
+
+    let _serial = shared_broker();
+    let topic = unique("eos-replace");
+    create_topic(&topic, 1).await;
+    let kafka = convoflow::config::KafkaConfig {
+        brokers: brokers(),
+        group_id: unique("eos-replace"),
+        instance_id: "r".into(),
+        ..Default::default()
+    };
+    let transactions = |kafka: &convoflow::config::KafkaConfig| {
+        let producer = EventProducer::transactional(kafka, 1_000_000, Duration::from_secs(30)).unwrap();
+        let k = kafka.clone();
+        let make = Box::new(move || EventProducer::transactional_uninitialised(&k, 1_000_000));
+        Arc::new(Transactions::new(producer, make, 1_000, Duration::from_secs(10)))
+    };
+    let fail_for_good = |producer: &EventProducer| {
+        use rdkafka::producer::Producer;
+        let code = rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_TXN_STATE;
+        let native = producer.inner().client().native_ptr();
+        // SAFETY: the producer is alive (borrowed) for the call; the reason is a C string literal
+        let raised = unsafe { rdkafka::bindings::rd_kafka_test_fatal_error(native, code, c"as after a broker restart".as_ptr()) };
+        assert_eq!(raised, rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+    };
+    // a record in the open transaction, then what the poll thread's commit comes to
+    let topic = topic.as_str();
+    let produce = |t: Arc<Transactions>, payload: &'static str| async move {
+        let mut txn = t.lock().await;
+        txn.begin().unwrap();
+        let (producer, epoch) = txn.producer();
+        let out = Outgoing { topic, key: Some(b"k"), payload: Some(payload.as_bytes()), headers: None };
+        (producer.enqueue(out).await.unwrap(), producer, epoch)
+    };
+    let commit = |t: Arc<Transactions>| tokio::task::spawn_blocking(move || t.hold(Duration::from_secs(5)).unwrap().commit(None));
+
+    let t = transactions(&kafka);
+    let (delivery, failed, epoch) = produce(t.clone(), "lost").await;
+    fail_for_good(&failed);
+    assert!(t.superseded(epoch), "a delivery of a failed producer does not complete its message, and is not the record's fault");
+    let outcome = commit(t.clone()).await.unwrap();
+    assert!(matches!(outcome, Outcome::Aborted(_)), "replaced, the transaction aborted (the consumer rewinds): {outcome:?}");
+    assert!(delivery.await.unwrap().is_err(), "the failed producer's record is not delivered");
+    let (delivery, replacement, epoch) = produce(t.clone(), "kept").await;
+    assert!(!t.superseded(epoch));
+    let outcome = commit(t.clone()).await.unwrap();
+    assert!(matches!(outcome, Outcome::Committed(_)), "{outcome:?}");
+    assert!(delivery.await.unwrap().is_ok());
+    let records = read_topic(topic, 1, Duration::from_secs(30), Duration::from_secs(3));
+    let payloads: Vec<String> = records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect();
+    assert_eq!(payloads, ["kept"], "a read_committed reader sees the committed transaction only");
+
+    // a newer instance with the same transactional.id fences the replacement: not ridden out
+    let newer = EventProducer::transactional(&kafka, 1_000_000, Duration::from_secs(30)).unwrap();
+    let (_delivery, _, _) = produce(t.clone(), "fenced").await;
+    let outcome = commit(t.clone()).await.unwrap();
+    assert!(matches!(&outcome, Outcome::Fatal(e) if e.contains("fenced")), "{outcome:?}");
+    drop((newer, replacement));
+
+    // failing again and again without a commit between: the worker stops
+    let t = transactions(&convoflow::config::KafkaConfig { instance_id: "again".into(), ..kafka.clone() });
+    for round in 0..=MAX_REPLACEMENTS {
+        let (_delivery, producer, _) = produce(t.clone(), "again").await;
+        fail_for_good(&producer);
+        let outcome = commit(t.clone()).await.unwrap();
+        if round < MAX_REPLACEMENTS {
+            assert!(matches!(outcome, Outcome::Aborted(_)), "round {round}: {outcome:?}");
+        } else {
+            assert!(matches!(&outcome, Outcome::Fatal(e) if e.contains("in a row")), "{outcome:?}");
+        }
+    }
+}

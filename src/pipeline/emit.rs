@@ -40,7 +40,7 @@ use crate::pipeline::prepare::{Decided, Prepared};
 use crate::pipeline::stage::{Busy, Flight, Halt, STAGE_EMIT, count_stale, keep_current, record_depth};
 use crate::sink::dlq::{self, Rejection};
 use crate::sink::producer::{EventProducer, Outgoing};
-use crate::sink::transactions::Transactions;
+use crate::sink::transactions::{BeginError, Transactions};
 use crate::source::{InboundMessage, SharedSource};
 use crate::telemetry;
 
@@ -86,6 +86,8 @@ struct Record {
 struct Delivery {
     msg: InboundMessage,
     future: DeliveryFuture,
+    /// Exactly-once: the epoch of the transactional producer it was enqueued on.
+    epoch: Option<u64>,
 }
 
 /// A produce error that no retry fixes and that is the record's own: it is too large.
@@ -216,13 +218,29 @@ impl Emitter {
         let mut txn = match &sink.txn {
             Some(t) => {
                 let mut txn = t.lock().await;
-                if let Err(e) = txn.begin() {
-                    sink.halt.trip(anyhow!(e));
-                    return;
+                match txn.begin() {
+                    Ok(()) => Some(txn),
+                    Err(BeginError::Broken(reason)) => {
+                        // the poll thread replaces the producer and rewinds: this batch is read again
+                        warn!(%reason, "the transactional producer failed; the batch is left uncompleted");
+                        return;
+                    }
+                    Err(BeginError::Stop(e)) => {
+                        sink.halt.trip(anyhow!(e));
+                        return;
+                    }
                 }
-                Some(txn)
             }
             None => None,
+        };
+        // exactly-once: the transaction's producer (replaced only while nothing holds the
+        // transaction), otherwise the worker's
+        let (producer, epoch) = match &txn {
+            Some(t) => {
+                let (producer, epoch) = t.producer();
+                (producer, Some(epoch))
+            }
+            None => (sink.producer.clone(), None),
         };
         let mut pending = Vec::with_capacity(batch.len());
         for (Prepared { msg, decided }, encoded) in batch.into_iter().zip(encoded) {
@@ -268,18 +286,20 @@ impl Emitter {
                     continue;
                 }
             };
-            let Some(future) = sink.enqueue(&msg, record).await else {
-                break; // the worker stops; this message and the rest stay uncommitted
+            let Some(future) = sink.enqueue(&producer, &msg, record).await else {
+                // the worker stops, or (exactly-once) the failed producer is replaced and its
+                // transaction aborted; this message and the rest stay uncommitted
+                break;
             };
             if let Some(txn) = txn.as_mut() {
                 txn.add(&msg.tp, msg.offset);
             }
-            pending.push(Delivery { msg, future });
+            pending.push(Delivery { msg, future, epoch });
         }
         drop(txn);
         deliveries.spawn(async move {
-            for Delivery { msg, future } in pending {
-                if !sink.deliver(&msg, future).await {
+            for Delivery { msg, future, epoch } in pending {
+                if !sink.deliver(&msg, future, epoch).await {
                     return;
                 }
                 sink.shared.complete(&msg.tp, msg.offset, msg.generation);
@@ -346,8 +366,9 @@ impl Sink {
     }
 
     /// Enqueues `record`; one refused as too large is replaced by its fallback. None when
-    /// nothing could be enqueued: the worker stops (a fault of the producer, not of the data).
-    async fn enqueue(&self, msg: &InboundMessage, mut record: Record) -> Option<DeliveryFuture> {
+    /// nothing could be enqueued: the worker stops (a fault of the producer, not of the data),
+    /// or, exactly-once, the failed producer is replaced at the next commit.
+    async fn enqueue(&self, producer: &EventProducer, msg: &InboundMessage, mut record: Record) -> Option<DeliveryFuture> {
         loop {
             let out = Outgoing {
                 topic: self.topic(record.destination),
@@ -355,7 +376,7 @@ impl Sink {
                 payload: record.value.as_deref(),
                 headers: record.headers.clone(),
             };
-            match self.producer.enqueue(out).await {
+            match producer.enqueue(out).await {
                 Ok(future) => return Some(future),
                 Err(e) if too_large(&e) => {
                     let topic = self.topic(record.destination).to_string();
@@ -366,6 +387,12 @@ impl Sink {
                             return None;
                         }
                     }
+                }
+                // exactly-once: librdkafka failed the producer for good; the poll thread's next
+                // commit replaces it and aborts the transaction (or stops the worker if fenced)
+                Err(e) if self.txn.is_some() && producer.fatal_error().is_some() => {
+                    warn!(error = %e, "the transactional producer failed; the rest of the batch is left uncompleted");
+                    return None;
                 }
                 Err(e) => {
                     self.halt.trip(anyhow!("producing to {} failed: {e}", self.topic(record.destination)));
@@ -378,11 +405,14 @@ impl Sink {
     /// Waits for a record's delivery; librdkafka retries on its own until
     /// `kafka.delivery_timeout_ms`. False when the message cannot be completed: the producer is
     /// gone, or the delivery failed for good and the worker stops.
-    async fn deliver(&self, msg: &InboundMessage, future: DeliveryFuture) -> bool {
+    async fn deliver(&self, msg: &InboundMessage, future: DeliveryFuture, epoch: Option<u64>) -> bool {
         match future.await {
             Ok(Ok(_)) => true,
             // exactly-once: an aborted transaction purged it; the message is read again
             Ok(Err((e, _))) if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)) => false,
+            // exactly-once: its producer failed for good or was replaced, its transaction is
+            // aborted (the poll thread rewinds, or stops the worker): not the record's fault
+            Ok(Err(_)) if matches!((&self.txn, epoch), (Some(t), Some(epoch)) if t.superseded(epoch)) => false,
             Ok(Err((e, refused))) => {
                 let hint = if too_large(&e) {
                     " (the broker refused a batch as too large: has a topic's max.message.bytes been lowered since the \

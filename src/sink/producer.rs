@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::error::KafkaError;
 
@@ -36,17 +36,44 @@ impl EventProducer {
     /// restart) is fenced and its open transaction aborted.
     pub fn transactional(cfg: &KafkaConfig, message_max_bytes: u32, init_timeout: Duration) -> Result<Self> {
         let id = cfg.transactional_id();
-        let this = Self::create(cfg, message_max_bytes, Some(&id))?;
-        this.producer
-            .init_transactions(init_timeout)
+        let this = Self::transactional_uninitialised(cfg, message_max_bytes)?;
+        this.init_transactions(init_timeout)
             .with_context(|| format!("initialising transactions for transactional.id {id:?} (is the broker reachable?)"))?;
         tracing::info!(transactional_id = %id, "transactional producer ready (exactly-once output)");
         Ok(this)
     }
 
+    /// A transactional producer with this worker's `transactional.id` whose transactions are
+    /// not initialised yet (`init_transactions` contacts the coordinator; nothing else does).
+    pub fn transactional_uninitialised(cfg: &KafkaConfig, message_max_bytes: u32) -> Result<Self> {
+        Self::create(cfg, message_max_bytes, Some(&cfg.transactional_id()))
+    }
+
+    /// `init_transactions`: fences every earlier producer with the same `transactional.id` and
+    /// aborts its open transaction. A timeout may be retried.
+    pub fn init_transactions(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.init_transactions(timeout)
+    }
+
+    /// Drops every record still queued or in flight: their deliveries fail with `PurgeQueue` /
+    /// `PurgeInflight` (the producer is being replaced).
+    pub fn purge_all(&self) {
+        self.producer.purge(PurgeConfig::default().queue().inflight().non_blocking());
+    }
+
+    /// The fatal error librdkafka raised on this producer, if any (it can do nothing more).
+    pub fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
+        self.producer.client().fatal_error()
+    }
+
     /// The underlying producer (for `Transactions`).
     pub fn client(&self) -> FutureProducer {
         self.producer.clone()
+    }
+
+    /// The underlying producer, borrowed (transactional calls).
+    pub fn inner(&self) -> &FutureProducer {
+        &self.producer
     }
 
     fn create(cfg: &KafkaConfig, message_max_bytes: u32, transactional_id: Option<&str>) -> Result<Self> {
