@@ -1,6 +1,13 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc for Rust's own allocations (libtorch, librdkafka and the tokenizers' C parts keep
+/// their allocators): the stages around the models allocate per message and per token, and
+/// glibc's malloc/free took about a quarter of the runtime threads' CPU in a profile of the
+/// model-free end-to-end bench (docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging() {
     let filter = EnvFilter::try_from_env("CONVOFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,qdrant_edge=error"));
     // CONVOFLOW__TELEMETRY__LOG_FORMAT=json switches to JSON lines (also settable in the file;
