@@ -66,11 +66,6 @@ impl EventProducer {
         self.producer.client().fatal_error()
     }
 
-    /// The underlying producer (for `Transactions`).
-    pub fn client(&self) -> FutureProducer {
-        self.producer.clone()
-    }
-
     /// The underlying producer, borrowed (transactional calls).
     pub fn inner(&self) -> &FutureProducer {
         &self.producer

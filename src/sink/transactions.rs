@@ -159,6 +159,12 @@ fn classify(what: &str, e: &KafkaError) -> Failure {
     }
 }
 
+/// The producer was fenced: the worker stops (counted as `fenced`).
+fn producer_fenced(reason: String) -> Outcome {
+    metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "fenced").increment(1);
+    Outcome::Fatal(format!("the transactional producer was fenced (by a newer instance or by the coordinator): {reason}"))
+}
+
 /// Why `Txn::begin` failed.
 #[derive(Debug)]
 pub enum BeginError {
@@ -388,10 +394,7 @@ impl Held<'_> {
                 warn!(%reason, "the transaction is not committed yet; retrying at the next interval");
                 Outcome::Pending(reason)
             }
-            Failure::Fatal { reason, fenced: true } => {
-                metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "fenced").increment(1);
-                Outcome::Fatal(format!("the transactional producer was fenced (by a newer instance or by the coordinator): {reason}"))
-            }
+            Failure::Fatal { reason, fenced: true } => producer_fenced(reason),
             Failure::Fatal { reason, fenced: false } => self.replace(reason),
             Failure::Abortable { reason, zombie: true } => match self.abort_now(reason.clone()) {
                 Outcome::Fatal(e) => Outcome::Fatal(e),
@@ -423,10 +426,7 @@ impl Held<'_> {
                 Outcome::Aborted(reason)
             }
             Err(e) => match classify_call(&producer, "aborting the transaction", &e) {
-                Failure::Fatal { reason: why, fenced: true } => {
-                    metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "fenced").increment(1);
-                    Outcome::Fatal(format!("the transactional producer was fenced: {why} (aborting because {reason})"))
-                }
+                Failure::Fatal { reason: why, fenced: true } => producer_fenced(format!("{why} (aborting because {reason})")),
                 Failure::Fatal { reason: why, fenced: false } => self.replace(format!("{why} (aborting because {reason})")),
                 Failure::Retriable(why) | Failure::Abortable { reason: why, .. } => {
                     warn!(%why, "the abort is not finished; retrying at the next interval");

@@ -397,17 +397,9 @@ pub fn committed(group: &str, topic: &str) -> BTreeMap<i32, i64> {
     for p in 0..partition_count(topic) {
         tpl.add_partition(topic, p);
     }
-    let started = Instant::now();
-    let got = loop {
-        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
-            Ok(got) => break got,
-            Err(e) if started.elapsed() < Duration::from_secs(30) => {
-                eprintln!("committed offsets of {group}: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => panic!("committed offsets of {group} on {topic}: {e}"),
-        }
-    };
+    let got = retried(&format!("committed offsets of {group} on {topic}"), Duration::from_secs(30), || {
+        consumer.committed_offsets(tpl.clone(), Duration::from_secs(10))
+    });
     got.elements().iter().map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1))).collect()
 }
 
@@ -419,15 +411,20 @@ pub fn high_watermarks(topic: &str) -> BTreeMap<i32, i64> {
 /// A partition's (low, high) watermarks; retried for up to 10 s while the cluster's metadata
 /// settles (a topic just created can answer "not leader for partition" for a moment).
 fn watermarks(consumer: &BaseConsumer, topic: &str, partition: i32) -> (i64, i64) {
+    retried(&format!("watermarks of {topic}[{partition}]"), Duration::from_secs(10), || {
+        consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))
+    })
+}
+
+/// `call`'s value, the call retried every 200 ms while it fails for up to `within` (a broker's
+/// metadata or group coordinator settling); panics with `what` and the last error after that.
+fn retried<T>(what: &str, within: Duration, mut call: impl FnMut() -> rdkafka::error::KafkaResult<T>) -> T {
     let started = Instant::now();
     loop {
-        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
-            Ok(w) => return w,
-            Err(e) if started.elapsed() < Duration::from_secs(10) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("watermarks of {topic}[{partition}]: {e}"),
+        match call() {
+            Ok(value) => return value,
+            Err(_) if started.elapsed() < within => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("{what}: {e}"),
         }
     }
 }
