@@ -57,8 +57,11 @@ impl QLinear {
 
     /// `input` [..., in] fp32 → [..., out] fp32.
     pub fn forward(&self, input: &Tensor) -> Tensor {
-        // one scale per token: the row's largest magnitude (an ∞-norm, no |x| copy)
-        let mut scale = input.linalg_norm(f64::INFINITY, [-1i64].as_slice(), true, None::<tch::Kind>);
+        // one scale per token: the row's largest magnitude, max(max, −min) — two vectorized
+        // reductions, no |x| copy; libtorch's ∞-norm reduction took 8.9 ms where these take
+        // 0.8 ms on a [4096, 1024] input (2 threads), a third of the int8 GEMM's own time
+        let dim = [-1i64];
+        let mut scale = input.amax(dim.as_slice(), true).maximum(&input.amin(dim.as_slice(), true).neg());
         let _ = scale.clamp_min_(1e-12);
         let input = input / &scale;
         let mut out = Tensor::new();

@@ -46,14 +46,21 @@ pub fn partition_count(cfg: &KafkaConfig, topic: &str, timeout: Duration) -> Res
         .map_err(redact_config_error)
         .context("creating a metadata client")?;
     let deadline = Instant::now() + timeout;
-    // short attempts first, so an authentication failure is seen within a second; longer ones
-    // after, for clusters far away (TLS + SASL round trips before the first answer)
+    // short attempts, so an authentication or TLS failure is seen within a second of its
+    // arrival: an attempt that times out does not close the connection, which goes on being
+    // set up for the next one (clusters far away, TLS + SASL round trips before the answer)
     let mut attempt_limit = Duration::from_millis(500);
     let metadata = loop {
         let attempt = deadline.saturating_duration_since(Instant::now()).min(attempt_limit);
-        attempt_limit = (attempt_limit * 2).min(Duration::from_secs(4));
+        attempt_limit = Duration::from_secs(1);
         let result = probe.fetch_metadata(Some(topic), attempt);
-        let _ = probe.poll(Duration::ZERO); // serves the error callback
+        // serve every queued event (one poll serves one error event): the TLS failure may sit
+        // behind transport errors of the same attempt
+        for _ in 0..64 {
+            if probe.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
         if let Some(reason) = probe.context().failure.lock().expect("probe lock").take() {
             bail!(
                 "Kafka at {} refused the connection: {reason} (check kafka.security: protocol {}, credentials, tls.ca)",
