@@ -139,7 +139,7 @@ impl Model {
     /// are only queued on the current stream).
     fn forward_tensors(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
-        let out = match &self.head {
+        match &self.head {
             Head::Pool => {
                 let hidden = self.encoder.forward(input_ids, attention_mask);
                 let mask = attention_mask.to_kind(Kind::Float).unsqueeze(-1);
@@ -160,8 +160,7 @@ impl Model {
                 let cls = self.encoder.forward_first_token(input_ids, attention_mask);
                 out_proj.forward(&dense.forward(&cls).tanh()).to_kind(Kind::Float).softmax(-1, Kind::Float)
             }
-        };
-        out
+        }
     }
 }
 
