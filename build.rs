@@ -47,6 +47,7 @@ fn record_model_paths() {
 fn build_cuda_shim() {
     println!("cargo:rerun-if-changed=src/infer/shim/cuda_shim.cpp");
     println!("cargo:rerun-if-changed=src/infer/shim/qlinear_shim.cpp");
+    println!("cargo:rerun-if-changed=src/infer/shim/packed_linear_shim.cpp");
     let libtorch = std::env::var("LIBTORCH").expect("LIBTORCH must point at libtorch (source scripts/env.sh)");
     let include = std::path::Path::new(&libtorch).join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
@@ -55,6 +56,8 @@ fn build_cuda_shim() {
         .file("src/infer/shim/cuda_shim.cpp")
         // int8 Linear layers on CPU (quantized::linear_dynamic), see the file
         .file("src/infer/shim/qlinear_shim.cpp")
+        // fp32 Linear layers on CPU with oneDNN-packed weights (mkldnn::_linear_pointwise), see the file
+        .file("src/infer/shim/packed_linear_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use convoflow::infer::hf::ModelError;
+use convoflow::infer::packed::CpuLinear;
 use convoflow::infer::{Model, Task, ner};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -76,6 +77,32 @@ fn xlm_roberta_embeddings_match_transformers() {
     let err = relative_error(&out, &as_matrix(&exp["embeddings"]));
     println!("xlm-roberta embeddings: max relative error {err:.2e}");
     assert!(err <= 1e-4, "relative error {err}");
+}
+
+#[test]
+fn both_cpu_linear_backends_match_transformers() {
+    // the fp32 tests above run the default (oneDNN-packed weights, activation fused); here each
+    // backend is chosen explicitly, so MKL's path (CONVOFLOW_CPU_LINEAR=mkl) stays proven too
+    assert!(convoflow::infer::packed::available(), "this libtorch has no oneDNN");
+    for (name, task, key) in [
+        ("embed-xlmr", Task::Embedding, "embeddings"),
+        ("sentiment-bert", Task::SequenceClassification, "probabilities"),
+    ] {
+        let exp = expected(name);
+        let texts = texts(&exp);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        for (backend, shown) in [(CpuLinear::OneDnn, "onednn"), (CpuLinear::Mkl, "libtorch")] {
+            let model = Model::load_with(&fixtures().join(name), task, Device::Cpu, Kind::Float, backend).unwrap();
+            assert_eq!(model.linear_backend(), shown, "{name} {backend:?}");
+            let out = rows(&model.forward(&model.tokenize(&refs).unwrap()));
+            let err = relative_error(&out, &as_matrix(&exp[key]));
+            println!("{name} with {backend:?}: max relative error {err:.2e}");
+            assert!(err <= 1e-4, "{name} with {backend:?}: relative error {err}");
+        }
+    }
+    let ner = Model::load_with(&fixtures().join("ner-camembert"), Task::TokenClassification, Device::Cpu, Kind::QInt8, CpuLinear::OneDnn);
+    // int8 NER keeps its feed-forward output layers fp32: those are packed
+    assert_eq!(ner.unwrap().linear_backend(), "int8+onednn");
 }
 
 #[test]

@@ -43,6 +43,9 @@ pub struct ModelResult {
     /// before it (activations, outputs), MiB.
     pub weights_mib: Option<f64>,
     pub peak_activations_mib: Option<f64>,
+    /// How the model's Linear layers ran (`Model::linear_backend`: e.g. `onednn`, `int8+onednn`,
+    /// `libtorch`); None for the combined row.
+    pub linear: Option<String>,
 }
 
 impl ModelResult {
@@ -58,6 +61,7 @@ impl ModelResult {
             batches: stats.batches,
             weights_mib: None,
             peak_activations_mib: None,
+            linear: None,
         }
     }
 }
@@ -168,6 +172,7 @@ pub fn run_models(args: &ModelsBenchArgs) -> Result<BenchReport> {
         let secs = started.elapsed().as_secs_f64();
         total.add(&stats);
         let mut result = ModelResult::new(sub, model.folder.path.display().to_string(), turns.len(), secs, &stats);
+        result.linear = Some(model.linear_backend());
         if let (Some(i), Some(before)) = (cuda, before) {
             let after = crate::infer::cuda::memory_stats(i)?;
             result.weights_mib = Some(model.parameter_bytes as f64 / 1_048_576.0);
@@ -245,12 +250,12 @@ pub fn print_report(r: &BenchReport) {
     if let (Some(a), Some(r)) = (r.gpu_peak_allocated_mib, r.gpu_peak_reserved_mib) {
         println!("GPU allocator peak: {a:.0} MiB allocated, {r:.0} MiB reserved");
     }
-    println!("| task | turns | seconds | turns/s | tokens/s | padding | batches | weights MiB | peak activations MiB |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| task | turns | seconds | turns/s | tokens/s | padding | batches | linear | weights MiB | peak activations MiB |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mib = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
     for m in &r.results {
         println!(
-            "| {} | {} | {:.2} | {:.1} | {:.0} | {:.1}% | {} | {} | {} |",
+            "| {} | {} | {:.2} | {:.1} | {:.0} | {:.1}% | {} | {} | {} | {} |",
             m.task,
             m.turns,
             m.seconds,
@@ -258,6 +263,7 @@ pub fn print_report(r: &BenchReport) {
             m.tokens_per_s,
             m.padding_ratio * 100.0,
             m.batches,
+            m.linear.as_deref().unwrap_or("-"),
             mib(m.weights_mib),
             mib(m.peak_activations_mib)
         );

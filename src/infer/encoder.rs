@@ -5,12 +5,15 @@
 use tch::{Device, Kind, Tensor};
 
 use super::hf::{Family, HfConfig, ModelError};
+use super::packed::{CpuLinear, Fused, PackedLinear};
 use super::quant::QLinear;
 use super::weights::Weights;
 
-/// A dense layer: fp32 (or the device dtype), or int8 weights with fp32 activations on CPU.
+/// A dense layer: fp32 (or the device dtype) through libtorch's `linear`, fp32 with
+/// oneDNN-packed weights on CPU, or int8 weights with fp32 activations on CPU.
 pub enum Linear {
     Dense { weight: Tensor, bias: Tensor },
+    Packed(PackedLinear),
     Int8(QLinear),
 }
 
@@ -30,7 +33,7 @@ impl Linear {
             .into_iter()
             .map(|p| match p {
                 Self::Dense { weight, bias } => (weight, bias),
-                Self::Int8(_) => unreachable!("layers are fused before quantization"),
+                Self::Packed(_) | Self::Int8(_) => unreachable!("layers are fused before packing or quantization"),
             })
             .unzip();
         Self::Dense { weight: Tensor::cat(&weights, 0), bias: Tensor::cat(&biases, 0) }
@@ -42,15 +45,41 @@ impl Linear {
             Self::Dense { weight, bias } => {
                 Ok(Self::Int8(QLinear::new(&weight, &bias).map_err(|e| ModelError::Inference(format!("int8 quantization: {e}")))?))
             }
-            int8 => Ok(int8),
+            other => Ok(other),
+        }
+    }
+
+    /// The same layer with its fp32 weight packed for oneDNN (CPU).
+    fn packed(self) -> Result<Self, ModelError> {
+        match self {
+            Self::Dense { weight, bias } => Ok(Self::Packed(
+                PackedLinear::new(&weight, &bias).map_err(|e| ModelError::Inference(format!("packing a Linear weight for oneDNN: {e}")))?,
+            )),
+            other => Ok(other),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Self::Dense { weight, bias } => x.linear(weight, Some(bias)),
+            Self::Packed(p) => p.forward(x, Fused::None),
             Self::Int8(q) => q.forward(x),
         }
+    }
+
+    /// `activation(forward(x))`: fused into the GEMM's output pass for a packed layer, in place
+    /// on the output otherwise (no second [tokens, 4h] buffer either way).
+    fn forward_activated(&self, x: &Tensor, activation: Activation) -> Tensor {
+        if let Self::Packed(p) = self {
+            return p.forward(x, activation.fused());
+        }
+        let mut y = self.forward(x);
+        let _ = match activation {
+            Activation::Gelu => y.gelu_("none"),
+            Activation::GeluTanh => y.gelu_("tanh"),
+            Activation::Relu => y.relu_(),
+        };
+        y
     }
 }
 
@@ -81,6 +110,16 @@ enum Activation {
     Gelu,
     GeluTanh,
     Relu,
+}
+
+impl Activation {
+    fn fused(self) -> Fused {
+        match self {
+            Self::Gelu => Fused::Gelu,
+            Self::GeluTanh => Fused::GeluTanh,
+            Self::Relu => Fused::Relu,
+        }
+    }
 }
 
 struct Layer {
@@ -114,8 +153,16 @@ impl Encoder {
     /// `kind` is the compute dtype; `Kind::QInt8` (CPU only) keeps embeddings, layer norms,
     /// attention and the heads in fp32 and runs the encoder's Linear layers (query/key/value,
     /// attention output, intermediate, and the feed-forward output unless `int8_ffn_output` is
-    /// false) with int8 weights.
-    pub fn load(cfg: &HfConfig, w: &Weights, device: Device, kind: Kind, int8_ffn_output: bool) -> Result<Self, ModelError> {
+    /// false) with int8 weights. On CPU the encoder's fp32 Linear layers run as `cpu_linear`
+    /// says (src/infer/packed.rs).
+    pub fn load(
+        cfg: &HfConfig,
+        w: &Weights,
+        device: Device,
+        kind: Kind,
+        int8_ffn_output: bool,
+        cpu_linear: CpuLinear,
+    ) -> Result<Self, ModelError> {
         if kind == Kind::QInt8 && device != Device::Cpu {
             return Err(ModelError::Inference(format!("int8 runs on CPU only, not on {device:?}")));
         }
@@ -139,6 +186,7 @@ impl Encoder {
         } else {
             None
         };
+        let pack = device == Device::Cpu && matches!(kind, Kind::Float | Kind::QInt8) && cpu_linear == CpuLinear::OneDnn;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
@@ -162,6 +210,13 @@ impl Encoder {
                         layer.output = layer.output.quantized()?;
                     }
                 }
+                if pack {
+                    // the layers still fp32 (all of them, or those int8 left alone)
+                    layer.qkv = layer.qkv.packed()?;
+                    layer.attn_out = layer.attn_out.packed()?;
+                    layer.intermediate = layer.intermediate.packed()?;
+                    layer.output = layer.output.packed()?;
+                }
                 Ok(layer)
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -181,6 +236,26 @@ impl Encoder {
             device,
             kind,
         })
+    }
+
+    /// How the encoder's Linear layers run, by layer kind, e.g. `int8+onednn` (int8 layers and
+    /// oneDNN-packed fp32 ones), `onednn`, `libtorch` (plain `linear`: MKL on CPU, cuBLAS on CUDA).
+    pub fn linear_backend(&self) -> String {
+        let mut kinds: Vec<&str> = Vec::new();
+        for layer in &self.layers {
+            for l in [&layer.qkv, &layer.attn_out, &layer.intermediate, &layer.output] {
+                let k = match l {
+                    Linear::Dense { .. } => "libtorch",
+                    Linear::Packed(_) => "onednn",
+                    Linear::Int8(_) => "int8",
+                };
+                if !kinds.contains(&k) {
+                    kinds.push(k);
+                }
+            }
+        }
+        kinds.sort_by_key(|k| ["int8", "onednn", "libtorch"].iter().position(|o| o == k));
+        kinds.join("+")
     }
 
     fn position_ids(&self, input_ids: &Tensor) -> Tensor {
@@ -268,16 +343,11 @@ impl Encoder {
     /// Attention output, feed-forward and their residual layer norms, row by row: `ctx` is the
     /// attention's output for the rows of `residual` (the layer's input), both [rows, hidden].
     fn after_attention(&self, layer: &Layer, ctx: &Tensor, residual: &Tensor) -> Tensor {
-        // residual adds and the activation in place: no new [tokens, 4h] buffer per layer
+        // residual adds in place, the activation fused or in place: no second [tokens, 4h] buffer per layer
         let mut y = layer.attn_out.forward(ctx);
         y += residual;
         let attn = layer.attn_norm.forward(&y);
-        let mut inter = layer.intermediate.forward(&attn);
-        let _ = match self.activation {
-            Activation::Gelu => inter.gelu_("none"),
-            Activation::GeluTanh => inter.gelu_("tanh"),
-            Activation::Relu => inter.relu_(),
-        };
+        let inter = layer.intermediate.forward_activated(&attn, self.activation);
         let mut y = layer.output.forward(&inter);
         y += &attn;
         layer.out_norm.forward(&y)

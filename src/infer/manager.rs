@@ -61,7 +61,13 @@ impl ManagedModel {
             device: self.device,
             kind: self.kind,
         };
-        tracing::info!(model = %report.name, seconds = report.seconds, mib = report.parameter_bytes >> 20, "model loaded and warm");
+        tracing::info!(
+            model = %report.name,
+            seconds = report.seconds,
+            mib = report.parameter_bytes >> 20,
+            linear = %model.linear_backend(),
+            "model loaded and warm"
+        );
         Ok((model, report))
     }
 

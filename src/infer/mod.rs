@@ -8,6 +8,7 @@ pub mod hf;
 pub mod manager;
 pub mod model;
 pub mod ner;
+pub mod packed;
 pub mod quant;
 pub mod random;
 pub mod runner;

@@ -6,6 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::batch::{BatchStats, Budget, RunError, plan, run_splitting};
 use super::encoder::{Encoder, Linear};
+use super::packed::CpuLinear;
 use super::hf::{Family, ModelError, ModelFolder};
 use super::tokenize::ModelTokenizer;
 use super::weights::Weights;
@@ -51,7 +52,12 @@ pub struct Model {
 }
 
 impl Model {
+    /// Loads with the CPU Linear backend `CONVOFLOW_CPU_LINEAR` selects (`CpuLinear::from_env`).
     pub fn load(path: &Path, task: Task, device: Device, kind: Kind) -> Result<Self, ModelError> {
+        Self::load_with(path, task, device, kind, CpuLinear::from_env())
+    }
+
+    pub fn load_with(path: &Path, task: Task, device: Device, kind: Kind, cpu_linear: CpuLinear) -> Result<Self, ModelError> {
         let folder = ModelFolder::open(path)?;
         let cfg = &folder.config;
         let weights = Weights::load(&folder, device, kind)?;
@@ -62,7 +68,7 @@ impl Model {
         // the 0.99 the parity tests ask. Pooled embeddings and sequence labels average the error
         // out (tests/model_parity.rs), and it is a third of each layer's multiply-adds.
         let int8_ffn_output = task != Task::TokenClassification;
-        let encoder = Encoder::load(cfg, &weights, device, kind, int8_ffn_output)?;
+        let encoder = Encoder::load(cfg, &weights, device, kind, int8_ffn_output, cpu_linear)?;
         let h = cfg.hidden_size;
         let labels = cfg.labels();
         let n = labels.len() as i64;
@@ -93,6 +99,11 @@ impl Model {
 
     pub fn device(&self) -> Device {
         self.encoder.device
+    }
+
+    /// How the encoder's Linear layers run (`Encoder::linear_backend`).
+    pub fn linear_backend(&self) -> String {
+        self.encoder.linear_backend()
     }
 
     pub fn max_positions(&self) -> usize {
