@@ -42,8 +42,9 @@ fn record_model_paths() {
     }
 }
 
-/// The C++ shim (src/infer/shim/cuda_shim.cpp) against libtorch's c10 headers: CUDA streams,
-/// events and allocator statistics that tch does not expose. Needs no CUDA headers.
+/// The C++ shims (src/infer/shim/) against libtorch's headers, for what tch does not expose:
+/// CUDA streams, events and allocator statistics (cuda_shim.cpp, needs no CUDA headers), int8
+/// Linear layers on fbgemm and fp32 ones on oneDNN with packed weights (the CPU ones).
 fn build_cuda_shim() {
     println!("cargo:rerun-if-changed=src/infer/shim/cuda_shim.cpp");
     println!("cargo:rerun-if-changed=src/infer/shim/qlinear_shim.cpp");
