@@ -49,6 +49,7 @@ fn build_cuda_shim() {
     println!("cargo:rerun-if-changed=src/infer/shim/cuda_shim.cpp");
     println!("cargo:rerun-if-changed=src/infer/shim/qlinear_shim.cpp");
     println!("cargo:rerun-if-changed=src/infer/shim/packed_linear_shim.cpp");
+    println!("cargo:rerun-if-changed=src/infer/shim/shim_error.h");
     let libtorch = std::env::var("LIBTORCH").expect("LIBTORCH must point at libtorch (source scripts/env.sh)");
     let include = std::path::Path::new(&libtorch).join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());

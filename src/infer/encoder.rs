@@ -144,10 +144,10 @@ pub struct Encoder {
     head_dim: i64,
     pad_id: i64,
     /// Token rows are rounded up to a multiple of this for the Linear layers (1: not rounded).
-    /// oneDNN creates and caches a GEMM primitive per row count, and each new one left the
-    /// glibc heap (no trimming, src/main.rs) more fragmented: with a new count every batch the
-    /// process grew without bound (Python, same ops: 0.7 → 2.7 GB over 400 random counts);
-    /// rounded to 64 rows it levels off.
+    /// With glibc's heap never trimmed (src/main.rs), every new row count oneDNN saw left the
+    /// process larger: with a new count every batch it grew without bound (Python, same ops:
+    /// 0.7 → 2.7 GB over 400 random counts; shrinking oneDNN's primitive cache did not change
+    /// it, a fixed count or MKL stayed flat); rounded to 64 rows it levels off.
     row_bucket: i64,
     pub hidden_size: i64,
     pub max_positions: i64,
@@ -293,8 +293,8 @@ impl Encoder {
     }
 
     /// Everything but attention works token by token, so it runs on the real tokens only,
-    /// packed as [tokens, hidden] rows: padding costs nothing in the Linear layers, layer norms
-    /// and activations; attention scatters the rows back to [batch, seq] around
+    /// packed as [tokens, hidden] rows (with oneDNN-packed layers rounded up to `row_bucket`
+    /// rows): padding costs nothing in the Linear layers, layer norms and activations; attention scatters the rows back to [batch, seq] around
     /// `scaled_dot_product_attention` with the key mask.
     fn run(&self, input_ids: &Tensor, attention_mask: &Tensor, output: Output) -> Tensor {
         let (b, t) = input_ids.size2().expect("input_ids is [batch, seq]");

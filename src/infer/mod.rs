@@ -18,6 +18,13 @@ pub mod weights;
 pub use hf::{ModelError, ModelFolder};
 pub use model::{Model, Task};
 
+/// The error message a C++ shim (src/infer/shim/) wrote into `buf` on failure.
+fn shim_message(buf: &[std::ffi::c_char]) -> String {
+    // SAFETY: the buffer is zeroed by the caller and the shim writes a NUL-terminated message
+    // into it (snprintf, within its length), so it always holds a C string
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}
+
 /// Index and value of the largest probability (the first one on ties).
 pub fn argmax(probabilities: &[f32]) -> (usize, f32) {
     probabilities.iter().enumerate().fold((0, f32::MIN), |best, (i, &p)| if p > best.1 { (i, p) } else { best })

@@ -4,8 +4,8 @@
 //! src/infer/shim/packed_linear_shim.cpp because tch does not bind these ops; they are what
 //! PyTorch's own CPU compiler emits for a Linear with frozen weights.
 //!
-//! Why: `Tensor::linear` on CPU is MKL's sgemm, which repacks the weight on every call and, on
-//! AMD CPUs, runs its Zen AVX2 kernels. On the AMD EPYC (Zen 4, 2 vCPU) build machine the packed
+//! Why: `Tensor::linear` on CPU is MKL's sgemm, which repacks the weight on every call (and on
+//! AMD CPUs runs its `_zen` kernels). On the AMD EPYC (Zen 4, 2 vCPU) build machine the packed
 //! oneDNN GEMM ran the encoder's shapes at 186–221 GFLOP/s against MKL's 128–185 (1.15–1.5×,
 //! docs/performance.md), for any row count with the same packed weight. `CONVOFLOW_CPU_LINEAR=mkl`
 //! keeps MKL (for A/B runs on other CPUs); see `CpuLinear`.
@@ -13,6 +13,8 @@
 use std::ffi::{CStr, c_char, c_int, c_void};
 
 use tch::{Device, Kind, Tensor};
+
+use super::shim_message;
 
 unsafe extern "C" {
     fn cf_packed_available() -> c_int;
@@ -33,11 +35,6 @@ unsafe extern "C" {
 /// a micro-batch's tokens are typically hundreds to a few thousand.
 const BATCH_HINT: i64 = 1024;
 
-fn message(buf: &[c_char]) -> String {
-    // SAFETY: the shim writes a NUL-terminated message into the zeroed buffer on failure
-    unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
-}
-
 /// How the encoder's fp32 Linear layers run on CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuLinear {
@@ -52,13 +49,6 @@ impl CpuLinear {
     pub fn from_env() -> Self {
         let wanted = std::env::var("CONVOFLOW_CPU_LINEAR").map_or(true, |v| !v.eq_ignore_ascii_case("mkl"));
         if wanted && available() { Self::OneDnn } else { Self::Mkl }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OneDnn => "onednn",
-            Self::Mkl => "mkl",
-        }
     }
 }
 
@@ -110,7 +100,7 @@ impl PackedLinear {
         // SAFETY: `weight` is a live tch tensor (at::Tensor*); the shim assigns into `packed`'s at::Tensor
         let rc = unsafe { cf_packed_reorder(weight.as_ptr().cast(), BATCH_HINT, packed.as_mut_ptr().cast(), err.as_mut_ptr(), err.len()) };
         if rc != 0 {
-            return Err(message(&err));
+            return Err(shim_message(&err));
         }
         Ok(Self { packed, bias: bias.to_kind(Kind::Float).contiguous() })
     }
@@ -134,7 +124,7 @@ impl PackedLinear {
             )
         };
         // tch's own ops panic on a libtorch error too; Model::run_sequences catches it
-        assert!(rc == 0, "packed linear: {}", message(&err));
+        assert!(rc == 0, "packed linear: {}", shim_message(&err));
         out
     }
 }

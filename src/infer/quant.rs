@@ -9,9 +9,11 @@
 //! 8-bit inputs: the 7-bit weights keep fbgemm's AVX2 int16 pair sums from saturating.
 //! Accumulation is int32, the output fp32 with the fp32 bias added after the row scale.
 
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 
 use tch::{Device, Tensor};
+
+use super::shim_message;
 
 unsafe extern "C" {
     fn cf_qlinear_prepack(weight: *const c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
@@ -25,11 +27,6 @@ unsafe extern "C" {
         errlen: usize,
     ) -> c_int;
     fn cf_qengine() -> c_int;
-}
-
-fn message(buf: &[c_char]) -> String {
-    // SAFETY: the shim writes a NUL-terminated message into the zeroed buffer on failure
-    unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
 }
 
 /// A packed int8 weight (fbgemm's packed params, owned by the shim, packed without a bias) and
@@ -52,7 +49,7 @@ impl QLinear {
         let mut err = [0 as c_char; 1024];
         // SAFETY: `weight` is a live tch tensor (at::Tensor*) for the duration of the call
         let packed = unsafe { cf_qlinear_prepack(weight.as_ptr().cast(), err.as_mut_ptr(), err.len()) };
-        if packed.is_null() { Err(message(&err)) } else { Ok(Self { packed, bias: bias.to_kind(tch::Kind::Float) }) }
+        if packed.is_null() { Err(shim_message(&err)) } else { Ok(Self { packed, bias: bias.to_kind(tch::Kind::Float) }) }
     }
 
     /// `input` [..., in] fp32 → [..., out] fp32.
@@ -72,7 +69,7 @@ impl QLinear {
             cf_qlinear_forward(self.packed, input.as_ptr().cast(), out.as_mut_ptr().cast(), 0, err.as_mut_ptr(), err.len())
         };
         // tch's own ops panic on a libtorch error too; Model::run_sequences catches it
-        assert!(rc == 0, "quantized linear: {}", message(&err));
+        assert!(rc == 0, "quantized linear: {}", shim_message(&err));
         let _ = out.g_mul_(&scale).g_add_(&self.bias);
         out
     }

@@ -14,12 +14,10 @@
 #include <string>
 #include <vector>
 
+#include "shim_error.h"
+
 namespace {
-void set_error(const std::exception& e, char* err, size_t errlen) {
-  if (err != nullptr && errlen > 0) {
-    std::snprintf(err, errlen, "%s", e.what());
-  }
-}
+using convoflow_shim::set_error;
 
 const c10::OperatorHandle& reorder_weight() {
   static const c10::OperatorHandle op =

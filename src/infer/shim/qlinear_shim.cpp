@@ -14,12 +14,10 @@
 #include <exception>
 #include <vector>
 
+#include "shim_error.h"
+
 namespace {
-void set_error(const std::exception& e, char* err, size_t errlen) {
-  if (err != nullptr && errlen > 0) {
-    std::snprintf(err, errlen, "%s", e.what());
-  }
-}
+using convoflow_shim::set_error;
 
 const c10::OperatorHandle& linear_prepack() {
   static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_prepack", "");
