@@ -315,6 +315,10 @@ async fn check(config: Option<&Path>) -> Result<()> {
     let mut missing = vec![];
     for topic in [&k.input_topic, &k.output_topic, &k.dlq_topic()] {
         let count = admin::partition_count(k, topic, Duration::from_secs(10)).map_err(|e| {
+            // a broker that refused the credentials or the certificate did answer: its reason is the hint
+            if e.downcast_ref::<admin::BrokerRefused>().is_some() {
+                return e;
+            }
             anyhow::anyhow!(
                 "{e:#}\n  → no Kafka broker answered at {}: set kafka.brokers in the config file or \
                  CONVOFLOW__KAFKA__BROKERS=host:port (and kafka.security for a secured cluster); \

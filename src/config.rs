@@ -451,8 +451,30 @@ pub struct PipelineConfig {
     /// ... or more than this share of the last `dlq_window` messages; 1.0: no limit.
     pub dlq_max_ratio: f64,
     pub dlq_window: usize,
+    /// Most bytes (keys + values) of an input record's own headers carried onto its enriched
+    /// event and its DLQ copy; headers past it are dropped (in order: each that still fits is
+    /// kept), and a `convoflow.headers.dropped` header says how many and how large.
+    pub max_carried_header_bytes: usize,
+    /// An id (`conversation_id`, `turn_id`, `tenant`, a participant or speaker id) over this
+    /// many bytes sends the message to the DLQ (class `validation`): ids are copied into every
+    /// point's payload and into the point ids.
+    pub max_id_bytes: usize,
+    /// What a tombstone without a `tenant` header deletes: the conversation's points in every
+    /// tenant (`all_tenants`, the default: log compaction and ordinary producers send no
+    /// headers), or only the points written without a tenant (`header_tenant`).
+    pub tombstone_scope: TombstoneScope,
     pub chunk: ChunkConfig,
     pub bm25: Bm25Params,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TombstoneScope {
+    /// A tombstone without a `tenant` header deletes the conversation in every tenant.
+    #[default]
+    AllTenants,
+    /// Only the tenant its `tenant` header names (none: the points written without a tenant).
+    HeaderTenant,
 }
 
 impl Default for PipelineConfig {
@@ -469,6 +491,9 @@ impl Default for PipelineConfig {
             dlq_max_consecutive: 1_000,
             dlq_max_ratio: 0.5,
             dlq_window: 1_000,
+            max_carried_header_bytes: 64 * 1024,
+            max_id_bytes: 1_024,
+            tombstone_scope: TombstoneScope::AllTenants,
             max_event_bytes: 8 << 20,
             shutdown_timeout_ms: 8_000,
             chunk: ChunkConfig::default(),
@@ -687,6 +712,10 @@ pub struct LlmConfig {
     pub timeout_ms: u64,
     /// Time to open the connection.
     pub connect_timeout_ms: u64,
+    /// Most time from sending a request to the server's first byte, and the longest silence
+    /// inside a streamed answer after it: a server that accepts connections but does not answer
+    /// (overloaded, stuck) fails after this, not after `timeout_ms`.
+    pub first_token_timeout_ms: u64,
     /// The model's context window (prompt + answer) as the server runs it (vLLM `--max-model-len`).
     pub context_tokens: usize,
     /// `tokenizer.json` of the served model, to count prompt tokens exactly; null: count UTF-8
@@ -722,6 +751,7 @@ impl Default for LlmConfig {
             temperature: 0.2,
             timeout_ms: 120_000,
             connect_timeout_ms: 5_000,
+            first_token_timeout_ms: 30_000,
             context_tokens: 8192,
             tokenizer: None,
             system_prompt: None,
@@ -744,11 +774,18 @@ impl LlmConfig {
 pub struct ServeConfig {
     /// Address of the API (port 0: any free port, logged at start).
     pub listen: String,
-    /// Requests served at once; more wait up to `queue_timeout_ms`, then get 503.
+    /// Requests served at once (at least 2), split in two budgets by `ask_share`; a request
+    /// whose budget is full waits up to `queue_timeout_ms`, then gets 503.
     pub max_concurrent_requests: usize,
+    /// The share of `max_concurrent_requests` for `/v1/ask` (⌊share × max⌋, at least 1, at most
+    /// all but one); searches get the rest, so answers waiting on the LLM never take their slots.
+    pub ask_share: f64,
     pub queue_timeout_ms: u64,
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Time to receive a whole request body (it is read before the request takes a slot);
+    /// slower ones get 408 and their connection is closed.
+    pub body_timeout_ms: u64,
     /// Most hits one search may ask for (`k`).
     pub max_k: usize,
     /// When set, every route but /healthz and /metrics needs `Authorization: Bearer <key>`;
@@ -761,12 +798,69 @@ impl Default for ServeConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             max_concurrent_requests: 16,
+            ask_share: 0.5,
             queue_timeout_ms: 10_000,
             max_body_bytes: 64 * 1024,
+            body_timeout_ms: 5_000,
             max_k: 100,
             api_key: None,
         }
     }
+}
+
+/// Environment variables setting one librdkafka property each (`kafka.client`).
+const CLIENT_ENV_PREFIX: &str = "CONVOFLOW__KAFKA__CLIENT__";
+
+/// Whether a configuration path (dotted, lower case) holds or may hold a secret.
+fn is_secret_path(path: &str) -> bool {
+    path.split('.').any(|part| {
+        ["security", "sasl", "tls", "api_key", "password", "secret"].contains(&part) || part.ends_with("_password") || part.ends_with("_secret")
+    })
+}
+
+/// The values set under secret-looking paths, in the file and the environment.
+fn secret_values(built: &config::Config, env: &config::Map<String, String>) -> Vec<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    walk(&format!("{prefix}.{}", k.to_lowercase()), v, out);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(prefix, v, out)),
+            serde_json::Value::Null => {}
+            serde_json::Value::String(s) if is_secret_path(prefix) => out.push(s.clone()),
+            other if is_secret_path(prefix) => out.push(other.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = vec![];
+    if let Ok(tree) = built.clone().try_deserialize::<serde_json::Value>() {
+        walk("", &tree, &mut out);
+    }
+    for (k, v) in env {
+        if is_secret_path(&k.to_lowercase().replace("__", ".")) {
+            out.push(v.clone());
+        }
+    }
+    out.retain(|v| !v.is_empty());
+    out
+}
+
+/// `message` with every secret value replaced by `<redacted>`.
+fn redact(message: &str, secrets: &[String]) -> String {
+    let mut out = message.to_string();
+    for secret in secrets {
+        // quoted as the config crate and serde quote values; bare too when long enough not to
+        // hit ordinary words of the message
+        for (open, close) in [("`", "`"), ("\"", "\""), ("'", "'")] {
+            out = out.replace(&format!("{open}{secret}{close}"), &format!("{open}<redacted>{close}"));
+        }
+        if secret.len() >= 6 {
+            out = out.replace(secret.as_str(), "<redacted>");
+        }
+    }
+    out
 }
 
 impl Config {
@@ -783,18 +877,33 @@ impl Config {
             }
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Yaml));
         }
+        // librdkafka properties are dotted (`fetch.wait.max.ms`), and the config crate reads a
+        // dot as a level: `CONVOFLOW__KAFKA__CLIENT__<NAME>` are taken out here and set
+        // verbatim, `__` (or `.`) in NAME meaning a dot
+        let (client, env): (Vec<(String, String)>, Vec<(String, String)>) =
+            env.into_iter().partition(|(k, _)| k.to_ascii_uppercase().starts_with(CLIENT_ENV_PREFIX));
         let env: config::Map<String, String> = env.into_iter().collect();
         builder = builder.add_source(
             config::Environment::with_prefix("CONVOFLOW")
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
-                .source(Some(env)),
+                .source(Some(env.clone())),
         );
-        let cfg: Config = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .with_context(|| format!("reading configuration{}", path.map(|p| format!(" {}", p.display())).unwrap_or_default()))?;
+        let what = || format!("reading configuration{}", path.map(|p| format!(" {}", p.display())).unwrap_or_default());
+        let built = builder.build().with_context(what)?;
+        let mut cfg: Config = match built.clone().try_deserialize() {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                // a value pasted into the wrong field may be a secret: the error must not show it
+                let secrets = secret_values(&built, &env);
+                return Err(anyhow::anyhow!("{}", redact(&e.to_string(), &secrets))).with_context(what);
+            }
+        };
+        for (key, value) in client {
+            let name = key[CLIENT_ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".");
+            cfg.kafka.client.insert(name, value);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -915,6 +1024,30 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// librdkafka's dotted property names from the environment (before: `invalid type: map`).
+    #[test]
+    fn dotted_librdkafka_properties_are_set_from_the_environment() {
+        let env = [
+            ("CONVOFLOW__KAFKA__CLIENT__FETCH__WAIT__MAX__MS".to_string(), "50".to_string()),
+            ("CONVOFLOW__KAFKA__CLIENT__queued.min.messages".to_string(), "1000".to_string()),
+        ];
+        let cfg = Config::load_with_env(None, env).unwrap();
+        assert_eq!(cfg.kafka.client["fetch.wait.max.ms"], "50");
+        assert_eq!(cfg.kafka.client["queued.min.messages"], "1000");
+        assert_eq!(cfg.kafka.client.len(), 2);
+        let env = [("CONVOFLOW__KAFKA__CLIENT__SASL__PASSWORD".to_string(), "x".to_string())];
+        assert!(Config::load_with_env(None, env).is_err(), "secrets are refused there as before");
+    }
+
+    #[test]
+    fn redaction_hides_quoted_and_long_values_only() {
+        let secrets = vec!["hunter2".to_string(), "ab".to_string()];
+        let out = redact("unknown variant `hunter2`, expected `ab` or \"ab\" in about", &secrets);
+        assert_eq!(out, "unknown variant `<redacted>`, expected `<redacted>` or \"<redacted>\" in about");
+        assert!(is_secret_path(".kafka.security.sasl.mechanism") && is_secret_path("llm.api_key"));
+        assert!(!is_secret_path("llm.tokenizer") && !is_secret_path("pipeline.tombstone_scope"));
+    }
 
     #[test]
     fn example_config_parses_and_env_overrides_it() {

@@ -55,7 +55,7 @@ pub enum ValidationError {
     EmptyConversationId,
     #[error("conversation has no turns")]
     NoTurns,
-    #[error("no turn has text (all {turns} are empty or whitespace): nothing to enrich or index")]
+    #[error("no turn has text (all {turns} are empty, whitespace or invisible characters): nothing to enrich or index")]
     NoText { turns: usize },
     #[error("turn #{index} has an empty turn_id")]
     EmptyTurnId { index: usize },
@@ -69,6 +69,8 @@ pub enum ValidationError {
     TooManyTurns { turns: usize, limit: usize },
     #[error("the event is {bytes} bytes, over the limit of {limit} (pipeline.max_event_bytes)")]
     EventTooLarge { bytes: usize, limit: usize },
+    #[error("{field} is {bytes} bytes, over the limit of {limit} (pipeline.max_id_bytes): ids are copied into every point")]
+    IdTooLong { field: String, bytes: usize, limit: usize },
     #[error("{field} contains a NUL character (ids must not: point ids are built from them)")]
     NulInId { field: &'static str },
     #[error("{field} is {millis} ms since the epoch, outside the representable time range")]
@@ -82,10 +84,36 @@ pub struct EventLimits {
     pub max_turn_bytes: usize,
     /// Turns in one event (`pipeline.max_turns_per_event`).
     pub max_turns: usize,
+    /// One id (conversation, tenant, turn, speaker, participant), in bytes (`pipeline.max_id_bytes`).
+    pub max_id_bytes: usize,
 }
 
 impl EventLimits {
-    pub const UNBOUNDED: EventLimits = EventLimits { max_turn_bytes: usize::MAX, max_turns: usize::MAX };
+    pub const UNBOUNDED: EventLimits = EventLimits { max_turn_bytes: usize::MAX, max_turns: usize::MAX, max_id_bytes: usize::MAX };
+}
+
+/// Characters that show nothing: zero-width spaces and joiners, bidirectional controls, word
+/// joiner and invisible operators, the byte-order mark, soft hyphen, variation selectors, tag
+/// characters, Hangul fillers (Unicode's format characters and default-ignorables; `char::
+/// is_whitespace` knows none of them).
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}' | '\u{180B}'..='\u{180F}'
+        | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}'
+        | '\u{FEFF}' | '\u{FFA0}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// Whether a text has nothing to read: empty, whitespace or invisible characters only.
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || invisible(c))
+}
+
+/// `value` (the id `field`) within `limit` bytes.
+fn id_within(field: impl FnOnce() -> String, value: &str, limit: usize) -> Result<(), ValidationError> {
+    if value.len() > limit {
+        return Err(ValidationError::IdTooLong { field: field(), bytes: value.len(), limit });
+    }
+    Ok(())
 }
 
 fn time_in_range(millis: i64) -> bool {
@@ -105,13 +133,19 @@ impl Conversation {
         if self.tenant.contains('\0') {
             return Err(ValidationError::NulInId { field: "tenant" });
         }
+        let max_id = limits.max_id_bytes;
+        id_within(|| "conversation_id".into(), &self.conversation_id, max_id)?;
+        id_within(|| "tenant".into(), &self.tenant, max_id)?;
+        for (index, p) in self.participants.iter().enumerate() {
+            id_within(|| format!("participant #{index} id"), &p.id, max_id)?;
+        }
         if self.turns.is_empty() {
             return Err(ValidationError::NoTurns);
         }
         if self.turns.len() > limits.max_turns {
             return Err(ValidationError::TooManyTurns { turns: self.turns.len(), limit: limits.max_turns });
         }
-        if self.turns.iter().all(|t| t.text.trim().is_empty()) {
+        if self.turns.iter().all(|t| is_blank(&t.text)) {
             return Err(ValidationError::NoText { turns: self.turns.len() });
         }
         if !time_in_range(self.started_at) {
@@ -125,6 +159,8 @@ impl Conversation {
             if turn.turn_id.contains('\0') {
                 return Err(ValidationError::NulInId { field: "turn_id" });
             }
+            id_within(|| format!("turn #{index} turn_id"), &turn.turn_id, max_id)?;
+            id_within(|| format!("turn #{index} speaker"), &turn.speaker, max_id)?;
             if !time_in_range(turn.ts) {
                 return Err(ValidationError::TimeOutOfRange { field: format!("turn {:?} ts", turn.turn_id), millis: turn.ts });
             }
@@ -282,7 +318,7 @@ mod tests {
 
     #[test]
     fn validation_rejects_what_the_schema_cannot() {
-        let ten = EventLimits { max_turn_bytes: 10, max_turns: 3 };
+        let ten = EventLimits { max_turn_bytes: 10, max_turns: 3, max_id_bytes: usize::MAX };
         assert_eq!(conv(vec![("1", "hi")]).validate(&ten), Ok(()));
         assert_eq!(
             conv(vec![("1", "a"), ("2", "b"), ("3", "c"), ("4", "d")]).validate(&ten),
@@ -301,6 +337,19 @@ mod tests {
         assert_eq!(conv(vec![]).validate(&ten), Err(ValidationError::NoTurns));
         assert_eq!(conv(vec![("1", " "), ("2", "")]).validate(&ten), Err(ValidationError::NoText { turns: 2 }));
         assert_eq!(conv(vec![("1", " "), ("2", "ok")]).validate(&ten), Ok(()), "an empty turn among others is fine");
+        // zero-width space, bidi controls, byte-order mark, zero-width joiner, word joiner
+        let invisible = "\u{200B}\u{202E}\u{2066}\u{FEFF}\u{200D}\u{2060} \u{00AD}";
+        assert_eq!(conv(vec![("1", invisible), ("2", "\u{200B}")]).validate(&ten), Err(ValidationError::NoText { turns: 2 }));
+        assert_eq!(conv(vec![("1", "caf\u{00E9}\u{200D}")]).validate(&ten), Ok(()), "visible text with a joiner is text");
+        let short_ids = EventLimits { max_id_bytes: 8, ..ten };
+        assert_eq!(conv(vec![("1", "a")]).validate(&short_ids), Ok(()));
+        let mut c = conv(vec![("1", "a")]);
+        c.conversation_id = "c".repeat(9);
+        assert_eq!(
+            c.validate(&short_ids),
+            Err(ValidationError::IdTooLong { field: "conversation_id".into(), bytes: 9, limit: 8 })
+        );
+        assert!(matches!(conv(vec![("123456789", "a")]).validate(&short_ids), Err(ValidationError::IdTooLong { .. })));
         assert!(matches!(
             conv(vec![("1", "a"), ("1", "b")]).validate(&ten),
             Err(ValidationError::DuplicateTurnId { .. })

@@ -154,7 +154,7 @@ mod tests {
         let mut total = 0;
         for n in 0..50 {
             let whole = g.conversation(n);
-            whole.validate(&crate::event::EventLimits { max_turn_bytes: 1 << 20, max_turns: 10_000 }).unwrap();
+            whole.validate(&crate::event::EventLimits { max_turn_bytes: 1 << 20, max_turns: 10_000, max_id_bytes: 1_024 }).unwrap();
             let events = g.conversation_events(n);
             assert!((1..=3).contains(&events.len()));
             let rejoined: Vec<_> = events.iter().flat_map(|e| e.turns.clone()).collect();

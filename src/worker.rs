@@ -21,15 +21,15 @@ use crate::infer::tokenize::ModelTokenizer;
 use crate::pipeline::breaker::DlqBreaker;
 use crate::pipeline::chunk::{Chunker, builtin_tokenizer, load_tokenizer};
 use crate::pipeline::enrich::{ModelFailure, Models, Outputs, Pending, TextEnricher};
-use crate::pipeline::prepare::{Decided, Prepared, Preparer};
-use crate::pipeline::emit::{EmitSettings, Emitter, Stored};
+use crate::pipeline::prepare::{Decided, Prepared, Preparer, Valid};
+use crate::pipeline::emit::{EmitSettings, Emitter, OutputEncoder, Stored};
 use crate::pipeline::stage::{Busy, Flight, Halt, STAGE_INFER, STAGE_PREPARE, STAGE_STORE, keep_current, record_depth};
 use crate::sink::dlq::Rejection;
 use crate::sink::producer::EventProducer;
 use crate::sink::transactions::Transactions;
 use crate::sink::store::points::{PayloadText, points_for};
 use crate::sink::store::writer::StoreWriter;
-use crate::sink::store::{self, Bootstrap, StoreError, StorePoint, VectorStore};
+use crate::sink::store::{self, Bootstrap, StoreError, StorePoint, TurnsWithChunks, VectorStore, WrittenTurns};
 use crate::telemetry::{self, Readiness};
 use crate::source::{self, InboundMessage, SharedSource, SourceSettings, admin};
 
@@ -135,7 +135,17 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         admin::ensure_topics(kafka, &[kafka.output_topic.clone(), dlq_topic.clone()], partitions).await?;
     }
     let spec = store::collection_spec(&cfg.qdrant, crate::search::dense_dim(&cfg)?);
-    store.ensure_collection(&spec, Bootstrap::CreateIfMissing).await.context("bootstrapping the vector store")?;
+    if let Err(e) = store.ensure_collection(&spec, Bootstrap::CreateIfMissing).await {
+        // start-up fails plainly: waiting at start would hide a misconfiguration behind an
+        // unready pod; mid-run, the same outage pauses the worker instead (docs/reliability.md)
+        let hint = if e.is_transient() {
+            " (convoflow starts only with a usable vector store and exits 1 otherwise, so its supervisor restarts it; \
+             nothing was consumed)"
+        } else {
+            ""
+        };
+        return Err(anyhow::Error::new(e).context(format!("the worker did not start: bootstrapping the vector store failed{hint}")));
+    }
     info!(backend = store.backend(), collection = %spec.name, dim = spec.dense_dim, "vector store ready");
     readiness.store_reachable.store(true, Ordering::Relaxed);
     // the output schema's registry id before the models load (a registry that is down or refuses
@@ -182,14 +192,20 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         Some(txn) => source::Committer::Transactions { txn: txn.clone(), halt: halt.clone() },
         None => source::Committer::Offsets,
     };
+    let encoder = OutputEncoder {
+        codec: output_codec,
+        output_topic: kafka.output_topic.clone(),
+        message_max_bytes: message_max_bytes as usize,
+        max_carried_header_bytes: cfg.pipeline.max_carried_header_bytes,
+    };
     let emitter = Emitter::new(
-        output_codec,
         producer.clone(),
         EmitSettings {
             output_topic: kafka.output_topic.clone(),
             dlq_topic,
             group_id: kafka.group_id.clone(),
             message_max_bytes: message_max_bytes as usize,
+            max_carried_header_bytes: cfg.pipeline.max_carried_header_bytes,
             transactions: transactions.clone(),
         },
         DlqBreaker::new(cfg.pipeline.dlq_max_consecutive, cfg.pipeline.dlq_max_ratio, cfg.pipeline.dlq_window),
@@ -201,6 +217,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         shutdown: shutdown.clone(),
         store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry).for_worker(readiness.clone(), stop.clone()),
         payload_text: cfg.qdrant.payload_text,
+        encoder: Arc::new(encoder),
         stop: stop.clone(),
         halt,
         model_infos: models.as_ref().map(Models::infos).unwrap_or_default(),
@@ -301,6 +318,8 @@ struct Pipeline {
     store: StoreWriter,
     readiness: Arc<Readiness>,
     payload_text: PayloadText,
+    /// Encodes each enriched event before its points are written (see `OutputEncoder`).
+    encoder: Arc<OutputEncoder>,
     /// Set when the worker is stopping (a signal or a failure).
     stop: Arc<AtomicBool>,
     /// The first failure that stops the worker (shared with the emit stage).
@@ -469,14 +488,23 @@ impl Pipeline {
             metrics::histogram!(telemetry::BATCH_TURNS).record(turns as f64);
             metrics::histogram!(telemetry::BATCH_TOKENS).record(tokens as f64);
         }
-        // the points of every message, built on rayon's pool (entities, payloads, sparse vectors)
-        let payload_text = self.payload_text;
+        // every event encoded and the points of every message built, on rayon's pool: an event
+        // that cannot be produced (too large, unencodable) is dead-lettered here, before any of
+        // its points is written, so no point stays searchable without its enriched event
+        let (payload_text, encoder) = (self.payload_text, self.encoder.clone());
         let mut batch = tokio::task::spawn_blocking(move || {
             let mut batch = batch;
             batch.par_iter_mut().for_each(|p| {
-                if let Decided::Valid(v) = &mut p.decided {
-                    let dense = v.dense.take();
-                    v.points = points_for(&v.conversation, &v.event, dense.as_deref(), payload_text);
+                let Prepared { msg, decided } = p;
+                if let Decided::Valid(v) = decided {
+                    match encoder.encode(msg, v) {
+                        Ok(output) => {
+                            v.output = Some(output);
+                            let dense = v.dense.take();
+                            v.points = points_for(&v.conversation, &v.event, dense.as_deref(), payload_text);
+                        }
+                        Err(why) => *decided = Decided::Rejected(why),
+                    }
                 }
             });
             batch
@@ -639,35 +667,86 @@ impl Pipeline {
         })
     }
 
-    /// The writes of `batch` (whose points are `flat[bounds[i]]`), in input order.
-    async fn write_in_order(&self, batch: &[Prepared], flat: &[StorePoint], bounds: &[std::ops::Range<usize>]) -> Result<(), StoreError> {
-        // a run of consecutive messages' points is one upsert (they are adjacent in `flat`)
-        let mut run: Option<std::ops::Range<usize>> = None;
-        for (p, range) in batch.iter().zip(bounds) {
-            match &p.decided {
-                Decided::Valid(_) => {
-                    run = Some(run.map_or(range.clone(), |r| r.start..range.end));
+    /// The writes of `batch` (whose points are `flat[bounds[i]]`), in input order. A run of
+    /// consecutive messages' points is one upsert (they are adjacent in `flat`), followed by one
+    /// delete of the chunks their re-sent turns no longer have; a run ends before a tombstone,
+    /// before a rejected message's points and before a second message of a conversation already
+    /// in it (its stale-chunk delete must not run after that message's upsert).
+    async fn write_in_order(&self, batch: &mut [Prepared], flat: &[StorePoint], bounds: &[std::ops::Range<usize>]) -> Result<(), StoreError> {
+        let mut run = Run::default();
+        for (p, range) in batch.iter_mut().zip(bounds) {
+            match &mut p.decided {
+                Decided::Valid(v) => {
+                    let written = written_turns(v);
+                    if run.has(&written) {
+                        self.write_run(flat, &mut run).await?;
+                    }
+                    run.add(range.clone(), written);
                 }
                 Decided::Tombstone(t) => {
-                    if let Some(r) = run.take() {
-                        self.store.upsert_all(&flat[r]).await?;
+                    self.write_run(flat, &mut run).await?;
+                    // a batch halved after a rejection runs its tombstones again: what they
+                    // deleted the first time counts
+                    let matched = t.matched.unwrap_or(0) + self.store.delete_conversation(t.tenant.as_deref(), &t.conversation_id).await?;
+                    if matched == 0 {
+                        warn!(
+                            tp = %p.msg.tp, offset = p.msg.offset, conversation = %t.conversation_id, tenant = ?t.tenant,
+                            "a tombstone matched no point (unknown conversation, or another tenant's)"
+                        );
                     }
-                    self.store.delete_conversation(&t.tenant, &t.conversation_id).await?;
+                    t.matched = Some(matched);
                 }
                 // points of a message the store rejected (found by halving) are skipped: the run
                 // ends before them
-                Decided::Rejected(_) | Decided::Unfinished(_) if !range.is_empty() => {
-                    if let Some(r) = run.take() {
-                        self.store.upsert_all(&flat[r]).await?;
-                    }
-                }
+                Decided::Rejected(_) | Decided::Unfinished(_) if !range.is_empty() => self.write_run(flat, &mut run).await?,
                 Decided::Rejected(_) | Decided::Unfinished(_) => {}
             }
         }
-        match run {
-            Some(r) => self.store.upsert_all(&flat[r]).await,
-            None => Ok(()),
+        self.write_run(flat, &mut run).await
+    }
+
+    /// Upserts the run's points, then deletes its turns' stale chunks; the run is empty after.
+    async fn write_run(&self, flat: &[StorePoint], run: &mut Run) -> Result<(), StoreError> {
+        if let Some(r) = run.points.take() {
+            self.store.upsert_all(&flat[r]).await?;
         }
+        self.store.delete_stale_chunks(&run.written).await?;
+        run.written.clear();
+        Ok(())
+    }
+}
+
+/// Consecutive valid messages written together (see `Pipeline::write_in_order`).
+#[derive(Default)]
+struct Run {
+    /// Their points in the batch's flat list.
+    points: Option<std::ops::Range<usize>>,
+    /// Their turns, for the stale-chunk delete.
+    written: Vec<WrittenTurns>,
+}
+
+impl Run {
+    /// Whether a message of the same tenant's conversation is in the run already.
+    fn has(&self, w: &WrittenTurns) -> bool {
+        self.written.iter().any(|o| o.conversation_id == w.conversation_id && o.tenant == w.tenant)
+    }
+
+    fn add(&mut self, points: std::ops::Range<usize>, written: WrittenTurns) {
+        self.points = Some(self.points.take().map_or(points.clone(), |r| r.start..points.end));
+        self.written.push(written);
+    }
+}
+
+/// A message's turns by their number of chunks now (a re-sent turn replaces the old one).
+fn written_turns(v: &Valid) -> WrittenTurns {
+    let mut by_chunks: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
+    for turn in &v.event.turns {
+        by_chunks.entry(turn.chunks.len()).or_default().push(turn.turn_id.clone());
+    }
+    WrittenTurns {
+        tenant: v.event.tenant.clone(),
+        conversation_id: v.event.conversation_id.clone(),
+        by_chunks: by_chunks.into_iter().map(|(chunks, turn_ids)| TurnsWithChunks { chunks, turn_ids }).collect(),
     }
 }
 

@@ -305,7 +305,9 @@ async fn registry_outages_pause_instead_of_dead_lettering() {
     };
     publish(CONVERSATION, &convs[0..2]);
 
-    let cfg = worker_config(&topics, WireFormat::Auto, WireFormat::Avro, Some(outage.url()));
+    let mut cfg = worker_config(&topics, WireFormat::Auto, WireFormat::Avro, Some(outage.url()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    cfg.telemetry.listen = format!("127.0.0.1:{port}");
     let stop = Arc::new(AtomicBool::new(false));
     let run = tokio::spawn(worker::run(cfg, stop.clone()));
     let out = topics.output.clone();
@@ -324,9 +326,14 @@ async fn registry_outages_pause_instead_of_dead_lettering() {
     assert_eq!(records_in(&topics.output), 4, "it waits");
     assert_eq!(records_in(&topics.dlq()), 0, "not dead-lettered");
     assert!(!run.is_finished(), "the worker keeps running");
+    // unready while it waits, as during a store outage; alive (before: /readyz 200 throughout)
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(port, "/readyz")).await.unwrap().unwrap();
+    assert!(status == 503 && body.contains("schema registry not answering"), "{status} {body}");
+    assert_eq!(tokio::task::spawn_blocking(move || http_get(port, "/healthz")).await.unwrap().unwrap().0, 200);
 
     outage.up().await;
     assert_eq!(wait_for(6, 60).await.unwrap(), 6, "enriched once the registry is back");
+    wait_until("ready again", Duration::from_secs(20), move || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await;
 
     // an id the registry does not know is the message's fault: dead-lettered as unknown-schema
     let mut unknown = vec![0u8];

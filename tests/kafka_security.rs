@@ -78,6 +78,26 @@ async fn a_wrong_password_fails_fast_and_says_so() {
     assert!(took < Duration::from_secs(8), "took {took:?}: {err}");
     assert!(!format!("{cfg:?}").contains(wrong), "Debug shows the secret");
     assert!(!serde_json::to_string(&cfg).unwrap().contains(wrong), "Serialize shows the secret");
+    // `convoflow check` says the broker refused, not that none answered (before: both, the
+    // second with a hint to change kafka.brokers)
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoflow"))
+        .arg("check")
+        .env("CONVOFLOW__KAFKA__BROKERS", env("KAFKA_SASL_SSL_BROKERS"))
+        .env("CONVOFLOW__KAFKA__INPUT_TOPIC", &topics.input)
+        .env("CONVOFLOW__KAFKA__SECURITY__PROTOCOL", "sasl_ssl")
+        .env("CONVOFLOW__KAFKA__SECURITY__SASL__MECHANISM", "SCRAM-SHA-512")
+        .env("CONVOFLOW__KAFKA__SECURITY__SASL__USERNAME", env("KAFKA_SASL_USERNAME"))
+        .env("CONVOFLOW__KAFKA__SECURITY__SASL__PASSWORD", wrong)
+        .env("CONVOFLOW__KAFKA__SECURITY__TLS__CA", env("KAFKA_SSL_CA"))
+        .env("CONVOFLOW__QDRANT__DATA_DIR", store_dir(&topics.group, "check"))
+        .env("CONVOFLOW__QDRANT__DENSE_DIM", "8")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("refused the connection") && text.contains("Authentication failed"), "{text}");
+    assert!(!text.contains("no Kafka broker answered"), "{text}");
+    assert!(!text.contains(wrong), "the secret leaked: {text}");
 }
 
 /// A broker certificate the configured CA did not sign: a TLS error at once.
@@ -110,4 +130,26 @@ fn misnamed_properties_never_print_their_values() {
     std::fs::write(&file, "kafka:\n  client:\n    sasl.pasword: hunter2\n").unwrap();
     let err = format!("{:#}", Config::load_with_env(Some(&file), []).unwrap_err());
     assert!(err.contains("sasl.pasword") && err.contains("kafka.security") && !err.contains("hunter2"), "{err}");
+}
+
+/// A secret pasted into a field that is not a secret (an enum, a number) is not echoed by the
+/// parse error, from the environment or from a file, wherever it sits under `security`, `sasl`,
+/// `tls`, `api_key` or `password` (before: `unknown variant `SCRAM-hunter2-...`).
+#[test]
+fn parse_errors_never_echo_values_of_security_fields() {
+    let pasted = "SCRAM-hunter2-Sup3rSecret";
+    let env = [("CONVOFLOW__KAFKA__SECURITY__SASL__MECHANISM".to_string(), pasted.to_string())];
+    let err = format!("{:#}", Config::load_with_env(None, env).unwrap_err());
+    assert!(err.contains("mechanism") && !err.contains("hunter2"), "{err}");
+    let env = [("CONVOFLOW__KAFKA__SECURITY__PROTOCOL".to_string(), "sasl_hunter2".to_string())];
+    let err = format!("{:#}", Config::load_with_env(None, env).unwrap_err());
+    assert!(err.contains("protocol") && !err.contains("hunter2"), "{err}");
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("pasted") + ".yaml");
+    std::fs::write(&file, format!("kafka:\n  security:\n    sasl:\n      mechanism: {pasted}\n")).unwrap();
+    let err = format!("{:#}", Config::load_with_env(Some(&file), []).unwrap_err());
+    assert!(err.contains("mechanism") && !err.contains("hunter2"), "{err}");
+    // other fields' values are still shown: they help and are not secret
+    let env = [("CONVOFLOW__PIPELINE__TOMBSTONE_SCOPE".to_string(), "everywhere".to_string())];
+    let err = format!("{:#}", Config::load_with_env(None, env).unwrap_err());
+    assert!(err.contains("everywhere"), "{err}");
 }

@@ -26,6 +26,15 @@ fn keyed_with_turns(g: &SampleGenerator, codec: &RecordCodec<Conversation>, n: u
     (Some(c.conversation_id.clone().into_bytes()), Some(codec.encode(&c).unwrap()))
 }
 
+/// Points of `conversation_id` in the embedded store of the test worker `name` (stopped).
+async fn points_of(topics: &Topics, name: &str, conversation_id: &str) -> u64 {
+    use convoflow::sink::store::{self, Bootstrap, SearchFilter};
+    let cfg = convoflow::config::QdrantConfig { data_dir: store_dir(&topics.group, name), ..Default::default() };
+    let s = store::open(&cfg).unwrap();
+    s.ensure_collection(&store::collection_spec(&cfg, 8), Bootstrap::MustExist).await.unwrap();
+    s.count(&SearchFilter { conversation_id: Some(conversation_id.into()), ..Default::default() }).await.unwrap()
+}
+
 /// Input records of a topic as (partition, offset) -> decoded conversation.
 fn read_inputs(topic: &str, expected: usize) -> BTreeMap<(i32, i64), Conversation> {
     let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
@@ -209,6 +218,11 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
     far_ts.turns[0].ts = i64::MAX;
     let mut blank = g.conversation(92);
     blank.turns.iter_mut().enumerate().for_each(|(i, t)| t.text = if i % 2 == 0 { String::new() } else { " \t\n ".into() });
+    let mut invisible = g.conversation(90);
+    let marks = ["\u{200B}", "\u{202E}\u{2066}", "\u{FEFF}", "\u{200D}\u{2060}"];
+    invisible.turns.iter_mut().enumerate().for_each(|(i, t)| t.text = marks[i % marks.len()].into());
+    let mut long_id = g.conversation(89);
+    long_id.conversation_id = "c".repeat(1 << 20);
     let mut twice = g.conversation(91);
     twice.turns[1].turn_id = twice.turns[0].turn_id.clone();
     let mut unknown_confluent = vec![0u8, 0, 1, 0x86, 0x9f]; // magic 0, schema id 99,999: no registry knows it
@@ -236,6 +250,8 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
         ("empty and whitespace turns", codec.encode(&blank).unwrap()),
         ("duplicate turn ids", codec.encode(&twice).unwrap()),
         ("deeply nested JSON", nested),
+        ("invisible-only turns", codec.encode(&invisible).unwrap()),
+        ("1 MiB conversation_id", codec.encode(&long_id).unwrap()),
     ];
     let mut records = Vec::new();
     for (i, (name, bytes)) in poison.iter().enumerate() {
@@ -288,6 +304,8 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
         "validation",
         "validation",
         "deserialization",
+        "validation",
+        "validation",
     ];
     for (((name, bytes), pos), class) in poison.iter().zip(&poison_positions).zip(expected_class) {
         let rec = dlq
@@ -320,6 +338,8 @@ async fn poison_messages_go_to_the_dlq_with_reasons_and_the_worker_moves_on() {
     assert!(msg("empty and whitespace turns").contains("no turn has text"), "{}", msg("empty and whitespace turns"));
     assert!(msg("duplicate turn ids").contains("appears twice"), "{}", msg("duplicate turn ids"));
     assert!(msg("unknown Confluent schema id").contains("99999"), "{}", msg("unknown Confluent schema id"));
+    assert!(msg("invisible-only turns").contains("no turn has text"), "{}", msg("invisible-only turns"));
+    assert!(msg("1 MiB conversation_id").contains("max_id_bytes"), "{}", msg("1 MiB conversation_id"));
     assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past the poison");
 }
 
@@ -377,6 +397,64 @@ async fn outputs_too_large_to_produce_are_dead_lettered_and_the_partition_moves_
     assert_eq!(dlq[1].headers["dlq.value.truncated"], bigger.len().to_string());
     assert_eq!(dlq[1].payload.as_deref(), Some(&bigger[..15_000]), "the start of the input");
     assert!(lag(&topics.group, &topics.input).values().all(|&l| l == 0), "committed past them");
+    // the store agrees with the output topic: no point of an event that was not produced
+    // (before: the 200-turn event's points were all searchable, and upserted again on replay)
+    let id = |r: &(Option<Vec<u8>>, Option<Vec<u8>>)| String::from_utf8(r.0.clone().unwrap()).unwrap();
+    assert_eq!(points_of(&topics, "too-large", &id(&records[1])).await, 0, "no orphan points");
+    assert!(points_of(&topics, "too-large", &id(&records[0])).await > 0, "the small ones are stored");
+}
+
+/// Headers alone near the broker's limit: a default topic takes a record with a 16,776,500-byte
+/// header and a 1-byte value. Before, such headers were carried onto the enriched event and the
+/// DLQ copy, which was then too large even with its value cut: the worker exited 1 at every
+/// start, the partition blocked for good. Now, by default (`pipeline.max_carried_header_bytes`
+/// 64 KiB) the header is dropped with a note on the records produced; with every header carried
+/// (32 MiB), the enriched event is dead-lettered (`output-too-large`, none of its points stored)
+/// and the DLQ copies leave the input's headers out. Either way the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_with_huge_headers_never_block_their_partition() {
+    let huge = "h".repeat(16_776_500);
+    let codec = RecordCodec::<Conversation>::new(WireFormat::Avro).unwrap();
+    let g = SampleGenerator::new(73);
+    let (valid, small) = (g.conversation(0), g.conversation(1));
+    let event = codec.encode(&valid).unwrap();
+    // the valid event's record as large as the junk one: its header a little smaller
+    let huge_too = "h".repeat(16_776_500 - event.len() - valid.conversation_id.len());
+    let mut runs = vec![];
+    for (name, env) in [("headers-bounded", vec![]), ("headers-carried", vec![("CONVOFLOW__PIPELINE__MAX_CARRIED_HEADER_BYTES", "33554432")])] {
+        let topics = Topics::new(name);
+        create_topic(&topics.input, 1).await;
+        produce_with_headers(&topics.input, b"junk", b"x", &[("big", &huge)]).await;
+        produce_with_headers(&topics.input, valid.conversation_id.as_bytes(), &event, &[("big", &huge_too), ("traceparent", "t-1")]).await;
+        produce_with_headers(&topics.input, small.conversation_id.as_bytes(), &codec.encode(&small).unwrap(), &[]).await;
+        runs.push((name, Worker::start(name, &topics, &env), topics));
+    }
+    for (name, worker, topics) in &mut runs {
+        let expect_out = if *name == "headers-bounded" { 2 } else { 1 };
+        let out = read_topic(&topics.output, expect_out, Duration::from_secs(90), Duration::ZERO);
+        let dlq = read_topic(&topics.dlq(), 3 - expect_out, Duration::from_secs(30), Duration::ZERO);
+        wait_for_lag_zero(topics, Duration::from_secs(30)).await;
+        worker.signal("TERM");
+        assert_eq!(worker.wait_exit(Duration::from_secs(15)).0, Some(0), "{}", worker.log_text());
+        assert_eq!((out.len(), dlq.len()), (expect_out, 3 - expect_out), "{name}");
+        assert!(dlq.iter().chain(&out).all(|r| !r.headers.contains_key("big")), "{name}: the huge header is not carried");
+        if *name == "headers-bounded" {
+            assert_eq!(dlq[0].headers["dlq.error.class"], "deserialization");
+            assert!(dlq[0].headers["convoflow.headers.dropped"].starts_with("1 headers, 16776503 bytes"), "{:?}", dlq[0].headers);
+            assert_eq!(out[0].key.as_deref(), Some(valid.conversation_id.as_bytes()));
+            assert_eq!(out[0].headers["traceparent"], "t-1", "headers within the bound are carried");
+            assert!(out[0].headers.contains_key("convoflow.headers.dropped"));
+            assert!(!out[1].headers.contains_key("convoflow.headers.dropped"));
+        } else {
+            assert_eq!(dlq[0].headers["dlq.error.class"], "deserialization");
+            assert_eq!(dlq[1].headers["dlq.error.class"], "output-too-large");
+            assert_eq!(dlq[1].headers["dlq.headers.dropped"], format!("2 headers, {} bytes", 3 + huge_too.len() + 14));
+            assert_eq!(dlq[1].payload.as_deref(), Some(codec.encode(&valid).unwrap().as_slice()), "the input value, whole");
+            assert!(dlq[0].headers.contains_key("dlq.headers.dropped"));
+            assert_eq!(out[0].key.as_deref(), Some(small.conversation_id.as_bytes()));
+            assert_eq!(points_of(topics, *name, &valid.conversation_id).await, 0, "no point of the dead-lettered event");
+        }
+    }
 }
 
 /// The output and DLQ topics accept records of at most 20,000 bytes (their own

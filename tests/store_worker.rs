@@ -144,6 +144,85 @@ async fn tenants_reusing_a_conversation_id_keep_their_own_points_and_tombstones(
     assert_eq!(count("globex", "shared-1").await, chunks("globex"), "and only acme's");
     assert_eq!(count("", &solo.conversation_id).await, 0, "a tombstone without the header deletes the tenant-less points");
     assert_eq!(committed(&topics.group, &topics.input), high_watermarks(&topics.input));
+
+    // a tombstone as log compaction or an ordinary producer sends it (no headers) deletes the
+    // conversation in every tenant (before: only the points without a tenant, i.e. nothing of
+    // globex's, silently); one for an unknown conversation matches nothing and is counted so
+    let none = |text: &str| metric_value(text, "convoflow_tombstones_total{matched=\"none\"}");
+    let none_before = none(&convoflow::telemetry::prometheus().render());
+    produce_tombstone(&topics.input, b"shared-1", &[]).await;
+    produce_tombstone(&topics.input, b"never-written", &[]).await;
+    let output = topics.output.clone();
+    run_until(cfg.clone(), store.clone(), Duration::from_secs(60), move || {
+        read_topic(&output, 7, Duration::from_secs(5), Duration::ZERO).len() >= 7
+    })
+    .await
+    .unwrap();
+    assert_eq!(count("globex", "shared-1").await, 0, "the header-less tombstone deleted globex's points");
+    let text = convoflow::telemetry::prometheus().render();
+    assert!(none(&text) >= none_before + 1.0, "the unknown conversation's tombstone: {text}");
+    assert_eq!(committed(&topics.group, &topics.input), high_watermarks(&topics.input));
+}
+
+/// The value of one series in a Prometheus text page (0 when absent).
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// A turn re-sent with fewer chunks: only the new version's chunks stay searchable (before: the
+/// old version's extra chunks stayed, since point ids depend on the chunk index only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_re_sent_with_fewer_chunks_leaves_only_its_new_chunks() {
+    let topics = Topics::new("stale-chunks");
+    create_topic(&topics.input, 1).await;
+    let g = SampleGenerator::new(13);
+    let mut long = g.conversation(0);
+    // about 700 words: three chunks of at most 256 tokens
+    let words: Vec<String> = (0..700).map(|i| format!("mot{i}")).collect();
+    long.turns[0].text = words.join(" ");
+    let mut short = long.clone();
+    short.turns[0].text = "Finalement, une seule phrase courte.".into();
+    produce_conversations(&topics.input, &[long.clone()]).await;
+    let mut cfg = config(&topics);
+    cfg.pipeline.max_batch_messages = 1;
+    let store = store::open(&cfg.qdrant).unwrap();
+    let output = topics.output.clone();
+    run_until(cfg.clone(), store.clone(), Duration::from_secs(60), move || {
+        read_topic(&output, 1, Duration::from_secs(5), Duration::ZERO).len() >= 1
+    })
+    .await
+    .unwrap();
+    let first = read_topic(&topics.output, 1, Duration::from_secs(5), Duration::ZERO)[0].enriched();
+    let chunks_before = first.turns[0].chunks.len();
+    assert!(chunks_before >= 3, "{chunks_before} chunks");
+    let of_turn = SearchFilter { conversation_id: Some(long.conversation_id.clone()), ..Default::default() };
+    let all_before = store.count(&of_turn).await.unwrap();
+
+    // the same turn again, short, in the same batch as an unrelated conversation
+    produce_conversations(&topics.input, &[short.clone(), g.conversation(1)]).await;
+    cfg.pipeline.max_batch_messages = 64;
+    let output = topics.output.clone();
+    run_until(cfg.clone(), store.clone(), Duration::from_secs(60), move || {
+        read_topic(&output, 3, Duration::from_secs(5), Duration::ZERO).len() >= 3
+    })
+    .await
+    .unwrap();
+    let second = read_topic(&topics.output, 3, Duration::from_secs(5), Duration::ZERO)[1].enriched();
+    assert_eq!(second.turns[0].chunks.len(), 1);
+    assert_eq!(store.count(&of_turn).await.unwrap(), all_before - (chunks_before as u64 - 1), "only the new chunk of turn 0");
+    let hits = store
+        .search(&store::HybridQuery {
+            dense: None,
+            sparse: convoflow::pipeline::bm25::query_vector("mot650 mot500 mot400"),
+            filter: of_turn.clone(),
+            limit: 5,
+            prefetch_limit: 20,
+            group_by: None,
+        })
+        .await
+        .unwrap();
+    assert!(hits.is_empty(), "the old text is not searchable any more: {hits:?}");
+    assert_eq!(committed(&topics.group, &topics.input), high_watermarks(&topics.input));
 }
 
 /// The store rejects one message's points for their content: the worker halves the batch until
@@ -294,7 +373,7 @@ async fn a_full_disk_pauses_the_worker_until_space_returns_instead_of_crashing()
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(!worker.is_finished(), "no crash, no exit");
     let (status, body) = http_get(port, "/readyz").unwrap();
-    assert!(status == 503 && body.contains("vector store not reachable"), "{status} {body}");
+    assert!(status == 503 && body.contains("free disk below qdrant.edge_min_free_bytes"), "{status} {body}");
     assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
     assert_eq!(records_in(&topics.output), 0, "nothing emitted");
     assert!(committed(&topics.group, &topics.input).get(&0).is_none_or(|&o| o <= 0), "nothing committed");
@@ -312,6 +391,29 @@ async fn a_full_disk_pauses_the_worker_until_space_returns_instead_of_crashing()
     assert!(store.count(&SearchFilter::default()).await.unwrap() >= 10, "every point written");
     drop(store);
     drop(disk);
+}
+
+/// Start-up without a usable store fails at once and says so plainly (before: exit 1 after 2–5 s
+/// with a message saying that writes "wait"): too little disk under the edge store, and a remote
+/// Qdrant nobody listens for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_without_a_usable_store_fails_plainly() {
+    let topics = Topics::new("store-start");
+    create_topic(&topics.input, 1).await;
+    let mut cfg = config(&topics);
+    cfg.qdrant.edge_min_free_bytes = u64::MAX / 4; // more than any disk has
+    let started = std::time::Instant::now();
+    let err = format!("{:#}", convoflow::worker::run(cfg, Arc::new(std::sync::atomic::AtomicBool::new(false))).await.unwrap_err());
+    assert!(err.contains("did not start") && err.contains("below qdrant.edge_min_free_bytes"), "{err}");
+    assert!(!err.contains("wait"), "{err}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cfg = config(&topics);
+    cfg.qdrant.backend = convoflow::config::StoreBackend::Qdrant;
+    cfg.qdrant.url = format!("http://127.0.0.1:{closed}");
+    let err = format!("{:#}", convoflow::worker::run(cfg, Arc::new(std::sync::atomic::AtomicBool::new(false))).await.unwrap_err());
+    assert!(err.contains("did not start") && err.contains(&closed.to_string()), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert!(committed(&topics.group, &topics.input).get(&0).is_none_or(|&o| o <= 0), "nothing consumed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,16 +166,18 @@ async fn contract(open: impl Fn() -> Arc<dyn VectorStore>, collection: &str) {
     // (this data spreads one conversation over three tenants, as if three tenants reused its id)
     let conv = SearchFilter { conversation_id: Some("conv-42".into()), ..Default::default() };
     assert_eq!(store.count(&conv).await.unwrap(), 10);
-    writer.delete_conversation("tenant-1", "conv-42").await.unwrap();
     let of_tenant_1 = count_where(&data.points, |p| p["conversation_id"] == "conv-42" && p["tenant"] == "tenant-1");
     assert!(of_tenant_1 > 0);
+    assert_eq!(writer.delete_conversation(Some("tenant-1"), "conv-42").await.unwrap(), of_tenant_1 as u64, "it counts what it deletes");
     assert_eq!(store.count(&conv).await.unwrap(), 10 - of_tenant_1);
-    writer.delete_conversation("", "conv-42").await.unwrap();
-    assert_eq!(store.count(&conv).await.unwrap(), 10 - of_tenant_1, "no point without a tenant");
-    writer.delete_conversation("tenant-0", "conv-42").await.unwrap();
-    writer.delete_conversation("tenant-2", "conv-42").await.unwrap();
+    assert_eq!(writer.delete_conversation(Some(""), "conv-42").await.unwrap(), 0, "no point without a tenant");
+    assert_eq!(store.count(&conv).await.unwrap(), 10 - of_tenant_1);
+    // no tenant: every tenant's points of the conversation at once
+    assert_eq!(writer.delete_conversation(None, "conv-42").await.unwrap(), 10 - of_tenant_1 as u64);
     assert_eq!(store.count(&conv).await.unwrap(), 0);
+    assert_eq!(writer.delete_conversation(None, "conv-42").await.unwrap(), 0, "nothing left to match");
     assert_eq!(store.count(&SearchFilter::default()).await.unwrap(), total - 10);
+    stale_chunks(&writer, &store, &data).await;
 
     // restart: a new handle on the same collection sees everything
     store.flush().await.unwrap();
@@ -191,6 +193,43 @@ async fn contract(open: impl Fn() -> Arc<dyn VectorStore>, collection: &str) {
     let err = reopened.ensure_collection(&self::spec(collection, DIM + 1), Bootstrap::CreateIfMissing).await.unwrap_err();
     assert!(matches!(err, StoreError::DimensionMismatch { existing: DIM, expected, .. } if expected == DIM + 1), "{err:?}");
     assert!(err.to_string().contains(&format!("dimension {DIM}")), "{err}");
+}
+
+/// A turn written with three chunks, then again with one: the stale chunks 1 and 2 are deleted,
+/// and nothing of other turns, conversations or tenants (the same ids in another tenant, a turn
+/// whose chunk count did not shrink).
+async fn stale_chunks(writer: &StoreWriter, store: &Arc<dyn VectorStore>, data: &Dataset) {
+    use convoflow::sink::store::{TurnsWithChunks, WrittenTurns};
+    let chunk = |tenant: &str, conversation: &str, turn: &str, index: usize| {
+        let mut p = data.points[0].clone();
+        p.id = convoflow::event::point_id(tenant, conversation, turn, index);
+        for (k, v) in [("tenant", json!(tenant)), ("conversation_id", json!(conversation)), ("turn_id", json!(turn)), ("chunk_index", json!(index))] {
+            p.payload.insert(k.into(), v);
+        }
+        p
+    };
+    let mut points = vec![];
+    for tenant in ["s1", "s2"] {
+        for index in 0..3 {
+            points.push(chunk(tenant, "conv-stale", "long", index));
+            points.push(chunk(tenant, "conv-stale", "steady", index));
+        }
+    }
+    writer.upsert_all(&points).await.unwrap();
+    let of = |tenant: &str| SearchFilter { tenant: Some(tenant.into()), conversation_id: Some("conv-stale".into()), ..Default::default() };
+    assert_eq!(store.count(&of("s1")).await.unwrap(), 6);
+    let written = WrittenTurns {
+        tenant: "s1".into(),
+        conversation_id: "conv-stale".into(),
+        by_chunks: vec![
+            TurnsWithChunks { chunks: 1, turn_ids: vec!["long".into()] },
+            TurnsWithChunks { chunks: 3, turn_ids: vec!["steady".into()] },
+        ],
+    };
+    writer.delete_stale_chunks(&[written]).await.unwrap();
+    assert_eq!(store.count(&of("s1")).await.unwrap(), 4, "chunks 1 and 2 of the shortened turn are gone");
+    assert_eq!(store.count(&of("s2")).await.unwrap(), 6, "another tenant's turn with the same ids stays");
+    assert_eq!(writer.delete_conversation(None, "conv-stale").await.unwrap(), 10);
 }
 
 fn temp_dir(name: &str) -> PathBuf {

@@ -251,7 +251,7 @@ impl RegistryLookup {
                 Ok(found) => return Ok(found),
                 Err(e) => {
                     metrics::counter!(crate::telemetry::REGISTRY_ERRORS).increment(1);
-                    waiting.get_or_insert_with(crate::telemetry::liveness::DependencyWait::begin);
+                    waiting.get_or_insert_with(crate::telemetry::liveness::DependencyWait::registry);
                     if self.interrupted.load(Ordering::SeqCst) {
                         return Err(e);
                     }

@@ -1,15 +1,20 @@
-//! The emit stage: encodes a stored batch's enriched events, shows the batch to the dead-letter
-//! breaker, enqueues one record per message in input order on the idempotent producer (enriched
-//! event, forwarded tombstone or DLQ copy) and hands the deliveries to a task that completes
-//! the offsets.
+//! The emit stage: shows a stored batch to the dead-letter breaker, enqueues one record per
+//! message in input order on the idempotent producer (enriched event — encoded by the store
+//! stage through [`OutputEncoder`] before its points were written —, forwarded tombstone or DLQ
+//! copy) and hands the deliveries to a task that completes the offsets.
 //!
 //! Delivery retries are librdkafka's own (`enable.idempotence`, `kafka.delivery_timeout_ms`),
 //! so per-key order holds; nothing is re-enqueued by hand. The producer's `message.max.bytes`
 //! is the smallest of `kafka.message_max_bytes` and the output and DLQ topics' own limits (read
 //! at start), so a record too large is refused at enqueue, alone — not by the broker together
-//! with the rest of its batch. Such a record is replaced by its fallback: an enriched event by a
-//! DLQ copy of its input (class `output-too-large`), a DLQ copy by one whose value keeps its
-//! first half-limit bytes (the `dlq.value.truncated` header holds the original length). Any
+//! with the rest of its batch. An enriched event over it is found before its points are stored
+//! (the encoder's bound is above librdkafka's own count) and dead-lettered as `output-too-large`.
+//! The input's own headers are carried up to `pipeline.max_carried_header_bytes`. A DLQ copy
+//! too large is replaced by one whose value keeps its first half-limit bytes
+//! (`dlq.value.truncated` holds the original length), and if that is still too large, by one
+//! without the input's headers and with key and value cut to a quarter of the limit each
+//! (`dlq.headers.dropped`, `dlq.key.truncated`): nothing makes a record impossible to
+//! dead-letter. Any
 //! other failure to produce — a delivery that timed out after librdkafka's retries, a fatal
 //! producer error, a broker refusing a batch the limits should have kept small (a topic's limit
 //! lowered while the worker runs) — is the machine's, not the data's: the worker stops, the
@@ -24,7 +29,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::anyhow;
-use rayon::prelude::*;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::DeliveryFuture;
@@ -36,10 +40,11 @@ use tracing::{error, warn};
 use crate::codec::RecordCodec;
 use crate::event::EnrichedConversation;
 use crate::pipeline::breaker::DlqBreaker;
-use crate::pipeline::prepare::{Decided, Prepared};
+use crate::pipeline::prepare::{Decided, EncodedOutput, Prepared, Valid};
 use crate::pipeline::stage::{Busy, Flight, Halt, STAGE_EMIT, count_stale, keep_current, record_depth};
 use crate::sink::dlq::{self, Rejection};
-use crate::sink::producer::{EventProducer, Outgoing};
+use crate::sink::headers::{self, header_bytes};
+use crate::sink::producer::{EventProducer, Outgoing, record_wire_bytes};
 use crate::sink::transactions::{BeginError, Transactions};
 use crate::source::{InboundMessage, SharedSource};
 use crate::telemetry;
@@ -78,8 +83,19 @@ struct Record {
     /// None = tombstone.
     value: Option<Vec<u8>>,
     headers: Option<OwnedHeaders>,
-    /// Whether the value of this DLQ copy was cut already.
-    truncated: bool,
+    /// A DLQ copy: why, and how far it was cut down already.
+    dead_letter: Option<(Rejection, Shrunk)>,
+}
+
+/// How far a DLQ copy too large to produce was cut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shrunk {
+    /// As it was read.
+    No,
+    /// Its value cut to half the limit.
+    Value,
+    /// Without the input's headers, key and value cut to a quarter of the limit each.
+    Bare,
 }
 
 /// A record on its way, with the message it completes.
@@ -103,6 +119,8 @@ struct Sink {
     group_id: String,
     /// The producer's `message.max.bytes` (`kafka.message_max_bytes`).
     message_max_bytes: usize,
+    /// `pipeline.max_carried_header_bytes`.
+    max_carried_header_bytes: usize,
     counters: Counters,
     shared: Arc<SharedSource>,
     halt: Arc<Halt>,
@@ -111,7 +129,6 @@ struct Sink {
 }
 
 pub struct Emitter {
-    output_codec: RecordCodec<EnrichedConversation>,
     breaker: DlqBreaker,
     sink: Arc<Sink>,
 }
@@ -122,32 +139,27 @@ pub struct EmitSettings {
     pub dlq_topic: String,
     pub group_id: String,
     pub message_max_bytes: usize,
+    pub max_carried_header_bytes: usize,
     /// Exactly-once: the producer's transactions (None: at-least-once).
     pub transactions: Option<Arc<Transactions>>,
 }
 
 impl Emitter {
-    pub fn new(
-        output_codec: RecordCodec<EnrichedConversation>,
-        producer: EventProducer,
-        settings: EmitSettings,
-        breaker: DlqBreaker,
-        shared: Arc<SharedSource>,
-        halt: Arc<Halt>,
-    ) -> Self {
-        let EmitSettings { output_topic, dlq_topic, group_id, message_max_bytes, transactions } = settings;
+    pub fn new(producer: EventProducer, settings: EmitSettings, breaker: DlqBreaker, shared: Arc<SharedSource>, halt: Arc<Halt>) -> Self {
+        let EmitSettings { output_topic, dlq_topic, group_id, message_max_bytes, max_carried_header_bytes, transactions } = settings;
         let sink = Sink {
             producer,
             output_topic,
             dlq_topic,
             group_id,
             message_max_bytes,
+            max_carried_header_bytes,
             counters: Counters::default(),
             shared,
             halt,
             txn: transactions,
         };
-        Self { output_codec, breaker, sink: Arc::new(sink) }
+        Self { breaker, sink: Arc::new(sink) }
     }
 
     /// Emits each stored batch; ends when the store stage is done. Once the source has stopped
@@ -191,25 +203,9 @@ impl Emitter {
         if batch.is_empty() || sink.halt.is_tripped() {
             return; // after a failure: nothing more is emitted or completed
         }
-        // encode every event on rayon's pool, then enqueue in input order: the idempotent
-        // producer keeps that order per partition
-        let codec = self.output_codec.clone();
-        let (batch, encoded) = tokio::task::spawn_blocking(move || {
-            let encoded: Vec<Option<Result<Vec<u8>, String>>> = batch
-                .par_iter()
-                .map(|p| match &p.decided {
-                    Decided::Valid(v) => Some(codec.encode(&v.event).map_err(|e| e.to_string())),
-                    _ => None,
-                })
-                .collect();
-            (batch, encoded)
-        })
-        .await
-        .expect("encoding does not panic");
         // the dead-letter breaker sees the batch before anything of it is produced
-        let outcomes = batch.iter().zip(&encoded).filter(|(p, _)| !matches!(p.decided, Decided::Unfinished(_))).map(|(p, e)| {
-            matches!(p.decided, Decided::Rejected(_)) || matches!(e, Some(Err(_)))
-        });
+        let outcomes =
+            batch.iter().filter(|p| !matches!(p.decided, Decided::Unfinished(_))).map(|p| matches!(p.decided, Decided::Rejected(_)));
         if let Err(why) = self.breaker.record(outcomes) {
             sink.halt.trip(anyhow!(why));
             return;
@@ -243,38 +239,39 @@ impl Emitter {
             None => (sink.producer.clone(), None),
         };
         let mut pending = Vec::with_capacity(batch.len());
-        for (Prepared { msg, decided }, encoded) in batch.into_iter().zip(encoded) {
+        for Prepared { msg, decided } in batch {
             // checked again before each record: the partition may have moved meanwhile
             if !sink.shared.is_current(&msg.tp, msg.generation) {
                 count_stale(STAGE_EMIT, 1);
                 continue;
             }
-            let record = match (decided, encoded) {
-                (Decided::Valid(v), Some(Ok(bytes))) => {
+            let record = match decided {
+                Decided::Valid(v) => {
+                    let Valid { event, output, .. } = *v;
+                    let EncodedOutput { value, headers } = output.expect("the store stage encodes every valid event");
                     sink.counters.enriched.fetch_add(1, Ordering::Relaxed);
                     Record {
                         destination: Destination::Output,
-                        key: Some(v.event.conversation_id.into_bytes()),
-                        value: Some(bytes),
-                        headers: msg.carried_headers(),
-                        truncated: false,
+                        key: Some(event.conversation_id.into_bytes()),
+                        value: Some(value),
+                        headers,
+                        dead_letter: None,
                     }
                 }
-                (Decided::Valid(_), Some(Err(e))) => sink.dead_letter(&msg, Rejection { class: "encoding", message: e }),
-                (Decided::Valid(_), None) => unreachable!("every valid event is encoded"),
-                (Decided::Tombstone(_), _) => {
+                Decided::Tombstone(t) => {
                     sink.counters.tombstones.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(telemetry::TOMBSTONES).increment(1);
+                    let matched = if t.matched == Some(0) { "none" } else { "some" };
+                    metrics::counter!(telemetry::TOMBSTONES, "matched" => matched).increment(1);
                     Record {
                         destination: Destination::Output,
                         key: msg.key.clone(),
                         value: None,
-                        headers: msg.carried_headers(),
-                        truncated: false,
+                        headers: headers::carry(&msg.headers, sink.max_carried_header_bytes).into_headers(),
+                        dead_letter: None,
                     }
                 }
-                (Decided::Rejected(why), _) => sink.dead_letter(&msg, why),
-                (Decided::Unfinished(reason), _) => {
+                Decided::Rejected(why) => sink.dead_letter(&msg, why),
+                Decided::Unfinished(reason) => {
                     // not completed: the offset stays uncommitted and the message is re-read
                     error!(tp = %msg.tp, offset = msg.offset, reason, "a message was left unfinished");
                     if txn.is_some() {
@@ -325,43 +322,70 @@ impl Sink {
         warn!(tp = %msg.tp, offset = msg.offset, class = why.class, reason = %why.message, "dead-lettering a message");
         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::DLQ, "class" => why.class).increment(1);
+        let carried = headers::carry(&msg.headers, self.max_carried_header_bytes).headers;
         Record {
             destination: Destination::DeadLetter,
             key: msg.key.clone(),
             value: msg.payload.clone(),
-            headers: Some(dlq::headers(msg, &why, &self.group_id)),
-            truncated: false,
+            headers: Some(dlq::headers(msg, &why, &self.group_id, carried)),
+            dead_letter: Some((why, Shrunk::No)),
         }
     }
 
     /// What replaces `record`, refused as too large (`e`): None when nothing can.
     fn fallback(&self, msg: &InboundMessage, record: Record, e: &KafkaError) -> Option<Record> {
-        match record.destination {
-            Destination::Output => {
-                // the input was fine, its result is not deliverable
+        let limit = self.message_max_bytes;
+        match record.dead_letter {
+            None => {
+                // the input was fine, its result is not deliverable (the store stage's bound
+                // finds such events before their points are written; this is the safety net)
                 self.counters.enriched.fetch_sub(1, Ordering::Relaxed);
                 let bytes = record.value.as_ref().map_or(0, Vec::len);
                 let message = format!(
-                    "the enriched event is {bytes} bytes, over the producer's limit of {} bytes for {} \
+                    "the enriched event is {bytes} bytes, over the producer's limit of {limit} bytes for {} \
                      (kafka.message_max_bytes and the topics' max.message.bytes): {e}",
-                    self.message_max_bytes, self.output_topic
+                    self.output_topic
                 );
                 Some(self.dead_letter(msg, Rejection { class: "output-too-large", message }))
             }
             // a DLQ copy too large itself keeps the start of the value and says so
-            Destination::DeadLetter if !record.truncated => {
+            Some((why, Shrunk::No)) => {
                 let original = msg.payload.as_ref().map_or(0, Vec::len);
-                let keep = original.min(self.message_max_bytes / 2);
+                let keep = original.min(limit / 2);
                 warn!(tp = %msg.tp, offset = msg.offset, original, keep, "the DLQ copy is too large: its value is truncated");
-                let headers = record.headers.unwrap_or_default();
+                let mut headers = record.headers.unwrap_or_default();
+                if keep < original {
+                    headers = headers.insert(Header { key: dlq::VALUE_TRUNCATED, value: Some(original.to_string().as_str()) });
+                }
                 Some(Record {
                     value: msg.payload.as_ref().map(|p| p[..keep].to_vec()),
-                    headers: Some(headers.insert(Header { key: dlq::VALUE_TRUNCATED, value: Some(original.to_string().as_str()) })),
-                    truncated: true,
+                    headers: Some(headers),
+                    dead_letter: Some((why, Shrunk::Value)),
                     ..record
                 })
             }
-            Destination::DeadLetter => None,
+            // still too large: the input's own headers (or its key) are the bulk; they go, and
+            // the copy says so
+            Some((why, Shrunk::Value)) => {
+                let dropped = msg.headers.len();
+                let dropped_bytes: usize = msg.headers.iter().map(header_bytes).sum();
+                warn!(tp = %msg.tp, offset = msg.offset, dropped, dropped_bytes, "the DLQ copy is still too large: it goes without the input's headers");
+                let mut h = dlq::headers(msg, &why, &self.group_id, OwnedHeaders::new());
+                if dropped > 0 {
+                    let note = format!("{dropped} headers, {dropped_bytes} bytes");
+                    h = h.insert(Header { key: dlq::HEADERS_DROPPED, value: Some(note.as_str()) });
+                }
+                let (key, key_cut) = cut(msg.key.as_deref(), limit / 4);
+                let (value, value_cut) = cut(msg.payload.as_deref(), limit / 4);
+                if let Some(original) = key_cut {
+                    h = h.insert(Header { key: dlq::KEY_TRUNCATED, value: Some(original.to_string().as_str()) });
+                }
+                if let Some(original) = value_cut {
+                    h = h.insert(Header { key: dlq::VALUE_TRUNCATED, value: Some(original.to_string().as_str()) });
+                }
+                Some(Record { key, value, headers: Some(h), dead_letter: Some((why, Shrunk::Bare)), ..record })
+            }
+            Some((_, Shrunk::Bare)) => None,
         }
     }
 
@@ -383,7 +407,12 @@ impl Sink {
                     match self.fallback(msg, record, &e) {
                         Some(next) => record = next,
                         None => {
-                            self.halt.trip(anyhow!("even the truncated DLQ copy of {}@{} is too large for {topic}: {e}", msg.tp, msg.offset));
+                            self.halt.trip(anyhow!(
+                                "even the cut-down DLQ copy of {}@{} (no input headers, key and value within a quarter of \
+                                 the limit each) is too large for {topic}: {e}",
+                                msg.tp,
+                                msg.offset
+                            ));
                             return None;
                         }
                     }
@@ -431,5 +460,47 @@ impl Sink {
             }
             Err(_) => false, // the producer is gone
         }
+    }
+}
+
+/// `bytes` cut to at most `max`, and the original length when it was cut.
+fn cut(bytes: Option<&[u8]>, max: usize) -> (Option<Vec<u8>>, Option<usize>) {
+    match bytes {
+        Some(b) if b.len() > max => (Some(b[..max].to_vec()), Some(b.len())),
+        other => (other.map(<[u8]>::to_vec), None),
+    }
+}
+
+/// Encodes the enriched events for the output topic and finds those that cannot be produced,
+/// for the store stage, before it writes their points (an event dead-lettered after its points
+/// were stored would leave them searchable while no enriched event exists).
+pub struct OutputEncoder {
+    pub codec: RecordCodec<EnrichedConversation>,
+    pub output_topic: String,
+    /// The producer's `message.max.bytes`.
+    pub message_max_bytes: usize,
+    /// `pipeline.max_carried_header_bytes`.
+    pub max_carried_header_bytes: usize,
+}
+
+impl OutputEncoder {
+    /// The record of `v`'s enriched event, or why it cannot be produced: unencodable
+    /// (`encoding`), or over the producer's limit (`output-too-large`, checked with an upper
+    /// bound of librdkafka's own count, so what passes is never refused at enqueue).
+    pub fn encode(&self, msg: &InboundMessage, v: &Valid) -> Result<EncodedOutput, Rejection> {
+        let value = self.codec.encode(&v.event).map_err(|e| Rejection { class: "encoding", message: e.to_string() })?;
+        let headers = headers::carry(&msg.headers, self.max_carried_header_bytes).into_headers();
+        let bytes = record_wire_bytes(Some(v.event.conversation_id.as_bytes()), Some(&value), headers.as_ref());
+        if bytes > self.message_max_bytes {
+            let message = format!(
+                "the enriched event is {} bytes ({bytes} with key and headers), over the producer's limit of {} bytes for {} \
+                 (kafka.message_max_bytes and the topics' max.message.bytes); none of its points were stored",
+                value.len(),
+                self.message_max_bytes,
+                self.output_topic
+            );
+            return Err(Rejection { class: "output-too-large", message });
+        }
+        Ok(EncodedOutput { value, headers })
     }
 }

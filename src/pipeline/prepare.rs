@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::enrich::{TextEnricher, TextEnriched};
 use crate::codec::RecordCodec;
-use crate::config::Config;
+use crate::config::{Config, TombstoneScope};
 use crate::event::{Conversation, EnrichedConversation, EventLimits, SourceRef, ValidationError};
 use crate::infer::ModelFolder;
 use crate::infer::model::NerInput;
@@ -29,11 +29,24 @@ pub enum Decided {
 }
 
 /// What a tombstone deletes: the points of `conversation_id` (its key) in `tenant` (its
-/// `tenant` header; without one, the points written without a tenant).
+/// `tenant` header; without one, every tenant's with `pipeline.tombstone_scope: all_tenants`,
+/// the points written without a tenant with `header_tenant`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tombstone {
-    pub tenant: String,
+    /// None: every tenant.
+    pub tenant: Option<String>,
     pub conversation_id: String,
+    /// How many points it deleted, once the store stage ran it.
+    pub matched: Option<u64>,
+}
+
+/// The enriched event as it will be produced, encoded by the store stage before it writes the
+/// event's points: an event that cannot be produced (too large, unencodable) is dead-lettered
+/// before anything of it is stored, so the store and the output topic agree.
+pub struct EncodedOutput {
+    pub value: Vec<u8>,
+    /// The input's headers as carried (bounded by `pipeline.max_carried_header_bytes`).
+    pub headers: Option<rdkafka::message::OwnedHeaders>,
 }
 
 /// The record header naming a tombstone's tenant (a null value has no body to say it).
@@ -51,6 +64,8 @@ pub struct Valid {
     pub dense: Option<Vec<Vec<f32>>>,
     /// The chunks' points, built by the store stage (taken when they are written).
     pub points: Vec<crate::sink::store::StorePoint>,
+    /// The enriched event encoded, by the store stage (taken by the emit stage).
+    pub output: Option<EncodedOutput>,
 }
 
 /// Model inputs of one conversation, tokenized already. Empty for a model that is not configured.
@@ -80,6 +95,7 @@ pub struct Preparer {
     input_codec: RecordCodec<Conversation>,
     limits: EventLimits,
     max_event_bytes: usize,
+    tombstone_scope: TombstoneScope,
     text: TextEnricher,
     embedding: Option<EmbeddingTokens>,
     ner: Option<ModelTokenizer>,
@@ -89,7 +105,7 @@ pub struct Preparer {
 }
 
 /// What a null-valued record deletes, or why it cannot say.
-fn tombstone(msg: &InboundMessage) -> Result<Tombstone, String> {
+fn tombstone(msg: &InboundMessage, scope: TombstoneScope) -> Result<Tombstone, String> {
     let key = msg.key.as_deref().ok_or("tombstone (null value) without a key: no conversation to delete")?;
     let conversation_id =
         std::str::from_utf8(key).map_err(|_| "tombstone key is not UTF-8: no conversation id".to_string())?.to_string();
@@ -97,15 +113,20 @@ fn tombstone(msg: &InboundMessage) -> Result<Tombstone, String> {
         return Err("tombstone key is empty or contains NUL: no conversation id".into());
     }
     let tenant = match msg.headers.iter().rev().find(|h| h.key == TENANT_HEADER) {
-        Some(h) => std::str::from_utf8(h.value.as_deref().unwrap_or_default())
-            .map_err(|_| format!("tombstone header {TENANT_HEADER} is not UTF-8"))?
-            .to_string(),
-        None => String::new(),
+        Some(h) => Some(
+            std::str::from_utf8(h.value.as_deref().unwrap_or_default())
+                .map_err(|_| format!("tombstone header {TENANT_HEADER} is not UTF-8"))?
+                .to_string(),
+        ),
+        None => match scope {
+            TombstoneScope::AllTenants => None,
+            TombstoneScope::HeaderTenant => Some(String::new()),
+        },
     };
-    if tenant.contains('\0') {
+    if tenant.as_deref().is_some_and(|t| t.contains('\0')) {
         return Err(format!("tombstone header {TENANT_HEADER} contains NUL"));
     }
-    Ok(Tombstone { tenant, conversation_id })
+    Ok(Tombstone { tenant, conversation_id, matched: None })
 }
 
 impl Preparer {
@@ -146,8 +167,13 @@ impl Preparer {
         Ok(Self {
             chunk_tokens,
             input_codec: crate::worker::input_codec(&cfg.codec)?,
-            limits: EventLimits { max_turn_bytes: cfg.pipeline.max_turn_bytes, max_turns: cfg.pipeline.max_turns_per_event },
+            limits: EventLimits {
+                max_turn_bytes: cfg.pipeline.max_turn_bytes,
+                max_turns: cfg.pipeline.max_turns_per_event,
+                max_id_bytes: cfg.pipeline.max_id_bytes,
+            },
             max_event_bytes: cfg.pipeline.max_event_bytes,
+            tombstone_scope: cfg.pipeline.tombstone_scope,
             text,
             embedding,
             ner: tokenizer(&m.ner)?,
@@ -174,7 +200,7 @@ impl Preparer {
     /// Prepares one message (also used to retry a message alone).
     pub fn decide(&self, msg: &InboundMessage) -> Decided {
         let Some(payload) = &msg.payload else {
-            return match tombstone(msg) {
+            return match tombstone(msg, self.tombstone_scope) {
                 Ok(t) => Decided::Tombstone(t),
                 Err(message) => Decided::Rejected(Rejection { class: "validation", message }),
             };
@@ -199,7 +225,7 @@ impl Preparer {
             return Decided::Rejected(Rejection { class: "validation", message: e.to_string() });
         }
         match self.enrich(&conversation, source_ref(msg)) {
-            Ok((event, inputs)) => Decided::Valid(Box::new(Valid { conversation, event, inputs, dense: None, points: vec![] })),
+            Ok((event, inputs)) => Decided::Valid(Box::new(Valid { conversation, event, inputs, dense: None, points: vec![], output: None })),
             Err(e) => Decided::Rejected(Rejection { class: "enrichment", message: format!("{e:#}") }),
         }
     }

@@ -9,8 +9,11 @@
 //! | `dlq.original.timestamp` | the original record timestamp (ms), when it had one |
 //! | `dlq.worker` | the consumer group of the worker that rejected it |
 //! | `dlq.value.truncated` | only when the copy would exceed `kafka.message_max_bytes`: the original value's length (the value holds its start) |
+//! | `dlq.headers.dropped` | only when the copy with the input's headers would still exceed it: the input's headers were left out (how many, how large) |
+//! | `dlq.key.truncated` | only then too, when the key alone is too large: the original key's length (the key holds its start) |
 //!
-//! The original record's own headers come first, unchanged (trace context survives).
+//! The original record's own headers come first, unchanged (trace context survives), up to
+//! `pipeline.max_carried_header_bytes` (see `sink::headers`).
 
 use rdkafka::message::{Header, OwnedHeaders};
 
@@ -24,6 +27,8 @@ pub const ORIGINAL_OFFSET: &str = "dlq.original.offset";
 pub const ORIGINAL_TIMESTAMP: &str = "dlq.original.timestamp";
 pub const WORKER: &str = "dlq.worker";
 pub const VALUE_TRUNCATED: &str = "dlq.value.truncated";
+pub const HEADERS_DROPPED: &str = "dlq.headers.dropped";
+pub const KEY_TRUNCATED: &str = "dlq.key.truncated";
 
 /// Why a message is dead-lettered.
 #[derive(Debug, Clone)]
@@ -32,14 +37,13 @@ pub struct Rejection {
     pub message: String,
 }
 
-pub fn headers(msg: &InboundMessage, why: &Rejection, group_id: &str) -> OwnedHeaders {
+/// The DLQ copy's headers: `carried` (the input's own, as carried) then the `dlq.*` ones.
+pub fn headers(msg: &InboundMessage, why: &Rejection, group_id: &str, carried: OwnedHeaders) -> OwnedHeaders {
     let partition = msg.tp.partition.to_string();
     let offset = msg.offset.to_string();
     // keep the reason readable and bounded even for huge inputs
     let message: String = why.message.chars().take(2_000).collect();
-    let mut h = msg
-        .carried_headers()
-        .unwrap_or_default()
+    let mut h = carried
         .insert(Header { key: ERROR_CLASS, value: Some(why.class) })
         .insert(Header { key: ERROR_MESSAGE, value: Some(message.as_str()) })
         .insert(Header { key: ORIGINAL_TOPIC, value: Some(&*msg.tp.topic) })

@@ -3,6 +3,7 @@
 //! producer retries).
 
 pub mod dlq;
+pub mod headers;
 pub mod producer;
 pub mod store;
 pub mod transactions;

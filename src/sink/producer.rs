@@ -25,6 +25,20 @@ pub struct Outgoing<'a> {
     pub headers: Option<OwnedHeaders>,
 }
 
+/// An upper bound of the size librdkafka compares with the producer's `message.max.bytes`
+/// when a record is enqueued (`rd_kafka_msg_max_wire_size`: the v2 record's fixed overhead of
+/// at most 36 bytes, key, value and serialized headers, each header at most 10 bytes of
+/// varints around its key and value). A record within it is never refused as too large.
+pub fn record_wire_bytes(key: Option<&[u8]>, value: Option<&[u8]>, headers: Option<&OwnedHeaders>) -> usize {
+    use rdkafka::message::Headers;
+    const RECORD_OVERHEAD: usize = 36;
+    const HEADER_OVERHEAD: usize = 10;
+    let headers: usize = headers.map_or(0, |h| {
+        h.iter().map(|h| HEADER_OVERHEAD + h.key.len() + h.value.map_or(0, <[u8]>::len)).sum()
+    });
+    RECORD_OVERHEAD + key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + headers
+}
+
 impl EventProducer {
     /// A producer for `cfg` whose records are at most `message_max_bytes` (and batches too).
     pub fn new(cfg: &KafkaConfig, message_max_bytes: u32) -> Result<Self> {

@@ -37,6 +37,16 @@ impl ClientContext for SecurityProbe {
 
 impl rdkafka::consumer::ConsumerContext for SecurityProbe {}
 
+/// A broker answered and refused the client: authentication or TLS. Not "no broker answered":
+/// callers must not suggest another address.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka at {brokers} refused the connection: {reason} (check kafka.security: protocol {protocol}, credentials, tls.ca)")]
+pub struct BrokerRefused {
+    pub brokers: String,
+    pub reason: String,
+    pub protocol: &'static str,
+}
+
 /// Partition count of `topic`, or None if the cluster does not know it. This is the first
 /// contact with the cluster at start: wrong credentials or an untrusted broker certificate fail
 /// here at once with librdkafka's own reason, instead of a transport error after `timeout`.
@@ -62,11 +72,7 @@ pub fn partition_count(cfg: &KafkaConfig, topic: &str, timeout: Duration) -> Res
             }
         }
         if let Some(reason) = probe.context().failure.lock().expect("probe lock").take() {
-            bail!(
-                "Kafka at {} refused the connection: {reason} (check kafka.security: protocol {}, credentials, tls.ca)",
-                cfg.brokers,
-                cfg.security.protocol.librdkafka()
-            );
+            return Err(BrokerRefused { brokers: cfg.brokers.clone(), reason, protocol: cfg.security.protocol.librdkafka() }.into());
         }
         match result {
             Ok(m) => break m,

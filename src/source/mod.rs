@@ -57,19 +57,6 @@ pub struct InboundMessage {
     pub headers: Vec<InboundHeader>,
 }
 
-impl InboundMessage {
-    /// The record's own headers, for the records produced from it (enriched event, forwarded
-    /// tombstone, DLQ copy); None when it had none.
-    pub fn carried_headers(&self) -> Option<rdkafka::message::OwnedHeaders> {
-        use rdkafka::message::Header;
-        (!self.headers.is_empty()).then(|| {
-            self.headers.iter().fold(rdkafka::message::OwnedHeaders::new_with_capacity(self.headers.len() + 7), |h, header| {
-                h.insert(Header { key: header.key.as_str(), value: header.value.as_deref() })
-            })
-        })
-    }
-}
-
 /// One Kafka record header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundHeader {

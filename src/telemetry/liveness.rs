@@ -20,22 +20,42 @@ fn now_ms() -> u64 {
 /// Dependency waits in progress in this process, and when the last one ended.
 static DEPENDENCY_WAITS: AtomicUsize = AtomicUsize::new(0);
 static LAST_WAIT_ENDED_MS: AtomicU64 = AtomicU64::new(0);
+/// Of those, the waits for the Schema Registry (readiness names them).
+static REGISTRY_WAITS: AtomicUsize = AtomicUsize::new(0);
 
 /// Held while the worker waits out a dependency's outage (store retries, a registry lookup).
 /// Process-wide: an outage is the process's, whichever worker meets it.
-pub struct DependencyWait(());
+pub struct DependencyWait {
+    registry: bool,
+}
 
 impl DependencyWait {
     pub fn begin() -> Self {
         DEPENDENCY_WAITS.fetch_add(1, Ordering::SeqCst);
-        Self(())
+        Self { registry: false }
     }
+
+    /// A wait for the Schema Registry: the worker is also unready while it lasts, as it is
+    /// during a store outage (its input waits either way).
+    pub fn registry() -> Self {
+        DEPENDENCY_WAITS.fetch_add(1, Ordering::SeqCst);
+        REGISTRY_WAITS.fetch_add(1, Ordering::SeqCst);
+        Self { registry: true }
+    }
+}
+
+/// Whether a lookup is waiting for the Schema Registry now.
+pub fn registry_waiting() -> bool {
+    REGISTRY_WAITS.load(Ordering::SeqCst) > 0
 }
 
 impl Drop for DependencyWait {
     fn drop(&mut self) {
         LAST_WAIT_ENDED_MS.store(now_ms(), Ordering::SeqCst);
         DEPENDENCY_WAITS.fetch_sub(1, Ordering::SeqCst);
+        if self.registry {
+            REGISTRY_WAITS.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -155,5 +175,11 @@ mod tests {
         drop(wait);
         assert_eq!(DEPENDENCY_WAITS.load(Ordering::SeqCst), before);
         assert!(LAST_WAIT_ENDED_MS.load(Ordering::SeqCst) > 0);
+        let wait = DependencyWait::registry();
+        assert!(registry_waiting());
+        assert_eq!(DEPENDENCY_WAITS.load(Ordering::SeqCst), before + 1);
+        drop(wait);
+        assert!(!registry_waiting());
+        assert_eq!(DEPENDENCY_WAITS.load(Ordering::SeqCst), before);
     }
 }

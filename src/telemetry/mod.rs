@@ -32,6 +32,8 @@ pub const TURNS: &str = "convoflow_turns_total";
 pub const TOKENS: &str = "convoflow_tokens_total";
 pub const DLQ: &str = "convoflow_dlq_messages_total";
 pub const TOMBSTONES: &str = "convoflow_tombstones_total";
+/// Records produced without some of their input's headers (over `pipeline.max_carried_header_bytes`).
+pub const HEADERS_DROPPED: &str = "convoflow_headers_dropped_total";
 pub const LAG: &str = "convoflow_consumer_lag";
 pub const COMMIT_SECONDS: &str = "convoflow_commit_seconds";
 pub const COMMIT_FAILURES: &str = "convoflow_commit_failures_total";
@@ -105,7 +107,7 @@ pub const LLM_TOKENS_PER_SECOND: &str = "convoflow_llm_tokens_per_second";
 
 /// Every metric name (the deployment files are checked against this list).
 pub const ALL: &[&str] = &[
-    MESSAGES, TURNS, TOKENS, DLQ, TOMBSTONES, LAG, COMMIT_SECONDS, COMMIT_FAILURES, REBALANCES, ASSIGNED_PARTITIONS, PAUSED,
+    MESSAGES, TURNS, TOKENS, DLQ, TOMBSTONES, HEADERS_DROPPED, LAG, COMMIT_SECONDS, COMMIT_FAILURES, REBALANCES, ASSIGNED_PARTITIONS, PAUSED,
     BATCH_MESSAGES, BATCH_TURNS, BATCH_TOKENS, IN_FLIGHT, QUEUE_DEPTH, ENRICH_SECONDS, MODEL_SECONDS, END_TO_END_SECONDS,
     STAGE_BUSY_SECONDS, MODEL_PHASE_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS, STALE_BATCHES, STALE_MESSAGES,
     STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
@@ -138,6 +140,8 @@ pub struct Readiness {
     pub models_warm: AtomicBool,
     pub partitions_assigned: AtomicBool,
     pub store_reachable: AtomicBool,
+    /// Set while the edge store's writes wait for free disk (`qdrant.edge_min_free_bytes`).
+    pub store_disk_low: AtomicBool,
 }
 
 impl Readiness {
@@ -153,8 +157,13 @@ impl Readiness {
         if !self.partitions_assigned.load(Ordering::Relaxed) {
             out.push("no input partition assigned");
         }
-        if !self.store_reachable.load(Ordering::Relaxed) {
+        if self.store_disk_low.load(Ordering::Relaxed) {
+            out.push("free disk below qdrant.edge_min_free_bytes under the vector store (writes wait for space)");
+        } else if !self.store_reachable.load(Ordering::Relaxed) {
             out.push("vector store not reachable");
+        }
+        if liveness::registry_waiting() {
+            out.push("schema registry not answering (input waits for a writer schema)");
         }
         out
     }

@@ -51,8 +51,11 @@ impl VectorStore for FlakyStore {
         }
         self.inner.upsert(points).await
     }
-    async fn delete_conversation(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+    async fn delete_conversation(&self, tenant: Option<&str>, id: &str) -> Result<u64, StoreError> {
         self.inner.delete_conversation(tenant, id).await
+    }
+    async fn delete_stale_chunks(&self, written: &[convoflow::sink::store::WrittenTurns]) -> Result<(), StoreError> {
+        self.inner.delete_stale_chunks(written).await
     }
     async fn delete_points(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError> {
         self.inner.delete_points(ids).await

@@ -24,7 +24,10 @@ use qdrant_edge::{
 use serde_json::Value;
 use tracing::{info, warn};
 
-use super::{Bootstrap, CollectionSpec, DENSE, FieldKind, Hit, HybridQuery, INDEXED_FIELDS, SPARSE, SearchFilter, StoreError, StorePoint, VectorStore};
+use super::{
+    Bootstrap, CollectionSpec, DENSE, FieldKind, Hit, HybridQuery, INDEXED_FIELDS, SPARSE, SearchFilter, StoreError, StorePoint, VectorStore,
+    WrittenTurns,
+};
 
 pub struct EdgeStore {
     path: PathBuf,
@@ -69,8 +72,8 @@ impl EdgeStore {
         // the nearest existing directory: a store not created yet lies under a missing parent too
         let dir = self.path.ancestors().find(|p| p.exists()).unwrap_or(&self.path);
         match free_bytes(dir) {
-            Ok(free) if free < self.min_free_bytes => Err(StoreError::Transient(format!(
-                "only {free} bytes free on the filesystem of {} (qdrant.edge_min_free_bytes {}): writes wait for space",
+            Ok(free) if free < self.min_free_bytes => Err(StoreError::LowDisk(format!(
+                "only {free} bytes free on the filesystem of {}, below qdrant.edge_min_free_bytes {}",
                 self.path.display(),
                 self.min_free_bytes
             ))),
@@ -263,6 +266,52 @@ pub(crate) fn filter(f: &SearchFilter) -> Option<Filter> {
     (!must.is_empty()).then(|| Filter { must: Some(must), should: None, min_should: None, must_not: None })
 }
 
+fn all_of(must: Vec<Condition>) -> Filter {
+    Filter { must: Some(must), should: None, min_should: None, must_not: None }
+}
+
+fn any_of(should: Vec<Condition>) -> Filter {
+    Filter { must: None, should: Some(should), min_should: None, must_not: None }
+}
+
+fn keyword(field: &str, value: &str) -> Condition {
+    Condition::Field(FieldCondition::new_match(key(field), Match::new_value(ValueVariants::String(value.to_string()))))
+}
+
+/// The points of a conversation, in one tenant or (None) in all.
+fn conversation_filter(tenant: Option<&str>, conversation_id: &str) -> Filter {
+    let mut must = vec![keyword("conversation_id", conversation_id)];
+    if let Some(tenant) = tenant {
+        must.push(keyword("tenant", tenant));
+    }
+    all_of(must)
+}
+
+/// Every chunk of the written turns at or above the turn's chunk count: per message, its
+/// conversation and tenant, then per chunk count, those turn ids and `chunk_index >= count`.
+pub(crate) fn stale_chunks_filter(written: &[WrittenTurns]) -> Filter {
+    let messages = written
+        .iter()
+        .map(|w| {
+            let groups = w
+                .by_chunks
+                .iter()
+                .map(|g| {
+                    let at_or_above = Range { gte: Some((g.chunks as f64).into()), lt: None, gt: None, lte: None };
+                    Condition::Filter(all_of(vec![
+                        Condition::Field(FieldCondition::new_match(key("turn_id"), Match::from(g.turn_ids.clone()))),
+                        Condition::Field(FieldCondition::new_range(key("chunk_index"), at_or_above)),
+                    ]))
+                })
+                .collect();
+            let mut conversation = conversation_filter(Some(&w.tenant), &w.conversation_id);
+            conversation.must.get_or_insert_default().push(Condition::Filter(any_of(groups)));
+            Condition::Filter(conversation)
+        })
+        .collect();
+    any_of(messages)
+}
+
 fn to_point(p: &StorePoint) -> Result<qdrant_edge::PointStructPersisted, StoreError> {
     let indices: Vec<u32> = p.sparse.indices.iter().map(|&i| i as u32).collect();
     let sparse = Vector::new_sparse(indices, p.sparse.values.clone())
@@ -355,14 +404,23 @@ impl VectorStore for EdgeStore {
         Ok(())
     }
 
-    async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError> {
+    async fn delete_conversation(&self, tenant: Option<&str>, conversation_id: &str) -> Result<u64, StoreError> {
         self.check_free_space()?;
-        let f = filter(&SearchFilter {
-            conversation_id: Some(conversation_id.to_string()),
-            tenant: Some(tenant.to_string()),
-            ..Default::default()
-        })
-        .expect("two conditions");
+        let f = conversation_filter(tenant, conversation_id);
+        let request = CountRequest { filter: Some(f.clone()), exact: true };
+        let matched = self.blocking(move |s| s.count(request)).await?;
+        if matched > 0 {
+            self.blocking(move |s| s.update(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(f)))).await?;
+        }
+        Ok(matched as u64)
+    }
+
+    async fn delete_stale_chunks(&self, written: &[WrittenTurns]) -> Result<(), StoreError> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        self.check_free_space()?;
+        let f = stale_chunks_filter(written);
         self.blocking(move |s| s.update(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(f)))).await
     }
 

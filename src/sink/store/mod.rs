@@ -94,6 +94,25 @@ fn json_size(v: &Value) -> usize {
     }
 }
 
+/// The turns one message wrote, for deleting the chunks a re-sent turn no longer has: the
+/// points of (tenant, conversation, turn) whose `chunk_index` is at or above the turn's number
+/// of chunks now (point ids depend on that tuple and the chunk index only, so the first
+/// chunks were overwritten by the upsert and the rest would stay searchable).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WrittenTurns {
+    pub tenant: String,
+    pub conversation_id: String,
+    /// The message's turn ids, grouped by their number of chunks now.
+    pub by_chunks: Vec<TurnsWithChunks>,
+}
+
+/// Turn ids that now have `chunks` chunks each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnsWithChunks {
+    pub chunks: usize,
+    pub turn_ids: Vec<String>,
+}
+
 /// Payload conditions; all given ones must hold.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SearchFilter {
@@ -246,6 +265,10 @@ pub enum StoreError {
     /// Worth retrying: unavailable, timeout, overloaded.
     #[error("transient vector store error: {0}")]
     Transient(String),
+    /// The edge store's filesystem has less free space than `qdrant.edge_min_free_bytes`:
+    /// worth retrying too (mid-run, writes wait for space).
+    #[error("too little free disk for the vector store: {0}")]
+    LowDisk(String),
     /// The store refused the request for its content (a point it cannot take: malformed vector
     /// or payload, a type its index refuses): the data's fault. The worker finds the message by
     /// halving the batch and dead-letters it (class `store`).
@@ -270,7 +293,7 @@ pub enum StoreError {
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Transient(_))
+        matches!(self, StoreError::Transient(_) | StoreError::LowDisk(_))
     }
 }
 
@@ -284,9 +307,13 @@ pub trait VectorStore: Send + Sync {
     async fn ensure_collection(&self, spec: &CollectionSpec, mode: Bootstrap) -> Result<(), StoreError>;
     /// Upserts and returns once the points are applied (Qdrant's `wait=true`).
     async fn upsert(&self, points: &[StorePoint]) -> Result<(), StoreError>;
-    /// Deletes every point of a tenant's conversation (filter delete on `tenant` and
-    /// `conversation_id`; the empty tenant matches the points written without one), acknowledged.
-    async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError>;
+    /// Deletes every point of a conversation (filter delete on `conversation_id`) in `tenant`
+    /// (the empty tenant matches the points written without one) or, None, in every tenant;
+    /// acknowledged. Returns how many points matched (counted just before the delete).
+    async fn delete_conversation(&self, tenant: Option<&str>, conversation_id: &str) -> Result<u64, StoreError>;
+    /// Deletes, in one acknowledged filter delete, the chunks of the written turns that their
+    /// new version no longer has (see [`WrittenTurns`]). Nothing to do for an empty slice.
+    async fn delete_stale_chunks(&self, written: &[WrittenTurns]) -> Result<(), StoreError>;
     /// Deletes points by id, acknowledged (ids that do not exist are ignored).
     async fn delete_points(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError>;
     /// Exact number of points matching the filter.

@@ -21,7 +21,7 @@ use tonic::Code;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::{Bootstrap, CollectionSpec, DENSE, FieldKind, Hit, HybridQuery, INDEXED_FIELDS, SPARSE, SearchFilter, StoreError, StorePoint, VectorStore};
+use super::{Bootstrap, CollectionSpec, DENSE, FieldKind, Hit, HybridQuery, INDEXED_FIELDS, SPARSE, SearchFilter, StoreError, StorePoint, VectorStore, WrittenTurns};
 use crate::config::QdrantConfig;
 
 /// Oldest server with everything convoflow uses (Query API with fusion, sparse IDF).
@@ -164,6 +164,15 @@ fn classify(url: &str, e: QdrantError) -> StoreError {
     }
 }
 
+/// The points of a conversation, in one tenant or (None) in all.
+fn conversation_filter(tenant: Option<&str>, conversation_id: &str) -> Filter {
+    let mut must = vec![Condition::matches("conversation_id", conversation_id.to_string())];
+    if let Some(tenant) = tenant {
+        must.push(Condition::matches("tenant", tenant.to_string()));
+    }
+    Filter::must(must)
+}
+
 fn filter(f: &SearchFilter) -> Option<Filter> {
     let mut must: Vec<Condition> =
         f.keyword_conditions().into_iter().map(|(field, value)| Condition::matches(field, value)).collect();
@@ -260,13 +269,41 @@ impl VectorStore for RemoteStore {
             .map_err(|e| classify(&self.url, e))
     }
 
-    async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError> {
-        let f = Filter::must([
-            Condition::matches("conversation_id", conversation_id.to_string()),
-            Condition::matches("tenant", tenant.to_string()),
-        ]);
+    async fn delete_conversation(&self, tenant: Option<&str>, conversation_id: &str) -> Result<u64, StoreError> {
+        let f = conversation_filter(tenant, conversation_id);
+        let reply = self
+            .client
+            .count(CountPointsBuilder::new(&self.collection).exact(true).filter(f.clone()))
+            .await
+            .map_err(|e| classify(&self.url, e))?;
+        let matched = reply.result.map_or(0, |r| r.count);
+        if matched > 0 {
+            self.client
+                .delete_points(DeletePointsBuilder::new(&self.collection).points(f).wait(true))
+                .await
+                .map_err(|e| classify(&self.url, e))?;
+        }
+        Ok(matched)
+    }
+
+    async fn delete_stale_chunks(&self, written: &[WrittenTurns]) -> Result<(), StoreError> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        let messages = written.iter().map(|w| {
+            let groups = w.by_chunks.iter().map(|g| {
+                let at_or_above = Range { gte: Some(g.chunks as f64), ..Default::default() };
+                Condition::from(Filter::must([
+                    Condition::matches("turn_id", g.turn_ids.clone()),
+                    Condition::range("chunk_index", at_or_above),
+                ]))
+            });
+            let mut conversation = conversation_filter(Some(&w.tenant), &w.conversation_id);
+            conversation.must.push(Condition::from(Filter::should(groups)));
+            Condition::from(conversation)
+        });
         self.client
-            .delete_points(DeletePointsBuilder::new(&self.collection).points(f).wait(true))
+            .delete_points(DeletePointsBuilder::new(&self.collection).points(Filter::should(messages)).wait(true))
             .await
             .map(drop)
             .map_err(|e| classify(&self.url, e))

@@ -74,7 +74,18 @@ impl StoreWriter {
     fn set_reachable(&self, reachable: bool) {
         if let Some(r) = &self.readiness {
             r.store_reachable.store(reachable, Ordering::Relaxed);
+            if reachable {
+                r.store_disk_low.store(false, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Unready while a call retries: the store unreachable, or its disk too full.
+    fn set_waiting(&self, e: &StoreError) {
+        if let Some(r) = &self.readiness {
+            r.store_disk_low.store(matches!(e, StoreError::LowDisk(_)), Ordering::Relaxed);
+        }
+        self.set_reachable(false);
     }
 
     pub fn store(&self) -> &Arc<dyn VectorStore> {
@@ -115,14 +126,22 @@ impl StoreWriter {
         self.with_retry("delete", || self.store.delete_points(ids)).await
     }
 
-    pub async fn delete_conversation(&self, tenant: &str, conversation_id: &str) -> Result<(), StoreError> {
+    /// How many points matched (see `VectorStore::delete_conversation`).
+    pub async fn delete_conversation(&self, tenant: Option<&str>, conversation_id: &str) -> Result<u64, StoreError> {
         self.with_retry("delete", || self.store.delete_conversation(tenant, conversation_id)).await
     }
 
-    async fn with_retry<F, Fut>(&self, what: &str, mut call: F) -> Result<(), StoreError>
+    pub async fn delete_stale_chunks(&self, written: &[super::WrittenTurns]) -> Result<(), StoreError> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        self.with_retry("delete", || self.store.delete_stale_chunks(written)).await
+    }
+
+    async fn with_retry<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), StoreError>>,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         let mut attempt = 1;
         let first = Instant::now();
@@ -136,6 +155,7 @@ impl StoreWriter {
             if let Err(e) = &result {
                 let kind = match e {
                     StoreError::Transient(_) => "transient",
+                    StoreError::LowDisk(_) => "low_disk",
                     StoreError::TooLarge(_) => "too_large",
                     _ => "permanent",
                 };
@@ -145,7 +165,7 @@ impl StoreWriter {
             match result {
                 Err(e) if e.is_transient() && !self.stopping() && self.retry.may_retry(attempt, first, delay) => {
                     warn!(op = what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "vector store call failed; retrying (the worker is unready, its input waits)");
-                    self.set_reachable(false);
+                    self.set_waiting(&e);
                     // waiting out the store is not being wedged (liveness)
                     let _waiting = crate::telemetry::liveness::DependencyWait::begin();
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -156,11 +176,11 @@ impl StoreWriter {
                     }
                     attempt += 1;
                 }
-                Ok(()) => {
+                Ok(done) => {
                     if attempt > 1 {
                         self.set_reachable(true);
                     }
-                    return Ok(());
+                    return Ok(done);
                 }
                 Err(e) => {
                     if e.is_transient() && attempt > 1 {
