@@ -11,6 +11,7 @@
 //! what the server has, not with the server's own wording.
 
 use std::io::{BufRead, BufReader};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -86,6 +87,8 @@ pub enum LlmError {
     Disconnected { received: usize, reason: String },
     #[error("the LLM did not finish within {timeout_ms} ms (llm.timeout_ms)")]
     Timeout { timeout_ms: u64 },
+    #[error("{}", silence(*.timeout_ms, *.received))]
+    FirstTokenTimeout { timeout_ms: u64, received: usize },
     #[error("the answer was cancelled by its reader after {received} chunks")]
     Cancelled { received: usize },
     #[error("the LLM server does not speak the OpenAI streaming protocol: {0}")]
@@ -100,11 +103,64 @@ impl LlmError {
             LlmError::UnknownModel { .. } => "bad_model",
             LlmError::Unauthorized { .. } | LlmError::ContextOverflow { .. } | LlmError::Refused { .. } => "rejected",
             LlmError::Disconnected { .. } => "disconnected",
-            LlmError::Timeout { .. } => "timeout",
+            LlmError::Timeout { .. } | LlmError::FirstTokenTimeout { .. } => "timeout",
             LlmError::Cancelled { .. } => "cancelled",
             LlmError::Protocol(_) => "error",
         }
     }
+}
+
+/// `FirstTokenTimeout`'s message: no answer at all, or a stream that stopped.
+fn silence(timeout_ms: u64, received: usize) -> String {
+    if received == 0 {
+        format!("the LLM sent no answer within {timeout_ms} ms of the request (llm.first_token_timeout_ms): the server accepts connections but does not answer (overloaded or stuck?)")
+    } else {
+        format!("the LLM stream went silent for {timeout_ms} ms after {received} chunks (llm.first_token_timeout_ms)")
+    }
+}
+
+/// What the last exchange with the server showed. `/healthz` reports it; nothing probes the
+/// server for it, so an LLM outage never fails the health of search.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LlmState {
+    NotContacted,
+    /// The server answered (a refusal of one request's own content, e.g. its length, included).
+    Ok,
+    Unreachable(String),
+    TimedOut(String),
+    /// The server answered, but not with an answer: refused credentials, an unknown model, an
+    /// error, a cut stream.
+    Failing(String),
+}
+
+impl LlmState {
+    /// The state a completion's result shows.
+    fn of(result: &Result<Completion, LlmError>) -> Self {
+        match result {
+            Ok(_) | Err(LlmError::Cancelled { .. } | LlmError::ContextOverflow { .. }) => LlmState::Ok,
+            Err(e @ (LlmError::NotConfigured | LlmError::Unreachable { .. })) => LlmState::Unreachable(e.to_string()),
+            Err(e @ (LlmError::Timeout { .. } | LlmError::FirstTokenTimeout { .. })) => LlmState::TimedOut(e.to_string()),
+            Err(e) => LlmState::Failing(e.to_string()),
+        }
+    }
+
+    /// `"not contacted"`, `"ok"`, `"unreachable: …"`, `"timed out: …"` or `"error: …"`.
+    pub fn describe(&self) -> String {
+        match self {
+            LlmState::NotContacted => "not contacted".into(),
+            LlmState::Ok => "ok".into(),
+            LlmState::Unreachable(e) => format!("unreachable: {e}"),
+            LlmState::TimedOut(e) => format!("timed out: {e}"),
+            LlmState::Failing(e) => format!("error: {e}"),
+        }
+    }
+}
+
+/// The last exchange's state and when it ended.
+#[derive(Debug, Clone)]
+pub struct LastContact {
+    pub state: LlmState,
+    pub at: Option<Instant>,
 }
 
 /// A client of one OpenAI-compatible server and model.
@@ -116,7 +172,9 @@ pub struct LlmClient {
     max_tokens: u32,
     temperature: f32,
     timeout_ms: u64,
+    first_token_timeout_ms: u64,
     model_checked: AtomicBool,
+    last_contact: Mutex<LastContact>,
 }
 
 impl std::fmt::Debug for LlmClient {
@@ -131,10 +189,17 @@ impl LlmClient {
         if !llm.is_configured() {
             return Err(LlmError::NotConfigured);
         }
+        let first_token = Some(Duration::from_millis(llm.first_token_timeout_ms));
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_millis(llm.connect_timeout_ms)))
             .timeout_global(Some(Duration::from_millis(llm.timeout_ms)))
+            // the response head within first_token_timeout_ms of the request, and no read (the
+            // first event, any later one) waits longer: ureq has no deadline that starts at the
+            // request and ends at the first body byte, so a stream stalled after its first token
+            // is bounded by the same setting
+            .timeout_recv_response(first_token)
+            .timeout_per_read(first_token)
             .user_agent(concat!("convoflow/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
@@ -146,7 +211,9 @@ impl LlmClient {
             max_tokens: llm.max_tokens,
             temperature: llm.temperature,
             timeout_ms: llm.timeout_ms,
+            first_token_timeout_ms: llm.first_token_timeout_ms,
             model_checked: AtomicBool::new(false),
+            last_contact: Mutex::new(LastContact { state: LlmState::NotContacted, at: None }),
         })
     }
 
@@ -158,13 +225,33 @@ impl LlmClient {
         &self.model
     }
 
-    fn transport(&self, e: ureq::Error) -> LlmError {
-        match e {
+    /// What the last completion showed of the server (for `/healthz`).
+    pub fn last_contact(&self) -> LastContact {
+        self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record_contact(&self, result: &Result<Completion, LlmError>) {
+        let contact = LastContact { state: LlmState::of(result), at: Some(Instant::now()) };
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = contact;
+    }
+
+    /// A ureq timeout as the setting it ran out of, `received` chunks into the answer.
+    fn timed_out(&self, which: ureq::Timeout, received: usize) -> LlmError {
+        match which {
             // no connection within llm.connect_timeout_ms: the server is not there
-            ureq::Error::Timeout(t @ (ureq::Timeout::Resolve | ureq::Timeout::Connect)) => {
+            t @ (ureq::Timeout::Resolve | ureq::Timeout::Connect) => {
                 LlmError::Unreachable { url: self.base.clone(), reason: format!("no connection within llm.connect_timeout_ms ({t})") }
             }
-            ureq::Error::Timeout(_) => LlmError::Timeout { timeout_ms: self.timeout_ms },
+            ureq::Timeout::RecvResponse | ureq::Timeout::PerRead => {
+                LlmError::FirstTokenTimeout { timeout_ms: self.first_token_timeout_ms, received }
+            }
+            _ => LlmError::Timeout { timeout_ms: self.timeout_ms },
+        }
+    }
+
+    fn transport(&self, e: ureq::Error) -> LlmError {
+        match e {
+            ureq::Error::Timeout(which) => self.timed_out(which, 0),
             other => LlmError::Unreachable { url: self.base.clone(), reason: other.to_string() },
         }
     }
@@ -212,6 +299,7 @@ impl LlmClient {
     /// vLLM and llama.cpp). Counts `convoflow_llm_*`.
     pub fn stream_chat(&self, messages: &[ChatMessage], on_text: &mut dyn FnMut(&str) -> bool) -> Result<Completion, LlmError> {
         let result = self.check_model().and_then(|()| self.stream_inner(messages, on_text));
+        self.record_contact(&result);
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.outcome(),
@@ -256,11 +344,9 @@ impl LlmClient {
         let mut finished = false;
         let reader = BufReader::new(response.into_body().into_reader());
         for line in reader.lines() {
-            let line = match line {
+            let line = match line.map_err(ureq::Error::from) {
                 Ok(line) => line,
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.to_string().contains("timeout") => {
-                    return Err(LlmError::Timeout { timeout_ms: self.timeout_ms });
-                }
+                Err(ureq::Error::Timeout(which)) => return Err(self.timed_out(which, done.chunks)),
                 Err(e) => return Err(LlmError::Disconnected { received: done.chunks, reason: e.to_string() }),
             };
             // llama.cpp's server reports an error inside a stream as an `error: {json}` line
@@ -367,6 +453,51 @@ mod tests {
         let err = client().stream_chat(&[ChatMessage::user("hi")], &mut |_| true).unwrap_err();
         assert!(matches!(err, LlmError::Unreachable { .. }), "{err:?}");
         assert!(err.to_string().contains("http://127.0.0.1:9/v1") && err.to_string().contains("llm.url"), "{err}");
+    }
+
+    /// A test double, not an LLM: accepts connections on 127.0.0.1 and, per connection, writes
+    /// `script` (possibly nothing), then stays silent until the test ends.
+    fn silent_server(script: &'static str) -> (String, std::thread::JoinHandle<()>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let held = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut head = [0u8; 4096];
+            let _ = conn.read(&mut head);
+            conn.write_all(script.as_bytes()).unwrap();
+            // hold the connection open, answering nothing more, past the client's timeout
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        (url, held)
+    }
+
+    #[test]
+    fn a_server_that_goes_silent_fails_after_the_first_token_timeout() {
+        let config = |url: String| LlmConfig { url, timeout_ms: 60_000, first_token_timeout_ms: 400, ..Default::default() };
+        // accepts, never answers: fails after llm.first_token_timeout_ms, not llm.timeout_ms
+        let (url, held) = silent_server("");
+        let client = LlmClient::new(&config(url)).unwrap();
+        assert_eq!(client.last_contact().state, LlmState::NotContacted);
+        client.model_checked.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let err = client.stream_chat(&[ChatMessage::user("hi")], &mut |_| true).unwrap_err();
+        assert!(matches!(err, LlmError::FirstTokenTimeout { timeout_ms: 400, received: 0 }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(err.to_string().contains("llm.first_token_timeout_ms"), "{err}");
+        assert!(client.last_contact().state.describe().starts_with("timed out: the LLM sent no answer within 400 ms"));
+        held.join().unwrap();
+        // answers one token, then stalls: the same bound, with what was received
+        let (url, held) = silent_server(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+             31\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"Bon\"}}]}\n\n\r\n",
+        );
+        let client = LlmClient::new(&config(url)).unwrap();
+        client.model_checked.store(true, Ordering::Relaxed);
+        let err = client.stream_chat(&[ChatMessage::user("hi")], &mut |_| true).unwrap_err();
+        assert!(matches!(err, LlmError::FirstTokenTimeout { received: 1, .. }), "{err:?}");
+        assert!(err.to_string().contains("went silent for 400 ms after 1 chunks"), "{err}");
+        held.join().unwrap();
     }
 
     #[test]

@@ -8,30 +8,36 @@
 //!
 //! The embedding model is loaded once at start on its own thread (queries queue on it); the LLM
 //! is connected on the first question. At most `serve.max_concurrent_requests` `/v1` requests
-//! run at once (a streamed answer holds its slot until its last event); others wait
-//! `serve.queue_timeout_ms`, then get 503. Bodies over `serve.max_body_bytes` get 413. With
-//! `serve.api_key`, `/v1` routes need `Authorization: Bearer <key>`.
+//! run at once, in two budgets — `serve.ask_share` of the slots for asks, the rest for searches,
+//! so answers waiting on a slow LLM never starve searches (a streamed answer holds its slot until
+//! its last event); a request whose budget is full waits `serve.queue_timeout_ms`, then gets 503.
+//! A request's body is read whole before it takes a slot: over `serve.max_body_bytes` → 413, not
+//! all there within `serve.body_timeout_ms` → 408. With `serve.api_key`, `/v1` routes need
+//! `Authorization: Bearer <key>`. Every refusal is `{"error": "..."}` (docs/ask.md lists the
+//! statuses).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::body::{Body, BodyDataStream, Bytes, HttpBody};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{info, warn};
 
 use crate::ask::{self, Answer, AskError, TokenCounter};
-use crate::config::{Config, Secret};
+use crate::config::{Config, Secret, ServeConfig};
 use crate::infer::runner::{ModelThread, NerSettings, Output};
 use crate::llm::{LlmClient, LlmError};
 use crate::search::GroupBy;
@@ -120,6 +126,30 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = match &rejection {
+            // axum answers well-formed JSON of the wrong shape (unknown field, wrong type, number
+            // out of range) with 422; the API promises 400 for every body it cannot read
+            JsonRejection::JsonDataError(_) | JsonRejection::JsonSyntaxError(_) => StatusCode::BAD_REQUEST,
+            other => other.status(),
+        };
+        Self { status, message: rejection.body_text() }
+    }
+}
+
+/// `Json` whose rejections are answered as every other error: `{"error"}` (axum's own are plain text).
+struct ApiJson<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = Json::<T>::from_request(request, state).await?;
+        Ok(Self(value))
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let status = if e.is_transient() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::INTERNAL_SERVER_ERROR };
@@ -131,7 +161,7 @@ impl From<LlmError> for ApiError {
     fn from(e: LlmError) -> Self {
         let status = match &e {
             LlmError::NotConfigured | LlmError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            LlmError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            LlmError::Timeout { .. } | LlmError::FirstTokenTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         };
         Self { status, message: e.to_string() }
@@ -161,8 +191,68 @@ struct ServeState {
     embedder: Option<Arc<QueryEmbedder>>,
     llm: Option<Arc<LlmClient>>,
     counter: Arc<TokenCounter>,
-    slots: Arc<Semaphore>,
+    budgets: Budgets,
     api_key: Option<Secret>,
+}
+
+/// The slots of one kind of `/v1` request.
+struct Budget {
+    slots: Arc<Semaphore>,
+    size: usize,
+    /// What the 503 calls the requests holding them, and which setting sizes them.
+    holders: &'static str,
+    setting: &'static str,
+}
+
+impl Budget {
+    fn new(size: usize, holders: &'static str, setting: &'static str) -> Self {
+        Self { slots: Arc::new(Semaphore::new(size)), size, holders, setting }
+    }
+
+    /// A slot within `wait`, or the 503 (with `Retry-After`) that says which budget is full.
+    async fn acquire(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Response> {
+        match tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                let message = format!("busy: {} {} in progress ({})", self.size, self.holders, self.setting);
+                let mut r = ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message }.into_response();
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Err(r)
+            }
+        }
+    }
+}
+
+/// Asks and searches in separate budgets: answers can wait on the LLM for long (a slow or silent
+/// server), searches take milliseconds, and with one shared pool the first starve the second.
+struct Budgets {
+    search: Budget,
+    ask: Budget,
+}
+
+impl Budgets {
+    /// Splits `serve.max_concurrent_requests`: ⌊total × `serve.ask_share`⌋ slots for asks (at
+    /// least 1, at most all but one), the rest for searches.
+    fn new(serve: &ServeConfig) -> Result<Self> {
+        let total = serve.max_concurrent_requests;
+        anyhow::ensure!(total >= 2, "serve.max_concurrent_requests must be at least 2 (one budget for asks, one for searches), got {total}");
+        let share = serve.ask_share;
+        anyhow::ensure!(share > 0.0 && share < 1.0, "serve.ask_share must be above 0 and below 1, got {share}");
+        let asks = ((total as f64 * share).floor() as usize).clamp(1, total - 1);
+        Ok(Self {
+            ask: Budget::new(asks, "answers", "the serve.ask_share of serve.max_concurrent_requests"),
+            search: Budget::new(total - asks, "searches", "serve.max_concurrent_requests less its serve.ask_share for asks"),
+        })
+    }
+
+    /// The budget a request takes a slot of; None: it takes none (probes, unknown routes).
+    fn of(&self, method: &Method, path: &str) -> Option<&Budget> {
+        match (method, path) {
+            (&Method::POST, "/v1/search") => Some(&self.search),
+            (&Method::POST, "/v1/ask") => Some(&self.ask),
+            _ => None,
+        }
+    }
 }
 
 type Shared = Arc<ServeState>;
@@ -206,6 +296,8 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
     telemetry::prometheus();
+    // a budget setting that cannot work fails before anything is loaded
+    let budgets = Budgets::new(&cfg.serve)?;
     let store = ask::open_store(&cfg).await?;
     let embedder = match &cfg.models.embedding {
         Some(m) if m.path.join("config.json").exists() => {
@@ -227,7 +319,7 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(&cfg.serve.listen).await.with_context(|| format!("binding serve.listen {}", cfg.serve.listen))?;
     let addr = listener.local_addr()?;
     let state: Shared = Arc::new(ServeState {
-        slots: Arc::new(Semaphore::new(cfg.serve.max_concurrent_requests)),
+        budgets,
         api_key: cfg.serve.api_key.clone(),
         store,
         embedder,
@@ -243,6 +335,8 @@ pub async fn start(
     Ok((addr, task))
 }
 
+const ROUTES: &str = "POST /v1/search, POST /v1/ask, GET /healthz, GET /metrics";
+
 fn router(state: Shared) -> Router {
     let limit = state.cfg.serve.max_body_bytes;
     Router::new()
@@ -252,7 +346,11 @@ fn router(state: Shared) -> Router {
         .route("/metrics", axum::routing::get(|| async {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], telemetry::prometheus().render())
         }))
-        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, message: "not found: POST /v1/search, POST /v1/ask, GET /healthz, GET /metrics".into() } })
+        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, message: format!("not found: {ROUTES}") } })
+        .method_not_allowed_fallback(|| async {
+            ApiError { status: StatusCode::METHOD_NOT_ALLOWED, message: format!("method not allowed: {ROUTES}") }
+        })
+        // `admit` has read the body within this limit already; the extractor agrees with it
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .with_state(state)
@@ -273,11 +371,10 @@ impl Drop for Finished {
     }
 }
 
-/// Authentication and the concurrency bound of `/v1` routes, and the request metrics of all.
+/// The request metrics of all routes, and the gate of `/v1` ones (`gate`).
 async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let path = request.uri().path();
-    let route = match path {
+    let route = match request.uri().path() {
         "/v1/search" => "search",
         "/v1/ask" => "ask",
         "/healthz" => "healthz",
@@ -288,38 +385,13 @@ async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Res
     // counted whatever happens next: a client that goes away while its request waits or runs
     // drops this future, and the guard counts it as 499 (nginx's "client closed request")
     let mut done = Finished { route, status: 499, started };
-    let mut permit = None;
-    if path.starts_with("/v1/") {
-        if let Some(key) = &state.api_key {
-            let given = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split_once(' '))
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, token)| token.trim());
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.expose().as_bytes())) {
-                done.status = StatusCode::UNAUTHORIZED.as_u16();
-                let mut r = ApiError { status: StatusCode::UNAUTHORIZED, message: "missing or wrong bearer token (serve.api_key)".into() }.into_response();
-                r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-                return r;
-            }
+    let (request, permit) = match gate(&state, request).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            done.status = refusal.status().as_u16();
+            return refusal;
         }
-        let wait = Duration::from_millis(state.cfg.serve.queue_timeout_ms);
-        match tokio::time::timeout(wait, state.slots.clone().acquire_owned()).await {
-            Ok(Ok(p)) => permit = Some(p),
-            _ => {
-                done.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
-                let mut r = ApiError {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    message: format!("busy: {} requests in progress (serve.max_concurrent_requests)", state.cfg.serve.max_concurrent_requests),
-                }
-                .into_response();
-                r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-                return r;
-            }
-        }
-    }
+    };
     let response = next.run(request).await;
     done.status = response.status().as_u16();
     let (parts, body) = response.into_parts();
@@ -329,6 +401,113 @@ async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Res
         chunk
     });
     Response::from_parts(parts, Body::from_stream(body))
+}
+
+/// What a `/v1` request passes before its handler, in this order: the bearer key; its whole
+/// body, read within `serve.max_body_bytes` and `serve.body_timeout_ms`; then a slot of its
+/// budget. The slot comes last, so a slow or stalled upload never holds one.
+async fn gate(state: &ServeState, request: Request) -> Result<(Request, Option<OwnedSemaphorePermit>), Response> {
+    if !request.uri().path().starts_with("/v1/") {
+        return Ok((request, None));
+    }
+    authorize(state, request.headers())?;
+    let Some(budget) = state.budgets.of(request.method(), request.uri().path()) else { return Ok((request, None)) };
+    let (parts, body) = request.into_parts();
+    let serve = &state.cfg.serve;
+    let body = match read_body(body, serve.max_body_bytes, Duration::from_millis(serve.body_timeout_ms)).await {
+        Ok(body) => body,
+        Err(refusal) => return Err(refusal.answer(&parts.headers, Duration::from_millis(serve.body_timeout_ms))),
+    };
+    let permit = budget.acquire(Duration::from_millis(serve.queue_timeout_ms)).await?;
+    Ok((Request::from_parts(parts, Body::from(body)), Some(permit)))
+}
+
+/// The bearer key of `/v1` routes (`serve.api_key`), compared in constant time; 401 otherwise.
+fn authorize(state: &ServeState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(key) = &state.api_key else { return Ok(()) };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.expose().as_bytes())) {
+        return Ok(());
+    }
+    let mut r = ApiError { status: StatusCode::UNAUTHORIZED, message: "missing or wrong bearer token (serve.api_key)".into() }.into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Err(r)
+}
+
+/// Why a request body was not read.
+enum BodyRefusal {
+    /// Over `serve.max_body_bytes` (declared by Content-Length, or counted while reading a chunked
+    /// body); `rest` is what the client has not sent yet, still unread.
+    TooLarge { limit: usize, rest: BodyDataStream },
+    /// Not all received within `serve.body_timeout_ms`.
+    TimedOut { timeout: Duration },
+    /// The upload failed (the client went away, a broken chunked encoding).
+    Broken(String),
+}
+
+/// The whole body, at most `limit` bytes, within `timeout`.
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, BodyRefusal> {
+    match tokio::time::timeout(timeout, read_limited(body, limit)).await {
+        Ok(read) => read,
+        Err(_) => Err(BodyRefusal::TimedOut { timeout }),
+    }
+}
+
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, BodyRefusal> {
+    // a Content-Length over the limit is refused before a byte of the body is read
+    if HttpBody::size_hint(&body).lower() > limit as u64 {
+        return Err(BodyRefusal::TooLarge { limit, rest: body.into_data_stream() });
+    }
+    let mut stream = body.into_data_stream();
+    let mut read = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| BodyRefusal::Broken(format!("reading the request body: {e}")))?;
+        if read.len() + chunk.len() > limit {
+            return Err(BodyRefusal::TooLarge { limit, rest: stream });
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(read))
+}
+
+impl BodyRefusal {
+    /// The error answer, on a connection closed after it. An oversized body's rest is read and
+    /// discarded meanwhile, for at most `linger` (nginx's lingering close): closing a socket
+    /// with unread data sends a reset, and a client still uploading would lose the 413 with it.
+    fn answer(self, headers: &HeaderMap, linger: Duration) -> Response {
+        let (status, message) = match self {
+            BodyRefusal::TooLarge { limit, rest } => {
+                // a client waiting for `100 Continue` has sent nothing: reading now would ask
+                // it for the body after its answer
+                let expects_continue = headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                if !expects_continue {
+                    discard_for(rest, linger);
+                }
+                (StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {limit} bytes (serve.max_body_bytes)"))
+            }
+            BodyRefusal::TimedOut { timeout } => (
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body was not received within {} ms (serve.body_timeout_ms)", timeout.as_millis()),
+            ),
+            BodyRefusal::Broken(message) => (StatusCode::BAD_REQUEST, message),
+        };
+        let mut r = ApiError { status, message }.into_response();
+        // the rest of the request is unread: the connection cannot carry another one
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    }
+}
+
+/// Reads and drops what the client still sends of `rest`, for at most `linger`.
+fn discard_for(mut rest: BodyDataStream, linger: Duration) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(linger, async { while let Some(Ok(_)) = rest.next().await {} }).await;
+    });
 }
 
 /// Equal byte strings, in a time that does not depend on where they differ.
@@ -372,20 +551,32 @@ async fn healthz(State(state): State<Shared>) -> Response {
         "store": state.store.backend(),
         "points": points,
         "embedding": state.embedder.as_ref().map(|e| e.template.name.clone()),
-        "llm": state.llm.as_ref().map(|l| json!({"url": l.url(), "model": l.model()})),
+        // the last exchange's outcome, never a probe: an LLM outage fails asks, not this health
+        "llm": state.llm.as_ref().map(|l| llm_health(l)),
     });
     let status = if problems.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 
-async fn search(State(state): State<Shared>, Json(req): Json<SearchRequest>) -> Result<Json<Value>, ApiError> {
+/// `/healthz`'s view of the LLM: where it is and what the last completion showed of it.
+fn llm_health(llm: &LlmClient) -> Value {
+    let last = llm.last_contact();
+    json!({
+        "url": llm.url(),
+        "model": llm.model(),
+        "state": last.state.describe(),
+        "last_contact_s_ago": last.at.map(|at| at.elapsed().as_secs_f64()),
+    })
+}
+
+async fn search(State(state): State<Shared>, ApiJson(req): ApiJson<SearchRequest>) -> Result<Json<Value>, ApiError> {
     let started = Instant::now();
     let k = state.k(req.k, 10.min(state.cfg.serve.max_k))?;
     let hits = state.retrieve(&req.query, &req.filters, k, req.group_by).await?;
     Ok(Json(json!({ "hits": crate::search::hits_json(&hits), "took_ms": started.elapsed().as_secs_f64() * 1000.0 })))
 }
 
-async fn ask_route(State(state): State<Shared>, Json(req): Json<AskRequest>) -> Result<Response, ApiError> {
+async fn ask_route(State(state): State<Shared>, ApiJson(req): ApiJson<AskRequest>) -> Result<Response, ApiError> {
     let Some(llm) = state.llm.clone() else { return Err(LlmError::NotConfigured.into()) };
     let k = state.k(req.k, state.cfg.llm.top_k)?;
     let hits = state.retrieve(&req.question, &req.filters, k, req.group_by).await?;

@@ -11,10 +11,12 @@
 //! CONVOFLOW_LLM_GGUF, CONVOFLOW_LLM_TOKENIZER, CONVOFLOW_E5_SMALL (run through scripts/test).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use convoflow::config::{QdrantConfig, StoreBackend};
@@ -547,8 +549,8 @@ async fn serve_searches_and_answers_over_http_concurrently_and_refuses_what_it_m
     assert!(body["error"].as_str().unwrap().contains("serve.max_k"));
     let (status, body) = post(&agent, &format!("{}/v1/search", serve.base), &json!({"query": "x", "filters": {"entities": ["Marie"]}}), None);
     assert_eq!(status, 400, "{body}");
-    let (status, _) = post(&agent, &format!("{}/v1/search", serve.base), &json!({"qurey": "typo"}), None);
-    assert!(status == 400 || status == 422, "unknown fields are refused: {status}");
+    let (status, body) = post(&agent, &format!("{}/v1/search", serve.base), &json!({"qurey": "typo"}), None);
+    assert_eq!(status, 400, "unknown fields are refused: {body}");
 
     // the metrics count requests by route and the LLM's first-token latency
     let mut metrics = agent.get(format!("{}/metrics", serve.base)).call().unwrap();
@@ -581,11 +583,13 @@ async fn serve_searches_and_answers_over_http_concurrently_and_refuses_what_it_m
     assert!(metrics.contains("convoflow_api_in_flight_requests 1"), "only the metrics request itself: {metrics}");
     drop(serve);
 
-    // bearer key and the concurrency bound: two long answers hold both slots, a third request
-    // waits queue_timeout_ms and gets 503; with the answers done it passes
+    // bearer key and the ask budget: two long answers hold both ask slots (half of 4), a third
+    // ask waits queue_timeout_ms and gets 503 while searches still pass; with the answers done
+    // searches pass still
     let guarded = [
         ("CONVOFLOW__SERVE__API_KEY", "s3cret-key"),
-        ("CONVOFLOW__SERVE__MAX_CONCURRENT_REQUESTS", "2"),
+        ("CONVOFLOW__SERVE__MAX_CONCURRENT_REQUESTS", "4"),
+        ("CONVOFLOW__SERVE__ASK_SHARE", "0.5"),
         ("CONVOFLOW__SERVE__QUEUE_TIMEOUT_MS", "300"),
         ("CONVOFLOW__LLM__MAX_TOKENS", "400"),
     ]
@@ -622,15 +626,336 @@ async fn serve_searches_and_answers_over_http_concurrently_and_refuses_what_it_m
             })
         })
         .collect();
-    // both answers are generating (400 tokens each: seconds on this model), so both slots are held
+    // both answers are generating (400 tokens each: seconds on this model), so both ask slots are held
     for _ in 0..2 {
         started_rx.recv_timeout(Duration::from_secs(60)).expect("both answers started");
     }
+    let (status, body) = post(&agent, &ask_url, &json!({"question": "colis"}), Some("s3cret-key"));
+    assert_eq!(status, 503, "both ask slots are held by the streamed answers: {body}");
+    assert!(body["error"].as_str().unwrap().contains("serve.ask_share"), "{body}");
     let (status, body) = post(&agent, &url, &json!({"query": "colis"}), Some("s3cret-key"));
-    assert_eq!(status, 503, "both slots are held by the streamed answers: {body}");
-    assert!(body["error"].as_str().unwrap().contains("serve.max_concurrent_requests"));
+    assert_eq!(status, 200, "searches have slots of their own: {body}");
     for answer in long {
         assert!(answer.join().unwrap().contains("event: done"));
     }
     assert_eq!(post(&agent, &url, &json!({"query": "colis"}), Some("s3cret-key")).0, 200);
+}
+
+/// A test double, not an LLM: a TCP listener on 127.0.0.1 that accepts connections and never
+/// answers a byte (what a stuck or overloaded server looks like from outside). It counts the
+/// connections it holds and closes them all when dropped.
+struct BlackHoleLlm {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackHoleLlm {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let (accepted, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let thread = {
+            let (accepted, stop) = (accepted.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut held = vec![];
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            held.push(conn);
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+                        Err(e) => panic!("the black hole's accept: {e}"),
+                    }
+                }
+            })
+        };
+        Self { url, accepted, stop, thread: Some(thread) }
+    }
+
+    /// Waits until it holds `n` connections.
+    fn wait_for(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.accepted.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "{} of {n} connections reached the black hole within {within:?}", self.accepted.load(Ordering::SeqCst));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BlackHoleLlm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn get(agent: &ureq::Agent, url: &str) -> (u16, Value) {
+    let mut resp = agent.get(url).call().unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// An answer read off a raw connection.
+#[derive(Debug)]
+struct RawAnswer {
+    status: u16,
+    /// The head, lower-cased.
+    head: String,
+    body: Value,
+}
+
+/// `host:port` of an `http://host:port` base.
+fn authority(base: &str) -> &str {
+    base.strip_prefix("http://").unwrap()
+}
+
+/// Reads one HTTP/1.1 answer (Content-Length or chunked) off `conn`, without waiting for the
+/// connection to close.
+fn read_answer(conn: &mut TcpStream) -> std::io::Result<RawAnswer> {
+    let mut buf = Vec::new();
+    let mut piece = [0u8; 8192];
+    loop {
+        if let Some(answer) = parse_answer(&buf) {
+            return Ok(answer);
+        }
+        let n = conn.read(&mut piece)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("closed after {:?}", String::from_utf8_lossy(&buf))));
+        }
+        buf.extend_from_slice(&piece[..n]);
+    }
+}
+
+/// The answer in `buf` once it is complete.
+fn parse_answer(buf: &[u8]) -> Option<RawAnswer> {
+    let text = std::str::from_utf8(buf).ok()?;
+    let (head, rest) = text.split_once("\r\n\r\n")?;
+    let head = head.to_ascii_lowercase();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let body = if head.contains("transfer-encoding: chunked") {
+        let mut body = String::new();
+        let mut rest = rest;
+        loop {
+            let (size, after) = rest.split_once("\r\n")?;
+            let size = usize::from_str_radix(size.trim(), 16).ok()?;
+            if size == 0 {
+                break;
+            }
+            body.push_str(after.get(..size)?);
+            rest = after.get(size + 2..)?;
+        }
+        body
+    } else {
+        let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(Some(0), |v| v.trim().parse().ok())?;
+        rest.get(..length)?.to_string()
+    };
+    Some(RawAnswer { status, head, body: serde_json::from_str(&body).unwrap_or(Value::String(body)) })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_keeps_searching_while_every_ask_slot_waits_on_a_silent_llm() {
+    let store = indexed_store("silent-llm").await;
+    let llm = BlackHoleLlm::start();
+    let cfg = [
+        // 4 slots: 2 for asks, 2 for searches
+        ("CONVOFLOW__SERVE__MAX_CONCURRENT_REQUESTS", "4"),
+        ("CONVOFLOW__SERVE__ASK_SHARE", "0.5"),
+        ("CONVOFLOW__SERVE__QUEUE_TIMEOUT_MS", "300"),
+        ("CONVOFLOW__LLM__FIRST_TOKEN_TIMEOUT_MS", "3000"),
+        ("CONVOFLOW__LLM__TIMEOUT_MS", "120000"),
+    ]
+    .iter()
+    .fold(env(&store, &llm.url), |e, (k, v)| with(e, k, v));
+    let serve = Serve::start(&cfg);
+    let agent = http_agent();
+    let (status, health) = get(&agent, &format!("{}/healthz", serve.base));
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")), "{health}");
+
+    // as many asks as there are slots in all, two of them streamed: two wait on the silent LLM,
+    // holding the ask budget, the others find it full
+    let ask_url = format!("{}/v1/ask", serve.base);
+    let asks: Vec<_> = [false, true, false, true]
+        .into_iter()
+        .map(|stream| {
+            let ask_url = ask_url.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let (status, body) = post(&http_agent(), &ask_url, &json!({"question": "colis Lyon", "stream": stream}), None);
+                (started.elapsed(), status, body)
+            })
+        })
+        .collect();
+    llm.wait_for(2, Duration::from_secs(60));
+    // the searches run while the ask slots are held: no wait for a slot
+    let mut took = vec![];
+    for query in ["colis en retard à Lyon", "refund kettle", "routeur wifi"] {
+        let started = Instant::now();
+        let (status, body) = post(&agent, &format!("{}/v1/search", serve.base), &json!({"query": query, "k": 3}), None);
+        took.push(started.elapsed());
+        assert_eq!(status, 200, "searches have their own slots while every ask slot waits on the LLM: {body}");
+        assert_eq!(body["hits"].as_array().unwrap().len(), 3, "{body}");
+    }
+    let (status, health) = get(&agent, &format!("{}/healthz", serve.base));
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")), "a silent LLM does not fail the health: {health}");
+    // the state of the last exchange that ended: none has yet
+    assert_eq!(health["llm"]["state"], "not contacted", "{health}");
+    assert!(asks.iter().filter(|a| !a.is_finished()).count() >= 2, "the two hanging asks still hang after the searches");
+    assert_eq!(llm.accepted.load(Ordering::SeqCst), 2, "only the ask budget's two asks reached the LLM");
+    println!("serve /v1/search while both ask slots wait on a silent LLM: {took:?}");
+    assert!(took.iter().all(|t| *t < Duration::from_secs(2)), "{took:?}");
+
+    // the hanging asks end with the first-token timeout, long before llm.timeout_ms
+    let (mut busy, mut timed_out) = (0, 0);
+    for ask in asks {
+        let (elapsed, status, body) = ask.join().unwrap();
+        let text = body.as_str().map_or_else(|| body.to_string(), str::to_string);
+        if status == 503 {
+            assert!(body["error"].as_str().unwrap().contains("serve.ask_share"), "{body}");
+            busy += 1;
+        } else {
+            // not streamed: 504 with the error; streamed: the `error` event ends the stream
+            assert!(status == 504 || (status == 200 && text.contains("event: error")), "{status} {text}");
+            assert!(text.contains("llm.first_token_timeout_ms") && text.contains("within 3000 ms"), "{text}");
+            assert!(elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(30), "ended after {elapsed:?}");
+            timed_out += 1;
+        }
+    }
+    assert_eq!((busy, timed_out), (2, 2));
+    let (status, health) = get(&agent, &format!("{}/healthz", serve.base));
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")), "{health}");
+    let state = health["llm"]["state"].as_str().unwrap();
+    assert!(state.starts_with("timed out: ") && state.contains("llm.first_token_timeout_ms"), "{health}");
+    assert!(health["llm"]["last_contact_s_ago"].as_f64().is_some(), "{health}");
+    let mut metrics = agent.get(format!("{}/metrics", serve.base)).call().unwrap();
+    let metrics = metrics.body_mut().read_to_string().unwrap();
+    assert!(metrics.contains("convoflow_llm_requests_total{outcome=\"timeout\"} 2"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_times_out_half_sent_bodies_which_hold_no_slot() {
+    let store = indexed_store("half-bodies").await;
+    let cfg = [
+        ("CONVOFLOW__SERVE__MAX_CONCURRENT_REQUESTS", "4"),
+        ("CONVOFLOW__SERVE__QUEUE_TIMEOUT_MS", "300"),
+        ("CONVOFLOW__SERVE__BODY_TIMEOUT_MS", "3000"),
+        ("CONVOFLOW__SERVE__API_KEY", "s3cret-key"),
+    ]
+    .iter()
+    .fold(env(&store, ""), |e, (k, v)| with(e, k, v));
+    let serve = Serve::start(&cfg);
+    let agent = http_agent();
+    let search = |agent: &ureq::Agent| post(agent, &format!("{}/v1/search", serve.base), &json!({"query": "colis", "k": 2}), Some("s3cret-key"));
+    assert_eq!(search(&agent).0, 200);
+
+    // more authenticated clients than slots in all, each sending 10 bytes of a 1000-byte body, then nothing
+    let head = "POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret-key\r\n\
+                Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"query\":\"";
+    let sent = Instant::now();
+    let mut stalled: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut conn = TcpStream::connect(authority(&serve.base)).unwrap();
+            conn.write_all(head.as_bytes()).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            conn
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = search(&agent);
+    assert_eq!(status, 200, "half-sent bodies hold no slot: {body}");
+    assert!(sent.elapsed() < Duration::from_secs(3), "the search ran while the bodies were still stalled");
+
+    // each gets 408 after serve.body_timeout_ms, then its connection is closed
+    for conn in &mut stalled {
+        let answer = read_answer(conn).unwrap_or_else(|e| panic!("no answer to a stalled body: {e}"));
+        assert_eq!(answer.status, 408, "{answer:?}");
+        assert!(answer.body["error"].as_str().unwrap().contains("serve.body_timeout_ms"), "{answer:?}");
+        assert!(answer.head.contains("connection: close"), "{answer:?}");
+        let mut rest = Vec::new();
+        assert_eq!(conn.read_to_end(&mut rest).unwrap(), 0, "the connection is closed after the 408");
+    }
+    let waited = sent.elapsed();
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(12), "{waited:?}");
+    assert_eq!(search(&agent).0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_every_refusal_as_json() {
+    let store = indexed_store("refusals").await;
+    // no LLM configured; serve.max_body_bytes is 64 KiB by default
+    let serve = Serve::start(&env(&store, ""));
+    let agent = http_agent();
+    let search_url = format!("{}/v1/search", serve.base);
+    let send = |url: &str, content_type: Option<&str>, body: &[u8]| {
+        let mut req = agent.post(url);
+        if let Some(t) = content_type {
+            req = req.header("Content-Type", t);
+        }
+        let mut resp = req.send(body).unwrap_or_else(|e| panic!("the client did not get an answer: {e}"));
+        let status = resp.status().as_u16();
+        let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (status, content_type, serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
+    };
+    let json_error = |what: &str, (status, content_type, body): (u16, String, Value), expected: u16, says: &str| {
+        assert_eq!(status, expected, "{what}: {body}");
+        assert!(content_type.starts_with("application/json"), "{what}: {content_type} {body}");
+        let error = body["error"].as_str().unwrap_or_else(|| panic!("{what}: not {{\"error\"}}: {body}"));
+        assert!(error.contains(says), "{what}: {error}");
+    };
+    let json = Some("application/json");
+    json_error("malformed JSON", send(&search_url, json, br#"{"query": "colis""#), 400, "EOF");
+    json_error("unknown field", send(&search_url, json, br#"{"qurey": "colis"}"#), 400, "unknown field `qurey`");
+    json_error("wrong type", send(&search_url, json, br#"{"query": "colis", "k": "ten"}"#), 400, "invalid type");
+    json_error("negative k", send(&search_url, json, br#"{"query": "colis", "k": -1}"#), 400, "invalid value");
+    json_error("k over serve.max_k", send(&search_url, json, br#"{"query": "colis", "k": 1000}"#), 400, "serve.max_k");
+    json_error("k of 0", send(&search_url, json, br#"{"query": "colis", "k": 0}"#), 400, "serve.max_k");
+    json_error("stars out of range", send(&search_url, json, br#"{"query": "colis", "filters": {"min_stars": 9}}"#), 400, "1 to 5");
+    json_error("no content type", send(&search_url, None, br#"{"query": "colis"}"#), 415, "Content-Type");
+    json_error("ask without an LLM", send(&format!("{}/v1/ask", serve.base), json, br#"{"question": "colis"}"#), 503, "llm.url");
+    // 10 MiB with its Content-Length: refused before it is read, and the client, still
+    // uploading when the 413 is written, reads it
+    let huge = format!(r#"{{"query": "{}"}}"#, "x".repeat(10 << 20));
+    json_error("10 MiB body", send(&search_url, json, huge.as_bytes()), 413, "serve.max_body_bytes");
+    for (what, method, path, status) in [("unknown route", "GET", "/nope", 404), ("unknown /v1 route", "POST", "/v1/nope", 404), ("wrong method", "GET", "/v1/search", 405)] {
+        let mut resp = agent.run(ureq::http::Request::builder().method(method).uri(format!("{}{path}", serve.base)).body(()).unwrap()).unwrap();
+        let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let text = resp.body_mut().read_to_string().unwrap();
+        json_error(what, (resp.status().as_u16(), content_type, serde_json::from_str(&text).unwrap_or(Value::String(text))), status, "POST /v1/search");
+    }
+
+    // raw: a Content-Length of 10 MiB and no body at all gets its 413 at once
+    let mut conn = TcpStream::connect(authority(&serve.base)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    conn.write_all(b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10485760\r\n\r\n").unwrap();
+    let answer = read_answer(&mut conn).unwrap();
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(answer.body["error"].as_str().unwrap().contains("serve.max_body_bytes"), "{answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "answered without waiting for the body: {:?}", started.elapsed());
+    // raw, chunked: 10 MiB in 64 KiB chunks; the server stops reading at the limit, and the 413
+    // still reaches a client that sends it all before reading
+    let mut conn = TcpStream::connect(authority(&serve.base)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    conn.write_all(b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let chunk = vec![b' '; 64 << 10];
+    for _ in 0..160 {
+        conn.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).unwrap();
+        conn.write_all(&chunk).unwrap();
+        conn.write_all(b"\r\n").unwrap();
+    }
+    conn.write_all(b"0\r\n\r\n").unwrap();
+    let answer = read_answer(&mut conn).unwrap_or_else(|e| panic!("the chunked upload lost its answer: {e}"));
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(answer.body["error"].as_str().unwrap().contains("serve.max_body_bytes"), "{answer:?}");
+    // every refusal counted by its status
+    let mut metrics = agent.get(format!("{}/metrics", serve.base)).call().unwrap();
+    let metrics = metrics.body_mut().read_to_string().unwrap();
+    assert!(metrics.contains("convoflow_api_requests_total{route=\"search\",status=\"413\"} 3"), "{metrics}");
 }
