@@ -29,7 +29,7 @@ use crate::sink::producer::EventProducer;
 use crate::sink::transactions::Transactions;
 use crate::sink::store::points::{PayloadText, points_for};
 use crate::sink::store::writer::StoreWriter;
-use crate::sink::store::{self, Bootstrap, StoreError, StorePoint, TurnsWithChunks, VectorStore, WrittenTurns};
+use crate::sink::store::{self, Bootstrap, StoreError, StorePoint, VectorStore, WrittenTurn, WrittenTurns};
 use crate::telemetry::{self, Readiness};
 use crate::source::{self, InboundMessage, SharedSource, SourceSettings, admin};
 
@@ -737,17 +737,19 @@ impl Run {
     }
 }
 
-/// A message's turns by their number of chunks now (a re-sent turn replaces the old one).
+/// A message's turns with their number of chunks now (a re-sent turn replaces the old one).
 fn written_turns(v: &Valid) -> WrittenTurns {
-    let mut by_chunks: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
-    for turn in &v.event.turns {
-        by_chunks.entry(turn.chunks.len()).or_default().push(turn.turn_id.clone());
-    }
-    WrittenTurns {
-        tenant: v.event.tenant.clone(),
-        conversation_id: v.event.conversation_id.clone(),
-        by_chunks: by_chunks.into_iter().map(|(chunks, turn_ids)| TurnsWithChunks { chunks, turn_ids }).collect(),
-    }
+    let e = &v.event;
+    let turns = e
+        .turns
+        .iter()
+        .map(|t| WrittenTurn {
+            turn_id: t.turn_id.clone(),
+            chunks: t.chunks.len(),
+            next_chunk_id: crate::event::point_id(&e.tenant, &e.conversation_id, &t.turn_id, t.chunks.len()),
+        })
+        .collect();
+    WrittenTurns { tenant: e.tenant.clone(), conversation_id: e.conversation_id.clone(), turns }
 }
 
 /// The batch stage: forms micro-batches of up to `max` messages. A batch takes what is already

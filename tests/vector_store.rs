@@ -199,7 +199,8 @@ async fn contract(open: impl Fn() -> Arc<dyn VectorStore>, collection: &str) {
 /// and nothing of other turns, conversations or tenants (the same ids in another tenant, a turn
 /// whose chunk count did not shrink).
 async fn stale_chunks(writer: &StoreWriter, store: &Arc<dyn VectorStore>, data: &Dataset) {
-    use convoflow::sink::store::{TurnsWithChunks, WrittenTurns};
+    use convoflow::event::point_id;
+    use convoflow::sink::store::{WrittenTurn, WrittenTurns};
     let chunk = |tenant: &str, conversation: &str, turn: &str, index: usize| {
         let mut p = data.points[0].clone();
         p.id = convoflow::event::point_id(tenant, conversation, turn, index);
@@ -218,17 +219,17 @@ async fn stale_chunks(writer: &StoreWriter, store: &Arc<dyn VectorStore>, data: 
     writer.upsert_all(&points).await.unwrap();
     let of = |tenant: &str| SearchFilter { tenant: Some(tenant.into()), conversation_id: Some("conv-stale".into()), ..Default::default() };
     assert_eq!(store.count(&of("s1")).await.unwrap(), 6);
-    let written = WrittenTurns {
-        tenant: "s1".into(),
-        conversation_id: "conv-stale".into(),
-        by_chunks: vec![
-            TurnsWithChunks { chunks: 1, turn_ids: vec!["long".into()] },
-            TurnsWithChunks { chunks: 3, turn_ids: vec!["steady".into()] },
-        ],
+    let turn = |turn_id: &str, chunks: usize| WrittenTurn {
+        turn_id: turn_id.into(),
+        chunks,
+        next_chunk_id: point_id("s1", "conv-stale", turn_id, chunks),
     };
-    writer.delete_stale_chunks(&[written]).await.unwrap();
+    let written = WrittenTurns { tenant: "s1".into(), conversation_id: "conv-stale".into(), turns: vec![turn("long", 1), turn("steady", 3)] };
+    writer.delete_stale_chunks(std::slice::from_ref(&written)).await.unwrap();
     assert_eq!(store.count(&of("s1")).await.unwrap(), 4, "chunks 1 and 2 of the shortened turn are gone");
     assert_eq!(store.count(&of("s2")).await.unwrap(), 6, "another tenant's turn with the same ids stays");
+    writer.delete_stale_chunks(&[written]).await.unwrap();
+    assert_eq!(store.count(&of("s1")).await.unwrap(), 4, "again: nothing stale is left, nothing else goes");
     assert_eq!(writer.delete_conversation(None, "conv-stale").await.unwrap(), 10);
 }
 

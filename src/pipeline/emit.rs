@@ -84,7 +84,13 @@ struct Record {
     value: Option<Vec<u8>>,
     headers: Option<OwnedHeaders>,
     /// A DLQ copy: why, and how far it was cut down already.
-    dead_letter: Option<(Rejection, Shrunk)>,
+    dead_letter: Option<DeadLetter>,
+}
+
+/// What a DLQ record is for.
+struct DeadLetter {
+    why: Rejection,
+    shrunk: Shrunk,
 }
 
 /// How far a DLQ copy too large to produce was cut down.
@@ -328,7 +334,7 @@ impl Sink {
             key: msg.key.clone(),
             value: msg.payload.clone(),
             headers: Some(dlq::headers(msg, &why, &self.group_id, carried)),
-            dead_letter: Some((why, Shrunk::No)),
+            dead_letter: Some(DeadLetter { why, shrunk: Shrunk::No }),
         }
     }
 
@@ -349,7 +355,7 @@ impl Sink {
                 Some(self.dead_letter(msg, Rejection { class: "output-too-large", message }))
             }
             // a DLQ copy too large itself keeps the start of the value and says so
-            Some((why, Shrunk::No)) => {
+            Some(DeadLetter { why, shrunk: Shrunk::No }) => {
                 let original = msg.payload.as_ref().map_or(0, Vec::len);
                 let keep = original.min(limit / 2);
                 warn!(tp = %msg.tp, offset = msg.offset, original, keep, "the DLQ copy is too large: its value is truncated");
@@ -360,13 +366,13 @@ impl Sink {
                 Some(Record {
                     value: msg.payload.as_ref().map(|p| p[..keep].to_vec()),
                     headers: Some(headers),
-                    dead_letter: Some((why, Shrunk::Value)),
+                    dead_letter: Some(DeadLetter { why, shrunk: Shrunk::Value }),
                     ..record
                 })
             }
             // still too large: the input's own headers (or its key) are the bulk; they go, and
             // the copy says so
-            Some((why, Shrunk::Value)) => {
+            Some(DeadLetter { why, shrunk: Shrunk::Value }) => {
                 let dropped = msg.headers.len();
                 let dropped_bytes: usize = msg.headers.iter().map(header_bytes).sum();
                 warn!(tp = %msg.tp, offset = msg.offset, dropped, dropped_bytes, "the DLQ copy is still too large: it goes without the input's headers");
@@ -383,9 +389,9 @@ impl Sink {
                 if let Some(original) = value_cut {
                     h = h.insert(Header { key: dlq::VALUE_TRUNCATED, value: Some(original.to_string().as_str()) });
                 }
-                Some(Record { key, value, headers: Some(h), dead_letter: Some((why, Shrunk::Bare)), ..record })
+                Some(Record { key, value, headers: Some(h), dead_letter: Some(DeadLetter { why, shrunk: Shrunk::Bare }), ..record })
             }
-            Some((_, Shrunk::Bare)) => None,
+            Some(DeadLetter { shrunk: Shrunk::Bare, .. }) => None,
         }
     }
 

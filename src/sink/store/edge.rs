@@ -17,7 +17,7 @@ use qdrant_edge::{
     Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeSparseVectorParams, EdgeVectorParams,
     PointId as ExtendedPointId, FieldCondition, FieldIndexOperations, Filter, Fusion, Match, Memory, Modifier, NamedQuery,
     OperationError, PayloadFieldSchema, PayloadSchemaType, PointInsertOperations, PointOperations, PointStruct,
-    Prefetch, QuantizationConfig, QueryEnum, QueryRequest, Range, ScalarQuantizationConfig,
+    Prefetch, QuantizationConfig, QueryEnum, QueryRequest, Range, RetrieveRequest, ScalarQuantizationConfig,
     ScalarType, ScoringQuery, UpdateOperation, ValueVariants, Vector, VectorInternal, Vectors, WithPayloadInterface,
     WithVector,
 };
@@ -288,18 +288,18 @@ fn conversation_filter(tenant: Option<&str>, conversation_id: &str) -> Filter {
 }
 
 /// Every chunk of the written turns at or above the turn's chunk count: per message, its
-/// conversation and tenant, then per chunk count, those turn ids and `chunk_index >= count`.
+/// conversation and tenant, then per turn, its id and `chunk_index >= count`.
 pub(crate) fn stale_chunks_filter(written: &[WrittenTurns]) -> Filter {
     let messages = written
         .iter()
         .map(|w| {
             let groups = w
-                .by_chunks
+                .turns
                 .iter()
-                .map(|g| {
-                    let at_or_above = Range { gte: Some((g.chunks as f64).into()), lt: None, gt: None, lte: None };
+                .map(|t| {
+                    let at_or_above = Range { gte: Some((t.chunks as f64).into()), lt: None, gt: None, lte: None };
                     Condition::Filter(all_of(vec![
-                        Condition::Field(FieldCondition::new_match(key("turn_id"), Match::from(g.turn_ids.clone()))),
+                        keyword("turn_id", &t.turn_id),
                         Condition::Field(FieldCondition::new_range(key("chunk_index"), at_or_above)),
                     ]))
                 })
@@ -419,8 +419,22 @@ impl VectorStore for EdgeStore {
         if written.is_empty() {
             return Ok(());
         }
+        let ids: Vec<ExtendedPointId> = super::next_chunk_ids(written).into_iter().map(ExtendedPointId::Uuid).collect();
+        let request = RetrieveRequest { point_ids: ids, with_payload: Some(WithPayloadInterface::Bool(false)), with_vector: Some(WithVector::Bool(false)) };
+        let found = self.blocking(move |s| s.retrieve(request)).await?;
+        let existing: std::collections::HashSet<uuid::Uuid> = found
+            .into_iter()
+            .filter_map(|r| match r.id {
+                ExtendedPointId::Uuid(u) => Some(u),
+                ExtendedPointId::NumId(_) => None,
+            })
+            .collect();
+        let stale = super::with_stale_chunks(written, &existing);
+        if stale.is_empty() {
+            return Ok(());
+        }
         self.check_free_space()?;
-        let f = stale_chunks_filter(written);
+        let f = stale_chunks_filter(&stale);
         self.blocking(move |s| s.update(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(f)))).await
     }
 

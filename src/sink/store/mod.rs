@@ -102,15 +102,35 @@ fn json_size(v: &Value) -> usize {
 pub struct WrittenTurns {
     pub tenant: String,
     pub conversation_id: String,
-    /// The message's turn ids, grouped by their number of chunks now.
-    pub by_chunks: Vec<TurnsWithChunks>,
+    pub turns: Vec<WrittenTurn>,
 }
 
-/// Turn ids that now have `chunks` chunks each.
+/// One turn as written now.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TurnsWithChunks {
+pub struct WrittenTurn {
+    pub turn_id: String,
+    /// Its number of chunks now.
     pub chunks: usize,
-    pub turn_ids: Vec<String>,
+    /// The id chunk number `chunks` has: an older version of the turn left stale chunks exactly
+    /// when this point exists (chunk indexes are contiguous from 0), so one lookup by id —
+    /// cheap — says whether a filter delete is needed at all.
+    pub next_chunk_id: Uuid,
+}
+
+/// The written turns whose next chunk id is in `existing`: those with stale chunks.
+pub fn with_stale_chunks(written: &[WrittenTurns], existing: &std::collections::HashSet<Uuid>) -> Vec<WrittenTurns> {
+    written
+        .iter()
+        .filter_map(|w| {
+            let turns: Vec<WrittenTurn> = w.turns.iter().filter(|t| existing.contains(&t.next_chunk_id)).cloned().collect();
+            (!turns.is_empty()).then(|| WrittenTurns { turns, ..w.clone() })
+        })
+        .collect()
+}
+
+/// Every written turn's next chunk id.
+pub fn next_chunk_ids(written: &[WrittenTurns]) -> Vec<Uuid> {
+    written.iter().flat_map(|w| w.turns.iter().map(|t| t.next_chunk_id)).collect()
 }
 
 /// Payload conditions; all given ones must hold.
@@ -311,8 +331,9 @@ pub trait VectorStore: Send + Sync {
     /// (the empty tenant matches the points written without one) or, None, in every tenant;
     /// acknowledged. Returns how many points matched (counted just before the delete).
     async fn delete_conversation(&self, tenant: Option<&str>, conversation_id: &str) -> Result<u64, StoreError>;
-    /// Deletes, in one acknowledged filter delete, the chunks of the written turns that their
-    /// new version no longer has (see [`WrittenTurns`]). Nothing to do for an empty slice.
+    /// Deletes the chunks of the written turns that their new version no longer has (see
+    /// [`WrittenTurns`]): one lookup of their next chunk ids, then, only for the turns where one
+    /// exists, one acknowledged filter delete. Nothing to do for an empty slice.
     async fn delete_stale_chunks(&self, written: &[WrittenTurns]) -> Result<(), StoreError>;
     /// Deletes points by id, acknowledged (ids that do not exist are ignored).
     async fn delete_points(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError>;

@@ -290,11 +290,29 @@ impl VectorStore for RemoteStore {
         if written.is_empty() {
             return Ok(());
         }
-        let messages = written.iter().map(|w| {
-            let groups = w.by_chunks.iter().map(|g| {
-                let at_or_above = Range { gte: Some(g.chunks as f64), ..Default::default() };
+        let ids: Vec<qdrant_client::qdrant::PointId> = super::next_chunk_ids(written).iter().map(|id| id.to_string().into()).collect();
+        let found = self
+            .client
+            .get_points(qdrant_client::qdrant::GetPointsBuilder::new(&self.collection, ids).with_payload(false).with_vectors(false))
+            .await
+            .map_err(|e| classify(&self.url, e))?;
+        let existing: std::collections::HashSet<Uuid> = found
+            .result
+            .into_iter()
+            .filter_map(|p| match p.id?.point_id_options? {
+                PointIdOptions::Uuid(s) => Uuid::parse_str(&s).ok(),
+                PointIdOptions::Num(_) => None,
+            })
+            .collect();
+        let stale = super::with_stale_chunks(written, &existing);
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let messages = stale.iter().map(|w| {
+            let groups = w.turns.iter().map(|t| {
+                let at_or_above = Range { gte: Some(t.chunks as f64), ..Default::default() };
                 Condition::from(Filter::must([
-                    Condition::matches("turn_id", g.turn_ids.clone()),
+                    Condition::matches("turn_id", t.turn_id.clone()),
                     Condition::range("chunk_index", at_or_above),
                 ]))
             });
