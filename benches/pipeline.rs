@@ -7,7 +7,7 @@ use convoflow::codec::{RecordCodec, WireFormat};
 use convoflow::event::{Conversation, EnrichedConversation, SourceRef};
 use convoflow::pipeline::bm25::Bm25Params;
 use convoflow::pipeline::chunk::{Chunker, builtin_tokenizer};
-use convoflow::pipeline::enrich::{EnrichInput, TextEnricher};
+use convoflow::pipeline::text::{EnrichInput, TextEnricher};
 use convoflow::sample::SampleGenerator;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 

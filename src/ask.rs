@@ -17,9 +17,8 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, LlmConfig};
 use crate::llm::{ChatMessage, Completion, LlmClient, LlmError};
-use crate::pipeline::bm25;
-use crate::search::GroupBy;
-use crate::sink::store::{self, Bootstrap, Hit, HybridQuery, SearchFilter, StoreError, VectorStore};
+use crate::query::{self, GroupBy};
+use crate::sink::store::{Hit, StoreError};
 
 /// Tokens kept free for the chat template's own tokens (`[INST]`, role headers, BOS).
 pub const CHAT_TEMPLATE_MARGIN: usize = 32;
@@ -226,19 +225,6 @@ pub fn build_prompt(llm: &LlmConfig, question: &str, hits: &[Hit], counter: &Tok
     Ok(Prompt { messages, dropped: hits.len() - sources.len(), sources, prompt_tokens: tokens, budget })
 }
 
-/// The hybrid query `search`, `ask` and `serve` run, for `limit` hits (with `group_by`: `limit`
-/// groups, the best hit of each).
-pub fn hybrid_query(text: &str, dense: Option<Vec<f32>>, filter: SearchFilter, limit: usize, group_by: Option<GroupBy>) -> HybridQuery {
-    HybridQuery {
-        dense,
-        sparse: bm25::query_vector(text),
-        filter,
-        limit,
-        // grouping needs more candidates: several turns of one conversation compete
-        prefetch_limit: if group_by.is_some() { (limit * 10).max(100) } else { (limit * 5).max(50) },
-        group_by: group_by.map(|g| g.field().to_string()),
-    }
-}
 
 /// A finished answer: what the LLM said, its sources and timings.
 #[derive(Debug, Clone, Serialize)]
@@ -276,7 +262,7 @@ pub struct AskArgs {
     /// The question, in any language the model speaks (it is asked to answer in the same one).
     pub question: String,
     #[command(flatten)]
-    pub filters: crate::search::FilterArgs,
+    pub filters: query::FilterArgs,
     /// Turns to retrieve (default: llm.top_k); the lowest ranked are dropped to fit the context.
     #[arg(long, short = 'k')]
     pub k: Option<usize>,
@@ -296,12 +282,12 @@ pub async fn run(cfg: &Config, args: &AskArgs) -> Result<()> {
     let filter = args.filters.filter()?;
     let counter = TokenCounter::new(&cfg.llm)?;
     let k = args.k.unwrap_or(cfg.llm.top_k).max(1);
-    let dense = crate::search::embed_query(cfg, &args.question)?;
+    let dense = query::embed_query(cfg, &args.question)?;
     if dense.is_none() {
         eprintln!("ask: no embedding model folder configured; retrieving with BM25 only");
     }
-    let store = open_store(cfg).await?;
-    let hits = store.search(&hybrid_query(&args.question, dense, filter, k, args.group_by)).await?;
+    let store = query::open_store(cfg).await?;
+    let hits = store.search(&query::hybrid_query(&args.question, dense, filter, k, args.group_by)).await?;
     let prompt = build_prompt(&cfg.llm, &args.question, &hits, &counter)?;
     eprintln!(
         "ask: {} turns retrieved, {} in the prompt ({} of {} prompt tokens, counted by {}); asking {} at {}",
@@ -356,13 +342,6 @@ pub async fn run(cfg: &Config, args: &AskArgs) -> Result<()> {
     Ok(())
 }
 
-/// Opens the configured store and its existing collection.
-pub async fn open_store(cfg: &Config) -> Result<Arc<dyn VectorStore>> {
-    let dim = crate::search::dense_dim(cfg)?;
-    let store = store::open(&cfg.qdrant)?;
-    store.ensure_collection(&store::collection_spec(&cfg.qdrant, dim), Bootstrap::MustExist).await?;
-    Ok(store)
-}
 
 #[cfg(test)]
 mod tests {

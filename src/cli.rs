@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::codec::WireFormat;
 use crate::config::Config;
 use crate::sample::SampleGenerator;
-use crate::source::admin;
+use crate::kafka::admin;
 use crate::produce::{ProduceArgs, produce};
 use crate::worker;
 
@@ -254,10 +254,10 @@ fn spawn_signal_handler(stop: Arc<AtomicBool>, shutdown_timeout: std::time::Dura
 async fn check(config: Option<&Path>) -> Result<()> {
     let cfg = Config::load(config)?;
     println!("config: ok ({})", config.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults + environment".into()));
-    println!("codecs: {}", worker::describe_codecs(&cfg.codec)?);
+    println!("codecs: {}", crate::codec::factory::describe_codecs(&cfg.codec)?);
     let preparer = crate::pipeline::prepare::Preparer::new(&cfg)?;
     let probe = SampleGenerator::new(1).conversation(0);
-    let enriched = preparer.text().enrich_one(&crate::pipeline::enrich::EnrichInput {
+    let enriched = preparer.text().enrich_one(&crate::pipeline::text::EnrichInput {
         conversation: &probe,
         source: crate::event::SourceRef { topic: "check".into(), partition: 0, offset: 0 },
     })?;
@@ -348,7 +348,7 @@ async fn check_store(cfg: &Config) {
         crate::config::StoreBackend::Edge => format!("edge at {}", q.data_dir.join(&q.collection).display()),
         crate::config::StoreBackend::Qdrant => format!("qdrant at {}", q.url),
     };
-    let dim = match crate::search::dense_dim(cfg) {
+    let dim = match crate::query::dense_dim(cfg) {
         Ok(dim) => dim,
         Err(e) => return println!("vector store ({place}): {e:#}"),
     };

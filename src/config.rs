@@ -8,7 +8,6 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::WireFormat;
-use crate::pipeline::bm25::Bm25Params;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -465,6 +464,22 @@ pub struct PipelineConfig {
     pub tombstone_scope: TombstoneScope,
     pub chunk: ChunkConfig,
     pub bm25: Bm25Params,
+}
+
+/// BM25 term weighting of the sparse vectors (`pipeline.bm25`).
+#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Bm25Params {
+    pub k1: f32,
+    pub b: f32,
+    /// Average document length in terms (turn chunks are short: tens of words).
+    pub avg_doc_len: f32,
+}
+
+impl Default for Bm25Params {
+    fn default() -> Self {
+        Self { k1: 1.2, b: 0.75, avg_doc_len: 32.0 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -20,7 +20,9 @@ use crate::codec::{RecordCodec, WireFormat};
 use crate::config::{Config, KafkaConfig, ModelConfig, ModelsConfig};
 use crate::event::EnrichedConversation;
 use crate::produce::{ProduceArgs, produce};
-use crate::source::readback::{percentile, timestamps, topic_size};
+use crate::bench::readback::{percentile, timestamps, topic_size};
+use crate::query::{self, QueryEmbedder};
+use crate::sink::store::SearchFilter;
 use crate::worker;
 
 const PARTITIONS: i32 = 6;
@@ -403,11 +405,11 @@ struct Readback {
 
 impl Readback {
     fn new(cfg: &KafkaConfig) -> Result<Self> {
-        let mut c = crate::source::base_client_config(cfg);
+        let mut c = crate::kafka::client(cfg);
         c.set("group.id", "convoflow-demo-readback")
             .set("enable.auto.commit", "false")
             .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string());
-        let consumer: BaseConsumer = c.create().map_err(crate::source::redact_config_error)?;
+        let consumer: BaseConsumer = c.create()?;
         let (output_topic, dlq_topic) = (cfg.output_topic.clone(), cfg.dlq_topic());
         let mut tpl = TopicPartitionList::new();
         for topic in [&output_topic, &dlq_topic] {
@@ -647,10 +649,7 @@ impl Progress {
 /// A few hybrid searches over what the worker indexed: the query embedded with the demo's
 /// embedding model (dense prefetch) and its BM25 terms (sparse prefetch), fused by RRF.
 async fn search_examples(cfg: &Config) -> Result<()> {
-    use crate::sink::store::{self, Bootstrap, HybridQuery};
-    let store = store::open(&cfg.qdrant)?;
-    let spec = store::collection_spec(&cfg.qdrant, crate::search::dense_dim(cfg)?);
-    store.ensure_collection(&spec, Bootstrap::MustExist).await?;
+    let store = query::open_store(cfg).await?;
     println!("\nindexed points: {}", store.count(&Default::default()).await?);
     let queries = [
         ("my refund was promised but never came", None::<&str>),
@@ -663,21 +662,18 @@ async fn search_examples(cfg: &Config) -> Result<()> {
     let dense: Vec<Option<Vec<f32>>> = {
         let cfg = cfg.clone();
         let texts: Vec<&'static str> = queries.iter().map(|(q, _)| *q).collect();
-        match tokio::task::spawn_blocking(move || crate::search::embed_queries(&cfg, &texts)).await?? {
+        let embedded = tokio::task::spawn_blocking(move || -> Result<_> {
+            QueryEmbedder::load(&cfg)?.map(|e| e.embed(&texts)).transpose()
+        });
+        match embedded.await?? {
             Some(vectors) => vectors.into_iter().map(Some).collect(),
             None => vec![None; queries.len()],
         }
     };
     for ((query, language), dense) in queries.into_iter().zip(dense) {
         let how = if dense.is_some() { "dense + BM25, RRF" } else { "BM25" };
-        let q = HybridQuery {
-            dense,
-            sparse: crate::pipeline::bm25::query_vector(query),
-            filter: store::SearchFilter { language: language.map(String::from), ..Default::default() },
-            limit: 3,
-            prefetch_limit: 50,
-            group_by: None,
-        };
+        let filter = SearchFilter { language: language.map(String::from), ..Default::default() };
+        let q = query::hybrid_query(query, dense, filter, 3, None);
         let hits = store.search(&q).await?;
         let filter = language.map(|l| format!(", language = {l}")).unwrap_or_default();
         println!("\nsearch {query:?} ({how}{filter}):\n{}", crate::search::table_with(&hits, false, mark_entities));

@@ -11,9 +11,8 @@ use crate::codec::WireFormat;
 use crate::config::Config;
 use crate::event::Conversation;
 use crate::sample::SampleGenerator;
-use crate::sink::producer::{EventProducer, Outgoing};
-use crate::source::admin;
-use crate::worker;
+use crate::kafka::producer::{EventProducer, Outgoing};
+use crate::kafka::admin;
 
 pub struct ProduceArgs {
     pub count: u64,
@@ -58,7 +57,7 @@ pub async fn produce(cfg: &Config, args: ProduceArgs) -> Result<()> {
         admin::ensure_topics(&cfg.kafka, std::slice::from_ref(&topic), args.partitions).await?;
     }
     // Confluent framing: the Conversation schema registered under the topic's subject
-    let codec = worker::writer_codec::<Conversation>(&cfg.codec, args.format, &topic, None)?;
+    let codec = crate::codec::factory::writer_codec::<Conversation>(&cfg.codec, args.format, &topic, None)?;
     let producer = EventProducer::new(&cfg.kafka, cfg.kafka.message_max_bytes)?;
     let started = Instant::now();
     let mut deliveries = Vec::with_capacity(events.len());

@@ -4,14 +4,13 @@
 //! payload filters. Without an embedding model the search is BM25 alone (said on stderr).
 
 use std::io::IsTerminal;
-use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::infer::{Model, Task};
-use crate::sink::store::{self, Bootstrap, Hit, SearchFilter};
+use crate::query::{self, FilterArgs, GroupBy};
+use crate::sink::store::Hit;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SearchArgs {
@@ -31,121 +30,22 @@ pub struct SearchArgs {
     pub group_by: Option<GroupBy>,
 }
 
-/// What `search --group-by` groups hits by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupBy {
-    /// The best turn (chunk) of each conversation.
-    Conversation,
-}
 
-impl GroupBy {
-    /// The payload field the store groups by.
-    pub fn field(self) -> &'static str {
-        match self {
-            GroupBy::Conversation => store::GROUP_BY_CONVERSATION,
-        }
-    }
-}
 
-/// The payload filters `search` and `ask` share; all given ones must hold.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct FilterArgs {
-    /// Only chunks of this tenant (exact match).
-    #[arg(long)]
-    pub tenant: Option<String>,
-    /// Only chunks of turns by this speaker (exact match, e.g. agent-7).
-    #[arg(long)]
-    pub speaker: Option<String>,
-    /// Only chunks of conversations in this language (ISO code as in the events, e.g. fr).
-    #[arg(long)]
-    pub language: Option<String>,
-    /// Only chunks of this conversation (its conversation_id).
-    #[arg(long)]
-    pub conversation: Option<String>,
-    /// Only chunks of turns with at least this many sentiment stars (1-5).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=5))]
-    pub min_stars: Option<i32>,
-    /// Only chunks whose turn mentions this entity: LABEL:VALUE, e.g. "PER:Marie Curie" (value
-    /// case-insensitive; repeatable, all must match).
-    #[arg(long = "entity", value_name = "LABEL:VALUE")]
-    pub entities: Vec<String>,
-}
 
-impl FilterArgs {
-    pub fn filter(&self) -> Result<SearchFilter> {
-        let entities = self
-            .entities
-            .iter()
-            .map(|e| parse_entity(e))
-            .collect::<Result<_>>()?;
-        Ok(SearchFilter {
-            conversation_id: self.conversation.clone(),
-            tenant: self.tenant.clone(),
-            speaker: self.speaker.clone(),
-            language: self.language.clone(),
-            min_stars: self.min_stars,
-            entities,
-        })
-    }
-}
 
-/// `LABEL:VALUE` (e.g. `PER:Marie Curie`) as (label, value), both trimmed.
-pub fn parse_entity(e: &str) -> Result<(String, String)> {
-    match e.split_once(':') {
-        Some((label, value)) if !label.trim().is_empty() && !value.trim().is_empty() => {
-            Ok((label.trim().to_string(), value.trim().to_string()))
-        }
-        _ => bail!("--entity expects LABEL:VALUE (e.g. PER:Marie Curie), got {e:?}"),
-    }
-}
 
-/// Dense dimension of the collection: `qdrant.dense_dim`, else the embedding model's hidden size.
-pub fn dense_dim(cfg: &Config) -> Result<usize> {
-    if let Some(dim) = cfg.qdrant.dense_dim {
-        return Ok(dim);
-    }
-    let Some(model) = &cfg.models.embedding else {
-        bail!("the vector store needs the dense vector size: configure models.embedding or set qdrant.dense_dim");
-    };
-    let path = model.path.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} for the dense vector size (or set qdrant.dense_dim)", path.display()))?;
-    let hf: crate::infer::hf::HfConfig =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(hf.hidden_size as usize)
-}
 
-/// Embeds a search query with the configured model, if its folder is there.
-pub fn embed_query(cfg: &Config, query: &str) -> Result<Option<Vec<f32>>> {
-    Ok(embed_queries(cfg, &[query])?.and_then(|mut v| v.pop()))
-}
 
-/// Embeds several search queries with one load of the configured model (query template
-/// applied), in input order; None without an embedding model folder.
-pub fn embed_queries(cfg: &Config, queries: &[&str]) -> Result<Option<Vec<Vec<f32>>>> {
-    let Some(m) = &cfg.models.embedding else { return Ok(None) };
-    if !Path::new(&m.path).join("config.json").exists() {
-        return Ok(None);
-    }
-    let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
-    let dtype = crate::infer::device::parse_dtype(&m.dtype, device)?;
-    let model = Model::load(&m.path, Task::Embedding, device, dtype).with_context(|| format!("loading {}", m.name))?;
-    let texts: Vec<String> = queries.iter().map(|q| m.query_text(q)).collect();
-    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    Ok(Some(model.embed(&texts, &Default::default())?.0))
-}
 
 pub async fn run(cfg: &Config, args: &SearchArgs) -> Result<()> {
     let filter = args.filters.filter()?;
-    let dim = dense_dim(cfg)?;
-    let dense = embed_query(cfg, &args.query)?;
+    let dense = query::embed_query(cfg, &args.query)?;
     if dense.is_none() {
         eprintln!("search: no embedding model folder configured; BM25 only");
     }
-    let store = store::open(&cfg.qdrant)?;
-    store.ensure_collection(&store::collection_spec(&cfg.qdrant, dim), Bootstrap::MustExist).await?;
-    let hits = store.search(&crate::ask::hybrid_query(&args.query, dense, filter, args.limit, args.group_by)).await?;
+    let store = query::open_store(cfg).await?;
+    let hits = store.search(&query::hybrid_query(&args.query, dense, filter, args.limit, args.group_by)).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&hits_json(&hits))?);
     } else {

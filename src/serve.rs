@@ -38,9 +38,8 @@ use tracing::{info, warn};
 
 use crate::ask::{self, Answer, AskError, TokenCounter};
 use crate::config::{Config, Secret, ServeConfig};
-use crate::infer::runner::{ModelThread, NerSettings, Output};
 use crate::llm::{LlmClient, LlmError};
-use crate::search::GroupBy;
+use crate::query::{self, GroupBy, QueryEmbedder};
 use crate::sink::store::{SearchFilter, StoreError, VectorStore};
 use crate::telemetry;
 
@@ -67,7 +66,7 @@ impl Filters {
         let entities = self
             .entities
             .iter()
-            .map(|e| crate::search::parse_entity(e).map_err(|e| ApiError::bad(format!("filters.entities: {e:#}"))))
+            .map(|e| query::parse_entity(e).map_err(|e| ApiError::bad(format!("filters.entities: {e:#}"))))
             .collect::<Result<_, _>>()?;
         Ok(SearchFilter {
             conversation_id: self.conversation_id.clone(),
@@ -179,11 +178,6 @@ impl From<AskError> for ApiError {
     }
 }
 
-/// The embedding model on its own thread, with the query template applied.
-struct QueryEmbedder {
-    thread: ModelThread,
-    template: crate::config::ModelConfig,
-}
 
 struct ServeState {
     cfg: Config,
@@ -260,14 +254,13 @@ type Shared = Arc<ServeState>;
 impl ServeState {
     async fn embed(&self, text: &str) -> Result<Option<Vec<f32>>, ApiError> {
         let Some(e) = self.embedder.clone() else { return Ok(None) };
-        let query = e.template.query_text(text);
-        let out = tokio::task::spawn_blocking(move || e.thread.run(vec![query])).await.map_err(|e| ApiError {
+        let query = text.to_string();
+        let out = tokio::task::spawn_blocking(move || e.embed(&[&query])).await.map_err(|e| ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             message: format!("the embedding thread: {e}"),
         })?;
         match out {
-            Ok((Output::Embeddings(mut v), _)) => Ok(v.pop()),
-            Ok((other, _)) => Err(ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("unexpected model output {other:?}") }),
+            Ok(mut v) => Ok(v.pop()),
             Err(e) => Err(ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("embedding the query: {e:#}") }),
         }
     }
@@ -286,7 +279,7 @@ impl ServeState {
         }
         let filter = filters.to_filter()?;
         let dense = self.embed(text).await?;
-        Ok(self.store.search(&ask::hybrid_query(text, dense, filter, k, group_by)).await?)
+        Ok(self.store.search(&query::hybrid_query(text, dense, filter, k, group_by)).await?)
     }
 }
 
@@ -298,22 +291,16 @@ pub async fn start(
     telemetry::prometheus();
     // a budget setting that cannot work fails before anything is loaded
     let budgets = Budgets::new(&cfg.serve)?;
-    let store = ask::open_store(&cfg).await?;
-    let embedder = match &cfg.models.embedding {
-        Some(m) if m.path.join("config.json").exists() => {
-            let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
-            let managed = crate::infer::manager::ManagedModel::new(crate::infer::Task::Embedding, m.clone(), device)?;
-            let thread = tokio::task::spawn_blocking(move || ModelThread::spawn(managed, true, NerSettings::default()))
-                .await
-                .context("loading the embedding model")??;
-            info!(model = %m.name, "embedding model loaded for queries");
-            Some(Arc::new(QueryEmbedder { thread, template: m.clone() }))
-        }
-        _ => {
-            warn!("no embedding model folder configured: searches are BM25 only");
-            None
-        }
+    let store = query::open_store(&cfg).await?;
+    let embedder = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || QueryEmbedder::load(&cfg)).await.context("loading the embedding model")??
     };
+    match &embedder {
+        Some(e) => info!(model = %e.name(), "embedding model loaded for queries"),
+        None => warn!("no embedding model folder configured: searches are BM25 only"),
+    }
+    let embedder = embedder.map(Arc::new);
     let llm = if cfg.llm.is_configured() { Some(Arc::new(LlmClient::new(&cfg.llm)?)) } else { None };
     let counter = Arc::new(TokenCounter::new(&cfg.llm)?);
     let listener = tokio::net::TcpListener::bind(&cfg.serve.listen).await.with_context(|| format!("binding serve.listen {}", cfg.serve.listen))?;
@@ -550,7 +537,7 @@ async fn healthz(State(state): State<Shared>) -> Response {
         "problems": problems,
         "store": state.store.backend(),
         "points": points,
-        "embedding": state.embedder.as_ref().map(|e| e.template.name.clone()),
+        "embedding": state.embedder.as_ref().map(|e| e.name().to_string()),
         // the last exchange's outcome, never a probe: an LLM outage fails asks, not this health
         "llm": state.llm.as_ref().map(|l| llm_health(l)),
     });

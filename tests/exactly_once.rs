@@ -105,8 +105,8 @@ async fn a_broker_restart_mid_transaction_ends_with_exactly_once_output() {
 async fn a_producer_failed_for_good_but_not_fenced_is_replaced_and_its_transaction_stays_invisible() {
     use std::sync::Arc;
 
-    use convoflow::sink::producer::{EventProducer, Outgoing};
-    use convoflow::sink::transactions::{MAX_REPLACEMENTS, Outcome, Transactions};
+    use convoflow::kafka::producer::{EventProducer, Outgoing};
+    use convoflow::kafka::transactions::{MAX_REPLACEMENTS, Outcome, Transactions};
 
     let _serial = shared_broker();
     let topic = unique("eos-replace");

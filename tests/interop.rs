@@ -357,7 +357,7 @@ fn lookup_only_uses_the_registered_output_schema() {
     let topic = unique("lookup-only");
     let mut codec = convoflow::config::CodecConfig::default();
     codec.schema_registry = Some(SchemaRegistryConfig { url: registry_url(), auto_register: false, ..Default::default() });
-    let err = worker::writer_codec::<EnrichedConversation>(&codec, WireFormat::Confluent, &topic, None).err().unwrap();
+    let err = convoflow::codec::factory::writer_codec::<EnrichedConversation>(&codec, WireFormat::Confluent, &topic, None).err().unwrap();
     let err = format!("{err:#}");
     assert!(err.contains("not registered under subject") && err.contains(&format!("{topic}-value")), "{err}");
     // registered by someone else (as Confluent's clients send it: without the trailing newline)
@@ -371,11 +371,11 @@ fn lookup_only_uses_the_registered_output_schema() {
         .unwrap();
     let answer: Value = serde_json::from_str(&answer).unwrap();
     let id = answer["id"].as_u64().unwrap() as u32;
-    let codec = worker::writer_codec::<EnrichedConversation>(&codec, WireFormat::Confluent, &topic, None).unwrap();
+    let codec = convoflow::codec::factory::writer_codec::<EnrichedConversation>(&codec, WireFormat::Confluent, &topic, None).unwrap();
     let g = SampleGenerator::new(3);
-    let event = worker::build_text_enricher(&Config::default(), None)
+    let event = convoflow::pipeline::text::build_text_enricher(&Config::default(), None)
         .unwrap()
-        .enrich_one(&convoflow::pipeline::enrich::EnrichInput {
+        .enrich_one(&convoflow::pipeline::text::EnrichInput {
             conversation: &g.conversation(0),
             source: convoflow::event::SourceRef { topic: "t".into(), partition: 0, offset: 0 },
         })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use convoflow::config::{Config, KafkaSecurity, SaslConfig, SaslMechanism, Secret, SecurityProtocol, TlsConfig};
 use convoflow::sample::SampleGenerator;
-use convoflow::source::admin;
+use convoflow::kafka::admin;
 use convoflow::worker;
 
 fn env(var: &str) -> String {

@@ -102,7 +102,7 @@ fn prepared_chunk_ids_embed_like_transformers_on_prefixed_text() {
     use convoflow::codec::{RecordCodec, WireFormat};
     use convoflow::config::Config;
     use convoflow::event::{Conversation, Turn};
-    use convoflow::pipeline::offsets::TopicPartition;
+    use convoflow::kafka::TopicPartition;
     use convoflow::pipeline::prepare::{Decided, Preparer};
     use convoflow::source::InboundMessage;
 

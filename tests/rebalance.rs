@@ -62,7 +62,7 @@ async fn lag_is_reported_for_partitions_this_worker_does_not_hold() {
     let cfg = in_process_config(&topics);
     let shared = Arc::new(convoflow::source::SharedSource::default()); // holds nothing
     let readiness = Arc::new(convoflow::telemetry::Readiness::default());
-    let _monitor = convoflow::telemetry::lag::LagMonitor::start(&cfg.kafka, shared, readiness, Duration::from_millis(200)).unwrap();
+    let _monitor = convoflow::source::lag::LagMonitor::start(&cfg.kafka, shared, readiness, Duration::from_millis(200)).unwrap();
     let topic = topics.input.clone();
     wait_until("lag of all 3 partitions, summing to 12", Duration::from_secs(20), move || {
         let text = convoflow::telemetry::prometheus().render();

@@ -134,7 +134,7 @@ async fn hundred_conversations_end_to_end_with_models_points_events_and_search()
     let query = "scooter on fire in my garage";
     let dense = tokio::task::spawn_blocking({
         let cfg = cfg.clone();
-        move || convoflow::search::embed_query(&cfg, query).unwrap().unwrap()
+        move || convoflow::query::embed_query(&cfg, query).unwrap().unwrap()
     })
     .await
     .unwrap();

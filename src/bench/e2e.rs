@@ -20,8 +20,9 @@ use serde::Serialize;
 
 use crate::codec::WireFormat;
 use crate::config::Config;
-use crate::sink::store::{self, Bootstrap, SearchFilter};
-use crate::source::{admin, readback};
+use crate::sink::store::SearchFilter;
+use crate::bench::readback;
+use crate::kafka::admin;
 
 pub struct E2eArgs {
     pub config: Option<PathBuf>,
@@ -173,9 +174,7 @@ pub async fn run(args: &E2eArgs) -> Result<E2eReport> {
     stop.store(true, Ordering::SeqCst);
     worker.await.context("worker task")??;
 
-    let store = store::open(&cfg.qdrant)?;
-    let dim = crate::search::dense_dim(&cfg)?;
-    store.ensure_collection(&store::collection_spec(&cfg.qdrant, dim), Bootstrap::MustExist).await?;
+    let store = crate::query::open_store(&cfg).await?;
     let points = store.count(&SearchFilter::default()).await?;
     drop(store);
     let _ = std::fs::remove_dir_all(&store_dir);
@@ -253,8 +252,8 @@ async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<IdlePr
         return Ok(IdleProbes::default());
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // let the worker go idle
-    let codec = crate::worker::input_codec(&cfg.codec)?;
-    let producer = crate::sink::producer::EventProducer::new(&cfg.kafka, cfg.kafka.message_max_bytes)?;
+    let codec = crate::codec::factory::input_codec(&cfg.codec)?;
+    let producer = crate::kafka::producer::EventProducer::new(&cfg.kafka, cfg.kafka.message_max_bytes)?;
     let tail = {
         let k = cfg.kafka.clone();
         tokio::task::spawn_blocking(move || readback::tail(&k, &k.output_topic)).await??
@@ -278,7 +277,7 @@ async fn idle_probes(cfg: &Config, probes: usize, turns: usize) -> Result<IdlePr
         let payload = codec.encode(&conv)?;
         let started = Instant::now();
         let published_ms = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
-        let out_rec = crate::sink::producer::Outgoing {
+        let out_rec = crate::kafka::producer::Outgoing {
             topic: &cfg.kafka.input_topic,
             key: Some(conv.conversation_id.as_bytes()),
             payload: Some(&payload),

@@ -2,6 +2,7 @@
 //! of realistic length (about 8–120 tokens), one model after the other and all three together.
 
 pub mod e2e;
+pub mod readback;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -10,20 +10,8 @@ use std::collections::BTreeMap;
 
 use crate::event::SparseVector;
 
-#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
-#[serde(default)]
-pub struct Bm25Params {
-    pub k1: f32,
-    pub b: f32,
-    /// Average document length in terms (turn chunks are short: tens of words).
-    pub avg_doc_len: f32,
-}
-
-impl Default for Bm25Params {
-    fn default() -> Self {
-        Self { k1: 1.2, b: 0.75, avg_doc_len: 32.0 }
-    }
-}
+/// The BM25 parameters are `pipeline.bm25` of the configuration.
+pub use crate::config::Bm25Params;
 
 pub fn term_id(term: &str) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;

@@ -22,7 +22,7 @@
 //!
 //! With `kafka.delivery: exactly_once` the producer is transactional: the stage holds the open
 //! transaction while it enqueues a batch and notes each message's offset in it; the source's
-//! poll thread commits it (see `sink::transactions`). A delivery purged by an abort is not a
+//! poll thread commits it (see `kafka::transactions`). A delivery purged by an abort is not a
 //! failure: its message is read again.
 
 use std::sync::Arc;
@@ -41,11 +41,12 @@ use crate::codec::RecordCodec;
 use crate::event::EnrichedConversation;
 use crate::pipeline::breaker::DlqBreaker;
 use crate::pipeline::prepare::{Decided, EncodedOutput, Prepared, Valid};
-use crate::pipeline::stage::{Busy, Flight, Halt, STAGE_EMIT, count_stale, keep_current, record_depth};
+use crate::shutdown::Halt;
+use crate::pipeline::stage::{Busy, Flight, STAGE_EMIT, count_stale, keep_current, record_depth};
 use crate::sink::dlq::{self, Rejection};
 use crate::sink::headers::{self, header_bytes};
-use crate::sink::producer::{EventProducer, Outgoing, record_wire_bytes};
-use crate::sink::transactions::{BeginError, Transactions};
+use crate::kafka::producer::{EventProducer, Outgoing, record_wire_bytes};
+use crate::kafka::transactions::{BeginError, Transactions};
 use crate::source::{InboundMessage, SharedSource};
 use crate::telemetry;
 

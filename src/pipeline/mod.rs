@@ -1,11 +1,151 @@
-//! The CPU stages between the Kafka source and the sinks, and the offset bookkeeping that
-//! makes the whole worker at-least-once.
+//! The stages between the Kafka source and the sinks, one file each — batch → prepare (`text`
+//! is its model-free enrichment) → infer → store → emit — and `Pipeline::run`, which spawns
+//! them, connects them by bounded channels and joins them.
 
-pub mod breaker;
+pub mod batch;
 pub mod bm25;
+pub mod breaker;
 pub mod chunk;
 pub mod emit;
-pub mod enrich;
-pub mod offsets;
+pub mod infer;
 pub mod prepare;
 pub mod stage;
+pub mod store;
+pub mod text;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use tokio::sync::mpsc;
+use tracing::{Instrument, warn};
+
+use crate::config::PipelineConfig;
+use crate::shutdown::{SOURCE_LEFT_BEHIND, ShutdownClock};
+use crate::source::InboundMessage;
+use emit::Emitter;
+use stage::{Flight, STAGE_STORE, record_depth};
+use store::StoreStage;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub enriched: u64,
+    /// Points upserted to the vector store (the writer's count).
+    pub points: u64,
+    pub dead_lettered: u64,
+    pub tombstones: u64,
+}
+
+/// The five stages, ready to run.
+pub struct Pipeline {
+    /// The shutdown's deadline: past it (less `SOURCE_LEFT_BEHIND`) the pipeline stops
+    /// without waiting for the source to leave.
+    pub shutdown: ShutdownClock,
+    /// The store stage (run by `run`'s own task).
+    pub store: StoreStage,
+    /// The emit stage (moved into its task by `run`).
+    pub emitter: Option<Emitter>,
+}
+
+impl Pipeline {
+    /// The stages, each a task connected to the next by a bounded channel, so several
+    /// micro-batches are in flight and every stage works at once: batch → prepare (CPU cores)
+    /// → infer (queues each batch on the model threads and goes on) → store (this task: model
+    /// outputs, points upserted) → emit (output topic / DLQ, completion), all in input order.
+    /// A full channel stops the stage before it, and in the end the source pauses its
+    /// partitions.
+    pub async fn run(mut self, rx: mpsc::Receiver<InboundMessage>, p: &PipelineConfig) -> (Stats, Option<anyhow::Error>) {
+        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let (prepared_tx, prepared_rx) = mpsc::channel(p.prepare_workers);
+        let (inflight_tx, mut inflight_rx) = mpsc::channel(p.batches_in_flight);
+        let linger = Duration::from_millis(p.max_batch_wait_ms);
+        let flight = Arc::new(Flight::default());
+        let stages = [
+            tokio::spawn({
+                let (flight, preparer) = (flight.clone(), self.store.preparer.clone());
+                let (max, room) = (p.max_batch_messages, p.batches_in_flight);
+                async move {
+                    batch::form_batches(rx, batch_tx, flight, max, room, linger).await;
+                    // the source is gone: a lookup waiting for the registry gives up
+                    preparer.interrupt();
+                }
+            }),
+            tokio::spawn(prepare::prepare_batches(batch_rx, prepared_tx, self.store.preparer.clone(), self.store.shared.clone(), flight.clone(), p.prepare_workers)),
+            tokio::spawn(infer::submit_batches(prepared_rx, inflight_tx, self.store.models.clone(), flight.clone())),
+        ];
+        // The batch stage notices the source's leaving only while it waits for messages; a stage
+        // busy elsewhere (a full channel) must not keep the rest waiting on models or the store.
+        // A source that has not left by shortly before the shutdown deadline is stuck (its poll
+        // thread waits in librdkafka for a broker that does not answer): the pipeline stops
+        // without it; what it did not complete stays uncommitted and is re-read.
+        let source_watch = tokio::spawn({
+            let (shared, flight, clock) = (self.store.shared.clone(), flight.clone(), self.shutdown.clone());
+            async move {
+                loop {
+                    if shared.lock().left {
+                        break;
+                    }
+                    if clock.stopping() && clock.remaining(SOURCE_LEFT_BEHIND).is_zero() {
+                        warn!(
+                            "the Kafka source has not left by the shutdown deadline (blocked on an unresponsive broker?): \
+                             the pipeline stops without it; unfinished work stays uncommitted and is re-read"
+                        );
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                flight.abandon();
+            }
+        });
+        let (stored_tx, stored_rx) = mpsc::channel(2);
+        let emitter = self.emitter.take().expect("run once");
+        let emit = tokio::spawn(emitter.run(stored_rx, flight.clone()));
+        while let Some(inflight) = inflight_rx.recv().await {
+            record_depth(STAGE_STORE, inflight_rx.len());
+            // stopping (a failure, or the source is gone): what is still queued is neither
+            // written nor completed; the next owner of its partitions re-reads it
+            let stored = if !self.store.halt.is_tripped() && !flight.is_abandoned() {
+                let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
+                tokio::select! {
+                    stored = self.store.store(inflight).instrument(span) => stored,
+                    // the source has left (its shutdown timeout passed): the batch cannot be
+                    // completed any more, so the worker does not wait for its models or store
+                    _ = flight.abandoned() => None,
+                }
+            } else {
+                None
+            };
+            let forwarded = match stored {
+                Some(stored) => stored_tx.send(stored).await.is_ok(),
+                None => false,
+            };
+            if !forwarded {
+                flight.ended();
+            }
+        }
+        drop(stored_tx);
+        source_watch.abort();
+        for stage in stages {
+            if let Err(e) = stage.await
+                && e.is_panic()
+            {
+                self.store.halt.trip(anyhow!("a pipeline stage panicked: {e}"));
+            }
+        }
+        let emitted = match emit.await {
+            Ok(emitted) => emitted,
+            Err(e) => {
+                self.store.halt.trip(anyhow!("the emit stage panicked: {e}"));
+                Default::default()
+            }
+        };
+        let stats = Stats {
+            enriched: emitted.enriched,
+            points: self.store.store.counters.upserted_points.load(Ordering::Relaxed),
+            dead_lettered: emitted.dead_lettered,
+            tombstones: emitted.tombstones,
+        };
+        (stats, self.store.halt.take())
+    }
+}

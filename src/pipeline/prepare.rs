@@ -4,10 +4,14 @@
 //! encodings with character offsets, sentiment its ids), so the model threads only pad, upload
 //! and run. Messages of a batch are prepared in parallel on rayon's pool, in input order.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use rayon::prelude::*;
+use tokio::sync::mpsc;
 
-use super::enrich::{TextEnricher, TextEnriched};
+use super::stage::{Busy, Flight, STAGE_PREPARE, record_depth};
+use super::text::{TextEnricher, TextEnriched};
 use crate::codec::RecordCodec;
 use crate::config::{Config, TombstoneScope};
 use crate::event::{Conversation, EnrichedConversation, EventLimits, SourceRef, ValidationError};
@@ -15,7 +19,7 @@ use crate::infer::ModelFolder;
 use crate::infer::model::NerInput;
 use crate::infer::tokenize::ModelTokenizer;
 use crate::sink::dlq::Rejection;
-use crate::source::InboundMessage;
+use crate::source::{InboundMessage, SharedSource};
 
 /// What became of one input message before any model ran.
 pub enum Decided {
@@ -158,7 +162,7 @@ impl Preparer {
             }
             _ => None,
         };
-        let text = crate::worker::build_text_enricher(cfg, embedding.as_ref().map(|e| (&e.tokenizer, e.leading.len())))?;
+        let text = super::text::build_text_enricher(cfg, embedding.as_ref().map(|e| (&e.tokenizer, e.leading.len())))?;
         let chunk_tokens = match (&m.embedding, &cfg.pipeline.chunk.tokenizer) {
             (Some(e), _) => format!("the embedding model's ({})", e.name),
             (None, Some(path)) => path.display().to_string(),
@@ -166,7 +170,7 @@ impl Preparer {
         };
         Ok(Self {
             chunk_tokens,
-            input_codec: crate::worker::input_codec(&cfg.codec)?,
+            input_codec: crate::codec::factory::input_codec(&cfg.codec)?,
             limits: EventLimits {
                 max_turn_bytes: cfg.pipeline.max_turn_bytes,
                 max_turns: cfg.pipeline.max_turns_per_event,
@@ -257,4 +261,44 @@ impl Preparer {
 
 pub fn source_ref(msg: &InboundMessage) -> SourceRef {
     SourceRef { topic: msg.tp.topic.to_string(), partition: msg.tp.partition, offset: msg.offset }
+}
+
+/// The prepare stage: up to `workers` micro-batches at once on blocking threads (each spreads
+/// its messages over rayon's pool), passed on in input order.
+pub async fn prepare_batches(
+    mut rx: mpsc::Receiver<Vec<InboundMessage>>,
+    tx: mpsc::Sender<Vec<Prepared>>,
+    preparer: Arc<Preparer>,
+    shared: Arc<SharedSource>,
+    flight: Arc<Flight>,
+    workers: usize,
+) {
+    use futures::StreamExt;
+    let batches = futures::stream::poll_fn(move |cx| {
+        let next = rx.poll_recv(cx);
+        record_depth(STAGE_PREPARE, rx.len());
+        next
+    })
+    .map(|batch: Vec<InboundMessage>| {
+        let (preparer, shared, flight) = (preparer.clone(), shared.clone(), flight.clone());
+        tokio::task::spawn_blocking(move || {
+            if flight.is_abandoned() {
+                return vec![];
+            }
+            let _busy = Busy::start(STAGE_PREPARE);
+            // messages of partitions revoked meanwhile are dropped: the next owner re-reads them
+            let current: Vec<InboundMessage> = batch.into_iter().filter(|m| shared.is_current(&m.tp, m.generation)).collect();
+            preparer.prepare(current)
+        })
+    })
+    .buffered(workers);
+    let mut batches = std::pin::pin!(batches);
+    while let Some(prepared) = batches.next().await {
+        let prepared = prepared.expect("preparation does not panic");
+        if prepared.is_empty() {
+            flight.ended(); // every message was revoked meanwhile, or the source is gone
+        } else if tx.send(prepared).await.is_err() {
+            return;
+        }
+    }
 }

@@ -101,35 +101,3 @@ impl Drop for Busy {
 pub fn record_depth(stage: &'static str, depth: usize) {
     metrics::gauge!(telemetry::STAGE_QUEUE_DEPTH, "stage" => stage).set(depth as f64);
 }
-
-/// The first failure that stops the worker, shared by the stages: set once, it raises the stop
-/// flag (the source stops fetching, commits what is complete and leaves).
-pub struct Halt {
-    first: std::sync::Mutex<Option<anyhow::Error>>,
-    stop: std::sync::Arc<AtomicBool>,
-}
-
-impl Halt {
-    pub fn new(stop: std::sync::Arc<AtomicBool>) -> Self {
-        Self { first: std::sync::Mutex::new(None), stop }
-    }
-
-    /// Records `e` (the first one wins) and stops the worker.
-    pub fn trip(&self, e: anyhow::Error) {
-        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
-        if first.is_none() {
-            tracing::error!(error = %format!("{e:#}"), "stopping the worker: work in progress stays uncommitted and is re-read");
-            *first = Some(e);
-        }
-        self.stop.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_tripped(&self) -> bool {
-        self.first.lock().unwrap_or_else(|e| e.into_inner()).is_some()
-    }
-
-    /// The failure, if any (taken: later calls return None).
-    pub fn take(&self) -> Option<anyhow::Error> {
-        self.first.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}

@@ -10,11 +10,11 @@
 //!   and the rest is forgotten (its late completions are ignored; the next owner re-reads it).
 //! - Shutdown: stop taking messages, wait (bounded) for in-flight work, commit, leave the group.
 //! - `kafka.delivery: exactly_once`: "commit" means committing the producer's open transaction
-//!   with its offsets (`sink::transactions`), at the same three moments; an aborted transaction
+//!   with its offsets (`kafka::transactions`), at the same three moments; an aborted transaction
 //!   rewinds the consumer to the last committed offsets.
 
-pub mod admin;
-pub mod readback;
+pub mod lag;
+pub mod offsets;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -30,9 +29,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::config::KafkaConfig;
-use crate::pipeline::offsets::{Generation, OffsetTracker, TopicPartition};
-use crate::pipeline::stage::Halt;
-use crate::sink::transactions::{Held, Outcome, Transactions};
+use crate::kafka::{self, TopicPartition};
+use offsets::{Generation, OffsetTracker};
+use crate::shutdown::{Halt, ShutdownClock};
+use crate::kafka::transactions::{Held, Outcome, Transactions};
 
 /// How consumed offsets are committed.
 #[derive(Clone)]
@@ -250,34 +250,8 @@ fn tpl_offsets(tpl: &TopicPartitionList) -> Vec<(String, i32, i64)> {
 
 pub type SourceConsumer = BaseConsumer<SourceContext>;
 
-/// Librdkafka settings shared by every client of this worker: brokers, `kafka.security`
-/// (secrets included, so never print a `ClientConfig`; create clients through
-/// `redact_config_error`) and the `kafka.client` tuning pass-through.
-pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers);
-    for (k, v) in cfg.security.client_properties() {
-        c.set(k, v);
-    }
-    for (k, v) in &cfg.client {
-        c.set(k, v);
-    }
-    c
-}
-
-/// A client-creation error without the property's value: rdkafka's `ClientConfig` error prints
-/// the value, which may be a secret set under a misspelt name.
-pub fn redact_config_error(e: rdkafka::error::KafkaError) -> anyhow::Error {
-    match e {
-        rdkafka::error::KafkaError::ClientConfig(_, description, key, _value) => {
-            anyhow::anyhow!("invalid Kafka client property {key:?}: {description}")
-        }
-        other => anyhow::Error::new(other),
-    }
-}
-
 pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_drain: Duration, committer: Committer) -> Result<SourceConsumer> {
-    let mut c = base_client_config(cfg);
+    let mut c = kafka::client(cfg);
     c.set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -287,56 +261,10 @@ pub fn create_consumer(cfg: &KafkaConfig, shared: Arc<SharedSource>, rebalance_d
         .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string());
     let consumer: SourceConsumer = c
         .create_with_context(SourceContext { shared, rebalance_drain, committer })
-        .map_err(redact_config_error)
+        
         .context("creating the Kafka consumer")?;
     consumer.subscribe(&[&cfg.input_topic]).context("subscribing to the input topic")?;
     Ok(consumer)
-}
-
-/// The shutdown's one deadline: `pipeline.shutdown_timeout_ms` from the moment the worker was
-/// asked to stop (a signal or a failure sets the stop flag; `watch` notes when), so time spent
-/// before the source notices (a commit blocked on an absent coordinator) counts too. Every wait
-/// of the shutdown ends by it.
-#[derive(Clone)]
-pub struct ShutdownClock {
-    stopped_at: Arc<std::sync::OnceLock<Instant>>,
-    budget: Duration,
-}
-
-impl ShutdownClock {
-    /// Notes when `stop` is first set (checked every 20 ms on a thread of its own).
-    pub fn watch(stop: Arc<AtomicBool>, budget: Duration) -> Self {
-        let clock = Self { stopped_at: Arc::default(), budget };
-        let stopped_at = clock.stopped_at.clone();
-        let _ = std::thread::Builder::new().name("shutdown-clock".into()).spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = stopped_at.set(Instant::now());
-        });
-        clock
-    }
-
-    /// When the shutdown must be over (the budget from now while no stop was seen yet).
-    pub fn deadline(&self) -> Instant {
-        *self.stopped_at.get().unwrap_or(&Instant::now()) + self.budget
-    }
-
-    /// Whether the worker was asked to stop (the deadline runs).
-    pub fn stopping(&self) -> bool {
-        self.stopped_at.get().is_some()
-    }
-
-    /// Time left until the deadline, less `reserve`.
-    pub fn remaining(&self, reserve: Duration) -> Duration {
-        self.deadline().saturating_duration_since(Instant::now()).saturating_sub(reserve)
-    }
-
-    /// What the steps after the source (its last commit and leaving the group, the producer's
-    /// flush, the store's) keep of the budget: a third of it, at most 2 s.
-    pub fn reserve(&self) -> Duration {
-        (self.budget / 3).min(Duration::from_secs(2))
-    }
 }
 
 pub struct SourceSettings {
@@ -584,22 +512,13 @@ fn rewind(consumer: &SourceConsumer, shared: &SharedSource, halt: &Halt, seek: b
     info!(offsets = %offsets.join(","), "rewound to the last committed offsets: the aborted transaction's messages are read again");
 }
 
-/// The offsets to commit (next offset to read, per partition) as librdkafka's list.
-pub(crate) fn offsets_list<'a>(offsets: impl IntoIterator<Item = (&'a TopicPartition, i64)>) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    for (tp, next) in offsets {
-        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
-    }
-    tpl
-}
-
 /// Commits every partition whose contiguous completed offset moved.
 fn commit(consumer: &SourceConsumer, shared: &SharedSource, mode: CommitMode) {
     let candidates = shared.lock().tracker.commit_candidates();
     if candidates.is_empty() {
         return;
     }
-    let tpl = offsets_list(candidates.iter().map(|(tp, next)| (tp, *next)));
+    let tpl = kafka::offsets_list(candidates.iter().map(|(tp, next)| (tp, *next)));
     let started = Instant::now();
     match consumer.commit(&tpl, mode) {
         Ok(()) => {

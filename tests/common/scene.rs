@@ -199,7 +199,7 @@ pub async fn broker_restart_round(name: &str, extra_env: &[(&str, &str)]) -> Res
     let env: Vec<(&str, &str)> = SLOW
         .iter()
         .copied()
-        .chain([("CONVOFLOW_LOG", "info,rdkafka=warn,qdrant_edge=error,convoflow::source=debug,convoflow::sink::transactions=debug")])
+        .chain([("CONVOFLOW_LOG", "info,rdkafka=warn,qdrant_edge=error,convoflow::source=debug,convoflow::kafka::transactions=debug")])
         .chain(extra_env.iter().copied())
         .collect();
     let mut worker = Worker::start("w", &topics, &env);

@@ -7,18 +7,19 @@
 //! `dense` (cosine), named sparse vector `bm25` (IDF modifier), one point per turn chunk, and
 //! payload indexes on the fields searches filter by. `writer` adds batching and retries on top.
 
+mod backend;
 pub mod edge;
 pub mod points;
 pub mod remote;
 pub mod writer;
 
-use std::sync::Arc;
+pub use backend::open;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::config::{QdrantConfig, StoreBackend};
+use crate::config::QdrantConfig;
 use crate::event::SparseVector;
 
 /// Name of the dense vector in every point.
@@ -166,7 +167,7 @@ impl SearchFilter {
             }
         }
         for (label, value) in &self.entities {
-            out.push(("entity_values", points::entity_term(label, value)));
+            out.push(("entity_values", entity_term(label, value)));
         }
         out
     }
@@ -350,15 +351,6 @@ pub trait VectorStore: Send + Sync {
     }
 }
 
-/// Opens the configured backend (no collection is touched yet).
-pub fn open(cfg: &QdrantConfig) -> Result<Arc<dyn VectorStore>, StoreError> {
-    Ok(match cfg.backend {
-        StoreBackend::Edge => Arc::new(
-            edge::EdgeStore::new(cfg.data_dir.join(&cfg.collection), cfg.edge_optimize_every_points).with_min_free_bytes(cfg.edge_min_free_bytes),
-        ),
-        StoreBackend::Qdrant => Arc::new(remote::RemoteStore::connect(cfg)?),
-    })
-}
 
 /// The collection layout the configuration asks for, with the embedding dimension.
 pub fn collection_spec(cfg: &QdrantConfig, dense_dim: usize) -> CollectionSpec {
@@ -386,6 +378,11 @@ pub(crate) fn check_dense(spec: &CollectionSpec, existing_dim: usize, cosine: bo
         });
     }
     Ok(())
+}
+
+/// `entity_values` term of an entity: label and lower-cased text, e.g. `PER:marie curie`.
+pub fn entity_term(label: &str, value: &str) -> String {
+    format!("{}:{}", label.to_uppercase(), value.trim().to_lowercase())
 }
 
 #[cfg(test)]

@@ -6,15 +6,11 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::StorePoint;
+use super::{StorePoint, entity_term};
 use crate::event::{Conversation, EnrichedConversation, Entity, chunk_texts};
 
 pub use crate::config::PayloadText;
 
-/// `entity_values` term of an entity: label and lower-cased text, e.g. `PER:marie curie`.
-pub fn entity_term(label: &str, value: &str) -> String {
-    format!("{}:{}", label.to_uppercase(), value.trim().to_lowercase())
-}
 
 /// Milliseconds since the epoch as RFC 3339 (Qdrant's datetime payload format).
 pub fn rfc3339(ms: i64) -> String {
@@ -121,7 +117,7 @@ mod tests {
     use crate::event::{Sentiment, SourceRef, point_id};
     use crate::pipeline::bm25::Bm25Params;
     use crate::pipeline::chunk::{Chunker, builtin_tokenizer};
-    use crate::pipeline::enrich::{EnrichInput, TextEnricher};
+    use crate::pipeline::text::{EnrichInput, TextEnricher};
     use crate::sample::SampleGenerator;
 
     fn enriched(max_tokens: usize) -> (Conversation, EnrichedConversation) {

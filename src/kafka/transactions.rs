@@ -40,8 +40,8 @@ use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, info, warn};
 
-use crate::pipeline::offsets::TopicPartition;
-use crate::sink::producer::EventProducer;
+use crate::kafka::TopicPartition;
+use crate::kafka::producer::EventProducer;
 use crate::telemetry;
 
 /// Replacements of a failed producer in a row, without a committed transaction between, after
@@ -333,7 +333,7 @@ impl Held<'_> {
             self.open.phase = Phase::Committing { offsets_sent: false };
             if !self.open.offsets.is_empty() {
                 let Some(group) = group else { return Outcome::Pending("no group metadata yet".into()) };
-                let tpl = crate::source::offsets_list(self.open.offsets.iter().map(|(tp, next)| (tp, *next)));
+                let tpl = crate::kafka::offsets_list(self.open.offsets.iter().map(|(tp, next)| (tp, *next)));
                 let producer = owner.current();
                 if let Err(e) = producer.inner().send_offsets_to_transaction(&tpl, group, owner.call_timeout) {
                     return self.failed(classify_call(&producer, "sending the offsets to the transaction", &e));
@@ -539,7 +539,7 @@ mod tests {
         use rdkafka::types::RDKafkaRespErr;
         use std::sync::Arc;
 
-        use crate::sink::producer::Outgoing;
+        use crate::kafka::producer::Outgoing;
 
         let mock = MockCluster::new(1).unwrap();
         mock.create_topic("out", 1, 1).unwrap();

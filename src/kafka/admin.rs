@@ -12,7 +12,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use tracing::debug;
 
-use super::{base_client_config, redact_config_error};
+use crate::kafka;
 use crate::config::KafkaConfig;
 
 /// Records the errors that no retry can fix — authentication (wrong credentials or mechanism)
@@ -51,9 +51,9 @@ pub struct BrokerRefused {
 /// contact with the cluster at start: wrong credentials or an untrusted broker certificate fail
 /// here at once with librdkafka's own reason, instead of a transport error after `timeout`.
 pub fn partition_count(cfg: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Option<usize>> {
-    let probe: BaseConsumer<SecurityProbe> = base_client_config(cfg)
+    let probe: BaseConsumer<SecurityProbe> = kafka::client(cfg)
         .create_with_context(SecurityProbe::default())
-        .map_err(redact_config_error)
+        
         .context("creating a metadata client")?;
     let deadline = Instant::now() + timeout;
     // short attempts, so an authentication or TLS failure is seen within a second of its
@@ -94,7 +94,7 @@ pub fn partition_count(cfg: &KafkaConfig, topic: &str, timeout: Duration) -> Res
 /// missing. "Already exists" is success, so several workers may start at once.
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String], partitions: usize) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> =
-        base_client_config(cfg).create().map_err(redact_config_error).context("creating an admin client")?;
+        kafka::client(cfg).create().context("creating an admin client")?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions as i32, TopicReplication::Fixed(-1)))
@@ -119,7 +119,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String], partitions: usi
 /// does not say (no `DescribeConfigs` permission, say): the caller keeps its own limit.
 pub async fn max_message_bytes(cfg: &KafkaConfig, topics: &[String]) -> Option<u32> {
     use rdkafka::admin::ResourceSpecifier;
-    let admin: AdminClient<DefaultClientContext> = match base_client_config(cfg).create().map_err(redact_config_error) {
+    let admin: AdminClient<DefaultClientContext> = match kafka::client(cfg).create() {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "cannot read the topics' max.message.bytes");

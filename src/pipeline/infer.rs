@@ -1,112 +1,21 @@
-//! Enrichment: what turns a decoded conversation into its `EnrichedConversation` and the dense
-//! vectors of its chunks.
-//!
-//! `TextEnricher` is the part that needs no model: chunking, token counts, BM25 term weights
-//! and point ids (the preparation stage runs it). `Models` holds the configured models, each on
-//! its own thread (and CUDA stream): the infer stage submits a prepared micro-batch to all of
-//! them at once and goes on with the next one; the store stage collects the outputs in order
-//! and applies them to the events: entities and sentiment of every turn, the per-conversation
-//! sentiment trajectory and entity counts, dense vectors of every chunk, model versions.
+//! The infer stage: `Models` holds the configured models, each on its own thread (and CUDA
+//! stream); the stage submits each prepared micro-batch to all of them at once and goes on
+//! with the next one; the store stage collects the outputs in order and applies them to the
+//! events: entities and sentiment of every turn, the per-conversation sentiment trajectory and
+//! entity counts, dense vectors of every chunk, model versions.
 
-use std::collections::BTreeMap;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::bm25::{Bm25Params, document_vector};
-use super::chunk::{ChunkedText, Chunker};
 use super::prepare::{Decided, ModelInputs, Prepared};
+use super::stage::{Flight, STAGE_INFER, record_depth};
 use crate::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
-use crate::event::{
-    Chunk, Conversation, EnrichedConversation, EnrichedTurn, Entity, ModelInfo, Sentiment, SentimentPoint, SourceRef,
-    point_id,
-};
+use crate::event::{EnrichedConversation, Entity, ModelInfo, Sentiment, SentimentPoint};
 use crate::infer::manager::ManagedModel;
 use crate::infer::runner::{JobError, ModelInput, ModelThread, NerSettings, Output, Reply};
 use crate::infer::{ModelFolder, Task};
-
-/// One decoded input event ready for text enrichment.
-pub struct EnrichInput<'a> {
-    pub conversation: &'a Conversation,
-    pub source: SourceRef,
-}
-
-/// A conversation's text enrichment and each turn's chunking (with the token ids).
-pub struct TextEnriched {
-    pub event: EnrichedConversation,
-    pub chunked: Vec<ChunkedText>,
-}
-
-pub struct TextEnricher {
-    chunker: Chunker,
-    bm25: Bm25Params,
-}
-
-impl TextEnricher {
-    pub fn new(chunker: Chunker, bm25: Bm25Params) -> Self {
-        Self { chunker, bm25 }
-    }
-
-    pub fn enrich_one(&self, input: &EnrichInput<'_>) -> Result<EnrichedConversation> {
-        Ok(self.enrich(input.conversation, input.source.clone())?.event)
-    }
-
-    /// The event without model outputs, and each turn's chunking. Turns are chunked and
-    /// tokenized in parallel on rayon's pool (in order): one long conversation alone — an idle
-    /// worker's latency — uses every core, not one.
-    pub fn enrich(&self, conv: &Conversation, source: SourceRef) -> Result<TextEnriched> {
-        use rayon::prelude::*;
-        let per_turn: Vec<(EnrichedTurn, ChunkedText)> = conv
-            .turns
-            .par_iter()
-            .map(|turn| -> Result<(EnrichedTurn, ChunkedText)> {
-                let chunked = self.chunker.chunk(&turn.text)?;
-                let chunks: Vec<Chunk> = chunked
-                    .chunks
-                    .iter()
-                    .map(|c| Chunk {
-                        index: c.index as i32,
-                        start: c.chars.start as i32,
-                        end: c.chars.end as i32,
-                        token_count: c.token_count as i32,
-                        point_id: point_id(&conv.tenant, &conv.conversation_id, &turn.turn_id, c.index).to_string(),
-                        sparse: document_vector(&turn.text[c.bytes.clone()], &self.bm25),
-                    })
-                    .collect();
-                let enriched = EnrichedTurn {
-                    turn_id: turn.turn_id.clone(),
-                    speaker: turn.speaker.clone(),
-                    role: turn.role.clone(),
-                    ts: turn.ts,
-                    token_count: chunked.token_count as i32,
-                    point_ids: chunks.iter().map(|c| c.point_id.clone()).collect(),
-                    chunks,
-                    entities: vec![],
-                    sentiment: None,
-                };
-                Ok((enriched, chunked))
-            })
-            .collect::<Result<_>>()?;
-        let total_tokens = per_turn.iter().map(|(_, c)| c.token_count as i64).sum();
-        let (turns, chunked_turns): (Vec<EnrichedTurn>, Vec<ChunkedText>) = per_turn.into_iter().unzip();
-        let event = EnrichedConversation {
-            conversation_id: conv.conversation_id.clone(),
-            tenant: conv.tenant.clone(),
-            channel: conv.channel.clone(),
-            language: conv.language.clone(),
-            turns,
-            sentiment_trajectory: vec![],
-            entity_counts: BTreeMap::new(),
-            total_tokens,
-            models: vec![],
-            source,
-            attributes: conv.attributes.clone(),
-            processed_at: chrono::Utc::now().timestamp_millis(),
-        };
-        Ok(TextEnriched { event, chunked: chunked_turns })
-    }
-}
 
 /// A configured model on its own thread, with what the events report about it.
 struct Running {
@@ -294,31 +203,35 @@ impl Outputs {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pipeline::chunk::builtin_tokenizer;
-    use crate::sample::SampleGenerator;
 
-    #[test]
-    fn every_turn_is_enriched_with_chunks_tokens_and_point_ids() {
-        let enricher = TextEnricher::new(Chunker::new(builtin_tokenizer(), 6, 2).unwrap(), Bm25Params::default());
-        let conv = SampleGenerator::new(3).conversation(1);
-        let source = SourceRef { topic: "in".into(), partition: 2, offset: 40 };
-        let out = enricher.enrich(&conv, source.clone()).unwrap();
-        assert_eq!(out.chunked.len(), conv.turns.len(), "one chunking per turn");
-        let e = &out.event;
-        assert_eq!(e.source, source);
-        assert_eq!(e.turns.len(), conv.turns.len());
-        assert_eq!(e.total_tokens, e.turns.iter().map(|t| i64::from(t.token_count)).sum::<i64>());
-        for (turn, input) in e.turns.iter().zip(&conv.turns) {
-            assert_eq!(turn.turn_id, input.turn_id);
-            assert!(turn.token_count > 0);
-            assert!(turn.chunks.len() > 1, "turns longer than 6 tokens are windowed");
-            assert_eq!(turn.point_ids[0], point_id(&conv.tenant, &conv.conversation_id, &input.turn_id, 0).to_string());
-            assert!(turn.chunks.iter().all(|c| !c.sparse.indices.is_empty()));
-            assert!(turn.entities.is_empty() && turn.sentiment.is_none(), "no model configured");
+/// A prepared micro-batch whose model inputs are queued on the model threads.
+pub struct InFlight {
+    pub batch: Vec<Prepared>,
+    /// The models' results (None without models).
+    pub pending: Option<Result<Pending, ModelFailure>>,
+    /// When the batch was submitted to the models (for the enrichment latency).
+    pub submitted: std::time::Instant,
+}
+
+/// The infer stage: queues each prepared batch on the model threads (which run their jobs in
+/// order, each on its own CUDA stream) and passes it on without waiting for the results. It
+/// first takes a place in the write stage's queue, so at most `batches_in_flight` batches wait
+/// on the models ahead of the one being written.
+pub async fn submit_batches(
+    mut rx: tokio::sync::mpsc::Receiver<Vec<Prepared>>,
+    tx: tokio::sync::mpsc::Sender<InFlight>,
+    models: Option<Arc<Models>>,
+    flight: Arc<Flight>,
+) {
+    while let Some(mut batch) = rx.recv().await {
+        record_depth(STAGE_INFER, rx.len());
+        if flight.is_abandoned() {
+            flight.ended(); // not run: nothing of it could be completed
+            continue;
         }
-        assert!(e.models.is_empty());
+        let submitted = std::time::Instant::now();
+        let Ok(permit) = tx.reserve().await else { return };
+        let pending = models.as_ref().map(|m| m.submit(&mut batch));
+        permit.send(InFlight { batch, pending, submitted });
     }
 }

@@ -6,25 +6,8 @@
 //! finished for a revoked assignment is ignored, so it can never move a later owner's offsets.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TopicPartition {
-    pub topic: Arc<str>,
-    pub partition: i32,
-}
-
-impl TopicPartition {
-    pub fn new(topic: &str, partition: i32) -> Self {
-        Self { topic: Arc::from(topic), partition }
-    }
-}
-
-impl std::fmt::Display for TopicPartition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}[{}]", self.topic, self.partition)
-    }
-}
+pub use crate::kafka::TopicPartition;
 
 /// Identifies one assignment of a partition to this worker.
 pub type Generation = u64;

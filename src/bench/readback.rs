@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{admin, base_client_config};
+use crate::kafka::{self, admin};
 use crate::codec::{RecordCodec, WireFormat};
 use crate::config::KafkaConfig;
 use crate::event::EnrichedConversation;
@@ -69,19 +69,19 @@ fn reader(cfg: &KafkaConfig, topic: &str) -> Result<BaseConsumer> {
 /// A consumer for reading back (no group membership, nothing committed), not assigned yet;
 /// `fetch_wait_ms` shortens the broker's wait for data (the tail of a topic, for latency).
 fn unassigned(cfg: &KafkaConfig, fetch_wait_ms: Option<&str>) -> Result<BaseConsumer> {
-    let mut c = base_client_config(cfg);
+    let mut c = kafka::client(cfg);
     c.set("group.id", "convoflow-readback")
         .set("enable.auto.commit", "false")
         .set("fetch.message.max.bytes", cfg.message_max_bytes.to_string());
     if let Some(ms) = fetch_wait_ms {
         c.set("fetch.wait.max.ms", ms);
     }
-    c.create().map_err(super::redact_config_error)
+    c.create()
 }
 
 /// Records retained in `topic` (high − low watermark, summed over partitions).
 pub fn topic_size(cfg: &KafkaConfig, topic: &str) -> Result<usize> {
-    let c: BaseConsumer = base_client_config(cfg).create().map_err(super::redact_config_error)?;
+    let c: BaseConsumer = kafka::client(cfg).create()?;
     let mut n = 0;
     for p in 0..partitions(cfg, topic)? {
         let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;

@@ -15,9 +15,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::debug;
 
-use super::{ASSIGNED_PARTITIONS, IN_FLIGHT, LAG, Readiness};
+use crate::telemetry::{ASSIGNED_PARTITIONS, IN_FLIGHT, LAG, Readiness};
 use crate::config::KafkaConfig;
-use crate::source::{SharedSource, base_client_config};
+use crate::kafka;
+use crate::source::SharedSource;
 
 pub struct LagMonitor {
     done: Arc<AtomicBool>,
@@ -31,11 +32,10 @@ impl LagMonitor {
         readiness: Arc<Readiness>,
         interval: Duration,
     ) -> anyhow::Result<Self> {
-        let consumer: BaseConsumer = base_client_config(cfg)
+        let consumer: BaseConsumer = kafka::client(cfg)
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
-            .create()
-            .map_err(crate::source::redact_config_error)?;
+            .create()?;
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
         let topic = cfg.input_topic.clone();

@@ -9,7 +9,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::error::KafkaError;
 
 use crate::config::KafkaConfig;
-use crate::source::base_client_config;
+use crate::kafka;
 
 #[derive(Clone)]
 pub struct EventProducer {
@@ -86,7 +86,7 @@ impl EventProducer {
     }
 
     fn create(cfg: &KafkaConfig, message_max_bytes: u32, transactional_id: Option<&str>) -> Result<Self> {
-        let mut c = base_client_config(cfg);
+        let mut c = kafka::client(cfg);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
@@ -102,7 +102,7 @@ impl EventProducer {
                 .set("delivery.timeout.ms", cfg.delivery_timeout_ms.min(cfg.transaction_timeout_ms).to_string());
         }
         let producer: FutureProducer =
-            c.create().map_err(crate::source::redact_config_error).context("creating the Kafka producer")?;
+            c.create().context("creating the Kafka producer")?;
         Ok(Self { producer })
     }
 

@@ -1,0 +1,353 @@
+//! The store stage: waits for a micro-batch's model outputs and applies them, encodes every
+//! enriched event (an event that cannot be produced is dead-lettered before any of its points
+//! is written), builds the points and writes them to the vector store in input order, halving
+//! a batch the store rejects until the messages it refuses are found.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::anyhow;
+use rayon::prelude::*;
+use tracing::{debug, warn};
+
+use super::emit::{OutputEncoder, Stored};
+use super::infer::{InFlight, ModelFailure, Models, Outputs, Pending};
+use super::prepare::{Decided, Prepared, Preparer, Valid};
+use super::stage::{Busy, STAGE_STORE, keep_current};
+use crate::event::ModelInfo;
+use crate::kafka::transactions::Transactions;
+use crate::shutdown::Halt;
+use crate::sink::dlq::Rejection;
+use crate::sink::store::points::{PayloadText, points_for};
+use crate::sink::store::writer::StoreWriter;
+use crate::sink::store::{StoreError, StorePoint, WrittenTurn, WrittenTurns};
+use crate::source::SharedSource;
+use crate::telemetry::{self, Readiness};
+
+/// What the store stage holds.
+pub struct StoreStage {
+    pub store: StoreWriter,
+    pub readiness: Arc<Readiness>,
+    pub payload_text: PayloadText,
+    /// Encodes each enriched event before its points are written (see `OutputEncoder`).
+    pub encoder: Arc<OutputEncoder>,
+    /// Set when the worker is stopping (a signal or a failure).
+    pub stop: Arc<AtomicBool>,
+    /// The first failure that stops the worker (shared with the emit stage).
+    pub halt: Arc<Halt>,
+    /// Re-decodes a message to run it alone when a model failed on its batch.
+    pub preparer: Arc<Preparer>,
+    pub models: Option<Arc<Models>>,
+    pub model_infos: Vec<ModelInfo>,
+    pub shared: Arc<SharedSource>,
+    /// Exactly-once: the producer's transactions (a batch left out must doom the open one).
+    pub transactions: Option<Arc<Transactions>>,
+}
+
+impl StoreStage {
+    fn fail(&mut self, e: anyhow::Error, messages: usize) {
+        warn!(messages, "stopping without completing this batch");
+        self.halt.trip(e);
+    }
+
+    /// The store stage: the batch's model outputs, then its points upserted (acknowledged).
+    /// None when the batch ends here (nothing left of it, or a failure that stops the worker).
+    pub async fn store(&mut self, inflight: InFlight) -> Option<Stored> {
+        let InFlight { mut batch, pending, submitted } = inflight;
+        if let Some(reason) = batch.iter().find_map(|p| match &p.decided {
+            Decided::Unfinished(reason) => Some(reason.clone()),
+            _ => None,
+        }) {
+            // only when the worker was already stopping; never dead-lettered, never completed
+            self.fail(anyhow!("a message could not be decoded: {reason}"), batch.len());
+            return None;
+        }
+        if let Err(e) = self.model_outputs(&mut batch, pending).await {
+            self.fail(anyhow::Error::new(e).context("running the models"), batch.len());
+            return None;
+        }
+        let _busy = Busy::start(STAGE_STORE); // from here on: the stage's own work
+        // messages of partitions revoked while the batch was in flight: the next owner re-reads them
+        let batch = keep_current(&self.shared, STAGE_STORE, batch, |p| &p.msg);
+        if batch.is_empty() {
+            return None;
+        }
+        metrics::counter!(telemetry::MESSAGES).increment(batch.len() as u64);
+        metrics::histogram!(telemetry::BATCH_MESSAGES).record(batch.len() as f64);
+        let (turns, tokens) = batch
+            .iter()
+            .filter_map(|p| match &p.decided {
+                Decided::Valid(v) => Some((v.event.turns.len(), v.event.total_tokens)),
+                _ => None,
+            })
+            .fold((0usize, 0i64), |(t, k), (a, b)| (t + a, k + b));
+        if turns > 0 {
+            metrics::histogram!(telemetry::ENRICH_SECONDS).record(submitted.elapsed().as_secs_f64());
+            metrics::counter!(telemetry::TURNS).increment(turns as u64);
+            metrics::counter!(telemetry::TOKENS).increment(tokens.max(0) as u64);
+            metrics::histogram!(telemetry::BATCH_TURNS).record(turns as f64);
+            metrics::histogram!(telemetry::BATCH_TOKENS).record(tokens as f64);
+        }
+        // every event encoded and the points of every message built, on rayon's pool: an event
+        // that cannot be produced (too large, unencodable) is dead-lettered here, before any of
+        // its points is written, so no point stays searchable without its enriched event
+        let (payload_text, encoder) = (self.payload_text, self.encoder.clone());
+        let mut batch = tokio::task::spawn_blocking(move || {
+            let mut batch = batch;
+            batch.par_iter_mut().for_each(|p| {
+                let Prepared { msg, decided } = p;
+                if let Decided::Valid(v) = decided {
+                    match encoder.encode(msg, v) {
+                        Ok(output) => {
+                            v.output = Some(output);
+                            let dense = v.dense.take();
+                            v.points = points_for(&v.conversation, &v.event, dense.as_deref(), payload_text);
+                        }
+                        Err(why) => *decided = Decided::Rejected(why),
+                    }
+                }
+            });
+            batch
+        })
+        .await
+        .expect("building points does not panic");
+        // checked again right before writing: a partition may have moved while the points were
+        // built, and a late write could bring back points its new owner deleted
+        batch = keep_current(&self.shared, STAGE_STORE, batch, |p| &p.msg);
+        if batch.is_empty() {
+            return None;
+        }
+        if let Err(e) = self.write_store(&mut batch).await {
+            self.readiness.store_reachable.store(false, Ordering::Relaxed);
+            if e.is_transient() && self.stop.load(Ordering::SeqCst) {
+                // stopping while the store is down: not a failure of the worker; the batch stays
+                // uncommitted and the next owner of its partitions re-reads it
+                warn!(messages = batch.len(), error = %e, "stopping during a vector store outage; the batch is left uncommitted");
+                if let Some(txn) = &self.transactions {
+                    // batches after this one may still be emitted: the open transaction must
+                    // not commit their offsets past it
+                    txn.doom();
+                }
+                return None;
+            }
+            self.fail(anyhow::Error::new(e).context("writing to the vector store"), batch.len());
+            return None;
+        }
+        Some(Stored { batch })
+    }
+
+    /// Waits for the batch's model outputs and applies them to its events (the chunks' dense
+    /// vectors go to each message's `dense`). When a model fails on the
+    /// batch, each valid message is prepared and run again alone (a smaller job may fit where a
+    /// batch ran out of memory), so only a message the model cannot take is dead-lettered —
+    /// and only for a fault of its own (`ModelFailure::Input`). A message that fails alone for
+    /// the machine's reasons (`Runtime`), or a model thread that is gone, is an error: the
+    /// worker stops with nothing of the batch committed.
+    async fn model_outputs(
+        &self,
+        batch: &mut [Prepared],
+        pending: Option<Result<Pending, ModelFailure>>,
+    ) -> Result<(), ModelFailure> {
+        let (Some(models), Some(pending)) = (self.models.clone(), pending) else {
+            return Ok(());
+        };
+        let collected = match pending {
+            Ok(p) => {
+                let m = models.clone();
+                tokio::task::spawn_blocking(move || m.collect(p)).await.expect("collecting outputs does not panic")
+            }
+            Err(e) => Err(e),
+        };
+        let apply = |outputs: &mut Outputs, p: &mut Prepared| {
+            if let Decided::Valid(v) = &mut p.decided {
+                v.dense = outputs.apply(&mut v.event, &self.model_infos);
+            }
+        };
+        match collected {
+            Ok(mut outputs) => {
+                batch.iter_mut().for_each(|p| apply(&mut outputs, p));
+                Ok(())
+            }
+            Err(gone @ ModelFailure::ThreadGone(_)) => Err(gone),
+            Err(failure) => {
+                warn!(reason = %failure, messages = batch.len(), "a model failed on a batch; running its messages one by one");
+                for p in batch.iter_mut() {
+                    if !matches!(p.decided, Decided::Valid(_)) {
+                        continue;
+                    }
+                    let (preparer, m, msg) = (self.preparer.clone(), models.clone(), p.msg.clone());
+                    let (decided, result) = tokio::task::spawn_blocking(move || {
+                        let mut alone = [Prepared { decided: preparer.decide(&msg), msg }];
+                        let result = m.submit(&mut alone).and_then(|pending| m.collect(pending));
+                        let [Prepared { decided, .. }] = alone;
+                        (decided, result)
+                    })
+                    .await
+                    .expect("a single message does not panic");
+                    p.decided = decided;
+                    match result {
+                        Ok(mut outputs) => apply(&mut outputs, p),
+                        Err(e @ ModelFailure::Input { .. }) => {
+                            p.decided = Decided::Rejected(Rejection { class: "enrichment", message: e.to_string() });
+                        }
+                        Err(machine) => return Err(machine),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the batch to the vector store in input order: the points of each enriched
+    /// conversation, and for a tombstone the deletion of that tenant's conversation points
+    /// (after the upserts before it, so a later re-creation is not deleted). Acknowledged on
+    /// return. When the store rejects what it is given for its content, the batch is halved
+    /// until the messages it rejects are found; they become dead-letter rejections (class
+    /// `store`, any of their points already stored deleted) and the rest is written. A batch
+    /// whose every message is rejected is the collection's problem: an error, like any other.
+    async fn write_store(&self, batch: &mut [Prepared]) -> Result<(), StoreError> {
+        // the messages' points side by side, so a run of messages is one upsert without copies
+        let mut bounds = Vec::with_capacity(batch.len());
+        let mut flat = Vec::new();
+        for p in batch.iter_mut() {
+            let start = flat.len();
+            if let Decided::Valid(v) = &mut p.decided {
+                flat.append(&mut v.points);
+            }
+            bounds.push(start..flat.len());
+        }
+        let writable = batch.iter().filter(|p| matches!(p.decided, Decided::Valid(_) | Decided::Tombstone(_))).count();
+        self.write_bisecting(batch, &flat, &bounds).await?;
+        let rejected = batch.iter().filter(|p| matches!(&p.decided, Decided::Rejected(r) if r.class == "store")).count();
+        if writable > 1 && rejected == writable {
+            // every message refused: the collection, not the data (changed vector size, index
+            // type...); dead-lettering would move the whole stream into the DLQ
+            return Err(StoreError::Permanent(format!(
+                "the vector store rejected every one of {writable} messages of a batch; check the collection (qdrant.collection) — \
+                 first reason: {}",
+                batch.iter().find_map(|p| match &p.decided {
+                    Decided::Rejected(r) => Some(r.message.as_str()),
+                    _ => None,
+                }).unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    fn write_bisecting<'a>(
+        &'a self,
+        batch: &'a mut [Prepared],
+        flat: &'a [StorePoint],
+        bounds: &'a [std::ops::Range<usize>],
+    ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self.write_in_order(batch, flat, bounds).await {
+                Err(StoreError::Rejected(why)) if batch.len() == 1 => {
+                    let p = &mut batch[0];
+                    warn!(tp = %p.msg.tp, offset = p.msg.offset, reason = %why, "the vector store rejects this message's write");
+                    // a message whose points took several requests may have some stored: none
+                    // of a dead-lettered message stays searchable
+                    let ids: Vec<uuid::Uuid> = flat[bounds[0].clone()].iter().map(|point| point.id).collect();
+                    if !ids.is_empty() {
+                        self.store.delete_points(&ids).await?;
+                    }
+                    p.decided = Decided::Rejected(Rejection { class: "store", message: why });
+                    Ok(())
+                }
+                Err(StoreError::Rejected(why)) if batch.len() > 1 => {
+                    debug!(messages = batch.len(), reason = %why, "the vector store rejected a write; halving it");
+                    let mid = batch.len() / 2;
+                    let (left, right) = batch.split_at_mut(mid);
+                    let (left_bounds, right_bounds) = bounds.split_at(mid);
+                    self.write_bisecting(left, flat, left_bounds).await?;
+                    self.write_bisecting(right, flat, right_bounds).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    /// The writes of `batch` (whose points are `flat[bounds[i]]`), in input order. A run of
+    /// consecutive messages' points is one upsert (they are adjacent in `flat`), followed by one
+    /// delete of the chunks their re-sent turns no longer have; a run ends before a tombstone,
+    /// before a rejected message's points and before a second message of a conversation already
+    /// in it (its stale-chunk delete must not run after that message's upsert).
+    async fn write_in_order(&self, batch: &mut [Prepared], flat: &[StorePoint], bounds: &[std::ops::Range<usize>]) -> Result<(), StoreError> {
+        let mut run = Run::default();
+        for (p, range) in batch.iter_mut().zip(bounds) {
+            match &mut p.decided {
+                Decided::Valid(v) => {
+                    let written = written_turns(v);
+                    if run.has(&written) {
+                        self.write_run(flat, &mut run).await?;
+                    }
+                    run.add(range.clone(), written);
+                }
+                Decided::Tombstone(t) => {
+                    self.write_run(flat, &mut run).await?;
+                    // a batch halved after a rejection runs its tombstones again: what they
+                    // deleted the first time counts
+                    let matched = t.matched.unwrap_or(0) + self.store.delete_conversation(t.tenant.as_deref(), &t.conversation_id).await?;
+                    if matched == 0 {
+                        warn!(
+                            tp = %p.msg.tp, offset = p.msg.offset, conversation = %t.conversation_id, tenant = ?t.tenant,
+                            "a tombstone matched no point (unknown conversation, or another tenant's)"
+                        );
+                    }
+                    t.matched = Some(matched);
+                }
+                // points of a message the store rejected (found by halving) are skipped: the run
+                // ends before them
+                Decided::Rejected(_) | Decided::Unfinished(_) if !range.is_empty() => self.write_run(flat, &mut run).await?,
+                Decided::Rejected(_) | Decided::Unfinished(_) => {}
+            }
+        }
+        self.write_run(flat, &mut run).await
+    }
+
+    /// Upserts the run's points, then deletes its turns' stale chunks; the run is empty after.
+    async fn write_run(&self, flat: &[StorePoint], run: &mut Run) -> Result<(), StoreError> {
+        if let Some(r) = run.points.take() {
+            self.store.upsert_all(&flat[r]).await?;
+        }
+        self.store.delete_stale_chunks(&run.written).await?;
+        run.written.clear();
+        Ok(())
+    }
+}
+
+/// Consecutive valid messages written together (see `Pipeline::write_in_order`).
+#[derive(Default)]
+struct Run {
+    /// Their points in the batch's flat list.
+    points: Option<std::ops::Range<usize>>,
+    /// Their turns, for the stale-chunk delete.
+    written: Vec<WrittenTurns>,
+}
+
+impl Run {
+    /// Whether a message of the same tenant's conversation is in the run already.
+    fn has(&self, w: &WrittenTurns) -> bool {
+        self.written.iter().any(|o| o.conversation_id == w.conversation_id && o.tenant == w.tenant)
+    }
+
+    fn add(&mut self, points: std::ops::Range<usize>, written: WrittenTurns) {
+        self.points = Some(self.points.take().map_or(points.clone(), |r| r.start..points.end));
+        self.written.push(written);
+    }
+}
+
+/// A message's turns with their number of chunks now (a re-sent turn replaces the old one).
+fn written_turns(v: &Valid) -> WrittenTurns {
+    let e = &v.event;
+    let turns = e
+        .turns
+        .iter()
+        .map(|t| WrittenTurn {
+            turn_id: t.turn_id.clone(),
+            chunks: t.chunks.len(),
+            next_chunk_id: crate::event::point_id(&e.tenant, &e.conversation_id, &t.turn_id, t.chunks.len()),
+        })
+        .collect();
+    WrittenTurns { tenant: e.tenant.clone(), conversation_id: e.conversation_id.clone(), turns }
+}
