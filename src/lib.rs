@@ -11,6 +11,7 @@ pub mod infer;
 pub mod kafka;
 pub mod llm;
 pub mod event;
+pub mod fault;
 pub mod pipeline;
 pub mod produce;
 pub mod query;

@@ -16,6 +16,7 @@ pub use canonical::{parsing_canonical_form, schema_fingerprint};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::event::{Conversation, EnrichedConversation};
+use crate::fault::{Fault, RejectClass};
 
 /// Single-object encoding marker (Avro spec): 0xC3 0x01, then the 8-byte Rabin fingerprint.
 pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -62,17 +63,22 @@ pub enum CodecError {
 }
 
 impl CodecError {
-    /// A fault of a dependency rather than of the bytes: never dead-lettered.
-    pub fn is_runtime(&self) -> bool {
-        matches!(self, CodecError::Unavailable(_))
+    /// The DLQ class of bytes that are at fault; None for a dependency (the Schema Registry)
+    /// that cannot answer now, which is not the message's fault.
+    pub fn class(&self) -> Option<RejectClass> {
+        match self {
+            CodecError::Unavailable(_) => None,
+            CodecError::UnknownFingerprint(_) | CodecError::UnknownSchemaId(_) => Some(RejectClass::UnknownSchema),
+            CodecError::Schema(_) => Some(RejectClass::Schema),
+            _ => Some(RejectClass::Deserialization),
+        }
     }
 
-    pub fn class(&self) -> &'static str {
-        match self {
-            CodecError::Unavailable(_) => "unavailable",
-            CodecError::UnknownFingerprint(_) | CodecError::UnknownSchemaId(_) => "unknown-schema",
-            CodecError::Schema(_) => "schema",
-            _ => "deserialization",
+    /// Whose fault: the bytes' (dead-lettered with the class), or a dependency's (never).
+    pub fn fault(self) -> Fault {
+        match self.class() {
+            Some(class) => Fault::data(class, self.to_string()),
+            None => Fault::machine(self),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A loaded model: tokenizer + encoder + task head, with batched inference.
 
+use std::borrow::Borrow;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -338,14 +339,19 @@ impl Model {
 
     /// The first half of `entities_of`: the inputs' windows, queued on the model
     /// (`launch_sequences`). `entities_from` turns what they return into entities.
-    pub fn launch_entities(&self, inputs: &[NerInput], budget: &Budget, overlap: usize) -> Result<(Vec<NerWindow>, Launched), ModelError> {
+    pub fn launch_entities(
+        &self,
+        inputs: &[impl Borrow<NerInput>],
+        budget: &Budget,
+        overlap: usize,
+    ) -> Result<(Vec<NerWindow>, Launched), ModelError> {
         let tok = &self.tokenizer;
         let content_max = tok.content_capacity();
         let overlap = overlap.min(content_max / 2);
         let mut windows: Vec<NerWindow> = Vec::new();
         let mut seqs: Vec<Vec<i64>> = Vec::new();
         for (t, input) in inputs.iter().enumerate() {
-            let ids = input.encoding.get_ids();
+            let ids = input.borrow().encoding.get_ids();
             let mut start = 0;
             loop {
                 let end = (start + content_max).min(ids.len());
@@ -363,14 +369,14 @@ impl Model {
     /// The second half of `entities_of`: entities per input from its windows' token outputs.
     pub fn entities_from(
         &self,
-        inputs: &[NerInput],
+        inputs: &[impl Borrow<NerInput>],
         windows: &[NerWindow],
         out: &[Tensor],
         aggregation: super::ner::Aggregation,
     ) -> Vec<Vec<crate::event::Entity>> {
         let tok = &self.tokenizer;
-        let mut per_text: Vec<Vec<Vec<f32>>> = inputs.iter().map(|i| vec![vec![]; i.encoding.len()]).collect();
-        let mut best_margin: Vec<Vec<Option<usize>>> = inputs.iter().map(|i| vec![None; i.encoding.len()]).collect();
+        let mut per_text: Vec<Vec<Vec<f32>>> = inputs.iter().map(|i| vec![vec![]; i.borrow().encoding.len()]).collect();
+        let mut best_margin: Vec<Vec<Option<usize>>> = inputs.iter().map(|i| vec![None; i.borrow().encoding.len()]).collect();
         for (&NerWindow { input: t, start, end }, probs) in windows.iter().zip(out) {
             let content = probs.narrow(0, tok.prefix_ids.len() as i64, (end - start) as i64);
             let rows = Vec::<Vec<f32>>::try_from(&content).expect("a float matrix");
@@ -388,6 +394,7 @@ impl Model {
             .iter()
             .zip(per_text)
             .map(|(input, probs)| {
+                let input = input.borrow();
                 let (text, enc) = (input.text.as_str(), &input.encoding);
                 match aggregation {
                     super::ner::Aggregation::Simple => super::ner::aggregate_tokens(text, enc.get_offsets(), &probs, &self.labels),

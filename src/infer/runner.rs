@@ -20,6 +20,7 @@ use super::batch::{BatchStats, Budget};
 use super::manager::{LoadReport, ManagedModel};
 use super::ner::Aggregation;
 use crate::event::Entity;
+use crate::fault::{Fault, RejectClass};
 
 /// What a model thread returns for a batch of texts.
 #[derive(Debug)]
@@ -36,8 +37,9 @@ pub enum ModelInput {
     Texts(Vec<String>),
     /// Id sequences with special tokens (embedding, sequence classification).
     Ids(Vec<Vec<i64>>),
-    /// Encodings of whole turns (token classification).
-    Ner(Vec<NerInput>),
+    /// Encodings of whole turns (token classification), shared with the messages they belong
+    /// to (which keep them to run again alone if a batch fails).
+    Ner(Vec<Arc<NerInput>>),
 }
 
 impl ModelInput {
@@ -54,21 +56,8 @@ impl ModelInput {
     }
 }
 
-/// Why a job failed: the input's fault or the machine's. The worker dead-letters a message only
-/// for the first; the second stops it (the message stays uncommitted, a restart re-reads it).
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    /// The input cannot be run (its text does not tokenize).
-    #[error("{0:#}")]
-    Input(anyhow::Error),
-    /// The model or its device failed: a libtorch or CUDA error, out of memory, a model that
-    /// does not load, a thread that is stopping.
-    #[error("{0:#}")]
-    Runtime(anyhow::Error),
-}
-
 /// The result of one submitted job.
-pub type Reply = Result<(Output, BatchStats), JobError>;
+pub type Reply = Result<(Output, BatchStats), Fault>;
 
 struct Job {
     input: ModelInput,
@@ -159,13 +148,13 @@ impl ModelThread {
                     };
                     let launched = next.and_then(|job| {
                         if cancel.load(Ordering::SeqCst) {
-                            let _ = job.reply.send(Err(JobError::Runtime(anyhow!("the model thread is stopping"))));
+                            let _ = job.reply.send(Err(Fault::machine(anyhow!("the model thread is stopping"))));
                             return None;
                         }
                         let started = std::time::Instant::now();
                         let launched = match model.with(|m| launch_job(m, task, job.input, &budget, ner)) {
                             Ok(launched) => launched,
-                            Err(e) => Err(JobError::Runtime(e)), // the model did not load
+                            Err(e) => Err(Fault::Machine(e)), // the model did not load
                         };
                         match launched {
                             Ok(l) => {
@@ -181,7 +170,7 @@ impl ModelThread {
                     });
                     if let Some((started_job, reply, launch_time)) = in_flight.take() {
                         let finishing = std::time::Instant::now();
-                        let result = model.with(|m| finish_job(m, task, started_job, ner)).and_then(|r| r).map_err(JobError::Runtime);
+                        let result = model.with(|m| finish_job(m, task, started_job, ner)).and_then(|r| r).map_err(Fault::Machine);
                         // the thread's own time for the job: queueing it and reading it
                         metrics::histogram!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
                             .record((launch_time + finishing.elapsed()).as_secs_f64());
@@ -234,7 +223,7 @@ impl ModelThread {
                     match fault {
                         Some(StandInFault::PanicAfter(n)) if done >= n => panic!("stand-in fault: the model thread dies"),
                         Some(StandInFault::FailAfter(n)) if done >= n => {
-                            let _ = job.reply.send(Err(JobError::Runtime(anyhow!("stand-in fault: a device error"))));
+                            let _ = job.reply.send(Err(Fault::machine(anyhow!("stand-in fault: a device error"))));
                             continue;
                         }
                         _ => {}
@@ -373,20 +362,21 @@ fn stand_in_vector(input: &ModelInput, i: usize, dim: usize) -> Vec<f32> {
 enum Started {
     Embeddings(Launched),
     Probabilities(Launched),
-    Entities { inputs: Vec<NerInput>, windows: Vec<NerWindow>, launched: Launched },
+    Entities { inputs: Vec<Arc<NerInput>>, windows: Vec<NerWindow>, launched: Launched },
 }
 
 /// Queues one job on the model: what `task` computes for the input (`finish_job` reads it).
-/// Tokenizing a text is the input's part (`JobError::Input`); the rest is the model's.
-fn launch_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: NerSettings) -> Result<Started, JobError> {
+/// Tokenizing a text is the input's part (`Fault::Data`, class `enrichment`); the rest is the
+/// model's (`Fault::Machine`).
+fn launch_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: NerSettings) -> Result<Started, Fault> {
     fn texts(t: &[String]) -> Vec<&str> {
         t.iter().map(String::as_str).collect()
     }
-    fn bad_input<E: Into<anyhow::Error>>(e: E) -> JobError {
-        JobError::Input(e.into())
+    fn bad_input<E: Into<anyhow::Error>>(e: E) -> Fault {
+        Fault::data(RejectClass::Enrichment, format!("{:#}", e.into()))
     }
-    fn device<E: Into<anyhow::Error>>(e: E) -> JobError {
-        JobError::Runtime(e.into())
+    fn device<E: Into<anyhow::Error>>(e: E) -> Fault {
+        Fault::machine(e)
     }
     let encode = |t: &[String]| m.encode_ids(&texts(t)).map_err(bad_input);
     Ok(match (task, input) {
@@ -397,13 +387,13 @@ fn launch_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: Ne
         }
         (Task::SequenceClassification, ModelInput::Ids(ids)) => Started::Probabilities(m.launch_sequences(&ids, budget).map_err(device)?),
         (Task::TokenClassification, ModelInput::Texts(t)) => {
-            let inputs: Vec<NerInput> = m
+            let inputs: Vec<Arc<NerInput>> = m
                 .tokenizer
                 .encode_untruncated(&texts(&t))
                 .map_err(bad_input)?
                 .into_iter()
                 .zip(t)
-                .map(|(encoding, text)| NerInput { text, encoding })
+                .map(|(encoding, text)| Arc::new(NerInput { text, encoding }))
                 .collect();
             let (windows, launched) = m.launch_entities(&inputs, budget, ner.window_overlap).map_err(device)?;
             Started::Entities { inputs, windows, launched }
@@ -412,7 +402,7 @@ fn launch_job(m: &Model, task: Task, input: ModelInput, budget: &Budget, ner: Ne
             let (windows, launched) = m.launch_entities(&inputs, budget, ner.window_overlap).map_err(device)?;
             Started::Entities { inputs, windows, launched }
         }
-        (task, input) => return Err(JobError::Runtime(anyhow!("a {task:?} model cannot take {} input", input.kind()))),
+        (task, input) => return Err(Fault::machine(anyhow!("a {task:?} model cannot take {} input", input.kind()))),
     })
 }
 

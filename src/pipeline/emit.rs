@@ -43,7 +43,8 @@ use crate::pipeline::breaker::DlqBreaker;
 use crate::pipeline::prepare::{Decided, EncodedOutput, Prepared, Valid};
 use crate::shutdown::Halt;
 use crate::pipeline::stage::{Busy, Flight, STAGE_EMIT, count_stale, keep_current, record_depth};
-use crate::sink::dlq::{self, Rejection};
+use crate::fault::{Fault, RejectClass, Rejection};
+use crate::sink::dlq;
 use crate::sink::headers::{self, header_bytes};
 use crate::kafka::producer::{EventProducer, Outgoing, record_wire_bytes};
 use crate::kafka::transactions::{BeginError, Transactions};
@@ -212,7 +213,7 @@ impl Emitter {
         }
         // the dead-letter breaker sees the batch before anything of it is produced
         let outcomes =
-            batch.iter().filter(|p| !matches!(p.decided, Decided::Unfinished(_))).map(|p| matches!(p.decided, Decided::Rejected(_)));
+            batch.iter().filter(|p| !p.decided.is_unfinished()).map(|p| p.decided.rejection().is_some());
         if let Err(why) = self.breaker.record(outcomes) {
             sink.halt.trip(anyhow!(why));
             return;
@@ -277,9 +278,10 @@ impl Emitter {
                         dead_letter: None,
                     }
                 }
-                Decided::Rejected(why) => sink.dead_letter(&msg, why),
-                Decided::Unfinished(reason) => {
+                Decided::Failed(Fault::Data(why)) => sink.dead_letter(&msg, why),
+                Decided::Failed(Fault::Machine(e)) => {
                     // not completed: the offset stays uncommitted and the message is re-read
+                    let reason = format!("{e:#}");
                     error!(tp = %msg.tp, offset = msg.offset, reason, "a message was left unfinished");
                     if txn.is_some() {
                         // a transaction cannot skip a message: its successors' offsets would
@@ -326,9 +328,9 @@ impl Sink {
 
     /// The DLQ record of a rejected message: its key and value unchanged, headers saying why.
     fn dead_letter(&self, msg: &InboundMessage, why: Rejection) -> Record {
-        warn!(tp = %msg.tp, offset = msg.offset, class = why.class, reason = %why.message, "dead-lettering a message");
+        warn!(tp = %msg.tp, offset = msg.offset, class = why.class.as_str(), reason = %why.message, "dead-lettering a message");
         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(telemetry::DLQ, "class" => why.class).increment(1);
+        metrics::counter!(telemetry::DLQ, "class" => why.class.as_str()).increment(1);
         let carried = headers::carry(&msg.headers, self.max_carried_header_bytes).headers;
         Record {
             destination: Destination::DeadLetter,
@@ -353,7 +355,7 @@ impl Sink {
                      (kafka.message_max_bytes and the topics' max.message.bytes): {e}",
                     self.output_topic
                 );
-                Some(self.dead_letter(msg, Rejection { class: "output-too-large", message }))
+                Some(self.dead_letter(msg, Rejection::new(RejectClass::OutputTooLarge, message)))
             }
             // a DLQ copy too large itself keeps the start of the value and says so
             Some(DeadLetter { why, shrunk: Shrunk::No }) => {
@@ -495,7 +497,7 @@ impl OutputEncoder {
     /// (`encoding`), or over the producer's limit (`output-too-large`, checked with an upper
     /// bound of librdkafka's own count, so what passes is never refused at enqueue).
     pub fn encode(&self, msg: &InboundMessage, v: &Valid) -> Result<EncodedOutput, Rejection> {
-        let value = self.codec.encode(&v.event).map_err(|e| Rejection { class: "encoding", message: e.to_string() })?;
+        let value = self.codec.encode(&v.event).map_err(|e| Rejection::new(RejectClass::Encoding, e.to_string()))?;
         let headers = headers::carry(&msg.headers, self.max_carried_header_bytes).into_headers();
         let bytes = record_wire_bytes(Some(v.event.conversation_id.as_bytes()), Some(&value), headers.as_ref());
         if bytes > self.message_max_bytes {
@@ -506,7 +508,7 @@ impl OutputEncoder {
                 self.message_max_bytes,
                 self.output_topic
             );
-            return Err(Rejection { class: "output-too-large", message });
+            return Err(Rejection::new(RejectClass::OutputTooLarge, message));
         }
         Ok(EncodedOutput { value, headers })
     }

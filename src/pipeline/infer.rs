@@ -14,7 +14,8 @@ use super::stage::{Flight, STAGE_INFER, record_depth};
 use crate::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
 use crate::event::{EnrichedConversation, Entity, ModelInfo, Sentiment, SentimentPoint};
 use crate::infer::manager::ManagedModel;
-use crate::infer::runner::{JobError, ModelInput, ModelThread, NerSettings, Output, Reply};
+use crate::fault::Fault;
+use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
 use crate::infer::{ModelFolder, Task};
 
 /// A configured model on its own thread, with what the events report about it.
@@ -38,24 +39,11 @@ pub struct Pending {
     submitted: Instant,
 }
 
-/// Why the models did not give a micro-batch its outputs.
+/// A model thread that is gone (it panicked or stopped): the machine's fault, carried in a
+/// `Fault::Machine`; a batch that meets it is not retried message by message.
 #[derive(Debug, thiserror::Error)]
-pub enum ModelFailure {
-    /// The model cannot take this input (its text does not tokenize): the data's fault. A batch
-    /// is retried message by message, then the message is dead-lettered. (The worker tokenizes
-    /// at the prepare stage, where such a text is already rejected, and hands the models token
-    /// ids: what fails on the model threads is then the machine's, `Runtime`.)
-    #[error("the {task} model failed on this input: {message}")]
-    Input { task: &'static str, message: String },
-    /// The model or its device failed (libtorch/CUDA error, out of memory): the machine's
-    /// fault. A batch is retried message by message (a smaller job may fit); a message that
-    /// fails alone stops the worker, uncommitted.
-    #[error("the {task} model failed: {message}")]
-    Runtime { task: &'static str, message: String },
-    /// A model thread is gone: a fault of the worker, not of the data.
-    #[error("the {0} model thread stopped")]
-    ThreadGone(&'static str),
-}
+#[error("the {0} model thread stopped")]
+pub struct ModelThreadGone(pub &'static str);
 
 /// Model outputs of a micro-batch, in submission order.
 #[derive(Default)]
@@ -115,24 +103,24 @@ impl Models {
 
     /// Queues the model inputs of every valid message of `batch` (taken out of it) on every
     /// model thread at once and returns without waiting.
-    pub fn submit(&self, batch: &mut [Prepared]) -> Result<Pending, ModelFailure> {
-        let mut all = ModelInputs::default();
+    pub fn submit(&self, batch: &mut [Prepared]) -> Result<Pending, Fault> {
+        let (mut all, mut ner) = (ModelInputs::default(), Vec::new());
         for p in batch.iter_mut() {
             if let Decided::Valid(v) = &mut p.decided {
                 let inputs = std::mem::take(&mut v.inputs);
                 all.embedding.extend(inputs.embedding);
-                all.ner.extend(inputs.ner);
+                ner.extend(inputs.ner.into_iter().map(Arc::new));
                 all.sentiment.extend(inputs.sentiment);
             }
         }
-        let submit = |m: &Option<Running>, input: ModelInput| -> Result<Option<mpsc::Receiver<Reply>>, ModelFailure> {
+        let submit = |m: &Option<Running>, input: ModelInput| -> Result<Option<mpsc::Receiver<Reply>>, Fault> {
             match m {
-                Some(r) => r.thread.submit_input(input).map(Some).map_err(|_| ModelFailure::ThreadGone(r.info_task())),
+                Some(r) => r.thread.submit_input(input).map(Some).map_err(|_| Fault::machine(ModelThreadGone(r.info_task()))),
                 None => Ok(None),
             }
         };
         Ok(Pending {
-            ner: submit(&self.ner, ModelInput::Ner(all.ner))?,
+            ner: submit(&self.ner, ModelInput::Ner(ner))?,
             sentiment: submit(&self.sentiment, ModelInput::Ids(all.sentiment))?,
             embedding: submit(&self.embedding, ModelInput::Ids(all.embedding))?,
             submitted: Instant::now(),
@@ -140,14 +128,14 @@ impl Models {
     }
 
     /// Waits for a submitted micro-batch's outputs (blocking).
-    pub fn collect(&self, pending: Pending) -> Result<Outputs, ModelFailure> {
+    pub fn collect(&self, pending: Pending) -> Result<Outputs, Fault> {
         let submitted = pending.submitted;
-        let wait = |rx: Option<mpsc::Receiver<Reply>>, task: &'static str| -> Result<Option<Output>, ModelFailure> {
+        let wait = |rx: Option<mpsc::Receiver<Reply>>, task: &'static str| -> Result<Option<Output>, Fault> {
             let Some(rx) = rx else { return Ok(None) };
-            let reply = rx.recv().map_err(|_| ModelFailure::ThreadGone(task))?;
+            let reply = rx.recv().map_err(|_| Fault::machine(ModelThreadGone(task)))?;
             let (out, _) = reply.map_err(|e| match e {
-                JobError::Input(e) => ModelFailure::Input { task, message: format!("{e:#}") },
-                JobError::Runtime(e) => ModelFailure::Runtime { task, message: format!("{e:#}") },
+                Fault::Data(r) => Fault::data(r.class, format!("the {task} model failed on this input: {}", r.message)),
+                Fault::Machine(e) => Fault::Machine(e.context(format!("the {task} model failed"))),
             })?;
             // submit → result: includes queueing behind earlier micro-batches and other models
             metrics::histogram!(crate::telemetry::MODEL_SECONDS, "task" => task).record(submitted.elapsed().as_secs_f64());
@@ -208,7 +196,7 @@ impl Outputs {
 pub struct InFlight {
     pub batch: Vec<Prepared>,
     /// The models' results (None without models).
-    pub pending: Option<Result<Pending, ModelFailure>>,
+    pub pending: Option<Result<Pending, Fault>>,
     /// When the batch was submitted to the models (for the enrichment latency).
     pub submitted: std::time::Instant,
 }

@@ -18,18 +18,37 @@ use crate::event::{Conversation, EnrichedConversation, EventLimits, SourceRef, V
 use crate::infer::ModelFolder;
 use crate::infer::model::NerInput;
 use crate::infer::tokenize::ModelTokenizer;
-use crate::sink::dlq::Rejection;
+use crate::fault::{Fault, RejectClass, Rejection};
 use crate::source::{InboundMessage, SharedSource};
 
 /// What became of one input message before any model ran.
 pub enum Decided {
     /// A null value: the conversation's points are deleted.
     Tombstone(Tombstone),
-    Rejected(Rejection),
     Valid(Box<Valid>),
-    /// Could not be decided because a dependency (the Schema Registry) did not answer before
-    /// the worker began to stop: neither dead-lettered nor completed, so it is re-read.
-    Unfinished(String),
+    /// `Fault::Data`: dead-lettered in its place. `Fault::Machine`: could not be decided because
+    /// a dependency (the Schema Registry) did not answer before the worker began to stop:
+    /// neither dead-lettered nor completed, so it is re-read.
+    Failed(Fault),
+}
+
+impl Decided {
+    pub fn rejected(class: RejectClass, message: impl Into<String>) -> Self {
+        Decided::Failed(Fault::data(class, message))
+    }
+
+    /// Why it is dead-lettered, if it is.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            Decided::Failed(Fault::Data(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Left unfinished for the machine's fault (neither dead-lettered nor completed).
+    pub fn is_unfinished(&self) -> bool {
+        matches!(self, Decided::Failed(Fault::Machine(_)))
+    }
 }
 
 /// What a tombstone deletes: the points of `conversation_id` (its key) in `tenant` (its
@@ -206,17 +225,16 @@ impl Preparer {
         let Some(payload) = &msg.payload else {
             return match tombstone(msg, self.tombstone_scope) {
                 Ok(t) => Decided::Tombstone(t),
-                Err(message) => Decided::Rejected(Rejection { class: "validation", message }),
+                Err(message) => Decided::rejected(RejectClass::Validation, message),
             };
         };
         if payload.len() > self.max_event_bytes {
             let e = ValidationError::EventTooLarge { bytes: payload.len(), limit: self.max_event_bytes };
-            return Decided::Rejected(Rejection { class: "validation", message: e.to_string() });
+            return Decided::rejected(RejectClass::Validation, e.to_string());
         }
         let conversation = match self.input_codec.decode(payload) {
             Ok(c) => c,
-            Err(e) if e.is_runtime() => return Decided::Unfinished(e.to_string()),
-            Err(e) => return Decided::Rejected(Rejection { class: e.class(), message: e.to_string() }),
+            Err(e) => return Decided::Failed(e.fault()),
         };
         let checked = conversation.validate(&self.limits).and_then(|()| match &msg.key {
             Some(key) if key.as_slice() != conversation.conversation_id.as_bytes() => Err(ValidationError::KeyMismatch {
@@ -226,11 +244,11 @@ impl Preparer {
             _ => Ok(()),
         });
         if let Err(e) = checked {
-            return Decided::Rejected(Rejection { class: "validation", message: e.to_string() });
+            return Decided::rejected(RejectClass::Validation, e.to_string());
         }
         match self.enrich(&conversation, source_ref(msg)) {
             Ok((event, inputs)) => Decided::Valid(Box::new(Valid { conversation, event, inputs, dense: None, points: vec![], output: None })),
-            Err(e) => Decided::Rejected(Rejection { class: "enrichment", message: format!("{e:#}") }),
+            Err(e) => Decided::rejected(RejectClass::Enrichment, format!("{e:#}")),
         }
     }
 

@@ -11,13 +11,13 @@ use rayon::prelude::*;
 use tracing::{debug, warn};
 
 use super::emit::{OutputEncoder, Stored};
-use super::infer::{InFlight, ModelFailure, Models, Outputs, Pending};
+use super::infer::{InFlight, ModelThreadGone, Models, Outputs, Pending};
 use super::prepare::{Decided, Prepared, Preparer, Valid};
 use super::stage::{Busy, STAGE_STORE, keep_current};
 use crate::event::ModelInfo;
 use crate::kafka::transactions::Transactions;
 use crate::shutdown::Halt;
-use crate::sink::dlq::Rejection;
+use crate::fault::{Fault, RejectClass};
 use crate::sink::store::points::{PayloadText, points_for};
 use crate::sink::store::writer::StoreWriter;
 use crate::sink::store::{StoreError, StorePoint, WrittenTurn, WrittenTurns};
@@ -55,7 +55,7 @@ impl StoreStage {
     pub async fn store(&mut self, inflight: InFlight) -> Option<Stored> {
         let InFlight { mut batch, pending, submitted } = inflight;
         if let Some(reason) = batch.iter().find_map(|p| match &p.decided {
-            Decided::Unfinished(reason) => Some(reason.clone()),
+            Decided::Failed(Fault::Machine(e)) => Some(format!("{e:#}")),
             _ => None,
         }) {
             // only when the worker was already stopping; never dead-lettered, never completed
@@ -103,7 +103,7 @@ impl StoreStage {
                             let dense = v.dense.take();
                             v.points = points_for(&v.conversation, &v.event, dense.as_deref(), payload_text);
                         }
-                        Err(why) => *decided = Decided::Rejected(why),
+                        Err(why) => *decided = Decided::Failed(Fault::Data(why)),
                     }
                 }
             });
@@ -137,17 +137,17 @@ impl StoreStage {
     }
 
     /// Waits for the batch's model outputs and applies them to its events (the chunks' dense
-    /// vectors go to each message's `dense`). When a model fails on the
-    /// batch, each valid message is prepared and run again alone (a smaller job may fit where a
-    /// batch ran out of memory), so only a message the model cannot take is dead-lettered —
-    /// and only for a fault of its own (`ModelFailure::Input`). A message that fails alone for
-    /// the machine's reasons (`Runtime`), or a model thread that is gone, is an error: the
-    /// worker stops with nothing of the batch committed.
+    /// vectors go to each message's `dense`). When a model fails on the batch, each valid
+    /// message is prepared and run again alone (a smaller job may fit where a batch ran out of
+    /// memory). The models get token ids, and a text that does not tokenize was dead-lettered
+    /// at the prepare stage already: whatever fails here is the machine's fault, so a message
+    /// that fails alone, or a model thread that is gone (`ModelThreadGone`, not retried), stops
+    /// the worker with nothing of the batch committed.
     async fn model_outputs(
         &self,
         batch: &mut [Prepared],
-        pending: Option<Result<Pending, ModelFailure>>,
-    ) -> Result<(), ModelFailure> {
+        pending: Option<Result<Pending, Fault>>,
+    ) -> Result<(), Fault> {
         let (Some(models), Some(pending)) = (self.models.clone(), pending) else {
             return Ok(());
         };
@@ -168,7 +168,7 @@ impl StoreStage {
                 batch.iter_mut().for_each(|p| apply(&mut outputs, p));
                 Ok(())
             }
-            Err(gone @ ModelFailure::ThreadGone(_)) => Err(gone),
+            Err(Fault::Machine(gone)) if gone.is::<ModelThreadGone>() => Err(Fault::Machine(gone)),
             Err(failure) => {
                 warn!(reason = %failure, messages = batch.len(), "a model failed on a batch; running its messages one by one");
                 for p in batch.iter_mut() {
@@ -187,10 +187,7 @@ impl StoreStage {
                     p.decided = decided;
                     match result {
                         Ok(mut outputs) => apply(&mut outputs, p),
-                        Err(e @ ModelFailure::Input { .. }) => {
-                            p.decided = Decided::Rejected(Rejection { class: "enrichment", message: e.to_string() });
-                        }
-                        Err(machine) => return Err(machine),
+                        Err(fault) => return Err(fault),
                     }
                 }
                 Ok(())
@@ -218,17 +215,14 @@ impl StoreStage {
         }
         let writable = batch.iter().filter(|p| matches!(p.decided, Decided::Valid(_) | Decided::Tombstone(_))).count();
         self.write_bisecting(batch, &flat, &bounds).await?;
-        let rejected = batch.iter().filter(|p| matches!(&p.decided, Decided::Rejected(r) if r.class == "store")).count();
+        let rejected = batch.iter().filter(|p| p.decided.rejection().is_some_and(|r| r.class == RejectClass::Store)).count();
         if writable > 1 && rejected == writable {
             // every message refused: the collection, not the data (changed vector size, index
             // type...); dead-lettering would move the whole stream into the DLQ
             return Err(StoreError::Permanent(format!(
                 "the vector store rejected every one of {writable} messages of a batch; check the collection (qdrant.collection) — \
                  first reason: {}",
-                batch.iter().find_map(|p| match &p.decided {
-                    Decided::Rejected(r) => Some(r.message.as_str()),
-                    _ => None,
-                }).unwrap_or_default()
+                batch.iter().find_map(|p| p.decided.rejection().map(|r| r.message.as_str())).unwrap_or_default()
             )));
         }
         Ok(())
@@ -251,7 +245,7 @@ impl StoreStage {
                     if !ids.is_empty() {
                         self.store.delete_points(&ids).await?;
                     }
-                    p.decided = Decided::Rejected(Rejection { class: "store", message: why });
+                    p.decided = Decided::rejected(RejectClass::Store, why);
                     Ok(())
                 }
                 Err(StoreError::Rejected(why)) if batch.len() > 1 => {
@@ -298,8 +292,8 @@ impl StoreStage {
                 }
                 // points of a message the store rejected (found by halving) are skipped: the run
                 // ends before them
-                Decided::Rejected(_) | Decided::Unfinished(_) if !range.is_empty() => self.write_run(flat, &mut run).await?,
-                Decided::Rejected(_) | Decided::Unfinished(_) => {}
+                Decided::Failed(_) if !range.is_empty() => self.write_run(flat, &mut run).await?,
+                Decided::Failed(_) => {}
             }
         }
         self.write_run(flat, &mut run).await

@@ -17,6 +17,7 @@
 
 use rdkafka::message::{Header, OwnedHeaders};
 
+use crate::fault::Rejection;
 use crate::source::InboundMessage;
 
 pub const ERROR_CLASS: &str = "dlq.error.class";
@@ -30,13 +31,6 @@ pub const VALUE_TRUNCATED: &str = "dlq.value.truncated";
 pub const HEADERS_DROPPED: &str = "dlq.headers.dropped";
 pub const KEY_TRUNCATED: &str = "dlq.key.truncated";
 
-/// Why a message is dead-lettered.
-#[derive(Debug, Clone)]
-pub struct Rejection {
-    pub class: &'static str,
-    pub message: String,
-}
-
 /// The DLQ copy's headers: `carried` (the input's own, as carried) then the `dlq.*` ones.
 pub fn headers(msg: &InboundMessage, why: &Rejection, group_id: &str, carried: OwnedHeaders) -> OwnedHeaders {
     let partition = msg.tp.partition.to_string();
@@ -44,7 +38,7 @@ pub fn headers(msg: &InboundMessage, why: &Rejection, group_id: &str, carried: O
     // keep the reason readable and bounded even for huge inputs
     let message: String = why.message.chars().take(2_000).collect();
     let mut h = carried
-        .insert(Header { key: ERROR_CLASS, value: Some(why.class) })
+        .insert(Header { key: ERROR_CLASS, value: Some(why.class.as_str()) })
         .insert(Header { key: ERROR_MESSAGE, value: Some(message.as_str()) })
         .insert(Header { key: ORIGINAL_TOPIC, value: Some(&*msg.tp.topic) })
         .insert(Header { key: ORIGINAL_PARTITION, value: Some(partition.as_str()) })
