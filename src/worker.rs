@@ -131,6 +131,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     let shutdown = ShutdownClock::watch(stop.clone(), Duration::from_millis(cfg.pipeline.shutdown_timeout_ms));
     let pipeline = Pipeline {
         shutdown: shutdown.clone(),
+        preparer: Arc::new(preparer),
         store: StoreStage {
             store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry).for_worker(readiness.clone(), stop.clone()),
             payload_text: cfg.qdrant.payload_text,
@@ -138,7 +139,6 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
             stop: stop.clone(),
             halt,
             model_infos: models.as_ref().map(Models::infos).unwrap_or_default(),
-            preparer: Arc::new(preparer),
             models: models.map(Arc::new),
             readiness: readiness.clone(),
             shared: shared.clone(),

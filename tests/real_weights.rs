@@ -103,7 +103,8 @@ fn prepared_chunk_ids_embed_like_transformers_on_prefixed_text() {
     use convoflow::config::Config;
     use convoflow::event::{Conversation, Turn};
     use convoflow::kafka::TopicPartition;
-    use convoflow::pipeline::prepare::{Decided, Preparer};
+    use convoflow::pipeline::message::Decided;
+    use convoflow::pipeline::prepare::Preparer;
     use convoflow::source::InboundMessage;
 
     let expected: serde_json::Value = serde_json::from_str(

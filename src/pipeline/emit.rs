@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::anyhow;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
@@ -40,7 +40,7 @@ use tracing::{error, warn};
 use crate::codec::RecordCodec;
 use crate::event::EnrichedConversation;
 use crate::pipeline::breaker::DlqBreaker;
-use crate::pipeline::prepare::{Decided, EncodedOutput, Prepared, Valid};
+use super::message::{Decided, Message};
 use crate::shutdown::Halt;
 use crate::pipeline::stage::{Busy, Flight, STAGE_EMIT, count_stale, keep_current, record_depth};
 use crate::fault::{Fault, RejectClass, Rejection};
@@ -51,9 +51,24 @@ use crate::kafka::transactions::{BeginError, Transactions};
 use crate::source::{InboundMessage, SharedSource};
 use crate::telemetry;
 
+/// A valid conversation whose points the store acknowledged: its enriched event, encoded.
+pub struct Written {
+    pub event: EnrichedConversation,
+    pub output: EncodedOutput,
+}
+
+/// The enriched event as it will be produced, encoded by the store stage before it writes the
+/// event's points: an event that cannot be produced (too large, unencodable) is dead-lettered
+/// before anything of it is stored, so the store and the output topic agree.
+pub struct EncodedOutput {
+    pub value: Vec<u8>,
+    /// The input's headers as carried (bounded by `pipeline.max_carried_header_bytes`).
+    pub headers: Option<OwnedHeaders>,
+}
+
 /// A batch whose points the store acknowledged, for the emit stage.
 pub struct Stored {
-    pub batch: Vec<Prepared>,
+    pub batch: Vec<Message<Written>>,
 }
 
 /// What the emit stage produced, for the worker's final log line.
@@ -202,7 +217,7 @@ impl Emitter {
         }
     }
 
-    async fn emit(&mut self, batch: Vec<Prepared>, deliveries: &mut JoinSet<()>) {
+    async fn emit(&mut self, batch: Vec<Message<Written>>, deliveries: &mut JoinSet<()>) {
         let _busy = Busy::start(STAGE_EMIT);
         let sink = self.sink.clone();
         // a partition that moved while the batch was stored: its new owner re-reads and emits
@@ -247,16 +262,15 @@ impl Emitter {
             None => (sink.producer.clone(), None),
         };
         let mut pending = Vec::with_capacity(batch.len());
-        for Prepared { msg, decided } in batch {
+        for Message { msg, decided } in batch {
             // checked again before each record: the partition may have moved meanwhile
             if !sink.shared.is_current(&msg.tp, msg.generation) {
                 count_stale(STAGE_EMIT, 1);
                 continue;
             }
             let record = match decided {
-                Decided::Valid(v) => {
-                    let Valid { event, output, .. } = *v;
-                    let EncodedOutput { value, headers } = output.expect("the store stage encodes every valid event");
+                Decided::Valid(w) => {
+                    let Written { event, output: EncodedOutput { value, headers } } = *w;
                     sink.counters.enriched.fetch_add(1, Ordering::Relaxed);
                     Record {
                         destination: Destination::Output,
@@ -493,13 +507,13 @@ pub struct OutputEncoder {
 }
 
 impl OutputEncoder {
-    /// The record of `v`'s enriched event, or why it cannot be produced: unencodable
+    /// The record of an enriched event, or why it cannot be produced: unencodable
     /// (`encoding`), or over the producer's limit (`output-too-large`, checked with an upper
     /// bound of librdkafka's own count, so what passes is never refused at enqueue).
-    pub fn encode(&self, msg: &InboundMessage, v: &Valid) -> Result<EncodedOutput, Rejection> {
-        let value = self.codec.encode(&v.event).map_err(|e| Rejection::new(RejectClass::Encoding, e.to_string()))?;
+    pub fn encode(&self, msg: &InboundMessage, event: &EnrichedConversation) -> Result<EncodedOutput, Rejection> {
+        let value = self.codec.encode(event).map_err(|e| Rejection::new(RejectClass::Encoding, e.to_string()))?;
         let headers = headers::carry(&msg.headers, self.max_carried_header_bytes).into_headers();
-        let bytes = record_wire_bytes(Some(v.event.conversation_id.as_bytes()), Some(&value), headers.as_ref());
+        let bytes = record_wire_bytes(Some(event.conversation_id.as_bytes()), Some(&value), headers.as_ref());
         if bytes > self.message_max_bytes {
             let message = format!(
                 "the enriched event is {} bytes ({bytes} with key and headers), over the producer's limit of {} bytes for {} \

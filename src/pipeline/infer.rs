@@ -1,22 +1,44 @@
 //! The infer stage: `Models` holds the configured models, each on its own thread (and CUDA
 //! stream); the stage submits each prepared micro-batch to all of them at once and goes on
-//! with the next one; the store stage collects the outputs in order and applies them to the
-//! events: entities and sentiment of every turn, the per-conversation sentiment trajectory and
-//! entity counts, dense vectors of every chunk, model versions.
+//! with the next one. Each message's inputs are one entry of the batch's job on every model,
+//! and each message gets its own outputs back (`MessageOutputs`, as text-embeddings-inference
+//! answers each queued entry); the store stage applies them: entities and sentiment of every
+//! turn, the per-conversation sentiment trajectory and entity counts, dense vectors of every
+//! chunk, model versions. A message keeps its inputs until then, so a batch that fails runs
+//! again message by message without anything being decoded again.
 
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 
-use super::prepare::{Decided, ModelInputs, Prepared};
+use super::message::Message;
+use super::prepare::{Prepared, Valid};
 use super::stage::{Flight, STAGE_INFER, record_depth};
 use crate::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
-use crate::event::{EnrichedConversation, Entity, ModelInfo, Sentiment, SentimentPoint};
-use crate::infer::manager::ManagedModel;
+use crate::event::{Conversation, EnrichedConversation, Entity, ModelInfo, Sentiment, SentimentPoint};
 use crate::fault::Fault;
+use crate::infer::manager::ManagedModel;
 use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
 use crate::infer::{ModelFolder, Task};
+
+/// A valid conversation with the models' outputs applied, for the store stage.
+pub struct Enriched {
+    pub conversation: Conversation,
+    pub event: EnrichedConversation,
+    /// The dense vector of each chunk (None without an embedding model).
+    pub dense: Option<Vec<Vec<f32>>>,
+}
+
+impl Enriched {
+    /// A conversation of a worker without models: its text enrichment only.
+    pub fn without_models(v: Valid) -> Self {
+        Enriched { conversation: v.conversation, event: v.event, dense: None }
+    }
+}
+
+/// A message after the infer stage.
+pub type Inferred = Message<Enriched>;
 
 /// A configured model on its own thread, with what the events report about it.
 struct Running {
@@ -31,12 +53,22 @@ pub struct Models {
     sentiment: Option<Running>,
 }
 
-/// Results of one submitted micro-batch, one receiver per model.
+/// Results of one submitted micro-batch, one receiver per model, and each message's entry in
+/// the jobs (how many inputs it gave each model).
 pub struct Pending {
     embedding: Option<mpsc::Receiver<Reply>>,
     ner: Option<mpsc::Receiver<Reply>>,
     sentiment: Option<mpsc::Receiver<Reply>>,
+    entries: Vec<Entry>,
     submitted: Instant,
+}
+
+/// One message's share of a submitted job, per model (0 for a message that is not valid).
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    embedding: usize,
+    ner: usize,
+    sentiment: usize,
 }
 
 /// A model thread that is gone (it panicked or stopped): the machine's fault, carried in a
@@ -45,12 +77,15 @@ pub struct Pending {
 #[error("the {0} model thread stopped")]
 pub struct ModelThreadGone(pub &'static str);
 
-/// Model outputs of a micro-batch, in submission order.
-#[derive(Default)]
-pub struct Outputs {
-    entities: Option<std::vec::IntoIter<Vec<Entity>>>,
-    probabilities: Option<std::vec::IntoIter<Vec<f32>>>,
-    dense: Option<std::vec::IntoIter<Vec<f32>>>,
+/// One message's own model outputs (None: the model is not configured).
+#[derive(Debug, Default)]
+pub struct MessageOutputs {
+    /// One entity list per turn.
+    entities: Option<Vec<Vec<Entity>>>,
+    /// One 1-to-n-star distribution per turn.
+    probabilities: Option<Vec<Vec<f32>>>,
+    /// One vector per chunk, in event order.
+    dense: Option<Vec<Vec<f32>>>,
 }
 
 impl Models {
@@ -101,16 +136,27 @@ impl Models {
         self.running().map(|r| r.info.clone()).collect()
     }
 
-    /// Queues the model inputs of every valid message of `batch` (taken out of it) on every
-    /// model thread at once and returns without waiting.
-    pub fn submit(&self, batch: &mut [Prepared]) -> Result<Pending, Fault> {
-        let (mut all, mut ner) = (ModelInputs::default(), Vec::new());
-        for p in batch.iter_mut() {
-            if let Decided::Valid(v) = &mut p.decided {
-                let inputs = std::mem::take(&mut v.inputs);
-                all.embedding.extend(inputs.embedding);
-                ner.extend(inputs.ner.into_iter().map(Arc::new));
-                all.sentiment.extend(inputs.sentiment);
+    /// Queues the model inputs of every valid message of `batch` on every model thread at once
+    /// (each message one entry of the job; the messages keep their inputs) and returns without
+    /// waiting.
+    pub fn submit(&self, batch: &[Prepared]) -> Result<Pending, Fault> {
+        let mut entries = Vec::with_capacity(batch.len());
+        let (mut embedding, mut ner, mut sentiment) = (vec![], vec![], vec![]);
+        for p in batch {
+            let Some(v) = p.decided.valid() else {
+                entries.push(Entry::default());
+                continue;
+            };
+            let inputs = &v.inputs;
+            entries.push(Entry { embedding: inputs.embedding.len(), ner: inputs.ner.len(), sentiment: inputs.sentiment.len() });
+            if self.embedding.is_some() {
+                embedding.extend(inputs.embedding.iter().cloned());
+            }
+            if self.ner.is_some() {
+                ner.extend(inputs.ner.iter().cloned());
+            }
+            if self.sentiment.is_some() {
+                sentiment.extend(inputs.sentiment.iter().cloned());
             }
         }
         let submit = |m: &Option<Running>, input: ModelInput| -> Result<Option<mpsc::Receiver<Reply>>, Fault> {
@@ -121,14 +167,15 @@ impl Models {
         };
         Ok(Pending {
             ner: submit(&self.ner, ModelInput::Ner(ner))?,
-            sentiment: submit(&self.sentiment, ModelInput::Ids(all.sentiment))?,
-            embedding: submit(&self.embedding, ModelInput::Ids(all.embedding))?,
+            sentiment: submit(&self.sentiment, ModelInput::Ids(sentiment))?,
+            embedding: submit(&self.embedding, ModelInput::Ids(embedding))?,
+            entries,
             submitted: Instant::now(),
         })
     }
 
-    /// Waits for a submitted micro-batch's outputs (blocking).
-    pub fn collect(&self, pending: Pending) -> Result<Outputs, Fault> {
+    /// Waits for a submitted micro-batch's outputs (blocking): each message's own, in order.
+    pub fn collect(&self, pending: Pending) -> Result<Vec<MessageOutputs>, Fault> {
         let submitted = pending.submitted;
         let wait = |rx: Option<mpsc::Receiver<Reply>>, task: &'static str| -> Result<Option<Output>, Fault> {
             let Some(rx) = rx else { return Ok(None) };
@@ -141,21 +188,48 @@ impl Models {
             metrics::histogram!(crate::telemetry::MODEL_SECONDS, "task" => task).record(submitted.elapsed().as_secs_f64());
             Ok(Some(out))
         };
-        let mut outputs = Outputs::default();
+        let entries = pending.entries;
+        let mut outputs: Vec<MessageOutputs> = entries.iter().map(|_| MessageOutputs::default()).collect();
         if let Some(out) = wait(pending.ner, "ner")? {
-            let Output::Entities(e) = out else { unreachable!("the NER thread returns entities") };
-            outputs.entities = Some(e.into_iter());
+            let Output::Entities(all) = out else { return Err(wrong_output("ner", &out)) };
+            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.ner), "ner")?) {
+                o.entities = Some(part);
+            }
         }
         if let Some(out) = wait(pending.sentiment, "sentiment")? {
-            let Output::Probabilities(p) = out else { unreachable!("the sentiment thread returns probabilities") };
-            outputs.probabilities = Some(p.into_iter());
+            let Output::Probabilities(all) = out else { return Err(wrong_output("sentiment", &out)) };
+            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.sentiment), "sentiment")?) {
+                o.probabilities = Some(part);
+            }
         }
         if let Some(out) = wait(pending.embedding, "embedding")? {
-            let Output::Embeddings(d) = out else { unreachable!("the embedding thread returns embeddings") };
-            outputs.dense = Some(d.into_iter());
+            let Output::Embeddings(all) = out else { return Err(wrong_output("embedding", &out)) };
+            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.embedding), "embedding")?) {
+                o.dense = Some(part);
+            }
         }
         Ok(outputs)
     }
+}
+
+/// A model thread that answered with another kind of output than its task's.
+fn wrong_output(task: &'static str, out: &Output) -> Fault {
+    let kind = match out {
+        Output::Embeddings(_) => "embeddings",
+        Output::Entities(_) => "entities",
+        Output::Probabilities(_) => "probabilities",
+    };
+    Fault::machine(anyhow!("the {task} model thread answered with {kind}"))
+}
+
+/// A job's outputs cut into each entry's own, in order: `sizes` are the entries' input counts.
+fn split<T>(all: Vec<T>, sizes: impl Iterator<Item = usize> + Clone, task: &'static str) -> Result<Vec<Vec<T>>, Fault> {
+    let expected: usize = sizes.clone().sum();
+    if all.len() != expected {
+        return Err(Fault::machine(anyhow!("the {task} model returned {} outputs for {expected} inputs", all.len())));
+    }
+    let mut rest = all.into_iter();
+    Ok(sizes.map(|n| rest.by_ref().take(n).collect()).collect())
 }
 
 impl Running {
@@ -164,33 +238,47 @@ impl Running {
     }
 }
 
-impl Outputs {
-    /// Gives one valid conversation its share of the outputs (in submission order): entities and
-    /// sentiment per turn, the trajectory and entity counts, the models; the dense vectors of
-    /// its chunks are returned.
-    pub fn apply(&mut self, event: &mut EnrichedConversation, models: &[ModelInfo]) -> Option<Vec<Vec<f32>>> {
-        if let Some(all) = &mut self.entities {
-            for turn in &mut event.turns {
-                turn.entities = all.next().expect("one entity list per turn");
-                for e in &turn.entities {
+impl MessageOutputs {
+    /// Applies the message's own outputs to its conversation: entities and sentiment per turn,
+    /// the trajectory and entity counts, the models; the dense vectors of its chunks.
+    pub fn apply(self, v: Valid, models: &[ModelInfo]) -> Result<Enriched, Fault> {
+        let Valid { conversation, mut event, .. } = v;
+        let turns = event.turns.len();
+        let id = event.conversation_id.clone();
+        let mismatch = |task: &str, what: &str, got: usize, expected: usize| {
+            Fault::machine(anyhow!("the {task} model gave {got} {what} for {expected} of conversation {id}"))
+        };
+        if let Some(all) = self.entities {
+            if all.len() != turns {
+                return Err(mismatch("ner", "entity lists", all.len(), turns));
+            }
+            for (turn, entities) in event.turns.iter_mut().zip(all) {
+                for e in &entities {
                     *event.entity_counts.entry(e.label.clone()).or_default() += 1;
                 }
+                turn.entities = entities;
             }
         }
-        if let Some(all) = &mut self.probabilities {
-            for turn in &mut event.turns {
-                let probabilities = all.next().expect("one distribution per turn");
+        if let Some(all) = self.probabilities {
+            if all.len() != turns {
+                return Err(mismatch("sentiment", "distributions", all.len(), turns));
+            }
+            for (turn, probabilities) in event.turns.iter_mut().zip(all) {
                 let (stars, score) = crate::infer::stars(&probabilities);
                 event.sentiment_trajectory.push(SentimentPoint { turn_id: turn.turn_id.clone(), ts: turn.ts, stars, score });
                 turn.sentiment = Some(Sentiment { stars, score, probabilities });
             }
         }
+        if let Some(dense) = &self.dense {
+            let chunks: usize = event.turns.iter().map(|t| t.chunks.len()).sum();
+            if dense.len() != chunks {
+                return Err(mismatch("embedding", "vectors", dense.len(), chunks));
+            }
+        }
         event.models = models.to_vec();
-        let chunks: usize = event.turns.iter().map(|t| t.chunks.len()).sum();
-        self.dense.as_mut().map(|d| d.by_ref().take(chunks).collect())
+        Ok(Enriched { conversation, event, dense: self.dense })
     }
 }
-
 
 /// A prepared micro-batch whose model inputs are queued on the model threads.
 pub struct InFlight {
@@ -211,7 +299,7 @@ pub async fn submit_batches(
     models: Option<Arc<Models>>,
     flight: Arc<Flight>,
 ) {
-    while let Some(mut batch) = rx.recv().await {
+    while let Some(batch) = rx.recv().await {
         record_depth(STAGE_INFER, rx.len());
         if flight.is_abandoned() {
             flight.ended(); // not run: nothing of it could be completed
@@ -219,7 +307,64 @@ pub async fn submit_batches(
         }
         let submitted = std::time::Instant::now();
         let Ok(permit) = tx.reserve().await else { return };
-        let pending = models.as_ref().map(|m| m.submit(&mut batch));
+        let pending = models.as_ref().map(|m| m.submit(&batch));
         permit.send(InFlight { batch, pending, submitted });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Bm25Params;
+    use crate::event::SourceRef;
+    use crate::pipeline::chunk::{Chunker, builtin_tokenizer};
+    use crate::pipeline::prepare::ModelInputs;
+    use crate::pipeline::text::TextEnricher;
+    use crate::sample::SampleGenerator;
+
+    fn valid(seed: u64) -> Valid {
+        let enricher = TextEnricher::new(Chunker::new(builtin_tokenizer(), 6, 2).unwrap(), Bm25Params::default());
+        let conversation = SampleGenerator::new(seed).conversation(1);
+        let event = enricher.enrich(&conversation, SourceRef { topic: "in".into(), partition: 0, offset: 1 }).unwrap().event;
+        Valid { conversation, event, inputs: ModelInputs::default() }
+    }
+
+    #[test]
+    fn a_job_s_outputs_go_back_to_the_entries_that_gave_its_inputs() {
+        let parts = split((0..7).collect::<Vec<i32>>(), [3, 0, 4].into_iter(), "ner").unwrap();
+        assert_eq!(parts, vec![vec![0, 1, 2], vec![], vec![3, 4, 5, 6]]);
+        let wrong = split((0..6).collect::<Vec<i32>>(), [3, 0, 4].into_iter(), "ner").unwrap_err();
+        assert!(matches!(&wrong, Fault::Machine(e) if e.to_string().contains("6 outputs for 7 inputs")), "{wrong}");
+    }
+
+    #[test]
+    fn a_message_gets_its_own_entities_stars_and_vectors() {
+        let v = valid(7);
+        let turns = v.event.turns.len();
+        let chunks: usize = v.event.turns.iter().map(|t| t.chunks.len()).sum();
+        let entity = |label: &str| Entity { text: "Lyon".into(), label: label.into(), start: 0, end: 4, score: 0.9 };
+        let outputs = MessageOutputs {
+            entities: Some((0..turns).map(|i| if i == 0 { vec![entity("LOC"), entity("PER")] } else { vec![entity("LOC")] }).collect()),
+            probabilities: Some(vec![vec![0.0, 0.0, 0.0, 0.0, 1.0]; turns]),
+            dense: Some(vec![vec![0.5; 4]; chunks]),
+        };
+        let info = ModelInfo { task: "ner".into(), name: "test".into(), version: "1".into() };
+        let e = outputs.apply(v, std::slice::from_ref(&info)).unwrap();
+        assert_eq!(e.event.turns[0].entities.len(), 2);
+        assert_eq!(e.event.entity_counts["LOC"], turns as i32);
+        assert_eq!(e.event.entity_counts["PER"], 1);
+        assert_eq!(e.event.sentiment_trajectory.len(), turns);
+        assert!(e.event.turns.iter().all(|t| t.sentiment.as_ref().is_some_and(|s| s.stars == 5)));
+        assert_eq!(e.dense.map(|d| d.len()), Some(chunks));
+        assert_eq!(e.event.models, vec![info]);
+    }
+
+    #[test]
+    fn an_answer_of_the_wrong_size_is_the_machine_s_fault_not_the_message_s() {
+        let v = valid(8);
+        let turns = v.event.turns.len();
+        let outputs = MessageOutputs { probabilities: Some(vec![vec![0.2; 5]; turns + 1]), ..Default::default() };
+        let fault = outputs.apply(v, &[]).err().expect("refused");
+        assert!(matches!(&fault, Fault::Machine(e) if e.to_string().contains("distributions")), "{fault}");
     }
 }

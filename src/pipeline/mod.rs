@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod chunk;
 pub mod emit;
 pub mod infer;
+pub mod message;
 pub mod prepare;
 pub mod stage;
 pub mod store;
@@ -25,6 +26,7 @@ use crate::config::PipelineConfig;
 use crate::shutdown::{SOURCE_LEFT_BEHIND, ShutdownClock};
 use crate::source::InboundMessage;
 use emit::Emitter;
+use prepare::Preparer;
 use stage::{Flight, STAGE_STORE, record_depth};
 use store::StoreStage;
 
@@ -42,6 +44,8 @@ pub struct Pipeline {
     /// The shutdown's deadline: past it (less `SOURCE_LEFT_BEHIND`) the pipeline stops
     /// without waiting for the source to leave.
     pub shutdown: ShutdownClock,
+    /// The prepare stage's decoder, validator and tokenizers.
+    pub preparer: Arc<Preparer>,
     /// The store stage (run by `run`'s own task).
     pub store: StoreStage,
     /// The emit stage (moved into its task by `run`).
@@ -63,7 +67,7 @@ impl Pipeline {
         let flight = Arc::new(Flight::default());
         let stages = [
             tokio::spawn({
-                let (flight, preparer) = (flight.clone(), self.store.preparer.clone());
+                let (flight, preparer) = (flight.clone(), self.preparer.clone());
                 let (max, room) = (p.max_batch_messages, p.batches_in_flight);
                 async move {
                     batch::form_batches(rx, batch_tx, flight, max, room, linger).await;
@@ -71,7 +75,7 @@ impl Pipeline {
                     preparer.interrupt();
                 }
             }),
-            tokio::spawn(prepare::prepare_batches(batch_rx, prepared_tx, self.store.preparer.clone(), self.store.shared.clone(), flight.clone(), p.prepare_workers)),
+            tokio::spawn(prepare::prepare_batches(batch_rx, prepared_tx, self.preparer.clone(), self.store.shared.clone(), flight.clone(), p.prepare_workers)),
             tokio::spawn(infer::submit_batches(prepared_rx, inflight_tx, self.store.models.clone(), flight.clone())),
         ];
         // The batch stage notices the source's leaving only while it waits for messages; a stage

@@ -18,77 +18,20 @@ use crate::event::{Conversation, EnrichedConversation, EventLimits, SourceRef, V
 use crate::infer::ModelFolder;
 use crate::infer::model::NerInput;
 use crate::infer::tokenize::ModelTokenizer;
-use crate::fault::{Fault, RejectClass, Rejection};
+use super::message::{Decided, Message, Tombstone};
+use crate::fault::RejectClass;
 use crate::source::{InboundMessage, SharedSource};
-
-/// What became of one input message before any model ran.
-pub enum Decided {
-    /// A null value: the conversation's points are deleted.
-    Tombstone(Tombstone),
-    Valid(Box<Valid>),
-    /// `Fault::Data`: dead-lettered in its place. `Fault::Machine`: could not be decided because
-    /// a dependency (the Schema Registry) did not answer before the worker began to stop:
-    /// neither dead-lettered nor completed, so it is re-read.
-    Failed(Fault),
-}
-
-impl Decided {
-    pub fn rejected(class: RejectClass, message: impl Into<String>) -> Self {
-        Decided::Failed(Fault::data(class, message))
-    }
-
-    /// Why it is dead-lettered, if it is.
-    pub fn rejection(&self) -> Option<&Rejection> {
-        match self {
-            Decided::Failed(Fault::Data(r)) => Some(r),
-            _ => None,
-        }
-    }
-
-    /// Left unfinished for the machine's fault (neither dead-lettered nor completed).
-    pub fn is_unfinished(&self) -> bool {
-        matches!(self, Decided::Failed(Fault::Machine(_)))
-    }
-}
-
-/// What a tombstone deletes: the points of `conversation_id` (its key) in `tenant` (its
-/// `tenant` header; without one, every tenant's with `pipeline.tombstone_scope: all_tenants`,
-/// the points written without a tenant with `header_tenant`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tombstone {
-    /// None: every tenant.
-    pub tenant: Option<String>,
-    pub conversation_id: String,
-    /// How many points it deleted, once the store stage ran it.
-    pub matched: Option<u64>,
-}
-
-/// The enriched event as it will be produced, encoded by the store stage before it writes the
-/// event's points: an event that cannot be produced (too large, unencodable) is dead-lettered
-/// before anything of it is stored, so the store and the output topic agree.
-pub struct EncodedOutput {
-    pub value: Vec<u8>,
-    /// The input's headers as carried (bounded by `pipeline.max_carried_header_bytes`).
-    pub headers: Option<rdkafka::message::OwnedHeaders>,
-}
 
 /// The record header naming a tombstone's tenant (a null value has no body to say it).
 pub const TENANT_HEADER: &str = "tenant";
 
-/// A valid conversation: its text enrichment and the inputs of each configured model.
-/// It gathers what the later stages add, so each message travels as one value: the models'
-/// outputs (applied to `event`; the chunks' dense vectors in `dense`), then its store points.
+/// A valid conversation after the prepare stage: its text enrichment and the inputs of each
+/// configured model (kept until the models' outputs are applied, so the message can run again
+/// alone).
 pub struct Valid {
     pub conversation: Conversation,
     pub event: EnrichedConversation,
-    /// Taken by the infer stage when it submits the batch.
     pub inputs: ModelInputs,
-    /// The dense vector of each chunk, once the embedding model ran (taken to build `points`).
-    pub dense: Option<Vec<Vec<f32>>>,
-    /// The chunks' points, built by the store stage (taken when they are written).
-    pub points: Vec<crate::sink::store::StorePoint>,
-    /// The enriched event encoded, by the store stage (taken by the emit stage).
-    pub output: Option<EncodedOutput>,
 }
 
 /// Model inputs of one conversation, tokenized already. Empty for a model that is not configured.
@@ -96,17 +39,14 @@ pub struct Valid {
 pub struct ModelInputs {
     /// One id sequence (special tokens, document prefix, chunk ids) per chunk, in event order.
     pub embedding: Vec<Vec<i64>>,
-    /// One encoding per turn.
-    pub ner: Vec<NerInput>,
+    /// One encoding per turn (shared with the NER job it is submitted in).
+    pub ner: Vec<Arc<NerInput>>,
     /// One id sequence per turn.
     pub sentiment: Vec<Vec<i64>>,
 }
 
-/// One input message through the preparation stage.
-pub struct Prepared {
-    pub msg: InboundMessage,
-    pub decided: Decided,
-}
+/// One input message after the prepare stage.
+pub type Prepared = Message<Valid>;
 
 /// The embedding model's tokenizer and the ids of its document prefix.
 struct EmbeddingTokens {
@@ -220,8 +160,8 @@ impl Preparer {
             .collect()
     }
 
-    /// Prepares one message (also used to retry a message alone).
-    pub fn decide(&self, msg: &InboundMessage) -> Decided {
+    /// Prepares one message.
+    pub fn decide(&self, msg: &InboundMessage) -> Decided<Valid> {
         let Some(payload) = &msg.payload else {
             return match tombstone(msg, self.tombstone_scope) {
                 Ok(t) => Decided::Tombstone(t),
@@ -247,7 +187,7 @@ impl Preparer {
             return Decided::rejected(RejectClass::Validation, e.to_string());
         }
         match self.enrich(&conversation, source_ref(msg)) {
-            Ok((event, inputs)) => Decided::Valid(Box::new(Valid { conversation, event, inputs, dense: None, points: vec![], output: None })),
+            Ok((event, inputs)) => Decided::Valid(Box::new(Valid { conversation, event, inputs })),
             Err(e) => Decided::rejected(RejectClass::Enrichment, format!("{e:#}")),
         }
     }
@@ -267,7 +207,7 @@ impl Preparer {
             inputs.ner = conversation
                 .turns
                 .par_iter()
-                .map(|turn| Ok(NerInput { text: turn.text.clone(), encoding: t.encode_untruncated_one(&turn.text)? }))
+                .map(|turn| Ok(Arc::new(NerInput { text: turn.text.clone(), encoding: t.encode_untruncated_one(&turn.text)? })))
                 .collect::<Result<_>>()?;
         }
         if let Some(t) = &self.sentiment {

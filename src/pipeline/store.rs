@@ -1,7 +1,8 @@
-//! The store stage: waits for a micro-batch's model outputs and applies them, encodes every
-//! enriched event (an event that cannot be produced is dead-lettered before any of its points
-//! is written), builds the points and writes them to the vector store in input order, halving
-//! a batch the store rejects until the messages it refuses are found.
+//! The store stage: waits for a micro-batch's model outputs and applies each message's own
+//! (`infer::Inferred`), encodes every enriched event (an event that cannot be produced is
+//! dead-lettered before any of its points is written), builds the points and writes them to
+//! the vector store in input order, halving a batch the store rejects until the messages it
+//! refuses are found; what it hands on is `emit::Written`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,11 +11,12 @@ use anyhow::anyhow;
 use rayon::prelude::*;
 use tracing::{debug, warn};
 
-use super::emit::{OutputEncoder, Stored};
-use super::infer::{InFlight, ModelThreadGone, Models, Outputs, Pending};
-use super::prepare::{Decided, Prepared, Preparer, Valid};
+use super::emit::{OutputEncoder, Stored, Written};
+use super::infer::{Enriched, InFlight, Inferred, MessageOutputs, ModelThreadGone, Models, Pending};
+use super::message::{Decided, Message};
+use super::prepare::Prepared;
 use super::stage::{Busy, STAGE_STORE, keep_current};
-use crate::event::ModelInfo;
+use crate::event::{EnrichedConversation, ModelInfo};
 use crate::kafka::transactions::Transactions;
 use crate::shutdown::Halt;
 use crate::fault::{Fault, RejectClass};
@@ -35,8 +37,6 @@ pub struct StoreStage {
     pub stop: Arc<AtomicBool>,
     /// The first failure that stops the worker (shared with the emit stage).
     pub halt: Arc<Halt>,
-    /// Re-decodes a message to run it alone when a model failed on its batch.
-    pub preparer: Arc<Preparer>,
     pub models: Option<Arc<Models>>,
     pub model_infos: Vec<ModelInfo>,
     pub shared: Arc<SharedSource>,
@@ -53,7 +53,7 @@ impl StoreStage {
     /// The store stage: the batch's model outputs, then its points upserted (acknowledged).
     /// None when the batch ends here (nothing left of it, or a failure that stops the worker).
     pub async fn store(&mut self, inflight: InFlight) -> Option<Stored> {
-        let InFlight { mut batch, pending, submitted } = inflight;
+        let InFlight { batch, pending, submitted } = inflight;
         if let Some(reason) = batch.iter().find_map(|p| match &p.decided {
             Decided::Failed(Fault::Machine(e)) => Some(format!("{e:#}")),
             _ => None,
@@ -62,10 +62,14 @@ impl StoreStage {
             self.fail(anyhow!("a message could not be decoded: {reason}"), batch.len());
             return None;
         }
-        if let Err(e) = self.model_outputs(&mut batch, pending).await {
-            self.fail(anyhow::Error::new(e).context("running the models"), batch.len());
-            return None;
-        }
+        let messages = batch.len();
+        let batch = match self.model_outputs(batch, pending).await {
+            Ok(inferred) => inferred,
+            Err(e) => {
+                self.fail(anyhow::Error::new(e).context("running the models"), messages);
+                return None;
+            }
+        };
         let _busy = Busy::start(STAGE_STORE); // from here on: the stage's own work
         // messages of partitions revoked while the batch was in flight: the next owner re-reads them
         let batch = keep_current(&self.shared, STAGE_STORE, batch, |p| &p.msg);
@@ -76,10 +80,7 @@ impl StoreStage {
         metrics::histogram!(telemetry::BATCH_MESSAGES).record(batch.len() as f64);
         let (turns, tokens) = batch
             .iter()
-            .filter_map(|p| match &p.decided {
-                Decided::Valid(v) => Some((v.event.turns.len(), v.event.total_tokens)),
-                _ => None,
-            })
+            .filter_map(|p| p.decided.valid().map(|v| (v.event.turns.len(), v.event.total_tokens)))
             .fold((0usize, 0i64), |(t, k), (a, b)| (t + a, k + b));
         if turns > 0 {
             metrics::histogram!(telemetry::ENRICH_SECONDS).record(submitted.elapsed().as_secs_f64());
@@ -92,32 +93,39 @@ impl StoreStage {
         // that cannot be produced (too large, unencodable) is dead-lettered here, before any of
         // its points is written, so no point stays searchable without its enriched event
         let (payload_text, encoder) = (self.payload_text, self.encoder.clone());
-        let mut batch = tokio::task::spawn_blocking(move || {
-            let mut batch = batch;
-            batch.par_iter_mut().for_each(|p| {
-                let Prepared { msg, decided } = p;
-                if let Decided::Valid(v) = decided {
-                    match encoder.encode(msg, v) {
-                        Ok(output) => {
-                            v.output = Some(output);
-                            let dense = v.dense.take();
-                            v.points = points_for(&v.conversation, &v.event, dense.as_deref(), payload_text);
-                        }
-                        Err(why) => *decided = Decided::Failed(Fault::Data(why)),
-                    }
-                }
-            });
+        let built = tokio::task::spawn_blocking(move || {
             batch
+                .into_par_iter()
+                .map(|Message { msg, decided }| {
+                    let mut points = vec![];
+                    let decided = decided.then(|e: Enriched| {
+                        let output = encoder.encode(&msg, &e.event).map_err(Fault::Data)?;
+                        points = points_for(&e.conversation, &e.event, e.dense.as_deref(), payload_text);
+                        Ok(Written { event: e.event, output })
+                    });
+                    (Message { msg, decided }, points)
+                })
+                .collect::<Vec<(Message<Written>, Vec<StorePoint>)>>()
         })
         .await
         .expect("building points does not panic");
         // checked again right before writing: a partition may have moved while the points were
         // built, and a late write could bring back points its new owner deleted
-        batch = keep_current(&self.shared, STAGE_STORE, batch, |p| &p.msg);
-        if batch.is_empty() {
+        let built = keep_current(&self.shared, STAGE_STORE, built, |(p, _)| &p.msg);
+        if built.is_empty() {
             return None;
         }
-        if let Err(e) = self.write_store(&mut batch).await {
+        // the messages' points side by side, so a run of messages is one upsert without copies
+        let mut batch = Vec::with_capacity(built.len());
+        let mut bounds = Vec::with_capacity(built.len());
+        let mut flat = Vec::new();
+        for (p, points) in built {
+            let start = flat.len();
+            flat.extend(points);
+            bounds.push(start..flat.len());
+            batch.push(p);
+        }
+        if let Err(e) = self.write_store(&mut batch, &flat, &bounds).await {
             self.readiness.store_reachable.store(false, Ordering::Relaxed);
             if e.is_transient() && self.stop.load(Ordering::SeqCst) {
                 // stopping while the store is down: not a failure of the worker; the batch stays
@@ -136,20 +144,16 @@ impl StoreStage {
         Some(Stored { batch })
     }
 
-    /// Waits for the batch's model outputs and applies them to its events (the chunks' dense
-    /// vectors go to each message's `dense`). When a model fails on the batch, each valid
-    /// message is prepared and run again alone (a smaller job may fit where a batch ran out of
-    /// memory). The models get token ids, and a text that does not tokenize was dead-lettered
-    /// at the prepare stage already: whatever fails here is the machine's fault, so a message
-    /// that fails alone, or a model thread that is gone (`ModelThreadGone`, not retried), stops
-    /// the worker with nothing of the batch committed.
-    async fn model_outputs(
-        &self,
-        batch: &mut [Prepared],
-        pending: Option<Result<Pending, Fault>>,
-    ) -> Result<(), Fault> {
+    /// Waits for the batch's model outputs and applies each message's own to it. When a model
+    /// fails on the batch, each valid message is run again alone, with the inputs it kept (a
+    /// smaller job may fit where a batch ran out of memory; nothing is decoded again). The
+    /// models get token ids, and a text that does not tokenize was dead-lettered at the prepare
+    /// stage already: whatever fails here is the machine's fault, so a message that fails
+    /// alone, or a model thread that is gone (`ModelThreadGone`, not retried), stops the worker
+    /// with nothing of the batch committed.
+    async fn model_outputs(&self, batch: Vec<Prepared>, pending: Option<Result<Pending, Fault>>) -> Result<Vec<Inferred>, Fault> {
         let (Some(models), Some(pending)) = (self.models.clone(), pending) else {
-            return Ok(());
+            return Ok(batch.into_iter().map(|p| p.then(|v| Ok(Enriched::without_models(v)))).collect());
         };
         let collected = match pending {
             Ok(p) => {
@@ -158,39 +162,34 @@ impl StoreStage {
             }
             Err(e) => Err(e),
         };
-        let apply = |outputs: &mut Outputs, p: &mut Prepared| {
-            if let Decided::Valid(v) = &mut p.decided {
-                v.dense = outputs.apply(&mut v.event, &self.model_infos);
-            }
-        };
+        let infos = &self.model_infos;
+        // an answer that does not fit its message (the wrong size) is the models' fault: it stops
+        // the batch, never dead-letters the message
+        let apply = |p: Prepared, outputs: MessageOutputs| p.try_then(|v| outputs.apply(v, infos));
         match collected {
-            Ok(mut outputs) => {
-                batch.iter_mut().for_each(|p| apply(&mut outputs, p));
-                Ok(())
-            }
+            Ok(outputs) => batch.into_iter().zip(outputs).map(|(p, o)| apply(p, o)).collect(),
             Err(Fault::Machine(gone)) if gone.is::<ModelThreadGone>() => Err(Fault::Machine(gone)),
             Err(failure) => {
                 warn!(reason = %failure, messages = batch.len(), "a model failed on a batch; running its messages one by one");
-                for p in batch.iter_mut() {
-                    if !matches!(p.decided, Decided::Valid(_)) {
+                let mut inferred = Vec::with_capacity(batch.len());
+                for p in batch {
+                    if p.decided.valid().is_none() {
+                        inferred.push(apply(p, MessageOutputs::default())?);
                         continue;
                     }
-                    let (preparer, m, msg) = (self.preparer.clone(), models.clone(), p.msg.clone());
-                    let (decided, result) = tokio::task::spawn_blocking(move || {
-                        let mut alone = [Prepared { decided: preparer.decide(&msg), msg }];
-                        let result = m.submit(&mut alone).and_then(|pending| m.collect(pending));
-                        let [Prepared { decided, .. }] = alone;
-                        (decided, result)
+                    let m = models.clone();
+                    let (p, result) = tokio::task::spawn_blocking(move || {
+                        let alone = [p];
+                        let result = m.submit(&alone).and_then(|pending| m.collect(pending));
+                        let [p] = alone;
+                        (p, result)
                     })
                     .await
                     .expect("a single message does not panic");
-                    p.decided = decided;
-                    match result {
-                        Ok(mut outputs) => apply(&mut outputs, p),
-                        Err(fault) => return Err(fault),
-                    }
+                    let outputs = result?.pop().expect("one message, one entry");
+                    inferred.push(apply(p, outputs)?);
                 }
-                Ok(())
+                Ok(inferred)
             }
         }
     }
@@ -202,19 +201,10 @@ impl StoreStage {
     /// until the messages it rejects are found; they become dead-letter rejections (class
     /// `store`, any of their points already stored deleted) and the rest is written. A batch
     /// whose every message is rejected is the collection's problem: an error, like any other.
-    async fn write_store(&self, batch: &mut [Prepared]) -> Result<(), StoreError> {
-        // the messages' points side by side, so a run of messages is one upsert without copies
-        let mut bounds = Vec::with_capacity(batch.len());
-        let mut flat = Vec::new();
-        for p in batch.iter_mut() {
-            let start = flat.len();
-            if let Decided::Valid(v) = &mut p.decided {
-                flat.append(&mut v.points);
-            }
-            bounds.push(start..flat.len());
-        }
+    /// `flat[bounds[i]]` are the points of `batch[i]`.
+    async fn write_store(&self, batch: &mut [Message<Written>], flat: &[StorePoint], bounds: &[std::ops::Range<usize>]) -> Result<(), StoreError> {
         let writable = batch.iter().filter(|p| matches!(p.decided, Decided::Valid(_) | Decided::Tombstone(_))).count();
-        self.write_bisecting(batch, &flat, &bounds).await?;
+        self.write_bisecting(batch, flat, bounds).await?;
         let rejected = batch.iter().filter(|p| p.decided.rejection().is_some_and(|r| r.class == RejectClass::Store)).count();
         if writable > 1 && rejected == writable {
             // every message refused: the collection, not the data (changed vector size, index
@@ -230,7 +220,7 @@ impl StoreStage {
 
     fn write_bisecting<'a>(
         &'a self,
-        batch: &'a mut [Prepared],
+        batch: &'a mut [Message<Written>],
         flat: &'a [StorePoint],
         bounds: &'a [std::ops::Range<usize>],
     ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
@@ -266,12 +256,12 @@ impl StoreStage {
     /// delete of the chunks their re-sent turns no longer have; a run ends before a tombstone,
     /// before a rejected message's points and before a second message of a conversation already
     /// in it (its stale-chunk delete must not run after that message's upsert).
-    async fn write_in_order(&self, batch: &mut [Prepared], flat: &[StorePoint], bounds: &[std::ops::Range<usize>]) -> Result<(), StoreError> {
+    async fn write_in_order(&self, batch: &mut [Message<Written>], flat: &[StorePoint], bounds: &[std::ops::Range<usize>]) -> Result<(), StoreError> {
         let mut run = Run::default();
         for (p, range) in batch.iter_mut().zip(bounds) {
             match &mut p.decided {
                 Decided::Valid(v) => {
-                    let written = written_turns(v);
+                    let written = written_turns(&v.event);
                     if run.has(&written) {
                         self.write_run(flat, &mut run).await?;
                     }
@@ -310,7 +300,7 @@ impl StoreStage {
     }
 }
 
-/// Consecutive valid messages written together (see `Pipeline::write_in_order`).
+/// Consecutive valid messages written together (see `StoreStage::write_in_order`).
 #[derive(Default)]
 struct Run {
     /// Their points in the batch's flat list.
@@ -332,8 +322,7 @@ impl Run {
 }
 
 /// A message's turns with their number of chunks now (a re-sent turn replaces the old one).
-fn written_turns(v: &Valid) -> WrittenTurns {
-    let e = &v.event;
+fn written_turns(e: &EnrichedConversation) -> WrittenTurns {
     let turns = e
         .turns
         .iter()
