@@ -71,52 +71,13 @@ pub enum Command {
     /// End-to-end benchmark through the configured Kafka broker and the embedded Qdrant engine
     /// (the worker in-process, generated conversations); `--models-only`: model inference alone.
     Bench {
-        /// Config (brokers, models, gpu, pipeline); topics, group and store are the bench's own.
-        #[arg(long, short, env = "CONVOFLOW_CONFIG")]
-        config: Option<PathBuf>,
-        /// Generated conversations to publish (end-to-end bench).
-        #[arg(long, default_value_t = 500)]
-        conversations: u64,
-        /// Partitions of the bench's input topic.
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-        /// End-to-end bench against librdkafka's in-process mock cluster (no broker needed).
-        #[arg(long)]
-        mock_broker: bool,
-        /// End-to-end bench: single conversations published to the idle worker afterwards.
-        #[arg(long, default_value_t = 5)]
-        idle_probes: usize,
-        /// Turns of each idle-worker probe conversation.
-        #[arg(long, default_value_t = 120)]
-        idle_turns: usize,
+        #[command(flatten)]
+        e2e: E2eBenchFlags,
         /// Only the models: inference throughput on generated turns (needs --models).
         #[arg(long)]
         models_only: bool,
-        /// --models-only: folder with embedding/, ner/ and sentiment/ HuggingFace model folders.
-        #[arg(long, required_if_eq("models_only", "true"))]
-        models: Option<PathBuf>,
-        #[arg(long, default_value_t = 512)]
-        turns: usize,
-        #[arg(long, default_value = "auto")]
-        device: String,
-        #[arg(long, default_value = "fp16")]
-        dtype: String,
-        #[arg(long, default_value_t = 16_384)]
-        max_batch_tokens: usize,
-        #[arg(long, default_value_t = 64)]
-        max_batch_size: usize,
-        /// CPU intra-op threads (0 = libtorch default).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Write the report as JSON here too.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// --models-only: also time inputs of exactly these token lengths, e.g. 16,64,256,512.
-        #[arg(long, value_delimiter = ',')]
-        lengths: Vec<usize>,
-        /// Write the generated turns (JSON array) here, for a comparison run elsewhere.
-        #[arg(long)]
-        dump_turns: Option<PathBuf>,
+        #[command(flatten)]
+        models: ModelsBenchFlags,
     },
     /// Hybrid search (dense + BM25, fused by RRF) over the collection, with payload filters.
     Search {
@@ -149,6 +110,83 @@ pub enum Command {
     },
 }
 
+/// `convoflow bench`'s end-to-end flags.
+#[derive(Debug, clap::Args)]
+pub struct E2eBenchFlags {
+    /// Config (brokers, models, gpu, pipeline); topics, group and store are the bench's own.
+    #[arg(long, short, env = "CONVOFLOW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Generated conversations to publish (end-to-end bench).
+    #[arg(long, default_value_t = 500)]
+    conversations: u64,
+    /// Partitions of the bench's input topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// End-to-end bench against librdkafka's in-process mock cluster (no broker needed).
+    #[arg(long)]
+    mock_broker: bool,
+    /// End-to-end bench: single conversations published to the idle worker afterwards.
+    #[arg(long, default_value_t = 5)]
+    idle_probes: usize,
+    /// Turns of each idle-worker probe conversation.
+    #[arg(long, default_value_t = 120)]
+    idle_turns: usize,
+}
+
+impl E2eBenchFlags {
+    fn into_args(self, json: Option<PathBuf>) -> crate::bench::e2e::E2eArgs {
+        let E2eBenchFlags { config, conversations, partitions, mock_broker, idle_probes, idle_turns } = self;
+        crate::bench::e2e::E2eArgs { config, conversations, partitions, json, mock_broker, idle_probes, idle_turns }
+    }
+}
+
+/// `convoflow bench --models-only`'s flags (and `--json`, which both benches take).
+#[derive(Debug, clap::Args)]
+pub struct ModelsBenchFlags {
+    /// --models-only: folder with embedding/, ner/ and sentiment/ HuggingFace model folders.
+    #[arg(long, required_if_eq("models_only", "true"))]
+    models: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    turns: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value = "fp16")]
+    dtype: String,
+    #[arg(long, default_value_t = 16_384)]
+    max_batch_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    max_batch_size: usize,
+    /// CPU intra-op threads (0 = libtorch default).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// --models-only: also time inputs of exactly these token lengths, e.g. 16,64,256,512.
+    #[arg(long, value_delimiter = ',')]
+    lengths: Vec<usize>,
+    /// Write the generated turns (JSON array) here, for a comparison run elsewhere.
+    #[arg(long)]
+    dump_turns: Option<PathBuf>,
+}
+
+impl ModelsBenchFlags {
+    fn into_args(self) -> crate::bench::ModelsBenchArgs {
+        let ModelsBenchFlags { models, turns, device, dtype, max_batch_tokens, max_batch_size, threads, json, lengths, dump_turns } = self;
+        crate::bench::ModelsBenchArgs {
+            models: models.expect("required with --models-only"),
+            turns,
+            device,
+            dtype,
+            budget: crate::infer::batch::Budget { max_batch_tokens, max_batch_size },
+            threads,
+            json,
+            dump_turns,
+            lengths,
+        }
+    }
+}
+
 pub async fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { config } => {
@@ -174,43 +212,14 @@ pub async fn execute(cli: Cli) -> Result<()> {
             let cfg = Config::load(config.as_deref())?;
             crate::search::run(&cfg, &args).await
         }
-        Command::Bench {
-            config,
-            conversations,
-            partitions,
-            mock_broker,
-            idle_probes,
-            idle_turns,
-            models_only,
-            models,
-            turns,
-            device,
-            dtype,
-            max_batch_tokens,
-            max_batch_size,
-            threads,
-            json,
-            dump_turns,
-            lengths,
-        } => {
+        Command::Bench { e2e, models_only, models } => {
+            let json = models.json.clone();
             if !models_only {
-                let args =
-                    crate::bench::e2e::E2eArgs { config, conversations, partitions, json, mock_broker, idle_probes, idle_turns };
-                let report = crate::bench::e2e::run(&args).await?;
+                let report = crate::bench::e2e::run(&e2e.into_args(json)).await?;
                 crate::bench::e2e::print(&report);
                 return Ok(());
             }
-            let args = crate::bench::ModelsBenchArgs {
-                models: models.expect("required with --models-only"),
-                turns,
-                device,
-                dtype,
-                budget: crate::infer::batch::Budget { max_batch_tokens, max_batch_size },
-                threads,
-                json,
-                dump_turns,
-                lengths,
-            };
+            let args = models.into_args();
             let report = tokio::task::spawn_blocking(move || crate::bench::run_models(&args)).await??;
             crate::bench::print_report(&report);
             Ok(())

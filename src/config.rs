@@ -314,6 +314,47 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// The `kafka` section's own checks.
+    fn validate(&self) -> Result<()> {
+        let k = self;
+        if k.brokers.trim().is_empty() || k.group_id.is_empty() || k.input_topic.is_empty() || k.output_topic.is_empty() {
+            bail!("kafka.brokers, group_id, input_topic and output_topic must be set");
+        }
+        if k.input_topic == k.output_topic || k.dlq_topic() == k.input_topic {
+            bail!("kafka.output_topic and the dead-letter topic must differ from input_topic");
+        }
+        if let Some(key) = k.client.keys().find(|key| refused_client_key(key)) {
+            // the key only: its value may be a secret
+            bail!(
+                "kafka.client.{key} is not accepted: security settings and secrets go in kafka.security \
+                 (protocol, sasl.mechanism/username/password, tls.ca/cert/key/key_password; each settable as \
+                 CONVOFLOW__KAFKA__SECURITY__…, e.g. CONVOFLOW__KAFKA__SECURITY__SASL__PASSWORD)"
+            );
+        }
+        k.security.validate()?;
+        if k.delivery == Delivery::ExactlyOnce {
+            if k.transactional_id_prefix.is_empty() || k.transaction_max_messages == 0 || k.transaction_timeout_ms < 1_000 {
+                bail!(
+                    "kafka.delivery exactly_once needs kafka.transactional_id_prefix, transaction_max_messages > 0 \
+                     and transaction_timeout_ms >= 1000"
+                );
+            }
+            // a partial (cooperative) revoke would leave the kept partitions' place in an aborted
+            // transaction unknown; the eager protocol revokes everything at once
+            if k.client.iter().any(|(key, value)| {
+                key.replace('_', ".").eq_ignore_ascii_case("partition.assignment.strategy") && value.to_ascii_lowercase().contains("cooperative")
+            }) {
+                bail!("kafka.delivery exactly_once needs an eager partition.assignment.strategy (range, roundrobin), not cooperative-sticky");
+            }
+            if k.client.keys().any(|key| key.replace('_', ".").eq_ignore_ascii_case("transactional.id")) {
+                bail!("kafka.client.transactional.id is not accepted: it is derived from kafka.transactional_id_prefix and instance_id");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KafkaConfig {
     pub fn dlq_topic(&self) -> String {
         if self.dlq_topic.is_empty() { format!("{}.dlq", self.input_topic) } else { self.dlq_topic.clone() }
     }
@@ -417,6 +458,33 @@ impl Default for CodecConfig {
     }
 }
 
+impl CodecConfig {
+    /// The `codec` section's own checks.
+    fn validate(&self) -> Result<()> {
+        if self.output == WireFormat::Auto {
+            bail!("codec.output must be avro, confluent or json");
+        }
+        if self.output == WireFormat::Confluent
+            && self.confluent_output_schema_id.is_none()
+            && self.schema_registry.is_none()
+        {
+            bail!("codec.output = confluent needs codec.schema_registry (or a fixed codec.confluent_output_schema_id)");
+        }
+        if let Some(r) = &self.schema_registry {
+            if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+                bail!("codec.schema_registry.url must be an http:// or https:// URL, got {:?}", r.url);
+            }
+            if r.password.is_some() && r.username.is_none() {
+                bail!("codec.schema_registry.password needs a username");
+            }
+            if r.timeout_ms == 0 {
+                bail!("codec.schema_registry.timeout_ms must be > 0");
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
@@ -514,6 +582,29 @@ impl Default for PipelineConfig {
             chunk: ChunkConfig::default(),
             bm25: Bm25Params::default(),
         }
+    }
+}
+
+impl PipelineConfig {
+    /// The `pipeline` section's own checks.
+    fn validate(&self) -> Result<()> {
+        let p = self;
+        if p.max_in_flight == 0 || p.queue_capacity == 0 || p.max_batch_messages == 0 {
+            bail!("pipeline.max_in_flight, queue_capacity and max_batch_messages must be > 0");
+        }
+        if !(p.dlq_max_ratio > 0.0) || p.dlq_window == 0 {
+            bail!("pipeline.dlq_max_ratio must be > 0 (1.0: no limit) and dlq_window > 0");
+        }
+        if p.max_turns_per_event == 0 || p.max_event_bytes == 0 || p.max_turn_bytes == 0 {
+            bail!("pipeline.max_turns_per_event, max_event_bytes and max_turn_bytes must be > 0");
+        }
+        if p.prepare_workers == 0 || p.batches_in_flight == 0 {
+            bail!("pipeline.prepare_workers and batches_in_flight must be > 0");
+        }
+        if p.chunk.max_tokens == 0 || p.chunk.overlap_tokens >= p.chunk.max_tokens {
+            bail!("pipeline.chunk.overlap_tokens must be smaller than max_tokens (> 0)");
+        }
+        Ok(())
     }
 }
 
@@ -618,6 +709,16 @@ impl Default for GpuConfig {
     }
 }
 
+impl GpuConfig {
+    /// The `gpu` section's own checks.
+    fn validate(&self) -> Result<()> {
+        if !(self.memory_fraction > 0.0 && self.memory_fraction <= 1.0) {
+            bail!("gpu.memory_fraction must be in (0, 1], got {}", self.memory_fraction);
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreBackend {
@@ -681,6 +782,17 @@ impl Default for QdrantConfig {
     }
 }
 
+impl QdrantConfig {
+    /// The `qdrant` section's own checks.
+    fn validate(&self) -> Result<()> {
+        let q = self;
+        if q.collection.is_empty() || q.batch.max_points == 0 {
+            bail!("qdrant.collection and batch.max_points must be set (> 0)");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
@@ -704,6 +816,16 @@ impl Default for TelemetryConfig {
             liveness_poll_stall_ms: 15_000,
             liveness_progress_stall_ms: 40_000,
         }
+    }
+}
+
+impl TelemetryConfig {
+    /// The `telemetry` section's own checks.
+    fn validate(&self) -> Result<()> {
+        if self.liveness_poll_stall_ms == 0 || self.liveness_progress_stall_ms == 0 {
+            bail!("telemetry.liveness_poll_stall_ms and liveness_progress_stall_ms must be > 0");
+        }
+        Ok(())
     }
 }
 
@@ -778,6 +900,35 @@ impl Default for LlmConfig {
 }
 
 impl LlmConfig {
+    /// The `llm` section's own checks.
+    fn validate(&self) -> Result<()> {
+        let l = self;
+        if l.is_configured() {
+            if !(l.url.starts_with("http://") || l.url.starts_with("https://")) {
+                bail!("llm.url must be an http:// or https:// URL up to /v1 (e.g. http://127.0.0.1:8000/v1), got {:?}", l.url);
+            }
+            if l.model.trim().is_empty() {
+                bail!("llm.model must name the model the server serves");
+            }
+        }
+        if l.max_tokens == 0 || l.top_k == 0 || l.context_tokens <= l.max_tokens as usize + 64 {
+            bail!(
+                "llm.max_tokens and llm.top_k must be > 0 and llm.context_tokens ({}) must exceed max_tokens ({}) + 64",
+                l.context_tokens,
+                l.max_tokens
+            );
+        }
+        if !l.prompt_template.contains("{question}") || !l.prompt_template.contains("{sources}") {
+            bail!("llm.prompt_template must contain {{sources}} and {{question}}");
+        }
+        if l.timeout_ms == 0 || l.connect_timeout_ms == 0 {
+            bail!("llm.timeout_ms and llm.connect_timeout_ms must be > 0");
+        }
+        Ok(())
+    }
+}
+
+impl LlmConfig {
     pub fn is_configured(&self) -> bool {
         !self.url.trim().is_empty()
     }
@@ -820,6 +971,16 @@ impl Default for ServeConfig {
             max_k: 100,
             api_key: None,
         }
+    }
+}
+
+impl ServeConfig {
+    /// The `serve` section's own checks.
+    fn validate(&self) -> Result<()> {
+        if self.max_concurrent_requests == 0 || self.max_body_bytes < 256 || self.max_k == 0 {
+            bail!("serve.max_concurrent_requests and serve.max_k must be > 0, serve.max_body_bytes >= 256");
+        }
+        Ok(())
     }
 }
 
@@ -923,115 +1084,19 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Each section's own checks (beside its section), then those across sections.
     pub fn validate(&self) -> Result<()> {
-        if self.telemetry.liveness_poll_stall_ms == 0 || self.telemetry.liveness_progress_stall_ms == 0 {
-            bail!("telemetry.liveness_poll_stall_ms and liveness_progress_stall_ms must be > 0");
+        self.telemetry.validate()?;
+        self.llm.validate()?;
+        self.serve.validate()?;
+        if self.llm.top_k > self.serve.max_k {
+            bail!("llm.top_k ({}) must not exceed serve.max_k ({}): it is /v1/ask's default k", self.llm.top_k, self.serve.max_k);
         }
-        let l = &self.llm;
-        if l.is_configured() {
-            if !(l.url.starts_with("http://") || l.url.starts_with("https://")) {
-                bail!("llm.url must be an http:// or https:// URL up to /v1 (e.g. http://127.0.0.1:8000/v1), got {:?}", l.url);
-            }
-            if l.model.trim().is_empty() {
-                bail!("llm.model must name the model the server serves");
-            }
-        }
-        if l.max_tokens == 0 || l.top_k == 0 || l.context_tokens <= l.max_tokens as usize + 64 {
-            bail!(
-                "llm.max_tokens and llm.top_k must be > 0 and llm.context_tokens ({}) must exceed max_tokens ({}) + 64",
-                l.context_tokens,
-                l.max_tokens
-            );
-        }
-        if !l.prompt_template.contains("{question}") || !l.prompt_template.contains("{sources}") {
-            bail!("llm.prompt_template must contain {{sources}} and {{question}}");
-        }
-        if l.timeout_ms == 0 || l.connect_timeout_ms == 0 {
-            bail!("llm.timeout_ms and llm.connect_timeout_ms must be > 0");
-        }
-        if self.serve.max_concurrent_requests == 0 || self.serve.max_body_bytes < 256 || self.serve.max_k == 0 {
-            bail!("serve.max_concurrent_requests and serve.max_k must be > 0, serve.max_body_bytes >= 256");
-        }
-        if l.top_k > self.serve.max_k {
-            bail!("llm.top_k ({}) must not exceed serve.max_k ({}): it is /v1/ask's default k", l.top_k, self.serve.max_k);
-        }
-        let k = &self.kafka;
-        if k.brokers.trim().is_empty() || k.group_id.is_empty() || k.input_topic.is_empty() || k.output_topic.is_empty() {
-            bail!("kafka.brokers, group_id, input_topic and output_topic must be set");
-        }
-        if k.input_topic == k.output_topic || k.dlq_topic() == k.input_topic {
-            bail!("kafka.output_topic and the dead-letter topic must differ from input_topic");
-        }
-        if let Some(key) = k.client.keys().find(|key| refused_client_key(key)) {
-            // the key only: its value may be a secret
-            bail!(
-                "kafka.client.{key} is not accepted: security settings and secrets go in kafka.security \
-                 (protocol, sasl.mechanism/username/password, tls.ca/cert/key/key_password; each settable as \
-                 CONVOFLOW__KAFKA__SECURITY__…, e.g. CONVOFLOW__KAFKA__SECURITY__SASL__PASSWORD)"
-            );
-        }
-        k.security.validate()?;
-        if k.delivery == Delivery::ExactlyOnce {
-            if k.transactional_id_prefix.is_empty() || k.transaction_max_messages == 0 || k.transaction_timeout_ms < 1_000 {
-                bail!(
-                    "kafka.delivery exactly_once needs kafka.transactional_id_prefix, transaction_max_messages > 0 \
-                     and transaction_timeout_ms >= 1000"
-                );
-            }
-            // a partial (cooperative) revoke would leave the kept partitions' place in an aborted
-            // transaction unknown; the eager protocol revokes everything at once
-            if k.client.iter().any(|(key, value)| {
-                key.replace('_', ".").eq_ignore_ascii_case("partition.assignment.strategy") && value.to_ascii_lowercase().contains("cooperative")
-            }) {
-                bail!("kafka.delivery exactly_once needs an eager partition.assignment.strategy (range, roundrobin), not cooperative-sticky");
-            }
-            if k.client.keys().any(|key| key.replace('_', ".").eq_ignore_ascii_case("transactional.id")) {
-                bail!("kafka.client.transactional.id is not accepted: it is derived from kafka.transactional_id_prefix and instance_id");
-            }
-        }
-        if self.codec.output == WireFormat::Auto {
-            bail!("codec.output must be avro, confluent or json");
-        }
-        if self.codec.output == WireFormat::Confluent
-            && self.codec.confluent_output_schema_id.is_none()
-            && self.codec.schema_registry.is_none()
-        {
-            bail!("codec.output = confluent needs codec.schema_registry (or a fixed codec.confluent_output_schema_id)");
-        }
-        if let Some(r) = &self.codec.schema_registry {
-            if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
-                bail!("codec.schema_registry.url must be an http:// or https:// URL, got {:?}", r.url);
-            }
-            if r.password.is_some() && r.username.is_none() {
-                bail!("codec.schema_registry.password needs a username");
-            }
-            if r.timeout_ms == 0 {
-                bail!("codec.schema_registry.timeout_ms must be > 0");
-            }
-        }
-        let p = &self.pipeline;
-        if p.max_in_flight == 0 || p.queue_capacity == 0 || p.max_batch_messages == 0 {
-            bail!("pipeline.max_in_flight, queue_capacity and max_batch_messages must be > 0");
-        }
-        if !(p.dlq_max_ratio > 0.0) || p.dlq_window == 0 {
-            bail!("pipeline.dlq_max_ratio must be > 0 (1.0: no limit) and dlq_window > 0");
-        }
-        if p.max_turns_per_event == 0 || p.max_event_bytes == 0 || p.max_turn_bytes == 0 {
-            bail!("pipeline.max_turns_per_event, max_event_bytes and max_turn_bytes must be > 0");
-        }
-        if p.prepare_workers == 0 || p.batches_in_flight == 0 {
-            bail!("pipeline.prepare_workers and batches_in_flight must be > 0");
-        }
-        if !(self.gpu.memory_fraction > 0.0 && self.gpu.memory_fraction <= 1.0) {
-            bail!("gpu.memory_fraction must be in (0, 1], got {}", self.gpu.memory_fraction);
-        }
-        if p.chunk.max_tokens == 0 || p.chunk.overlap_tokens >= p.chunk.max_tokens {
-            bail!("pipeline.chunk.overlap_tokens must be smaller than max_tokens (> 0)");
-        }
-        let q = &self.qdrant;
-        if q.collection.is_empty() || q.batch.max_points == 0 {
-            bail!("qdrant.collection and batch.max_points must be set (> 0)");
-        }
+        self.kafka.validate()?;
+        self.codec.validate()?;
+        self.pipeline.validate()?;
+        self.gpu.validate()?;
+        self.qdrant.validate()?;
         Ok(())
     }
 }

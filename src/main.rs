@@ -14,7 +14,7 @@ fn init_logging() {
     // the environment is read here because logging starts before the config is parsed).
     let json = std::env::var("CONVOFLOW__TELEMETRY__LOG_FORMAT").is_ok_and(|v| v == "json");
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(convoflow::demo::LogWriter);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(convoflow::telemetry::log::LogWriter);
     if json { builder.json().init() } else { builder.init() }
 }
 

@@ -7,6 +7,7 @@
 pub mod endpoint;
 pub mod gpu;
 pub mod liveness;
+pub mod log;
 
 pub use endpoint::{MAX_CONNECTIONS, Readiness, serve};
 

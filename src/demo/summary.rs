@@ -1,0 +1,93 @@
+//! The summary printed after the demo: what came out, per language, with latencies.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+
+use crate::event::EnrichedConversation;
+use crate::bench::readback::percentile;
+
+
+pub fn print_summary(
+    outputs: &[(i64, EnrichedConversation)],
+    dead_lettered: usize,
+    input_ts: &HashMap<(i32, i64), i64>,
+    elapsed: Duration,
+) {
+    let turns: usize = outputs.iter().map(|(_, e)| e.turns.len()).sum();
+    let tokens: i64 = outputs.iter().map(|(_, e)| e.total_tokens).sum();
+    let chunks: usize = outputs.iter().flat_map(|(_, e)| &e.turns).map(|t| t.chunks.len()).sum();
+    let conversations: std::collections::HashSet<_> = outputs.iter().map(|(_, e)| &e.conversation_id).collect();
+    let mut langs: HashMap<String, usize> = HashMap::new();
+    for (_, e) in outputs {
+        *langs.entry(e.language.clone().unwrap_or_else(|| "?".into())).or_default() += e.turns.len();
+    }
+    let mut latencies: Vec<i64> = outputs
+        .iter()
+        .filter_map(|(ts, e)| input_ts.get(&(e.source.partition, e.source.offset)).map(|t0| ts - t0))
+        .collect();
+    latencies.sort_unstable();
+    let secs = elapsed.as_secs_f64();
+    println!();
+    println!("  {:<34} {:>12}", "conversations", conversations.len());
+    println!("  {:<34} {:>12}", "events enriched (one per input)", outputs.len());
+    if dead_lettered > 0 {
+        println!("  {:<34} {:>12}", "events dead-lettered", dead_lettered);
+    }
+    println!("  {:<34} {:>12}", "turns", turns);
+    println!("  {:<34} {:>12}", "tokens (built-in tokenizer)", tokens);
+    println!("  {:<34} {:>12}", "chunks (Qdrant points)", chunks);
+    let mut langs: Vec<_> = langs.into_iter().collect();
+    langs.sort();
+    for (lang, n) in langs {
+        println!("  {:<34} {:>12}", format!("turns in language {lang}"), n);
+    }
+    println!("  {:<34} {:>12.1}", "wall time incl. group join (s)", secs);
+    println!("  {:<34} {:>12.0}", "turns/s (incl. group join)", turns as f64 / secs);
+    println!("  {:<34} {:>12}", "latency p50 publish→enriched (ms)", percentile(&latencies, 0.5));
+    println!("  {:<34} {:>12}", "latency p99 publish→enriched (ms)", percentile(&latencies, 0.99));
+    println!("  (events were published before the worker joined the group and the models loaded, so latency includes both)");
+    let mut labels: std::collections::BTreeMap<String, i64> = Default::default();
+    let mut stars = [0usize; 5];
+    for (_, e) in outputs {
+        for (label, n) in &e.entity_counts {
+            *labels.entry(label.clone()).or_default() += i64::from(*n);
+        }
+        for t in &e.turns {
+            if let Some(s) = &t.sentiment {
+                stars[(s.stars.clamp(1, 5) - 1) as usize] += 1;
+            }
+        }
+    }
+    let entities: i64 = labels.values().sum();
+    let by_label: Vec<String> = labels.iter().map(|(l, n)| format!("{l} {n}")).collect();
+    println!("  {:<34} {:>12}", "entities", entities);
+    if !by_label.is_empty() {
+        println!("  {:<34} {:>12}", "  by label", by_label.join(", "));
+    }
+    let scored: usize = stars.iter().sum();
+    if scored > 0 {
+        println!("  sentiment (turns per star):");
+        let max = *stars.iter().max().unwrap_or(&1);
+        for (i, n) in stars.iter().enumerate() {
+            println!("    {}★ {:>6}  {}", i + 1, n, "█".repeat(n * 30 / max.max(1)));
+        }
+    }
+    if let Some((_, e)) = outputs.first() {
+        for m in &e.models {
+            println!("  model {:<9} {} [{}]", m.task, m.name, m.version);
+        }
+    }
+    if let Some((_, e)) = outputs.first()
+        && let Some(t) = e.turns.first()
+    {
+        println!(
+            "  sample: {} turn {} ({} tokens, {} chunk(s), point {})",
+            e.conversation_id,
+            t.turn_id,
+            t.token_count,
+            t.chunks.len(),
+            t.point_ids.first().map(String::as_str).unwrap_or("-")
+        );
+    }
+}
