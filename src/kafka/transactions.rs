@@ -38,11 +38,12 @@ use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::kafka::TopicPartition;
 use crate::kafka::producer::EventProducer;
 use crate::telemetry;
+use crate::telemetry::events::{InternalEvent, TransactionAborted, TransactionCommitted, TransactionFenced};
 
 /// Replacements of a failed producer in a row, without a committed transaction between, after
 /// which the worker stops: the failure is not the passing kind a new producer rides out.
@@ -161,7 +162,7 @@ fn classify(what: &str, e: &KafkaError) -> Failure {
 
 /// The producer was fenced: the worker stops (counted as `fenced`).
 fn producer_fenced(reason: String) -> Outcome {
-    metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "fenced").increment(1);
+    TransactionFenced { reason: &reason }.emit();
     Outcome::Fatal(format!("the transactional producer was fenced (by a newer instance or by the coordinator): {reason}"))
 }
 
@@ -356,12 +357,9 @@ impl Held<'_> {
         self.open.replaced_in_a_row = 0;
         let committed: Vec<_> = std::mem::take(&mut self.open.offsets).into_iter().collect();
         let messages = owner.messages.swap(0, Ordering::Relaxed);
-        if let Some(began) = self.open.began.take() {
-            metrics::histogram!(telemetry::TRANSACTION_SECONDS).record(began.elapsed().as_secs_f64());
-        }
+        let open = self.open.began.take().map(|began| began.elapsed());
         self.open.phase = Phase::Idle;
-        metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "committed").increment(1);
-        debug!(messages, offsets = ?committed, commit_ms = started.elapsed().as_millis() as u64, "transaction committed");
+        TransactionCommitted { messages: messages as u64, offsets: &committed, commit: started.elapsed(), open }.emit();
         Outcome::Committed(committed)
     }
 
@@ -399,7 +397,7 @@ impl Held<'_> {
             Failure::Abortable { reason, zombie: true } => match self.abort_now(reason.clone()) {
                 Outcome::Fatal(e) => Outcome::Fatal(e),
                 _ => {
-                    metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "fenced").increment(1);
+                    TransactionFenced { reason: &reason }.emit();
                     Outcome::Fatal(format!(
                         "fenced by the consumer group: this member's generation is over (another member owns its partitions), \
                          its open transaction was aborted: {reason}"
@@ -421,8 +419,7 @@ impl Held<'_> {
                 self.open.began = None;
                 self.open.phase = Phase::Idle;
                 owner.doomed.store(false, Ordering::SeqCst);
-                metrics::counter!(telemetry::TRANSACTIONS, "outcome" => "aborted").increment(1);
-                info!(messages, %reason, "transaction aborted: its messages are read again");
+                TransactionAborted { messages: messages as u64, reason: &reason }.emit();
                 Outcome::Aborted(reason)
             }
             Err(e) => match classify_call(&producer, "aborting the transaction", &e) {

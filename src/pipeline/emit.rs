@@ -26,7 +26,6 @@
 //! failure: its message is read again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::anyhow;
 use rdkafka::error::KafkaError;
@@ -50,6 +49,7 @@ use crate::kafka::producer::{EventProducer, Outgoing, record_wire_bytes};
 use crate::kafka::transactions::{BeginError, Transactions};
 use crate::source::{InboundMessage, SharedSource};
 use crate::telemetry;
+use crate::telemetry::events::{DeadLettered, InternalEvent};
 
 /// A valid conversation whose points the store acknowledged: its enriched event, encoded.
 pub struct Written {
@@ -79,11 +79,16 @@ pub struct EmitStats {
     pub tombstones: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    enriched: AtomicU64,
-    dead_lettered: AtomicU64,
-    tombstones: AtomicU64,
+impl EmitStats {
+    /// One count per record enqueued, by what it finally is (a too-large enriched event that
+    /// became a DLQ copy counts once, as dead-lettered).
+    fn count(&mut self, record: &Record) {
+        match (record.destination, &record.value) {
+            (Destination::DeadLetter, _) => self.dead_lettered += 1,
+            (Destination::Output, None) => self.tombstones += 1,
+            (Destination::Output, Some(_)) => self.enriched += 1,
+        }
+    }
 }
 
 /// The topic a record goes to.
@@ -144,7 +149,6 @@ struct Sink {
     message_max_bytes: usize,
     /// `pipeline.max_carried_header_bytes`.
     max_carried_header_bytes: usize,
-    counters: Counters,
     shared: Arc<SharedSource>,
     halt: Arc<Halt>,
     /// Exactly-once: the transactions the records go in.
@@ -154,6 +158,8 @@ struct Sink {
 pub struct Emitter {
     breaker: DlqBreaker,
     sink: Arc<Sink>,
+    /// What was enqueued, one count per outcome.
+    stats: EmitStats,
 }
 
 /// What the emit stage needs from the worker's configuration.
@@ -177,12 +183,11 @@ impl Emitter {
             group_id,
             message_max_bytes,
             max_carried_header_bytes,
-            counters: Counters::default(),
             shared,
             halt,
             txn: transactions,
         };
-        Self { breaker, sink: Arc::new(sink) }
+        Self { breaker, sink: Arc::new(sink), stats: EmitStats::default() }
     }
 
     /// Emits each stored batch; ends when the store stage is done. Once the source has stopped
@@ -209,12 +214,7 @@ impl Emitter {
             deliveries.abort_all();
         }
         while deliveries.join_next().await.is_some() {}
-        let c = &self.sink.counters;
-        EmitStats {
-            enriched: c.enriched.load(Ordering::Relaxed),
-            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
-            tombstones: c.tombstones.load(Ordering::Relaxed),
-        }
+        self.stats
     }
 
     async fn emit(&mut self, batch: Vec<Message<Written>>, deliveries: &mut JoinSet<()>) {
@@ -271,7 +271,6 @@ impl Emitter {
             let record = match decided {
                 Decided::Valid(w) => {
                     let Written { event, output: EncodedOutput { value, headers } } = *w;
-                    sink.counters.enriched.fetch_add(1, Ordering::Relaxed);
                     Record {
                         destination: Destination::Output,
                         key: Some(event.conversation_id.into_bytes()),
@@ -281,7 +280,6 @@ impl Emitter {
                     }
                 }
                 Decided::Tombstone(t) => {
-                    sink.counters.tombstones.fetch_add(1, Ordering::Relaxed);
                     let matched = if t.matched == Some(0) { "none" } else { "some" };
                     metrics::counter!(telemetry::TOMBSTONES, "matched" => matched).increment(1);
                     Record {
@@ -306,11 +304,12 @@ impl Emitter {
                     continue;
                 }
             };
-            let Some(future) = sink.enqueue(&producer, &msg, record).await else {
+            let Some((future, enqueued)) = sink.enqueue(&producer, &msg, record).await else {
                 // the worker stops, or (exactly-once) the failed producer is replaced and its
                 // transaction aborted; this message and the rest stay uncommitted
                 break;
             };
+            self.stats.count(&enqueued);
             if let Some(txn) = txn.as_mut() {
                 txn.add(&msg.tp, msg.offset);
             }
@@ -342,9 +341,7 @@ impl Sink {
 
     /// The DLQ record of a rejected message: its key and value unchanged, headers saying why.
     fn dead_letter(&self, msg: &InboundMessage, why: Rejection) -> Record {
-        warn!(tp = %msg.tp, offset = msg.offset, class = why.class.as_str(), reason = %why.message, "dead-lettering a message");
-        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(telemetry::DLQ, "class" => why.class.as_str()).increment(1);
+        DeadLettered { tp: &msg.tp, offset: msg.offset, class: why.class.as_str(), reason: &why.message }.emit();
         let carried = headers::carry(&msg.headers, self.max_carried_header_bytes).headers;
         Record {
             destination: Destination::DeadLetter,
@@ -362,7 +359,6 @@ impl Sink {
             None => {
                 // the input was fine, its result is not deliverable (the store stage's bound
                 // finds such events before their points are written; this is the safety net)
-                self.counters.enriched.fetch_sub(1, Ordering::Relaxed);
                 let bytes = record.value.as_ref().map_or(0, Vec::len);
                 let message = format!(
                     "the enriched event is {bytes} bytes, over the producer's limit of {limit} bytes for {} \
@@ -415,7 +411,8 @@ impl Sink {
     /// Enqueues `record`; one refused as too large is replaced by its fallback. None when
     /// nothing could be enqueued: the worker stops (a fault of the producer, not of the data),
     /// or, exactly-once, the failed producer is replaced at the next commit.
-    async fn enqueue(&self, producer: &EventProducer, msg: &InboundMessage, mut record: Record) -> Option<DeliveryFuture> {
+    /// The record as enqueued comes back with its future (it may be the fallback).
+    async fn enqueue(&self, producer: &EventProducer, msg: &InboundMessage, mut record: Record) -> Option<(DeliveryFuture, Record)> {
         loop {
             let out = Outgoing {
                 topic: self.topic(record.destination),
@@ -424,7 +421,7 @@ impl Sink {
                 headers: record.headers.clone(),
             };
             match producer.enqueue(out).await {
-                Ok(future) => return Some(future),
+                Ok(future) => return Some((future, record)),
                 Err(e) if too_large(&e) => {
                     let topic = self.topic(record.destination).to_string();
                     match self.fallback(msg, record, &e) {

@@ -5,10 +5,10 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
-use tracing::debug;
 
 use crate::source::{InboundMessage, SharedSource};
 use crate::telemetry;
+use crate::telemetry::events::{InternalEvent, StaleDropped};
 
 pub const STAGE_PREPARE: &str = "prepare";
 pub const STAGE_INFER: &str = "infer";
@@ -76,11 +76,7 @@ pub fn keep_current<T>(shared: &SharedSource, stage: &'static str, items: Vec<T>
 
 /// Counts `dropped` messages of partitions that moved to another member (one stale batch).
 pub fn count_stale(stage: &'static str, dropped: usize) {
-    if dropped > 0 {
-        debug!(stage, messages = dropped, "dropped work of partitions that moved to another member");
-        metrics::counter!(telemetry::STALE_BATCHES, "stage" => stage).increment(1);
-        metrics::counter!(telemetry::STALE_MESSAGES, "stage" => stage).increment(dropped as u64);
-    }
+    StaleDropped { stage, messages: dropped }.emit();
 }
 
 /// Adds the time until it is dropped to the stage's busy seconds.

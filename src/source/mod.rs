@@ -32,6 +32,7 @@ use crate::config::KafkaConfig;
 use crate::kafka::{self, TopicPartition};
 use offsets::{Generation, OffsetTracker};
 use crate::shutdown::{Halt, ShutdownClock};
+use crate::telemetry::events::{CommitFailed, Committed, InternalEvent, PartitionsAssigned, Rewound};
 use crate::kafka::transactions::{Held, Outcome, Transactions};
 
 /// How consumed offsets are committed.
@@ -185,13 +186,12 @@ impl ConsumerContext for SourceContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            metrics::counter!(crate::telemetry::REBALANCES).increment(1);
             let mut state = self.shared.lock();
             for e in tpl.elements() {
                 state.tracker.assign(TopicPartition::new(e.topic(), e.partition()));
             }
             state.rebalanced = true;
-            info!(partitions = %tpl_names(tpl), "partitions assigned");
+            PartitionsAssigned { partitions: &tpl_names(tpl) }.emit();
         }
     }
 }
@@ -507,9 +507,8 @@ fn rewind(consumer: &SourceConsumer, shared: &SharedSource, halt: &Halt, seek: b
             return;
         }
     }
-    metrics::counter!(crate::telemetry::REWINDS).increment(1);
     let offsets: Vec<String> = targets.iter().map(|(tp, o)| format!("{tp}@{o}")).collect();
-    info!(offsets = %offsets.join(","), "rewound to the last committed offsets: the aborted transaction's messages are read again");
+    Rewound { offsets: &offsets.join(",") }.emit();
 }
 
 /// Commits every partition whose contiguous completed offset moved.
@@ -526,12 +525,8 @@ fn commit(consumer: &SourceConsumer, shared: &SharedSource, mode: CommitMode) {
             for (tp, next) in &candidates {
                 state.tracker.mark_committed(tp, *next);
             }
-            debug!(offsets = ?candidates, elapsed_ms = started.elapsed().as_millis() as u64, "committed");
-            metrics::histogram!(crate::telemetry::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+            Committed { offsets: &candidates, took: started.elapsed() }.emit();
         }
-        Err(e) => {
-            metrics::counter!(crate::telemetry::COMMIT_FAILURES).increment(1);
-            warn!(error = %e, "offset commit failed; retrying at the next interval")
-        }
+        Err(e) => CommitFailed { error: &e }.emit(),
     }
 }

@@ -5,6 +5,7 @@
 //! the worker still makes progress. (Consumer lag is watched by `source::lag`.)
 
 pub mod endpoint;
+pub mod events;
 pub mod gpu;
 pub mod liveness;
 pub mod log;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::{StoreError, StorePoint, VectorStore};
+use crate::telemetry::events::{InternalEvent, StoreRetry};
 
 pub use crate::config::{BatchLimits, RetryPolicy};
 
@@ -164,12 +165,11 @@ impl StoreWriter {
             let delay = self.retry.backoff(attempt);
             match result {
                 Err(e) if e.is_transient() && !self.stopping() && self.retry.may_retry(attempt, first, delay) => {
-                    warn!(op = what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "vector store call failed; retrying (the worker is unready, its input waits)");
+                    StoreRetry { op: what, attempt, delay, error: &e }.emit();
                     self.set_waiting(&e);
                     // waiting out the store is not being wedged (liveness)
                     let _waiting = crate::telemetry::liveness::DependencyWait::begin();
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
                     let until = Instant::now() + delay;
                     while Instant::now() < until && !self.stopping() {
                         tokio::time::sleep(until.saturating_duration_since(Instant::now()).min(Duration::from_millis(100))).await;
