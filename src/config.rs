@@ -532,6 +532,43 @@ pub struct PipelineConfig {
     pub tombstone_scope: TombstoneScope,
     pub chunk: ChunkConfig,
     pub bm25: Bm25Params,
+    pub language: LanguageConfig,
+}
+
+/// Each turn's language (`pipeline.language`): the event's when the producer set it and it is
+/// trusted, otherwise detected from the turn's text; a turn too short or too ambiguous to tell
+/// inherits the conversation's majority.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LanguageConfig {
+    /// Detect the language of turns the event does not label (false: only the event's field).
+    pub detect: bool,
+    /// Candidate languages, ISO 639-1 codes (`fr`, `de`, ...); empty: every language this build
+    /// knows (`convoflow::language::KNOWN`). Fewer candidates, fewer confusions.
+    pub languages: Vec<String>,
+    /// Turns with fewer letters than this inherit the conversation's majority language.
+    pub min_chars: usize,
+    /// Turns whose top language has a lower confidence (0..1, relative to the other
+    /// candidates) inherit the majority language.
+    pub min_confidence: f32,
+    /// The event's `language`, when set, is every turn's language (false: detect anyway, the
+    /// event's language only where nothing is detected).
+    pub trust_event: bool,
+}
+
+impl Default for LanguageConfig {
+    fn default() -> Self {
+        Self { detect: true, languages: vec![], min_chars: 10, min_confidence: 0.5, trust_event: true }
+    }
+}
+
+impl LanguageConfig {
+    fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.min_confidence) {
+            bail!("pipeline.language.min_confidence must be within 0..1 (is {})", self.min_confidence);
+        }
+        Ok(())
+    }
 }
 
 /// BM25 term weighting of the sparse vectors (`pipeline.bm25`).
@@ -581,6 +618,7 @@ impl Default for PipelineConfig {
             shutdown_timeout_ms: 8_000,
             chunk: ChunkConfig::default(),
             bm25: Bm25Params::default(),
+            language: LanguageConfig::default(),
         }
     }
 }
@@ -604,7 +642,7 @@ impl PipelineConfig {
         if p.chunk.max_tokens == 0 || p.chunk.overlap_tokens >= p.chunk.max_tokens {
             bail!("pipeline.chunk.overlap_tokens must be smaller than max_tokens (> 0)");
         }
-        Ok(())
+        p.language.validate()
     }
 }
 

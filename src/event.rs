@@ -230,6 +230,16 @@ pub struct EnrichedTurn {
     pub entities: Vec<Entity>,
     pub sentiment: Option<Sentiment>,
     pub point_ids: Vec<String>,
+    /// ISO 639-1 code of the turn's language (None: neither the event nor any turn told).
+    #[serde(default)]
+    pub language: Option<String>,
+    /// How sure: detected, lingua's relative confidence; inherited, the majority's share of
+    /// the detected turns; from the event, 1 (0 without a language).
+    #[serde(default)]
+    pub language_confidence: f32,
+    /// `event`, `detected` or `inherited` (`language::LanguageSource`).
+    #[serde(default)]
+    pub language_source: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod infer;
 pub mod kafka;
+pub mod language;
 pub mod llm;
 pub mod event;
 pub mod fault;

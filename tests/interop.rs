@@ -24,6 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 const CONVERSATION: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/conversation.avsc");
 const ENRICHED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/enriched_conversation.avsc");
+/// The output schema before issue 26 (no per-turn language).
+const ENRICHED_V1: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/enriched_conversation.v1.avsc");
 
 fn interop_py() -> String {
     std::env::var("CONVOFLOW_INTEROP_PY").expect("CONVOFLOW_INTEROP_PY is not set: run the tests with scripts/test")
@@ -99,6 +101,53 @@ fn single_object_bytes_written_by_fastavro_decode_and_ours_decode_in_fastavro() 
         assert_eq!(theirs, serde_json::to_value(conv).unwrap());
     }
     assert_eq!(decoded.len(), convs.len());
+}
+
+/// The per-turn language fields (issue 26) across schema versions, in fastavro: an event
+/// convoflow writes with the new schema is read by fastavro as written and by an old reader
+/// (v1: the new fields dropped, the rest intact); a v1 event fastavro writes is read by
+/// convoflow's new reader, which knows the v1 writer schema, with the new fields defaulted.
+#[test]
+fn enriched_events_with_turn_languages_cross_schema_versions_in_fastavro() {
+    let mut conv = conversations(7, 1).remove(0);
+    conv.language = None; // detected from the text
+    let event = convoflow::pipeline::text::build_text_enricher(&Config::default(), None)
+        .unwrap()
+        .enrich_one(&convoflow::pipeline::text::EnrichInput {
+            conversation: &conv,
+            source: convoflow::event::SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+        })
+        .unwrap();
+    assert!(event.turns.iter().any(|t| t.language_source.as_deref() == Some("detected")), "{:?}", event.turns);
+    assert!(event.language.is_some(), "the conversation's language filled from its turns");
+    let codec = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro).unwrap();
+    let ours = hex(&codec.encode(&event).unwrap()) + "\n";
+    // the new reader: every turn's language as written
+    let same: Value = serde_json::from_str(&py(&["decode", ENRICHED], &ours)[0]).unwrap();
+    assert_eq!(same["language"], serde_json::json!(event.language));
+    for (theirs, turn) in same["turns"].as_array().unwrap().iter().zip(&event.turns) {
+        assert_eq!(theirs["language"], serde_json::json!(turn.language));
+        assert_eq!(theirs["language_source"], serde_json::json!(turn.language_source));
+        assert!((theirs["language_confidence"].as_f64().unwrap() - f64::from(turn.language_confidence)).abs() < 1e-6);
+    }
+    // an old reader drops them
+    let old: Value = serde_json::from_str(&py(&["decode", ENRICHED, "--reader", ENRICHED_V1], &ours)[0]).unwrap();
+    let old_turns = old["turns"].as_array().unwrap();
+    assert_eq!(old_turns.len(), event.turns.len());
+    assert!(old_turns.iter().all(|t| t.get("language").is_none() && t.get("language_source").is_none() && t["turn_id"].is_string()));
+    assert_eq!(old["conversation_id"], serde_json::json!(event.conversation_id));
+    // an old writer (fastavro, v1): the new reader defaults the new fields
+    let v1_bytes = py(&["encode", ENRICHED_V1], &(old.to_string() + "\n"));
+    let mut schemas = convoflow::codec::AvroSchemas::new(<EnrichedConversation as convoflow::codec::Record>::SCHEMA).unwrap();
+    schemas.add_writer_schema(&std::fs::read_to_string(ENRICHED_V1).unwrap()).unwrap();
+    let reader = RecordCodec::<EnrichedConversation>::with_schemas(WireFormat::Avro, schemas);
+    let read = reader.decode(&unhex(&v1_bytes[0])).unwrap();
+    assert_eq!(read.turns.len(), event.turns.len());
+    for (r, t) in read.turns.iter().zip(&event.turns) {
+        assert_eq!((r.language.as_ref(), r.language_confidence, r.language_source.as_ref()), (None, 0.0, None));
+        assert_eq!((&r.turn_id, &r.chunks, &r.point_ids), (&t.turn_id, &t.chunks, &t.point_ids));
+    }
+    assert_eq!(read.language, event.language, "the conversation-level field existed in v1");
 }
 
 /// Apache Avro Java 1.12 (Maven Central, scripts/avro-java): the same fingerprints, and its

@@ -14,6 +14,7 @@ use crate::event::{
     point_id,
 };
 use crate::infer::tokenize::ModelTokenizer;
+use crate::language::{Detection, Languages};
 
 /// One decoded input event ready for text enrichment.
 pub struct EnrichInput<'a> {
@@ -30,26 +31,34 @@ pub struct TextEnriched {
 pub struct TextEnricher {
     chunker: Chunker,
     bm25: Bm25Params,
+    languages: Languages,
 }
 
 impl TextEnricher {
+    /// Without language detection: each turn's language is the event's field.
     pub fn new(chunker: Chunker, bm25: Bm25Params) -> Self {
-        Self { chunker, bm25 }
+        Self { chunker, bm25, languages: Languages::event_only() }
+    }
+
+    /// Each turn's language as `languages` decides.
+    pub fn with_languages(self, languages: Languages) -> Self {
+        Self { languages, ..self }
     }
 
     pub fn enrich_one(&self, input: &EnrichInput<'_>) -> Result<EnrichedConversation> {
         Ok(self.enrich(input.conversation, input.source.clone())?.event)
     }
 
-    /// The event without model outputs, and each turn's chunking. Turns are chunked and
-    /// tokenized in parallel on rayon's pool (in order): one long conversation alone — an idle
-    /// worker's latency — uses every core, not one.
+    /// The event without model outputs, and each turn's chunking and language. Turns are
+    /// chunked, tokenized and their language detected in parallel on rayon's pool (in order):
+    /// one long conversation alone — an idle worker's latency — uses every core, not one.
     pub fn enrich(&self, conv: &Conversation, source: SourceRef) -> Result<TextEnriched> {
         use rayon::prelude::*;
-        let per_turn: Vec<(EnrichedTurn, ChunkedText)> = conv
+        let detect = self.languages.detects(conv.language.as_deref());
+        let per_turn: Vec<(EnrichedTurn, ChunkedText, Option<Detection>)> = conv
             .turns
             .par_iter()
-            .map(|turn| -> Result<(EnrichedTurn, ChunkedText)> {
+            .map(|turn| -> Result<(EnrichedTurn, ChunkedText, Option<Detection>)> {
                 let chunked = self.chunker.chunk(&turn.text)?;
                 let chunks: Vec<Chunk> = chunked
                     .chunks
@@ -73,17 +82,35 @@ impl TextEnricher {
                     chunks,
                     entities: vec![],
                     sentiment: None,
+                    language: None,
+                    language_confidence: 0.0,
+                    language_source: None,
                 };
-                Ok((enriched, chunked))
+                let detected = if detect { self.languages.detect(&turn.text) } else { None };
+                Ok((enriched, chunked, detected))
             })
             .collect::<Result<_>>()?;
-        let total_tokens = per_turn.iter().map(|(_, c)| c.token_count as i64).sum();
-        let (turns, chunked_turns): (Vec<EnrichedTurn>, Vec<ChunkedText>) = per_turn.into_iter().unzip();
+        let total_tokens = per_turn.iter().map(|(_, c, _)| c.token_count as i64).sum();
+        let detected: Vec<Option<Detection>> = per_turn.iter().map(|(_, _, d)| *d).collect();
+        let languages = self.languages.resolve(conv.language.as_deref(), &detected);
+        let (turns, chunked_turns): (Vec<EnrichedTurn>, Vec<ChunkedText>) = per_turn
+            .into_iter()
+            .zip(languages.turns)
+            .map(|((mut turn, chunked, _), language)| {
+                if let Some(l) = language {
+                    turn.language = Some(l.code);
+                    turn.language_confidence = l.confidence;
+                    turn.language_source = Some(l.source.as_str().to_string());
+                }
+                (turn, chunked)
+            })
+            .unzip();
         let event = EnrichedConversation {
             conversation_id: conv.conversation_id.clone(),
             tenant: conv.tenant.clone(),
             channel: conv.channel.clone(),
-            language: conv.language.clone(),
+            // the event's as it came, else what its turns tell (their majority)
+            language: conv.language.clone().filter(|l| !l.trim().is_empty()).or(languages.conversation),
             turns,
             sentiment_trajectory: vec![],
             entity_counts: BTreeMap::new(),
@@ -126,7 +153,8 @@ pub fn build_text_enricher(cfg: &Config, embedding: Option<(&ModelTokenizer, usi
         (None, Some(path)) => load_tokenizer(path)?,
         (None, None) => builtin_tokenizer(),
     };
-    Ok(TextEnricher::new(Chunker::new(tokenizer, chunk.max_tokens, chunk.overlap_tokens)?, cfg.pipeline.bm25))
+    let languages = Languages::new(&cfg.pipeline.language)?;
+    Ok(TextEnricher::new(Chunker::new(tokenizer, chunk.max_tokens, chunk.overlap_tokens)?, cfg.pipeline.bm25).with_languages(languages))
 }
 
 #[cfg(test)]

@@ -41,7 +41,8 @@ pub fn points_for(
             payload.insert("chunk_index".into(), json!(chunk.index));
             payload.insert("tenant".into(), json!(event.tenant));
             payload.insert("channel".into(), json!(event.channel));
-            if let Some(lang) = &event.language {
+            // the turn's own (detected, inherited or the event's, normalised), else the event's
+            if let Some(lang) = turn.language.as_ref().or(event.language.as_ref()) {
                 payload.insert("language".into(), json!(lang));
             }
             payload.insert("speaker".into(), json!(turn.speaker));
@@ -153,6 +154,21 @@ mod tests {
             assert_eq!(point.payload["text"], json!(expected));
         }
         assert!(points_for(&conv, &event, None, PayloadText::None).iter().all(|p| p.dense.is_none() && !p.payload.contains_key("text")));
+    }
+
+    #[test]
+    fn each_point_carries_its_turns_language_else_the_events() {
+        let (conv, mut event) = enriched(256);
+        event.language = Some("fr".into());
+        event.turns[0].language = Some("de".into());
+        event.turns[1].language = None;
+        let points = points_for(&conv, &event, None, PayloadText::None);
+        let of = |turn: usize| {
+            let id = &event.turns[turn].turn_id;
+            points.iter().find(|p| p.payload["turn_id"] == json!(id)).unwrap().payload["language"].clone()
+        };
+        assert_eq!(of(0), json!("de"), "the turn's own language");
+        assert_eq!(of(1), json!("fr"), "without one, the event's");
     }
 
     #[test]
