@@ -88,6 +88,12 @@ pub fn normalize(tag: &str) -> String {
     tag.split(['-', '_']).next().unwrap_or_default().trim().to_ascii_lowercase()
 }
 
+/// The event's `language` field as a code, when it names one (`detects` and `resolve` must
+/// agree on this: a field that normalises to nothing is no language, and the turns are detected).
+fn event_code(event_language: Option<&str>) -> Option<String> {
+    event_language.map(normalize).filter(|l| !l.is_empty())
+}
+
 /// Detects and resolves turn languages as `pipeline.language` says.
 pub struct Languages {
     detector: Option<lingua::LanguageDetector>,
@@ -137,7 +143,7 @@ impl Languages {
 
     /// Whether the turns of an event with this `language` field are detected at all.
     pub fn detects(&self, event_language: Option<&str>) -> bool {
-        self.detector.is_some() && !(self.trust_event && event_language.is_some_and(|l| !l.trim().is_empty()))
+        self.detector.is_some() && !(self.trust_event && event_code(event_language).is_some())
     }
 
     /// The language of one turn's text, when it is long and clear enough to tell.
@@ -156,7 +162,7 @@ impl Languages {
     /// Every turn's language from the event's field and what was detected per turn (one
     /// entry per turn, in order; all None when `detects` said no).
     pub fn resolve(&self, event_language: Option<&str>, detected: &[Option<Detection>]) -> ConversationLanguages {
-        let event = event_language.map(normalize).filter(|l| !l.is_empty());
+        let event = event_code(event_language);
         if let (true, Some(event)) = (self.trust_event, &event) {
             let turn = TurnLanguage { code: event.clone(), confidence: 1.0, source: LanguageSource::Event };
             return ConversationLanguages { turns: vec![Some(turn); detected.len()], conversation: Some(event.clone()) };
@@ -245,6 +251,9 @@ mod tests {
 
     #[test]
     fn a_trusted_event_language_wins_over_the_text_and_an_untrusted_one_does_not() {
+        // a field that names no language is not trusted: the turns are detected
+        let blank = run(&languages(config()), Some("-FR"), &[EN]);
+        assert_eq!(blank.turns[0].as_ref().map(|t| (t.code.as_str(), t.source)), Some(("en", LanguageSource::Detected)));
         let trusted = run(&languages(config()), Some("fr-FR"), &[EN, "ok"]);
         assert!(trusted.turns.iter().flatten().all(|t| t.code == "fr" && t.source == LanguageSource::Event));
         assert_eq!(trusted.turns.len(), 2);
