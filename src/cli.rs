@@ -280,33 +280,18 @@ async fn check(config: Option<&Path>) -> Result<()> {
         println!("{line}");
     }
     let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
-    for (task, model, kind) in [
-        ("embedding", &cfg.models.embedding, crate::infer::Task::Embedding),
-        ("ner", &cfg.models.ner, crate::infer::Task::TokenClassification),
-        ("sentiment", &cfg.models.sentiment, crate::infer::Task::SequenceClassification),
-    ] {
-        let Some(m) = model else {
+    let tasks = [
+        ("embedding", cfg.models.embedding.iter().collect::<Vec<_>>(), crate::infer::Task::Embedding),
+        ("ner", cfg.models.ner.iter().collect(), crate::infer::Task::TokenClassification),
+        ("sentiment", cfg.models.sentiment.iter().collect(), crate::infer::Task::SequenceClassification),
+    ];
+    for (task, list, kind) in tasks {
+        if list.is_empty() {
             println!("model {task}: not configured");
-            continue;
-        };
-        if !m.path.exists() {
-            println!("model {task}: {} — folder {} not found (download it from the HuggingFace hub)", m.name, m.path.display());
-            continue;
         }
-        let dtype = crate::infer::device::parse_dtype(&m.dtype, device)?;
-        let started = Instant::now();
-        let loaded = crate::infer::Model::load(&m.path, kind, device, dtype)
-            .with_context(|| format!("loading the {task} model {}", m.name))?;
-        let cfg = &loaded.folder.config;
-        println!(
-            "model {task}: {} ({}, {} layers, hidden {}, {} labels) on {device:?} as {dtype:?}, loaded in {:.1}s",
-            m.name,
-            cfg.model_type,
-            cfg.num_hidden_layers,
-            cfg.hidden_size,
-            loaded.labels.len(),
-            started.elapsed().as_secs_f64()
-        );
+        for m in list {
+            check_model(task, m, kind, device)?;
+        }
     }
     check_store(&cfg).await;
     if cfg.llm.is_configured() {
@@ -373,4 +358,29 @@ async fn check_store(cfg: &Config) {
         }
         Err(e) => println!("vector store ({place}): {e}"),
     }
+}
+
+/// `convoflow check`'s line for one configured model: loaded once, with the turn languages it
+/// is routed.
+fn check_model(task: &str, m: &crate::config::ModelConfig, kind: crate::infer::Task, device: tch::Device) -> Result<()> {
+    if !m.path.exists() {
+        println!("model {task}: {} — folder {} not found (download it from the HuggingFace hub)", m.name, m.path.display());
+        return Ok(());
+    }
+    let dtype = crate::infer::device::parse_dtype(&m.dtype, device)?;
+    let started = Instant::now();
+    let loaded = crate::infer::Model::load(&m.path, kind, device, dtype)
+        .with_context(|| format!("loading the {task} model {}", m.name))?;
+    let hf = &loaded.folder.config;
+    println!(
+        "model {task}: {} ({}, {} layers, hidden {}, {} labels) on {device:?} as {dtype:?}, loaded in {:.1}s; languages: {}",
+        m.name,
+        hf.model_type,
+        hf.num_hidden_layers,
+        hf.hidden_size,
+        loaded.labels.len(),
+        started.elapsed().as_secs_f64(),
+        if m.languages.is_empty() { "all".to_string() } else { m.languages.join(", ") }
+    );
+    Ok(())
 }

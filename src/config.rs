@@ -667,8 +667,10 @@ pub struct ModelsConfig {
     /// `eager` (load all at start) or `on_demand`.
     pub load_strategy: LoadStrategy,
     pub embedding: Option<ModelConfig>,
-    pub ner: Option<ModelConfig>,
-    pub sentiment: Option<ModelConfig>,
+    /// One NER model for every language, or several, each for its `languages` (`routing`).
+    pub ner: ModelList,
+    /// One sentiment model, or several by language, like `ner`.
+    pub sentiment: ModelList,
     /// Benchmarks only: zero-cost stand-ins answer instead of the models (placeholder outputs,
     /// real tokenizers), to measure the stages around the models.
     pub stand_in: bool,
@@ -703,6 +705,69 @@ pub struct ModelConfig {
     /// (e5: "query: {query}"; e5-instruct: "Instruct: <task>\nQuery: {query}").
     #[serde(default = "default_query_template")]
     pub query_template: String,
+    /// The turn languages (ISO 639-1) this model is given, `["*"]` for every language no other
+    /// model of its task claims; empty: `["*"]` for a task's only model, refused in a list
+    /// (`routing`, docs/models.md "Models by language").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
+}
+
+/// A task's models: one (a mapping, as before routing existed) or a list, each with its
+/// `languages`; null or absent: none.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(transparent)]
+pub struct ModelList(pub Vec<ModelConfig>);
+
+impl<'de> Deserialize<'de> for ModelList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        // by hand, not `#[serde(untagged)]`: an untagged enum answers every mistake inside a
+        // model with "did not match any variant"; this keeps the field's own error
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        struct OneOrMany;
+        impl<'de> serde::de::Visitor<'de> for OneOrMany {
+            type Value = ModelList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a model (name, path, ...) or a list of models")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> std::result::Result<ModelList, A::Error> {
+                Ok(ModelList(vec![ModelConfig::deserialize(MapAccessDeserializer::new(map))?]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> std::result::Result<ModelList, A::Error> {
+                Ok(ModelList(Vec::deserialize(SeqAccessDeserializer::new(seq))?))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<ModelList, E> {
+                Ok(ModelList(vec![]))
+            }
+            fn visit_none<E: serde::de::Error>(self) -> std::result::Result<ModelList, E> {
+                Ok(ModelList(vec![]))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<ModelList, D::Error> {
+                d.deserialize_any(OneOrMany)
+            }
+        }
+        d.deserialize_any(OneOrMany)
+    }
+}
+
+impl ModelList {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, ModelConfig> {
+        self.0.iter()
+    }
+
+    /// The first model (the only one of an unrouted task).
+    pub fn first(&self) -> Option<&ModelConfig> {
+        self.0.first()
+    }
+}
+
+impl From<Option<ModelConfig>> for ModelList {
+    fn from(m: Option<ModelConfig>) -> Self {
+        Self(m.into_iter().collect())
+    }
 }
 
 fn default_query_template() -> String {
@@ -1183,12 +1248,38 @@ mod tests {
         assert_eq!(cfg.pipeline.max_in_flight, 7);
         assert_eq!(cfg.codec.input, WireFormat::Json);
         assert_eq!(cfg.kafka.group_id, file_only.kafka.group_id, "untouched keys keep the file's value");
+        let ner: Vec<(&str, &[String])> = file_only.models.ner.iter().map(|m| (m.name.as_str(), m.languages.as_slice())).collect();
+        assert_eq!(ner.len(), 2, "the reference set-up routes NER by language: {ner:?}");
+        assert_eq!(ner[0], ("camembert/camembert-ner", &["fr".to_string()][..]));
+        assert_eq!(ner[1].1, ["*".to_string()]);
+        assert_eq!(file_only.models.sentiment.first().map(|m| m.languages.len()), Some(6));
         let e5 = file_only.models.embedding.unwrap();
         assert_eq!(e5.document_text("hello"), "hello");
         assert_eq!(
             e5.query_text("refund?"),
             "Instruct: Given a customer question, retrieve conversation turns that answer it\nQuery: refund?"
         );
+    }
+
+    #[test]
+    fn a_task_takes_one_model_a_list_or_none() {
+        let dir = std::env::temp_dir().join(format!("convoflow-models-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |yaml: &str| {
+            let path = dir.join("c.yaml");
+            std::fs::write(&path, yaml).unwrap();
+            Config::load_with_env(Some(&path), [])
+        };
+        let one = load("models:\n  ner: {name: a, path: /a}\n").unwrap();
+        assert_eq!(one.models.ner.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["a"]);
+        let list = load("models:\n  ner:\n    - {name: a, path: /a, languages: [fr]}\n    - {name: b, path: /b, languages: ['*']}\n").unwrap();
+        assert_eq!(list.models.ner.iter().map(|m| m.languages.join(",")).collect::<Vec<_>>(), ["fr", "*"]);
+        assert!(load("models:\n  ner: null\n").unwrap().models.ner.is_empty());
+        assert!(load("models: {}\n").unwrap().models.sentiment.is_empty());
+        // a mistake inside a model is named, not hidden behind "one or a list"
+        let typo = load("models:\n  ner:\n    - {name: a, path: /a, langauges: [fr]}\n").unwrap_err();
+        assert!(format!("{typo:#}").contains("langauges"), "{typo:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -210,6 +210,9 @@ pub struct Entity {
     pub start: i32,
     pub end: i32,
     pub score: f32,
+    /// The model that found it (its configured name; None in events written before routing).
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,6 +220,9 @@ pub struct Sentiment {
     pub stars: i32,
     pub score: f32,
     pub probabilities: Vec<f32>,
+    /// The model that rated the turn (None in events written before routing).
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,6 +246,13 @@ pub struct EnrichedTurn {
     /// `event`, `detected` or `inherited` (`language::LanguageSource`).
     #[serde(default)]
     pub language_source: Option<String>,
+    /// Why the turn has no entities though an NER model is configured (`routing::SkipReason`:
+    /// `unsupported-language`, `unknown-language`); None when it went to a model.
+    #[serde(default)]
+    pub entities_skipped: Option<String>,
+    /// Why the turn has no sentiment though a sentiment model is configured, like `entities_skipped`.
+    #[serde(default)]
+    pub sentiment_skipped: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

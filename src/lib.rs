@@ -15,6 +15,7 @@ pub mod event;
 pub mod fault;
 pub mod pipeline;
 pub mod produce;
+pub mod routing;
 pub mod query;
 pub mod sample;
 pub mod search;

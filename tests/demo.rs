@@ -41,6 +41,15 @@ fn demo_enriches_every_sample_event_and_prints_a_summary() {
         assert!(stdout.contains("(dense + BM25, RRF)"), "{stdout}");
         assert!(stdout.contains("UNTRAINED"), "random fixtures are labelled: {stdout}");
         assert!(stdout.contains("sentiment (turns per star)") && stdout.contains("model embedding"), "{stdout}");
+        // routed by language: French turns to the camembert-ner fixture, English to XLM-R's
+        let section = |lang: &str| {
+            let start = stdout.find(&format!("turns in language {lang}")).unwrap();
+            let rest = &stdout[start + 1..];
+            rest[..rest.find("turns in language").or_else(|| rest.find("wall time")).unwrap()].to_string()
+        };
+        assert!(section("fr").contains("NER camembert-ner architecture"), "{stdout}");
+        assert!(!section("fr").contains("xlm-roberta"), "{stdout}");
+        assert!(section("en").contains("NER xlm-roberta-base-ner-hrl architecture"), "{stdout}");
     }
 }
 

@@ -251,6 +251,7 @@ fn model_threads_on_cuda_match_the_default_stream() {
             max_batch_tokens: 32_768,
             document_prefix: String::new(),
             query_template: "{query}".into(),
+            languages: vec![],
         };
         // reference on this thread's default stream
         let direct = Model::load(&dir, task, Device::Cuda(0), Kind::Half).unwrap();

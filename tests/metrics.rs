@@ -59,6 +59,7 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
         max_batch_tokens: 8_192,
         document_prefix: String::new(),
         query_template: "{query}".into(),
+        languages: vec![],
     });
     let gated = Arc::new(FlakyStore::stalled(store::open(&cfg.qdrant).unwrap()));
     let stop = Arc::new(AtomicBool::new(false));

@@ -122,10 +122,11 @@ fn bert_sequence_classification_matches_transformers() {
     }
 }
 
-#[test]
-fn camembert_token_classification_and_entities_match_transformers() {
-    let exp = expected("ner-camembert");
-    let model = load("ner-camembert", Task::TokenClassification);
+/// A token-classification fixture's token probabilities (≤ 1e-4 relative) and entities (the
+/// same spans and labels, scores within 1e-4) against transformers' pipeline.
+fn token_classification_matches_transformers(name: &str) {
+    let exp = expected(name);
+    let model = load(name, Task::TokenClassification);
     let texts = texts(&exp);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let batch = model.tokenize(&refs).unwrap();
@@ -135,7 +136,7 @@ fn camembert_token_classification_and_entities_match_transformers() {
         let ours = rows(&probs.get(i as i64).narrow(0, 0, n));
         let reference = as_matrix(&exp["token_probabilities"][i]);
         let err = relative_error(&ours, &reference);
-        println!("camembert token probabilities, text {i}: max relative error {err:.2e}");
+        println!("{name} token probabilities, text {i}: max relative error {err:.2e}");
         assert!(err <= 1e-4, "text {i}: token probabilities relative error {err}");
 
         let entities = ner::aggregate_simple(text, &batch.encodings[i], &probs.get(i as i64), &model.labels);
@@ -147,6 +148,24 @@ fn camembert_token_classification_and_entities_match_transformers() {
             assert_eq!(e.text, chars[e.start as usize..e.end as usize].iter().collect::<String>());
         }
     }
+}
+
+#[test]
+fn camembert_token_classification_and_entities_match_transformers() {
+    token_classification_matches_transformers("ner-camembert");
+}
+
+/// Davlan/xlm-roberta-base-ner-hrl's architecture (XLMRobertaForTokenClassification, base,
+/// BIO labels with DATE), on French, English, German, Spanish, Arabic, Chinese and Portuguese.
+#[test]
+fn xlm_roberta_ner_token_classification_and_entities_match_transformers() {
+    let exp = expected("ner-xlmr");
+    assert!(texts(&exp).len() > 10, "the multilingual texts are in the fixture");
+    let labels: Vec<String> = load("ner-xlmr", Task::TokenClassification).labels.clone();
+    assert_eq!(labels, ["O", "B-DATE", "I-DATE", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]);
+    let found: usize = (0..texts(&exp).len()).map(|i| exp["entities"][i].as_array().unwrap().len()).sum();
+    assert!(found > 0, "the random head finds some entities to compare");
+    token_classification_matches_transformers("ner-xlmr");
 }
 
 #[test]
@@ -292,6 +311,7 @@ fn a_managed_model_loads_eagerly_or_on_first_use() {
         max_batch_tokens: 4096,
         document_prefix: String::new(),
         query_template: "{query}".into(),
+        languages: vec![],
     };
     let cpu = tch::Device::Cpu;
     let eager = ManagedModel::new(Task::SequenceClassification, cfg("sentiment-bert"), cpu).unwrap();
@@ -348,6 +368,7 @@ fn model_threads_run_the_three_models_at_once_with_the_same_results() {
         max_batch_tokens: 2048,
         document_prefix: String::new(),
         query_template: "{query}".into(),
+        languages: vec![],
     };
     let thread = |name: &str, task, eager| {
         ModelThread::spawn(ManagedModel::new(task, cfg(name), Device::Cpu).unwrap(), eager, NerSettings::default()).unwrap()
@@ -522,6 +543,7 @@ fn int8_is_loaded_through_the_manager_on_cpu() {
         max_batch_tokens: 4096,
         document_prefix: String::new(),
         query_template: "{query}".into(),
+        languages: vec![],
     };
     let managed = ManagedModel::new(Task::SequenceClassification, cfg.clone(), Device::Cpu).unwrap();
     managed.ensure_loaded().unwrap();

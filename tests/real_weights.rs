@@ -90,6 +90,7 @@ fn e5_small_config() -> convoflow::config::ModelConfig {
         max_batch_tokens: 16_384,
         document_prefix: "passage: ".into(),
         query_template: "query: {query}".into(),
+        languages: vec![],
     }
 }
 

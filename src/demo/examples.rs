@@ -54,7 +54,7 @@ pub async fn search_examples(cfg: &Config) -> Result<()> {
         ("technicien jeudi matin", Some("fr")),
     ];
     // entities of an untrained NER model are noise: not marked in the snippets
-    let mark_entities = cfg.models.ner.as_ref().is_some_and(|m| !m.name.contains("UNTRAINED"));
+    let mark_entities = !cfg.models.ner.is_empty() && cfg.models.ner.iter().all(|m| !m.name.contains("UNTRAINED"));
     // one model load for all queries
     let dense: Vec<Option<Vec<f32>>> = {
         let cfg = cfg.clone();

@@ -151,7 +151,7 @@ async fn run_in(
     // the demo stops its worker once everything is enriched and then searches the store: the
     // store's flush at the end must be waited for, not cut at a pod's grace period
     cfg.pipeline.shutdown_timeout_ms = cfg.pipeline.shutdown_timeout_ms.max(IN_PROCESS_SHUTDOWN_MS);
-    if cfg.models.embedding.is_some() || cfg.models.ner.is_some() || cfg.models.sentiment.is_some() {
+    if cfg.models.embedding.is_some() || !cfg.models.ner.is_empty() || !cfg.models.sentiment.is_empty() {
         println!("loading the models…");
     }
     let mut readback = Readback::new(&cfg.kafka)?;

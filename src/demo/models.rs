@@ -4,7 +4,23 @@
 use std::path::{Path, PathBuf};
 
 
-use crate::config::{ModelConfig, ModelsConfig};
+use crate::config::{ModelConfig, ModelList, ModelsConfig};
+use crate::routing::ANY;
+
+const FIXTURE_NER_FR: &str = "camembert-ner architecture, random weights (UNTRAINED)";
+const FIXTURE_NER_XLMR: &str = "xlm-roberta-base-ner-hrl architecture, random weights (UNTRAINED)";
+const FIXTURE_SENTIMENT: &str = "nlptown sentiment architecture, random weights (UNTRAINED)";
+/// The languages nlptown/bert-base-multilingual-uncased-sentiment was trained on (its model card).
+const SENTIMENT_LANGUAGES: &[&str] = &["en", "nl", "de", "fr", "it", "es"];
+
+/// ", for fr" / ", for every other language" / "" (one model for all).
+fn languages_note(m: &ModelConfig) -> String {
+    match m.languages.as_slice() {
+        [] => String::new(),
+        [any] if any == ANY => ", for every other language".into(),
+        codes => format!(", for {}", codes.join(" ")),
+    }
+}
 
 
 /// Which models the demo runs, and how to describe them.
@@ -62,22 +78,20 @@ fn find_models_with(configured: Option<&ModelsConfig>, env: &dyn Fn(&str) -> Opt
     let mut models = ModelsConfig::default();
     let mut lines = vec![];
     let mut notes = vec![];
-    let usable = |m: &Option<ModelConfig>| m.as_ref().filter(|m| folder_ok(&m.path)).cloned();
     if let Some(c) = configured {
-        models.embedding = usable(&c.embedding);
+        models.embedding = c.embedding.clone().filter(|m| folder_ok(&m.path));
+        // a routed task runs only when all of its models are there (a partial list would move
+        // turns to another model than configured)
+        let usable = |list: &ModelList| if list.iter().all(|m| folder_ok(&m.path)) { list.clone() } else { ModelList::default() };
         models.ner = usable(&c.ner);
         models.sentiment = usable(&c.sentiment);
-        for (task, m) in [("embedding", &models.embedding), ("ner", &models.ner), ("sentiment", &models.sentiment)] {
-            if let Some(m) = m {
-                lines.push(format!("{task:<10} {} ({})", m.name, m.path.display()));
-            }
+        let listed = models.embedding.iter().map(|m| ("embedding", m));
+        for (task, m) in listed.chain(models.ner.iter().map(|m| ("ner", m))).chain(models.sentiment.iter().map(|m| ("sentiment", m))) {
+            lines.push(format!("{task:<10} {} ({}){}", m.name, m.path.display(), languages_note(m)));
         }
-        for (task, wanted, got) in [
-            ("embedding", &c.embedding, &models.embedding),
-            ("ner", &c.ner, &models.ner),
-            ("sentiment", &c.sentiment, &models.sentiment),
-        ] {
-            if let (Some(m), None) = (wanted, got) {
+        let wanted = c.embedding.iter().map(|m| ("embedding", m)).chain(c.ner.iter().map(|m| ("ner", m)));
+        for (task, m) in wanted.chain(c.sentiment.iter().map(|m| ("sentiment", m))) {
+            if !folder_ok(&m.path) {
                 notes.push(format!("(models.{task}.path {} is not a model folder: no config.json or tokenizer.json)", m.path.display()));
             }
         }
@@ -104,6 +118,7 @@ fn find_models_with(configured: Option<&ModelsConfig>, env: &dyn Fn(&str) -> Opt
         max_batch_tokens: 16_384,
         document_prefix: prefix.into(),
         query_template: query.into(),
+        languages: vec![],
     };
     if models.embedding.is_none() {
         if let Some(p) = find("CONVOFLOW_E5_SMALL") {
@@ -115,16 +130,32 @@ fn find_models_with(configured: Option<&ModelsConfig>, env: &dyn Fn(&str) -> Opt
         }
     }
     let fixtures = setup_candidates("CONVOFLOW_MODEL_FIXTURES", env);
-    for (slot, sub, name, task) in [
-        (&mut models.ner, "ner-camembert", "camembert-ner architecture, random weights (UNTRAINED)", "ner"),
-        (&mut models.sentiment, "sentiment-bert", "nlptown sentiment architecture, random weights (UNTRAINED)", "sentiment"),
-    ] {
-        if slot.is_some() {
-            continue;
+    // all fixtures from one folder (the first that has any), never a mix of two setups
+    let subs = ["ner-camembert", "ner-xlmr", "sentiment-bert"];
+    let dir = fixtures.iter().find(|dir| subs.iter().any(|sub| folder_ok(&dir.join(sub))));
+    let fixture = |sub: &str| dir.map(|d| d.join(sub)).filter(|p| folder_ok(p));
+    let with_languages = |mut m: ModelConfig, languages: &[&str]| {
+        m.languages = languages.iter().map(|l| l.to_string()).collect();
+        m
+    };
+    // routed as the reference set-up is: camembert-ner for French turns, XLM-R NER (hrl) for
+    // every other language, nlptown's sentiment for the six languages it was trained on
+    if models.ner.is_empty() {
+        let french = fixture("ner-camembert").map(|p| model(FIXTURE_NER_FR, p, "", "{query}"));
+        let others = fixture("ner-xlmr").map(|p| model(FIXTURE_NER_XLMR, p, "", "{query}"));
+        models.ner = match (french, others) {
+            (Some(fr), Some(rest)) => ModelList(vec![with_languages(fr, &["fr"]), with_languages(rest, &[ANY])]),
+            (one, other) => ModelList(one.or(other).into_iter().collect()),
+        };
+        for m in models.ner.iter() {
+            lines.push(format!("ner        {}: its entities are noise{}", m.name, languages_note(m)));
         }
-        if let Some(path) = fixtures.iter().map(|dir| dir.join(sub)).find(|p| folder_ok(p)) {
-            lines.push(format!("{task:<10} {name}: its entities and stars are noise"));
-            *slot = Some(model(name, path, "", "{query}"));
+    }
+    if models.sentiment.is_empty() {
+        if let Some(p) = fixture("sentiment-bert") {
+            let m = with_languages(model(FIXTURE_SENTIMENT, p, "", "{query}"), SENTIMENT_LANGUAGES);
+            lines.push(format!("sentiment  {}: its stars are noise{}", m.name, languages_note(&m)));
+            models.sentiment = ModelList(vec![m]);
         }
     }
     let mut help = notes;
@@ -166,7 +197,18 @@ mod tests {
         };
         let found = find_models_with(None, &env);
         assert_eq!(found.models.embedding.as_ref().map(|m| m.path.clone()), Some(e5.clone()));
-        assert_eq!(found.models.ner.as_ref().map(|m| m.path.clone()), Some(dir.join("fixtures/ner-camembert")));
+        let ner: Vec<PathBuf> = found.models.ner.iter().map(|m| m.path.clone()).collect();
+        assert_eq!(ner, [dir.join("fixtures/ner-camembert")], "one NER fixture: for every language");
+        assert!(found.models.ner.first().is_some_and(|m| m.languages.is_empty()));
+        // with both NER fixtures, French turns go to camembert-ner and the rest to XLM-R
+        model_folder(&dir.join("fixtures/ner-xlmr"));
+        let routed = find_models_with(None, &env);
+        let ner: Vec<(PathBuf, Vec<String>)> = routed.models.ner.iter().map(|m| (m.path.clone(), m.languages.clone())).collect();
+        assert_eq!(
+            ner,
+            [(dir.join("fixtures/ner-camembert"), vec!["fr".to_string()]), (dir.join("fixtures/ner-xlmr"), vec!["*".to_string()])]
+        );
+        assert!(routed.lines.iter().any(|l| l.contains("for every other language")), "{:?}", routed.lines);
         assert!(found.help.iter().any(|l| l.contains("CONVOFLOW_MINILM=") && l.contains("no model folder")), "{:?}", found.help);
         // the variable at run time comes before the path recorded at build time
         assert_eq!(setup_candidates("CONVOFLOW_E5_SMALL", &env).first(), Some(&e5));
@@ -187,7 +229,7 @@ mod tests {
         let found = find_models_with(None, &none);
         if built_usable {
             // built by scripts/setup: the binary finds the models without the environment
-            assert!(found.models.embedding.is_some() || found.models.ner.is_some(), "{:?}", found.lines);
+            assert!(found.models.embedding.is_some() || !found.models.ner.is_empty(), "{:?}", found.lines);
         } else {
             assert_eq!(found.lines, ["none found: text enrichment and BM25 only"]);
             let text = found.help.join("\n");
@@ -205,6 +247,7 @@ mod tests {
                 max_batch_tokens: 512,
                 document_prefix: String::new(),
                 query_template: "{query}".into(),
+                languages: vec![],
             }),
             ..Default::default()
         };

@@ -1,12 +1,46 @@
 //! The summary printed after the demo: what came out, per language, with latencies.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 
 use crate::event::EnrichedConversation;
 use crate::bench::readback::percentile;
 
+
+/// What the models did with the turns of one language.
+#[derive(Default)]
+struct LanguageCounts {
+    turns: usize,
+    /// Where the turns' language came from (event, detected, inherited).
+    sources: BTreeMap<String, usize>,
+    /// Entities per NER model.
+    ner: BTreeMap<String, usize>,
+    /// Turns with sentiment.
+    rated: usize,
+    /// Turns a task skipped ("NER", "sentiment").
+    skipped: BTreeMap<&'static str, usize>,
+}
+
+fn by_language(outputs: &[(i64, EnrichedConversation)]) -> BTreeMap<String, LanguageCounts> {
+    let mut langs: BTreeMap<String, LanguageCounts> = BTreeMap::new();
+    for t in outputs.iter().flat_map(|(_, e)| &e.turns) {
+        let l = langs.entry(t.language.clone().unwrap_or_else(|| "?".into())).or_default();
+        l.turns += 1;
+        *l.sources.entry(t.language_source.clone().unwrap_or_else(|| "none".into())).or_default() += 1;
+        for e in &t.entities {
+            *l.ner.entry(e.model.clone().unwrap_or_default()).or_default() += 1;
+        }
+        l.rated += usize::from(t.sentiment.is_some());
+        if t.entities_skipped.is_some() {
+            *l.skipped.entry("NER").or_default() += 1;
+        }
+        if t.sentiment_skipped.is_some() {
+            *l.skipped.entry("sentiment").or_default() += 1;
+        }
+    }
+    langs
+}
 
 pub fn print_summary(
     outputs: &[(i64, EnrichedConversation)],
@@ -18,10 +52,7 @@ pub fn print_summary(
     let tokens: i64 = outputs.iter().map(|(_, e)| e.total_tokens).sum();
     let chunks: usize = outputs.iter().flat_map(|(_, e)| &e.turns).map(|t| t.chunks.len()).sum();
     let conversations: std::collections::HashSet<_> = outputs.iter().map(|(_, e)| &e.conversation_id).collect();
-    let mut langs: HashMap<String, usize> = HashMap::new();
-    for (_, e) in outputs {
-        *langs.entry(e.language.clone().unwrap_or_else(|| "?".into())).or_default() += e.turns.len();
-    }
+    let langs = by_language(outputs);
     let mut latencies: Vec<i64> = outputs
         .iter()
         .filter_map(|(ts, e)| input_ts.get(&(e.source.partition, e.source.offset)).map(|t0| ts - t0))
@@ -37,10 +68,18 @@ pub fn print_summary(
     println!("  {:<34} {:>12}", "turns", turns);
     println!("  {:<34} {:>12}", "tokens (built-in tokenizer)", tokens);
     println!("  {:<34} {:>12}", "chunks (Qdrant points)", chunks);
-    let mut langs: Vec<_> = langs.into_iter().collect();
-    langs.sort();
-    for (lang, n) in langs {
-        println!("  {:<34} {:>12}", format!("turns in language {lang}"), n);
+    for (lang, l) in &langs {
+        println!("  {:<34} {:>12}", format!("turns in language {lang}"), l.turns);
+        let sources: Vec<String> = l.sources.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        let mut routed: Vec<String> = l.ner.iter().map(|(m, n)| format!("NER {m}: {n} entities")).collect();
+        routed.extend(l.skipped.iter().map(|(what, n)| format!("{what} skipped ({n} turns, unsupported language)")));
+        if l.rated > 0 {
+            routed.push(format!("sentiment on {} turns", l.rated));
+        }
+        println!("    language from: {}", sources.join(", "));
+        for line in routed {
+            println!("    {line}");
+        }
     }
     println!("  {:<34} {:>12.1}", "wall time incl. group join (s)", secs);
     println!("  {:<34} {:>12.0}", "turns/s (incl. group join)", turns as f64 / secs);

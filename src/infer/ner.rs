@@ -18,6 +18,20 @@ fn tag(label: &str) -> (char, &str) {
     }
 }
 
+/// One vocabulary of entity types over every model (routing mixes models in one event): PER,
+/// ORG, LOC, MISC for the spelled-out names some models use, any other type (DATE, ...) upper
+/// case as the model's `id2label` has it.
+pub fn normalize_label(entity_type: &str) -> String {
+    let upper = entity_type.trim().to_ascii_uppercase();
+    match upper.as_str() {
+        "PERSON" | "PERS" => "PER".into(),
+        "ORGANIZATION" | "ORGANISATION" => "ORG".into(),
+        "LOCATION" => "LOC".into(),
+        "MISCELLANEOUS" => "MISC".into(),
+        _ => upper,
+    }
+}
+
 struct TokenLabel {
     label: usize,
     score: f32,
@@ -68,7 +82,7 @@ pub fn aggregate_tokens(text: &str, offsets: &[(usize, usize)], probs: &[Vec<f32
     groups
         .into_iter()
         .filter_map(|g| {
-            let label = tag(&labels[g[0].label]).1.to_string();
+            let label = normalize_label(tag(&labels[g[0].label]).1);
             if label == "O" {
                 return None;
             }
@@ -79,6 +93,7 @@ pub fn aggregate_tokens(text: &str, offsets: &[(usize, usize)], probs: &[Vec<f32
                 start: start as i32,
                 end: end as i32,
                 score: g.iter().map(|t| t.score).sum::<f32>() / g.len() as f32,
+                model: None,
             })
         })
         .collect()
@@ -166,5 +181,16 @@ mod tests {
         assert_eq!(tag("I-LOC"), ('I', "LOC"));
         assert_eq!(tag("ORG"), ('I', "ORG"));
         assert_eq!(tag("O"), ('I', "O"));
+    }
+
+    #[test]
+    fn labels_of_every_model_share_one_vocabulary() {
+        assert_eq!(normalize_label("PER"), "PER");
+        assert_eq!(normalize_label("person"), "PER");
+        assert_eq!(normalize_label("ORGANIZATION"), "ORG");
+        assert_eq!(normalize_label("Location"), "LOC");
+        assert_eq!(normalize_label("MISC"), "MISC");
+        assert_eq!(normalize_label("DATE"), "DATE");
+        assert_eq!(normalize_label("O"), "O");
     }
 }

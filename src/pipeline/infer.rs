@@ -19,7 +19,9 @@ use crate::config::{GpuConfig, LoadStrategy, ModelConfig, ModelsConfig};
 use crate::event::{Conversation, EnrichedConversation, Entity, ModelInfo, Sentiment, SentimentPoint};
 use crate::fault::Fault;
 use crate::infer::manager::ManagedModel;
+use crate::infer::model::NerInput;
 use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
+use crate::routing::{Route, SkipReason};
 use crate::infer::{ModelFolder, Task};
 
 /// A valid conversation with the models' outputs applied, for the store stage.
@@ -46,29 +48,33 @@ struct Running {
     info: ModelInfo,
 }
 
-/// The configured models (any subset of the three), each on its own thread.
+/// The configured models (any subset of the three tasks; NER and sentiment may have several
+/// models, each for its languages), each on its own thread.
 pub struct Models {
     embedding: Option<Running>,
-    ner: Option<Running>,
-    sentiment: Option<Running>,
+    /// In `models.ner` order (the indices of `routing::Route::Model`).
+    ner: Vec<Running>,
+    sentiment: Vec<Running>,
 }
 
-/// Results of one submitted micro-batch, one receiver per model, and each message's entry in
-/// the jobs (how many inputs it gave each model).
+/// Results of one submitted micro-batch, one receiver per model that was given inputs, and
+/// each message's entry in the jobs (how many inputs it gave each model).
 pub struct Pending {
     embedding: Option<mpsc::Receiver<Reply>>,
-    ner: Option<mpsc::Receiver<Reply>>,
-    sentiment: Option<mpsc::Receiver<Reply>>,
+    ner: Vec<Option<mpsc::Receiver<Reply>>>,
+    sentiment: Vec<Option<mpsc::Receiver<Reply>>>,
     entries: Vec<Entry>,
     submitted: Instant,
 }
 
 /// One message's share of a submitted job, per model (0 for a message that is not valid).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Entry {
     embedding: usize,
-    ner: usize,
-    sentiment: usize,
+    /// Per NER model.
+    ner: Vec<usize>,
+    /// Per sentiment model.
+    sentiment: Vec<usize>,
 }
 
 /// A model thread that is gone (it panicked or stopped): the machine's fault, carried in a
@@ -77,13 +83,21 @@ struct Entry {
 #[error("the {0} model thread stopped")]
 pub struct ModelThreadGone(pub &'static str);
 
-/// One message's own model outputs (None: the model is not configured).
+/// One model's outputs for one message: those of the turns routed to it, in turn order.
+#[derive(Debug, Default)]
+pub struct ModelOutputs<T> {
+    /// The model's configured name (said on each entity and sentiment).
+    pub model: String,
+    pub outputs: Vec<T>,
+}
+
+/// One message's own model outputs (None: the task has no model).
 #[derive(Debug, Default)]
 pub struct MessageOutputs {
-    /// One entity list per turn.
-    entities: Option<Vec<Vec<Entity>>>,
-    /// One 1-to-n-star distribution per turn.
-    probabilities: Option<Vec<Vec<f32>>>,
+    /// Per NER model (in `models.ner` order): one entity list per turn routed to it.
+    entities: Option<Vec<ModelOutputs<Vec<Entity>>>>,
+    /// Per sentiment model: one 1-to-n-star distribution per turn routed to it.
+    probabilities: Option<Vec<ModelOutputs<Vec<f32>>>>,
     /// One vector per chunk, in event order.
     dense: Option<Vec<Vec<f32>>>,
 }
@@ -92,8 +106,14 @@ impl Models {
     /// Starts one thread per configured model; with `load_strategy: eager` each is loaded and
     /// warmed up before this returns. None when no model is configured.
     pub fn new(models: &ModelsConfig, gpu: &GpuConfig) -> Result<Option<Self>> {
-        if models.embedding.is_none() && models.ner.is_none() && models.sentiment.is_none() {
+        if models.embedding.is_none() && models.ner.is_empty() && models.sentiment.is_empty() {
             return Ok(None);
+        }
+        // the routes are checked here too (and by the prepare stage, which uses them)
+        crate::routing::Routes::new("ner", &models.ner.0)?;
+        crate::routing::Routes::new("sentiment", &models.sentiment.0)?;
+        if let Some(e) = &models.embedding {
+            crate::routing::Routes::covering_all("embedding", e)?;
         }
         let device = crate::infer::device::parse_device(&gpu.device)?;
         if models.stand_in {
@@ -102,8 +122,7 @@ impl Models {
             crate::infer::device::configure(device, gpu)?;
         }
         let eager = models.load_strategy == LoadStrategy::Eager;
-        let start = |cfg: &Option<ModelConfig>, task: Task, label: &str| -> Result<Option<Running>> {
-            let Some(cfg) = cfg else { return Ok(None) };
+        let start = |cfg: &ModelConfig, task: Task, label: &str| -> Result<Running> {
             let folder = ModelFolder::open(&cfg.path).with_context(|| format!("the {label} model {}", cfg.name))?;
             let version = folder.content_version().with_context(|| format!("reading {}", cfg.path.display()))?;
             let thread = if models.stand_in {
@@ -114,17 +133,17 @@ impl Models {
                     .with_context(|| format!("starting the {label} model {}", cfg.name))?
             };
             let info = ModelInfo { task: label.into(), name: cfg.name.clone(), version };
-            Ok(Some(Running { thread, info }))
+            Ok(Running { thread, info })
         };
         Ok(Some(Self {
-            embedding: start(&models.embedding, Task::Embedding, "embedding")?,
-            ner: start(&models.ner, Task::TokenClassification, "ner")?,
-            sentiment: start(&models.sentiment, Task::SequenceClassification, "sentiment")?,
+            embedding: models.embedding.as_ref().map(|c| start(c, Task::Embedding, "embedding")).transpose()?,
+            ner: models.ner.iter().map(|c| start(c, Task::TokenClassification, "ner")).collect::<Result<_>>()?,
+            sentiment: models.sentiment.iter().map(|c| start(c, Task::SequenceClassification, "sentiment")).collect::<Result<_>>()?,
         }))
     }
 
     fn running(&self) -> impl Iterator<Item = &Running> {
-        [&self.embedding, &self.ner, &self.sentiment].into_iter().flatten()
+        self.embedding.iter().chain(&self.ner).chain(&self.sentiment)
     }
 
     /// True once every model is loaded and warm (readiness).
@@ -136,39 +155,54 @@ impl Models {
         self.running().map(|r| r.info.clone()).collect()
     }
 
-    /// Queues the model inputs of every valid message of `batch` on every model thread at once
-    /// (each message one entry of the job; the messages keep their inputs) and returns without
-    /// waiting.
+    /// Queues the model inputs of every valid message of `batch` on the model threads at once
+    /// (each message one entry of each job; the messages keep their inputs) and returns without
+    /// waiting. Each NER and sentiment model gets the turns routed to it from the whole batch
+    /// (a model no turn of the batch went to gets no job).
     pub fn submit(&self, batch: &[Prepared]) -> Result<Pending, Fault> {
         let mut entries = Vec::with_capacity(batch.len());
-        let (mut embedding, mut ner, mut sentiment) = (vec![], vec![], vec![]);
+        let mut embedding = vec![];
+        let mut ner: Vec<Vec<Arc<NerInput>>> = self.ner.iter().map(|_| vec![]).collect();
+        let mut sentiment: Vec<Vec<Vec<i64>>> = self.sentiment.iter().map(|_| vec![]).collect();
         for p in batch {
             let Some(v) = p.decided.valid() else {
-                entries.push(Entry::default());
+                entries.push(Entry { embedding: 0, ner: vec![0; self.ner.len()], sentiment: vec![0; self.sentiment.len()] });
                 continue;
             };
             let inputs = &v.inputs;
-            entries.push(Entry { embedding: inputs.embedding.len(), ner: inputs.ner.len(), sentiment: inputs.sentiment.len() });
+            entries.push(Entry {
+                embedding: inputs.embedding.len(),
+                ner: (0..self.ner.len()).map(|i| inputs.ner.count(i)).collect(),
+                sentiment: (0..self.sentiment.len()).map(|i| inputs.sentiment.count(i)).collect(),
+            });
             if self.embedding.is_some() {
                 embedding.extend(inputs.embedding.iter().cloned());
             }
-            if self.ner.is_some() {
-                ner.extend(inputs.ner.iter().cloned());
+            for (job, mine) in ner.iter_mut().zip(&inputs.ner.per_model) {
+                job.extend(mine.iter().cloned());
             }
-            if self.sentiment.is_some() {
-                sentiment.extend(inputs.sentiment.iter().cloned());
+            for (job, mine) in sentiment.iter_mut().zip(&inputs.sentiment.per_model) {
+                job.extend(mine.iter().cloned());
             }
         }
-        let submit = |m: &Option<Running>, input: ModelInput| -> Result<Option<mpsc::Receiver<Reply>>, Fault> {
-            match m {
-                Some(r) => r.thread.submit_input(input).map(Some).map_err(|_| Fault::machine(ModelThreadGone(r.info_task()))),
-                None => Ok(None),
+        let submit = |r: &Running, input: ModelInput| -> Result<Option<mpsc::Receiver<Reply>>, Fault> {
+            if input.is_empty() {
+                return Ok(None);
             }
+            r.thread.submit_input(input).map(Some).map_err(|_| Fault::machine(ModelThreadGone(r.info_task())))
         };
         Ok(Pending {
-            ner: submit(&self.ner, ModelInput::Ner(ner))?,
-            sentiment: submit(&self.sentiment, ModelInput::Ids(sentiment))?,
-            embedding: submit(&self.embedding, ModelInput::Ids(embedding))?,
+            ner: self.ner.iter().zip(ner).map(|(r, job)| submit(r, ModelInput::Ner(job))).collect::<Result<_, _>>()?,
+            sentiment: self
+                .sentiment
+                .iter()
+                .zip(sentiment)
+                .map(|(r, job)| submit(r, ModelInput::Ids(job)))
+                .collect::<Result<_, _>>()?,
+            embedding: match &self.embedding {
+                Some(r) => submit(r, ModelInput::Ids(embedding))?,
+                None => None,
+            },
             entries,
             submitted: Instant::now(),
         })
@@ -190,20 +224,37 @@ impl Models {
         };
         let entries = pending.entries;
         let mut outputs: Vec<MessageOutputs> = entries.iter().map(|_| MessageOutputs::default()).collect();
-        if let Some(out) = wait(pending.ner, "ner")? {
+        if !self.ner.is_empty() {
+            for o in &mut outputs {
+                o.entities = Some(self.ner.iter().map(|r| ModelOutputs { model: r.info.name.clone(), outputs: vec![] }).collect());
+            }
+        }
+        for (i, rx) in pending.ner.into_iter().enumerate() {
+            let Some(out) = wait(rx, "ner")? else { continue };
             let Output::Entities(all) = out else { return Err(wrong_output("ner", &out)) };
-            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.ner), "ner")?) {
-                o.entities = Some(part);
+            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.ner[i]), "ner")?) {
+                o.entities.as_mut().expect("set above")[i].outputs = part;
             }
         }
-        if let Some(out) = wait(pending.sentiment, "sentiment")? {
+        if !self.sentiment.is_empty() {
+            for o in &mut outputs {
+                o.probabilities =
+                    Some(self.sentiment.iter().map(|r| ModelOutputs { model: r.info.name.clone(), outputs: vec![] }).collect());
+            }
+        }
+        for (i, rx) in pending.sentiment.into_iter().enumerate() {
+            let Some(out) = wait(rx, "sentiment")? else { continue };
             let Output::Probabilities(all) = out else { return Err(wrong_output("sentiment", &out)) };
-            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.sentiment), "sentiment")?) {
-                o.probabilities = Some(part);
+            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.sentiment[i]), "sentiment")?) {
+                o.probabilities.as_mut().expect("set above")[i].outputs = part;
             }
         }
-        if let Some(out) = wait(pending.embedding, "embedding")? {
-            let Output::Embeddings(all) = out else { return Err(wrong_output("embedding", &out)) };
+        if self.embedding.is_some() {
+            let all = match wait(pending.embedding, "embedding")? {
+                Some(Output::Embeddings(all)) => all,
+                Some(out) => return Err(wrong_output("embedding", &out)),
+                None => vec![], // no chunk in the batch
+            };
             for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.embedding), "embedding")?) {
                 o.dense = Some(part);
             }
@@ -238,41 +289,89 @@ impl Running {
     }
 }
 
-impl MessageOutputs {
-    /// Applies the message's own outputs to its conversation: entities and sentiment per turn,
-    /// the trajectory and entity counts, the models; the dense vectors of its chunks.
-    pub fn apply(self, v: Valid, models: &[ModelInfo]) -> Result<Enriched, Fault> {
-        let Valid { conversation, mut event, .. } = v;
-        let turns = event.turns.len();
-        let id = event.conversation_id.clone();
-        let mismatch = |task: &str, what: &str, got: usize, expected: usize| {
-            Fault::machine(anyhow!("the {task} model gave {got} {what} for {expected} of conversation {id}"))
-        };
-        if let Some(all) = self.entities {
-            if all.len() != turns {
-                return Err(mismatch("ner", "entity lists", all.len(), turns));
+/// Gives each turn its output from the model it was routed to (`put`), or the reason it has
+/// none (`skip`); every model's outputs must be used up exactly.
+fn distribute<T>(
+    turns: &mut [crate::event::EnrichedTurn],
+    routes: &[Route],
+    per_model: Vec<ModelOutputs<T>>,
+    task: &str,
+    conversation_id: &str,
+    mut put: impl FnMut(&mut crate::event::EnrichedTurn, T, &str),
+    mut skip: impl FnMut(&mut crate::event::EnrichedTurn, SkipReason),
+) -> Result<(), Fault> {
+    let mismatch = || Fault::machine(anyhow!("the {task} models' outputs do not match the turns of conversation {conversation_id}"));
+    if routes.len() != turns.len() {
+        return Err(mismatch());
+    }
+    let names: Vec<String> = per_model.iter().map(|m| m.model.clone()).collect();
+    let mut outputs: Vec<std::vec::IntoIter<T>> = per_model.into_iter().map(|m| m.outputs.into_iter()).collect();
+    for (turn, route) in turns.iter_mut().zip(routes) {
+        match *route {
+            Route::Model(i) => {
+                let out = outputs.get_mut(i).and_then(Iterator::next).ok_or_else(mismatch)?;
+                put(turn, out, &names[i]);
             }
-            for (turn, entities) in event.turns.iter_mut().zip(all) {
-                for e in &entities {
-                    *event.entity_counts.entry(e.label.clone()).or_default() += 1;
-                }
-                turn.entities = entities;
-            }
+            Route::Skipped(reason) => skip(turn, reason),
         }
-        if let Some(all) = self.probabilities {
-            if all.len() != turns {
-                return Err(mismatch("sentiment", "distributions", all.len(), turns));
-            }
-            for (turn, probabilities) in event.turns.iter_mut().zip(all) {
-                let (stars, score) = crate::infer::stars(&probabilities);
-                event.sentiment_trajectory.push(SentimentPoint { turn_id: turn.turn_id.clone(), ts: turn.ts, stars, score });
-                turn.sentiment = Some(Sentiment { stars, score, probabilities });
-            }
+    }
+    if outputs.iter_mut().any(|rest| rest.next().is_some()) {
+        return Err(mismatch());
+    }
+    Ok(())
+}
+
+impl MessageOutputs {
+    /// Applies the message's own outputs to its conversation: entities and sentiment of each
+    /// turn from the model its language was routed to (with that model's name), the reason for
+    /// a turn that went to none, the trajectory and entity counts, the models; the dense
+    /// vectors of its chunks.
+    pub fn apply(self, v: Valid, models: &[ModelInfo]) -> Result<Enriched, Fault> {
+        let Valid { conversation, mut event, inputs } = v;
+        let id = event.conversation_id.clone();
+        if let Some(per_model) = self.entities {
+            let mut counts = std::mem::take(&mut event.entity_counts);
+            distribute(
+                &mut event.turns,
+                &inputs.ner.routes,
+                per_model,
+                "ner",
+                &id,
+                |turn, mut entities: Vec<Entity>, model| {
+                    for e in &mut entities {
+                        *counts.entry(e.label.clone()).or_default() += 1;
+                        e.model = Some(model.to_string());
+                    }
+                    turn.entities = entities;
+                },
+                |turn, reason| turn.entities_skipped = Some(reason.as_str().into()),
+            )?;
+            event.entity_counts = counts;
+        }
+        if let Some(per_model) = self.probabilities {
+            let mut trajectory = std::mem::take(&mut event.sentiment_trajectory);
+            distribute(
+                &mut event.turns,
+                &inputs.sentiment.routes,
+                per_model,
+                "sentiment",
+                &id,
+                |turn, probabilities: Vec<f32>, model| {
+                    let (stars, score) = crate::infer::stars(&probabilities);
+                    trajectory.push(SentimentPoint { turn_id: turn.turn_id.clone(), ts: turn.ts, stars, score });
+                    turn.sentiment = Some(Sentiment { stars, score, probabilities, model: Some(model.to_string()) });
+                },
+                |turn, reason| turn.sentiment_skipped = Some(reason.as_str().into()),
+            )?;
+            event.sentiment_trajectory = trajectory;
         }
         if let Some(dense) = &self.dense {
             let chunks: usize = event.turns.iter().map(|t| t.chunks.len()).sum();
             if dense.len() != chunks {
-                return Err(mismatch("embedding", "vectors", dense.len(), chunks));
+                return Err(Fault::machine(anyhow!(
+                    "the embedding model gave {} vectors for {chunks} of conversation {id}",
+                    dense.len()
+                )));
             }
         }
         event.models = models.to_vec();
@@ -337,34 +436,92 @@ mod tests {
         assert!(matches!(&wrong, Fault::Machine(e) if e.to_string().contains("6 outputs for 7 inputs")), "{wrong}");
     }
 
+    fn entity(label: &str) -> Entity {
+        Entity { text: "Lyon".into(), label: label.into(), start: 0, end: 4, score: 0.9, model: None }
+    }
+
+    fn one_model<T>(name: &str, outputs: Vec<T>) -> Vec<ModelOutputs<T>> {
+        vec![ModelOutputs { model: name.into(), outputs }]
+    }
+
     #[test]
     fn a_message_gets_its_own_entities_stars_and_vectors() {
-        let v = valid(7);
+        let mut v = valid(7);
         let turns = v.event.turns.len();
         let chunks: usize = v.event.turns.iter().map(|t| t.chunks.len()).sum();
-        let entity = |label: &str| Entity { text: "Lyon".into(), label: label.into(), start: 0, end: 4, score: 0.9 };
+        v.inputs.ner.routes = vec![Route::Model(0); turns];
+        v.inputs.sentiment.routes = vec![Route::Model(0); turns];
         let outputs = MessageOutputs {
-            entities: Some((0..turns).map(|i| if i == 0 { vec![entity("LOC"), entity("PER")] } else { vec![entity("LOC")] }).collect()),
-            probabilities: Some(vec![vec![0.0, 0.0, 0.0, 0.0, 1.0]; turns]),
+            entities: Some(one_model(
+                "camembert",
+                (0..turns).map(|i| if i == 0 { vec![entity("LOC"), entity("PER")] } else { vec![entity("LOC")] }).collect(),
+            )),
+            probabilities: Some(one_model("nlptown", vec![vec![0.0, 0.0, 0.0, 0.0, 1.0]; turns])),
             dense: Some(vec![vec![0.5; 4]; chunks]),
         };
         let info = ModelInfo { task: "ner".into(), name: "test".into(), version: "1".into() };
         let e = outputs.apply(v, std::slice::from_ref(&info)).unwrap();
         assert_eq!(e.event.turns[0].entities.len(), 2);
+        assert!(e.event.turns.iter().flat_map(|t| &t.entities).all(|e| e.model.as_deref() == Some("camembert")));
         assert_eq!(e.event.entity_counts["LOC"], turns as i32);
         assert_eq!(e.event.entity_counts["PER"], 1);
         assert_eq!(e.event.sentiment_trajectory.len(), turns);
-        assert!(e.event.turns.iter().all(|t| t.sentiment.as_ref().is_some_and(|s| s.stars == 5)));
+        assert!(e.event.turns.iter().all(|t| t.sentiment.as_ref().is_some_and(|s| s.stars == 5 && s.model.as_deref() == Some("nlptown"))));
+        assert!(e.event.turns.iter().all(|t| t.entities_skipped.is_none() && t.sentiment_skipped.is_none()));
         assert_eq!(e.dense.map(|d| d.len()), Some(chunks));
         assert_eq!(e.event.models, vec![info]);
     }
 
     #[test]
-    fn an_answer_of_the_wrong_size_is_the_machine_s_fault_not_the_message_s() {
-        let v = valid(8);
+    fn routed_turns_get_their_own_model_s_output_and_skipped_ones_the_reason() {
+        let mut v = valid(9);
         let turns = v.event.turns.len();
-        let outputs = MessageOutputs { probabilities: Some(vec![vec![0.2; 5]; turns + 1]), ..Default::default() };
+        assert!(turns >= 3, "the sample has {turns} turns");
+        // turn 0 → model 1, turn 1 skipped, the rest → model 0
+        let routes: Vec<Route> = (0..turns)
+            .map(|i| match i {
+                0 => Route::Model(1),
+                1 => Route::Skipped(SkipReason::UnsupportedLanguage),
+                _ => Route::Model(0),
+            })
+            .collect();
+        v.inputs.ner.routes = routes.clone();
+        v.inputs.sentiment.routes = routes;
+        let outputs = MessageOutputs {
+            entities: Some(vec![
+                ModelOutputs { model: "camembert".into(), outputs: vec![vec![entity("LOC")]; turns - 2] },
+                ModelOutputs { model: "xlmr".into(), outputs: vec![vec![entity("DATE")]] },
+            ]),
+            probabilities: Some(vec![
+                ModelOutputs { model: "nlptown".into(), outputs: vec![vec![1.0, 0.0, 0.0, 0.0, 0.0]; turns - 2] },
+                ModelOutputs { model: "other".into(), outputs: vec![vec![0.0, 0.0, 0.0, 0.0, 1.0]] },
+            ]),
+            dense: None,
+        };
+        let e = outputs.apply(v, &[]).unwrap().event;
+        assert_eq!(e.turns[0].entities[0].model.as_deref(), Some("xlmr"));
+        assert_eq!(e.turns[0].entities[0].label, "DATE");
+        assert_eq!(e.turns[0].sentiment.as_ref().map(|s| (s.stars, s.model.clone())), Some((5, Some("other".into()))));
+        assert!(e.turns[1].entities.is_empty() && e.turns[1].sentiment.is_none());
+        assert_eq!(e.turns[1].entities_skipped.as_deref(), Some("unsupported-language"));
+        assert_eq!(e.turns[1].sentiment_skipped.as_deref(), Some("unsupported-language"));
+        assert!(e.turns[2..].iter().all(|t| t.entities[0].model.as_deref() == Some("camembert") && t.entities_skipped.is_none()));
+        assert_eq!(e.sentiment_trajectory.len(), turns - 1, "a skipped turn has no point");
+        assert_eq!(e.entity_counts["LOC"], turns as i32 - 2);
+        assert_eq!(e.entity_counts["DATE"], 1);
+    }
+
+    #[test]
+    fn an_answer_of_the_wrong_size_is_the_machine_s_fault_not_the_message_s() {
+        let mut v = valid(8);
+        let turns = v.event.turns.len();
+        v.inputs.sentiment.routes = vec![Route::Model(0); turns];
+        let outputs = MessageOutputs { probabilities: Some(one_model("s", vec![vec![0.2; 5]; turns + 1])), ..Default::default() };
         let fault = outputs.apply(v, &[]).err().expect("refused");
-        assert!(matches!(&fault, Fault::Machine(e) if e.to_string().contains("distributions")), "{fault}");
+        assert!(matches!(&fault, Fault::Machine(e) if e.to_string().contains("sentiment models' outputs do not match")), "{fault}");
+        let mut v = valid(8);
+        v.inputs.ner.routes = vec![Route::Model(1); turns];
+        let outputs = MessageOutputs { entities: Some(one_model("n", vec![vec![]; turns])), ..Default::default() };
+        assert!(matches!(outputs.apply(v, &[]), Err(Fault::Machine(_))), "a route to a model that gave nothing");
     }
 }

@@ -13,11 +13,12 @@ use tokio::sync::mpsc;
 use super::stage::{Busy, Flight, STAGE_PREPARE, record_depth};
 use super::text::{TextEnricher, TextEnriched};
 use crate::codec::RecordCodec;
-use crate::config::{Config, TombstoneScope};
+use crate::config::{Config, ModelList, TombstoneScope};
 use crate::event::{Conversation, EnrichedConversation, EventLimits, SourceRef, ValidationError};
 use crate::infer::ModelFolder;
 use crate::infer::model::NerInput;
 use crate::infer::tokenize::ModelTokenizer;
+use crate::routing::{Route, Routes};
 use super::message::{Decided, Message, Tombstone};
 use crate::fault::RejectClass;
 use crate::source::{InboundMessage, SharedSource};
@@ -39,10 +40,66 @@ pub struct Valid {
 pub struct ModelInputs {
     /// One id sequence (special tokens, document prefix, chunk ids) per chunk, in event order.
     pub embedding: Vec<Vec<i64>>,
-    /// One encoding per turn (shared with the NER job it is submitted in).
-    pub ner: Vec<Arc<NerInput>>,
-    /// One id sequence per turn.
-    pub sentiment: Vec<Vec<i64>>,
+    /// One encoding per routed turn (shared with the NER job it is submitted in).
+    pub ner: RoutedInputs<Arc<NerInput>>,
+    /// One id sequence per routed turn.
+    pub sentiment: RoutedInputs<Vec<i64>>,
+}
+
+/// One task's inputs of a conversation, each turn routed by its language (`routing`).
+#[derive(Debug)]
+pub struct RoutedInputs<T> {
+    /// Per turn: the task's model it goes to, or why none does.
+    pub routes: Vec<Route>,
+    /// Per model of the task (the index in `routes`): the inputs of its turns, in turn order.
+    pub per_model: Vec<Vec<T>>,
+}
+
+impl<T> Default for RoutedInputs<T> {
+    fn default() -> Self {
+        Self { routes: vec![], per_model: vec![] }
+    }
+}
+
+impl<T> RoutedInputs<T> {
+    /// How many inputs model `i` of the task has from this conversation.
+    pub fn count(&self, i: usize) -> usize {
+        self.per_model.get(i).map_or(0, Vec::len)
+    }
+}
+
+/// A routed task's tokenizers, one per model, and its routes.
+struct RoutedTokenizers {
+    routes: Routes,
+    tokenizers: Vec<ModelTokenizer>,
+}
+
+impl RoutedTokenizers {
+    /// Routes each turn by its resolved language and tokenizes it with its model's tokenizer
+    /// (turns in parallel on rayon's pool: a long conversation alone uses every core).
+    fn inputs<T: Send>(
+        &self,
+        turns: &[crate::event::Turn],
+        enriched: &[crate::event::EnrichedTurn],
+        encode: impl Fn(&ModelTokenizer, &str) -> Result<T> + Sync,
+    ) -> Result<RoutedInputs<T>> {
+        let routes: Vec<Route> = enriched.iter().map(|t| self.routes.route(t.language.as_deref())).collect();
+        let encoded: Vec<Option<T>> = turns
+            .par_iter()
+            .zip(routes.par_iter())
+            .map(|(turn, route)| match route {
+                Route::Model(i) => encode(&self.tokenizers[*i], &turn.text).map(Some),
+                Route::Skipped(_) => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let mut per_model: Vec<Vec<T>> = (0..self.tokenizers.len()).map(|_| Vec::new()).collect();
+        for (route, input) in routes.iter().zip(encoded) {
+            if let (Route::Model(i), Some(input)) = (route, input) {
+                per_model[*i].push(input);
+            }
+        }
+        Ok(RoutedInputs { routes, per_model })
+    }
 }
 
 /// One input message after the prepare stage.
@@ -61,8 +118,8 @@ pub struct Preparer {
     tombstone_scope: TombstoneScope,
     text: TextEnricher,
     embedding: Option<EmbeddingTokens>,
-    ner: Option<ModelTokenizer>,
-    sentiment: Option<ModelTokenizer>,
+    ner: Option<RoutedTokenizers>,
+    sentiment: Option<RoutedTokenizers>,
     /// Whose tokens `token_count` counts (for `convoflow check`).
     pub chunk_tokens: String,
 }
@@ -106,20 +163,25 @@ impl Preparer {
         // first worker configured sets it)
         apache_avro::util::max_allocation_bytes(cfg.pipeline.max_event_bytes.max(1 << 20));
         let m = &cfg.models;
-        let tokenizer = |c: &Option<crate::config::ModelConfig>| -> Result<Option<ModelTokenizer>> {
-            c.as_ref()
-                .map(|c| {
-                    let folder = ModelFolder::open(&c.path).with_context(|| format!("the model {}", c.name))?;
-                    ModelTokenizer::load(&folder).with_context(|| format!("the tokenizer of {}", c.name))
-                })
-                .transpose()
+        let tokenizer = |c: &crate::config::ModelConfig| -> Result<ModelTokenizer> {
+            let folder = ModelFolder::open(&c.path).with_context(|| format!("the model {}", c.name))?;
+            ModelTokenizer::load(&folder).with_context(|| format!("the tokenizer of {}", c.name))
         };
-        let embedding = match (&m.embedding, tokenizer(&m.embedding)?) {
-            (Some(c), Some(tokenizer)) => {
+        let routed = |task: &str, list: &ModelList| -> Result<Option<RoutedTokenizers>> {
+            if list.is_empty() {
+                return Ok(None);
+            }
+            let routes = Routes::new(task, &list.0)?;
+            Ok(Some(RoutedTokenizers { routes, tokenizers: list.iter().map(tokenizer).collect::<Result<_>>()? }))
+        };
+        let embedding = match &m.embedding {
+            Some(c) => {
+                Routes::covering_all("embedding", c)?;
+                let tokenizer = tokenizer(c)?;
                 let leading = tokenizer.leading_ids(&c.document_prefix)?;
                 Some(EmbeddingTokens { tokenizer, leading })
             }
-            _ => None,
+            None => None,
         };
         let text = super::text::build_text_enricher(cfg, embedding.as_ref().map(|e| (&e.tokenizer, e.leading.len())))?;
         let chunk_tokens = match (&m.embedding, &cfg.pipeline.chunk.tokenizer) {
@@ -139,8 +201,8 @@ impl Preparer {
             tombstone_scope: cfg.pipeline.tombstone_scope,
             text,
             embedding,
-            ner: tokenizer(&m.ner)?,
-            sentiment: tokenizer(&m.sentiment)?,
+            ner: routed("ner", &m.ner)?,
+            sentiment: routed("sentiment", &m.sentiment)?,
         })
     }
 
@@ -202,16 +264,13 @@ impl Preparer {
                 }
             }
         }
-        // per turn on rayon's pool, like the chunking: a long conversation alone uses every core
-        if let Some(t) = &self.ner {
-            inputs.ner = conversation
-                .turns
-                .par_iter()
-                .map(|turn| Ok(Arc::new(NerInput { text: turn.text.clone(), encoding: t.encode_untruncated_one(&turn.text)? })))
-                .collect::<Result<_>>()?;
+        if let Some(r) = &self.ner {
+            inputs.ner = r.inputs(&conversation.turns, &event.turns, |t, text| {
+                Ok(Arc::new(NerInput { text: text.to_string(), encoding: t.encode_untruncated_one(text)? }))
+            })?;
         }
-        if let Some(t) = &self.sentiment {
-            inputs.sentiment = conversation.turns.par_iter().map(|turn| Ok(t.encode_ids_one(&turn.text)?)).collect::<Result<_>>()?;
+        if let Some(r) = &self.sentiment {
+            inputs.sentiment = r.inputs(&conversation.turns, &event.turns, |t, text| Ok(t.encode_ids_one(text)?))?;
         }
         Ok((event, inputs))
     }

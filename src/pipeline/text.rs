@@ -85,6 +85,8 @@ impl TextEnricher {
                     language: None,
                     language_confidence: 0.0,
                     language_source: None,
+                    entities_skipped: None,
+                    sentiment_skipped: None,
                 };
                 let detected = if detect { self.languages.detect(&turn.text) } else { None };
                 Ok((enriched, chunked, detected))

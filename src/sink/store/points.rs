@@ -179,10 +179,10 @@ mod tests {
         event.turns[0].chunks[0].start = 0;
         event.turns[0].chunks[0].end = conv.turns[0].text.chars().count() as i32;
         event.turns[0].entities = vec![
-            Entity { text: "Marie Curie".into(), label: "PER".into(), start: 13, end: 24, score: 0.99 },
-            Entity { text: "Lyon".into(), label: "LOC".into(), start: 28, end: 32, score: 0.98 },
+            Entity { text: "Marie Curie".into(), label: "PER".into(), start: 13, end: 24, score: 0.99, model: None },
+            Entity { text: "Lyon".into(), label: "LOC".into(), start: 28, end: 32, score: 0.98, model: None },
         ];
-        event.turns[0].sentiment = Some(Sentiment { stars: 4, score: 0.7, probabilities: vec![0.0, 0.1, 0.1, 0.7, 0.1] });
+        event.turns[0].sentiment = Some(Sentiment { stars: 4, score: 0.7, probabilities: vec![0.0, 0.1, 0.1, 0.7, 0.1], model: None });
         let full = &points_for(&conv, &event, None, PayloadText::Full)[0].payload;
         assert_eq!(full["entity_labels"], json!(["LOC", "PER"]));
         assert_eq!(full["entity_values"], json!(["LOC:lyon", "PER:marie curie"]));
