@@ -26,6 +26,7 @@ const CONVERSATION: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/convers
 const ENRICHED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/enriched_conversation.avsc");
 /// The output schema before issue 26 (no per-turn language).
 const ENRICHED_V1: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/enriched_conversation.v1.avsc");
+const ENRICHED_V2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/enriched_conversation.v2.avsc");
 
 fn interop_py() -> String {
     std::env::var("CONVOFLOW_INTEROP_PY").expect("CONVOFLOW_INTEROP_PY is not set: run the tests with scripts/test")
@@ -148,6 +149,60 @@ fn enriched_events_with_turn_languages_cross_schema_versions_in_fastavro() {
         assert_eq!((&r.turn_id, &r.chunks, &r.point_ids), (&t.turn_id, &t.chunks, &t.point_ids));
     }
     assert_eq!(read.language, event.language, "the conversation-level field existed in v1");
+}
+
+/// The routing fields (issue 26 part 2: each entity's and sentiment's model, the skip reasons)
+/// across schema versions in fastavro: written by convoflow and read by fastavro with the new
+/// schema as written and with the previous one (v2) without them; a v2 event fastavro writes is
+/// read by convoflow's new reader with them defaulted.
+#[test]
+fn enriched_events_with_routed_models_cross_schema_versions_in_fastavro() {
+    let conv = conversations(8, 1).remove(0);
+    let mut event = convoflow::pipeline::text::build_text_enricher(&Config::default(), None)
+        .unwrap()
+        .enrich_one(&convoflow::pipeline::text::EnrichInput {
+            conversation: &conv,
+            source: convoflow::event::SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+        })
+        .unwrap();
+    assert!(event.turns.len() >= 2);
+    event.turns[0].entities = vec![convoflow::event::Entity {
+        text: "Lyon".into(),
+        label: "LOC".into(),
+        start: 0,
+        end: 4,
+        score: 0.5,
+        model: Some("camembert/camembert-ner".into()),
+    }];
+    event.turns[0].sentiment =
+        Some(convoflow::event::Sentiment { stars: 4, score: 3.9, probabilities: vec![0.0, 0.1, 0.1, 0.6, 0.2], model: Some("nlptown".into()) });
+    event.turns[1].entities_skipped = Some("unsupported-language".into());
+    event.turns[1].sentiment_skipped = Some("unknown-language".into());
+    let codec = RecordCodec::<EnrichedConversation>::new(WireFormat::Avro).unwrap();
+    let ours = hex(&codec.encode(&event).unwrap()) + "\n";
+    let same: Value = serde_json::from_str(&py(&["decode", ENRICHED], &ours)[0]).unwrap();
+    let turns = same["turns"].as_array().unwrap();
+    assert_eq!(turns[0]["entities"][0]["model"], "camembert/camembert-ner");
+    assert_eq!(turns[0]["sentiment"]["model"], "nlptown");
+    assert_eq!((turns[1]["entities_skipped"].as_str(), turns[1]["sentiment_skipped"].as_str()), (Some("unsupported-language"), Some("unknown-language")));
+    assert!(turns[0]["entities_skipped"].is_null());
+    let old: Value = serde_json::from_str(&py(&["decode", ENRICHED, "--reader", ENRICHED_V2], &ours)[0]).unwrap();
+    let old_turns = old["turns"].as_array().unwrap();
+    assert!(old_turns[0]["entities"][0].get("model").is_none() && old_turns[0]["entities"][0]["label"] == "LOC");
+    assert!(old_turns[0]["sentiment"].get("model").is_none() && old_turns[0]["sentiment"]["stars"] == 4);
+    assert!(
+        old_turns.iter().all(|t| t.get("entities_skipped").is_none() && t.get("sentiment_skipped").is_none() && t.get("language").is_some()),
+        "v2 has the languages, not the skip reasons: {old}"
+    );
+    let v2_bytes = py(&["encode", ENRICHED_V2], &(old.to_string() + "\n"));
+    let mut schemas = convoflow::codec::AvroSchemas::new(<EnrichedConversation as convoflow::codec::Record>::SCHEMA).unwrap();
+    schemas.add_writer_schema(&std::fs::read_to_string(ENRICHED_V2).unwrap()).unwrap();
+    let read = RecordCodec::<EnrichedConversation>::with_schemas(WireFormat::Avro, schemas).decode(&unhex(&v2_bytes[0])).unwrap();
+    assert_eq!(read.turns[0].entities[0].model, None);
+    assert_eq!(read.turns[0].entities[0].text, "Lyon");
+    assert_eq!(read.turns[0].sentiment.as_ref().map(|s| (s.stars, s.model.clone())), Some((4, None)));
+    assert!(read.turns.iter().all(|t| t.entities_skipped.is_none() && t.sentiment_skipped.is_none()));
+    assert_eq!(read.turns[1].turn_id, event.turns[1].turn_id);
 }
 
 /// Apache Avro Java 1.12 (Maven Central, scripts/avro-java): the same fingerprints, and its

@@ -42,7 +42,36 @@ pub enum ModelInput {
     Ner(Vec<Arc<NerInput>>),
 }
 
+impl Output {
+    /// Cut into consecutive parts of `sizes` outputs (None: the sizes do not add up).
+    fn split(self, sizes: &[usize]) -> Option<Vec<Output>> {
+        fn cut<T>(all: Vec<T>, sizes: &[usize], wrap: fn(Vec<T>) -> Output) -> Option<Vec<Output>> {
+            if all.len() != sizes.iter().sum::<usize>() {
+                return None;
+            }
+            let mut rest = all.into_iter();
+            Some(sizes.iter().map(|&n| wrap(rest.by_ref().take(n).collect())).collect())
+        }
+        match self {
+            Output::Embeddings(v) => cut(v, sizes, Output::Embeddings),
+            Output::Entities(v) => cut(v, sizes, Output::Entities),
+            Output::Probabilities(v) => cut(v, sizes, Output::Probabilities),
+        }
+    }
+}
+
 impl ModelInput {
+    /// Appends `other`'s inputs when it is of the same kind; else gives it back.
+    fn absorb(&mut self, other: ModelInput) -> std::result::Result<(), ModelInput> {
+        match (self, other) {
+            (ModelInput::Texts(a), ModelInput::Texts(b)) => a.extend(b),
+            (ModelInput::Ids(a), ModelInput::Ids(b)) => a.extend(b),
+            (ModelInput::Ner(a), ModelInput::Ner(b)) => a.extend(b),
+            (_, other) => return Err(other),
+        }
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         match self {
             ModelInput::Texts(t) => t.len(),
@@ -62,6 +91,64 @@ pub type Reply = Result<(Output, BatchStats), Fault>;
 struct Job {
     input: ModelInput,
     reply: mpsc::Sender<Reply>,
+}
+
+/// Who waits for a share of a merged job: the reply channel and how many inputs were theirs.
+struct Waiter {
+    reply: mpsc::Sender<Reply>,
+    inputs: usize,
+}
+
+/// Queued jobs launched as one (their inputs in queue order), each answered with its own share.
+struct Merged {
+    input: ModelInput,
+    waiters: Vec<Waiter>,
+}
+
+impl Merged {
+    /// `first` and, while the inputs are fewer than `fill` (one full batch), the jobs queued
+    /// behind it of the same input kind; a job of another kind ends the merge and is handed back.
+    fn gather(first: Job, queue: &mpsc::Receiver<Job>, fill: usize) -> (Self, Option<Job>) {
+        let mut merged = Merged { waiters: vec![Waiter { reply: first.reply, inputs: first.input.len() }], input: first.input };
+        while merged.input.len() < fill {
+            let Ok(next) = queue.try_recv() else { break };
+            let inputs = next.input.len();
+            match merged.input.absorb(next.input) {
+                Ok(()) => merged.waiters.push(Waiter { reply: next.reply, inputs }),
+                Err(input) => return (merged, Some(Job { input, reply: next.reply })),
+            }
+        }
+        (merged, None)
+    }
+}
+
+/// Answers each waiter of a merged job with its own share of the output, in order (or the
+/// failure, which is every waiter's).
+fn answer(waiters: Vec<Waiter>, result: Reply) {
+    let sizes: Vec<usize> = waiters.iter().map(|w| w.inputs).collect();
+    match result {
+        Ok((out, stats)) => match out.split(&sizes) {
+            Some(parts) => {
+                for (w, part) in waiters.into_iter().zip(parts) {
+                    let _ = w.reply.send(Ok((part, stats)));
+                }
+            }
+            None => {
+                for w in waiters {
+                    let _ = w.reply.send(Err(Fault::machine(anyhow!("the model answered a merged job with the wrong number of outputs"))));
+                }
+            }
+        },
+        Err(fault) => {
+            for w in waiters {
+                let copy = match &fault {
+                    Fault::Data(r) => Fault::Data(r.clone()),
+                    Fault::Machine(e) => Fault::machine(anyhow!("{e:#}")),
+                };
+                let _ = w.reply.send(Err(copy));
+            }
+        }
+    }
 }
 
 pub struct ModelThread {
@@ -136,9 +223,15 @@ impl ModelThread {
                 // One job in flight while the next is queued: the next job's batches go on the
                 // stream before the previous job's results are read and post-processed, so the
                 // GPU has work while this thread does its CPU part (a no-op split on the CPU).
-                let mut in_flight: Option<(Started, mpsc::Sender<Reply>, std::time::Duration)> = None;
+                // Jobs queued together smaller than one batch are launched as one (`Merged`):
+                // with models routed by language a model may get a few turns of each
+                // micro-batch, and still runs full batches from a backlog.
+                let mut in_flight: Option<(Started, Vec<Waiter>, std::time::Duration)> = None;
+                let mut held: Option<Job> = None;
                 loop {
-                    let next = if in_flight.is_some() {
+                    let next = if let Some(job) = held.take() {
+                        Some(job)
+                    } else if in_flight.is_some() {
                         jobs_rx.try_recv().ok()
                     } else {
                         match jobs_rx.recv() {
@@ -146,9 +239,14 @@ impl ModelThread {
                             Err(_) => break,
                         }
                     };
+                    let next = next.map(|first| {
+                        let (merged, rest) = Merged::gather(first, &jobs_rx, budget.max_batch_size);
+                        held = rest;
+                        merged
+                    });
                     let launched = next.and_then(|job| {
                         if cancel.load(Ordering::SeqCst) {
-                            let _ = job.reply.send(Err(Fault::machine(anyhow!("the model thread is stopping"))));
+                            answer(job.waiters, Err(Fault::machine(anyhow!("the model thread is stopping"))));
                             return None;
                         }
                         let started = std::time::Instant::now();
@@ -160,15 +258,15 @@ impl ModelThread {
                             Ok(l) => {
                                 let queueing = started.elapsed();
                                 record_phase(task, "queue", queueing);
-                                Some((l, job.reply, queueing))
+                                Some((l, job.waiters, queueing))
                             }
                             Err(e) => {
-                                let _ = job.reply.send(Err(e));
+                                answer(job.waiters, Err(e));
                                 None
                             }
                         }
                     });
-                    if let Some((started_job, reply, launch_time)) = in_flight.take() {
+                    if let Some((started_job, waiters, launch_time)) = in_flight.take() {
                         let finishing = std::time::Instant::now();
                         let result = model.with(|m| finish_job(m, task, started_job, ner)).and_then(|r| r).map_err(Fault::Machine);
                         // the thread's own time for the job: queueing it and reading it
@@ -178,7 +276,7 @@ impl ModelThread {
                             record_batch_stats(task, stats);
                         }
                         report_once(&model);
-                        let _ = reply.send(result);
+                        answer(waiters, result);
                     }
                     in_flight = launched;
                 }
@@ -462,5 +560,65 @@ pub fn task_name(task: Task) -> &'static str {
         Task::Embedding => "embedding",
         Task::TokenClassification => "ner",
         Task::SequenceClassification => "sentiment",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(ids: usize) -> (Job, mpsc::Receiver<Reply>) {
+        let (reply, rx) = mpsc::channel();
+        (Job { input: ModelInput::Ids(vec![vec![ids as i64]; ids]), reply }, rx)
+    }
+
+    #[test]
+    fn small_queued_jobs_launch_as_one_and_each_gets_its_own_share() {
+        let (tx, queue) = mpsc::channel();
+        let (first, rx1) = job(3);
+        let (second, rx2) = job(2);
+        let (third, _rx3) = job(4);
+        tx.send(second).unwrap();
+        tx.send(third).unwrap();
+        // fill 5: the first two make 5 inputs, the third waits for the next launch
+        let (merged, held) = Merged::gather(first, &queue, 5);
+        assert_eq!(merged.input.len(), 5);
+        assert!(held.is_none());
+        assert_eq!(queue.try_recv().map(|j| j.input.len()).ok(), Some(4), "left queued");
+        let out = Output::Probabilities((0..5).map(|i| vec![i as f32]).collect());
+        answer(merged.waiters, Ok((out, BatchStats::default())));
+        let Ok((Output::Probabilities(a), _)) = rx1.recv().unwrap() else { panic!("first share") };
+        let Ok((Output::Probabilities(b), _)) = rx2.recv().unwrap() else { panic!("second share") };
+        assert_eq!((a, b), (vec![vec![0.0], vec![1.0], vec![2.0]], vec![vec![3.0], vec![4.0]]));
+    }
+
+    #[test]
+    fn a_full_job_runs_alone_and_another_kind_ends_the_merge() {
+        let (tx, queue) = mpsc::channel();
+        let (big, _rx) = job(8);
+        let (small, _rx2) = job(1);
+        tx.send(small).unwrap();
+        let (merged, held) = Merged::gather(big, &queue, 8);
+        assert_eq!((merged.waiters.len(), held.is_none()), (1, true), "a full batch does not wait for more");
+        let (first, _rx3) = job(1);
+        let (reply, _rx4) = mpsc::channel();
+        tx.send(Job { input: ModelInput::Texts(vec!["x".into()]), reply }).unwrap();
+        let (merged, held) = Merged::gather(first, &queue, 8);
+        assert_eq!(merged.waiters.len(), 2, "the queued one-input job joined");
+        assert!(matches!(held, Some(Job { input: ModelInput::Texts(_), .. })), "texts are handed back, not merged with ids");
+    }
+
+    #[test]
+    fn a_failed_merged_job_fails_every_waiter_and_a_wrong_size_is_the_machine_s_fault() {
+        let (first, rx1) = job(1);
+        let (second, rx2) = job(1);
+        let waiters = vec![Waiter { reply: first.reply, inputs: 1 }, Waiter { reply: second.reply, inputs: 1 }];
+        answer(waiters, Err(Fault::data(RejectClass::Enrichment, "bad text")));
+        for rx in [rx1, rx2] {
+            assert!(matches!(rx.recv().unwrap(), Err(Fault::Data(r)) if r.message == "bad text"));
+        }
+        let (only, rx) = job(2);
+        answer(vec![Waiter { reply: only.reply, inputs: 2 }], Ok((Output::Entities(vec![vec![]]), BatchStats::default())));
+        assert!(matches!(rx.recv().unwrap(), Err(Fault::Machine(_))));
     }
 }
