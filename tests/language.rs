@@ -59,6 +59,13 @@ fn detection_on_real_translated_strings_against_an_independent_detector() {
     }
     let per_string = started.elapsed() / rows.len() as u32;
     println!("{} strings ({}), {per_string:?} per string on one core", rows.len(), text.lines().next().unwrap());
+    // the cost on turns like the benchmark's (generated chat turns, ~80 characters)
+    let generator = convoflow::sample::SampleGenerator::new(3);
+    let turns: Vec<String> = (0..).flat_map(|c| generator.conversation(c).turns).map(|t| t.text).take(5_000).collect();
+    let started = Instant::now();
+    let found = turns.iter().filter(|t| languages.detect(t).is_some()).count();
+    let chars = turns.iter().map(|t| t.chars().count()).sum::<usize>() / turns.len();
+    println!("{} generated turns of {chars} characters on average: {:?} per turn on one core ({found} with a language)", turns.len(), started.elapsed() / turns.len() as u32);
     println!("| language | length | strings | convoflow (lingua) % | py3langid % |");
     println!("| --- | --- | --- | --- | --- |");
     for ((lang, long), t) in &tally {
