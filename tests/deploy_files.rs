@@ -6,7 +6,7 @@
 //! serve's URL names, within the GPU memory budget it shares with the encoders.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -134,6 +134,7 @@ fn compose_file_parses_and_agrees_with_the_worker() {
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
         .collect();
     let cfg = load_config(&read("convoflow.yaml"), overrides);
+    assert_models_are_mounted(worker, &cfg);
     assert_eq!(cfg.kafka.brokers, "kafka:9092");
     assert_eq!(cfg.qdrant.backend, convoflow::config::StoreBackend::Qdrant);
     assert_eq!(cfg.qdrant.url, "http://qdrant:6334");
@@ -149,6 +150,21 @@ fn compose_file_parses_and_agrees_with_the_worker() {
             let host = volume.as_str().unwrap().split(':').next().unwrap();
             assert!(root().join(host).exists(), "{service} mounts {host}");
         }
+    }
+}
+
+/// Every model folder the service's config names (relative paths from its working directory)
+/// is under its `./models:/models:ro` mount.
+fn assert_models_are_mounted(service: &Value, cfg: &convoflow::config::Config) {
+    assert!(service["volumes"].as_array().unwrap().iter().any(|v| v == "./models:/models:ro"));
+    let cwd = Path::new(service["working_dir"].as_str().expect("a working_dir: the config's model paths are relative"));
+    let models = &cfg.models;
+    let paths: Vec<PathBuf> =
+        models.embedding.iter().chain(models.ner.iter()).chain(models.sentiment.iter()).map(|m| cwd.join(&m.path)).collect();
+    assert_eq!(paths.len(), 4, "embedding, the two routed NER models, sentiment");
+    for p in paths {
+        let p: PathBuf = p.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
+        assert!(p.starts_with("/models/") && p.components().count() == 3, "{} is not under the /models mount", p.display());
     }
 }
 
@@ -172,6 +188,7 @@ fn compose_llm_profile_agrees_with_serve() {
         service["environment"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect()
     };
     let cfg = load_config(&read("convoflow.yaml"), env_of(serve));
+    assert_models_are_mounted(serve, &cfg);
     let worker = load_config(&read("convoflow.yaml"), env_of(&services["convoflow"]));
 
     // the model serve asks for is the one vLLM serves, quantized, in the context serve budgets for
