@@ -140,12 +140,19 @@ fn answer(waiters: Vec<Waiter>, result: Reply) {
             }
         },
         Err(fault) => {
+            // the last waiter (the only one, unless jobs were merged) gets the fault itself, with
+            // its type; the others a copy with its whole message
+            let mut waiters = waiters;
+            let last = waiters.pop();
             for w in waiters {
                 let copy = match &fault {
                     Fault::Data(r) => Fault::Data(r.clone()),
                     Fault::Machine(e) => Fault::machine(anyhow!("{e:#}")),
                 };
                 let _ = w.reply.send(Err(copy));
+            }
+            if let Some(w) = last {
+                let _ = w.reply.send(Err(fault));
             }
         }
     }
