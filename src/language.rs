@@ -183,8 +183,9 @@ impl Languages {
             return None;
         }
         let end = text.char_indices().nth(DETECT_CHARS).map_or(text.len(), |(i, _)| i);
-        if let Some(d) = self.fast_path(&text[..end], letters) {
-            return (d.confidence >= self.min_confidence).then_some(d);
+        // whatlang's answer when it is sure and sure enough; otherwise lingua decides
+        if let Some(d) = self.fast_path(&text[..end]).filter(|d| d.confidence >= self.min_confidence) {
+            return Some(d);
         }
         let (language, confidence) = detector.compute_language_confidence_values(&text[..end]).into_iter().next()?;
         let confidence = confidence as f32;
@@ -197,9 +198,14 @@ impl Languages {
     /// from lingua's (measured: every Latin-script language the same to 0.1 point). Other
     /// scripts go to lingua, whose alphabet rules tell Japanese from Chinese where whatlang
     /// does not.
-    fn fast_path(&self, text: &str, letters: usize) -> Option<Detection> {
+    fn fast_path(&self, text: &str) -> Option<Detection> {
         let fast = self.fast.as_ref()?;
-        if letters < FAST_MIN_LETTERS || !text.chars().filter(|c| c.is_alphabetic()).all(is_latin) {
+        let (mut letters, mut latin) = (0usize, true);
+        for c in text.chars().filter(|c| c.is_alphabetic()) {
+            letters += 1;
+            latin &= is_latin(c);
+        }
+        if letters < FAST_MIN_LETTERS || !latin {
             return None;
         }
         let info = fast.detect(text).filter(|i| i.is_reliable())?;

@@ -47,6 +47,8 @@ pub struct Routes {
     by_language: HashMap<String, usize>,
     fallback: Option<usize>,
     models: usize,
+    /// The codes this build knows (a trusted event field may name something else).
+    known: Vec<&'static str>,
 }
 
 impl Routes {
@@ -93,14 +95,14 @@ impl Routes {
                 }
             }
         }
-        Ok(Self { by_language, fallback, models: models.len() })
+        Ok(Self { by_language, fallback, models: models.len(), known })
     }
 
     /// The routes of a task that must cover every turn (embeddings: each point needs its dense
     /// vector): refuses `languages` without `*`.
     pub fn covering_all(task: &str, model: &ModelConfig) -> Result<Self> {
         let routes = Self::new(task, std::slice::from_ref(model))?;
-        if routes.fallback.is_none() {
+        if routes.fallback.is_none() || !routes.by_language.is_empty() {
             bail!(
                 "models.{task} ({}) takes every turn (each point needs its dense vector): leave its languages out or set [\"*\"]",
                 model.name
@@ -114,14 +116,28 @@ impl Routes {
         let named = language.and_then(|l| self.by_language.get(l).copied());
         match (named, self.fallback, language) {
             (Some(i), _, _) | (None, Some(i), _) => Route::Model(i),
-            (None, None, Some(_)) => Route::Skipped(SkipReason::UnsupportedLanguage),
-            (None, None, None) => Route::Skipped(SkipReason::UnknownLanguage),
+            (None, None, Some(l)) if self.known.contains(&l) => Route::Skipped(SkipReason::UnsupportedLanguage),
+            // no language, or a trusted event field that names none this build knows ("eng")
+            (None, None, _) => Route::Skipped(SkipReason::UnknownLanguage),
         }
     }
 
     /// How many models the task has.
     pub fn models(&self) -> usize {
         self.models
+    }
+
+    /// Whether a model takes the turns no other names (`*`, or a task's one model without
+    /// `languages`).
+    pub fn has_fallback(&self) -> bool {
+        self.fallback.is_some()
+    }
+
+    /// The languages models name, sorted.
+    pub fn named_languages(&self) -> Vec<&str> {
+        let mut codes: Vec<&str> = self.by_language.keys().map(String::as_str).collect();
+        codes.sort_unstable();
+        codes
     }
 }
 
@@ -157,6 +173,7 @@ mod tests {
         assert_eq!(routes.route(Some("de")), Route::Model(0));
         assert_eq!(routes.route(Some("ar")), Route::Skipped(SkipReason::UnsupportedLanguage));
         assert_eq!(routes.route(None), Route::Skipped(SkipReason::UnknownLanguage));
+        assert_eq!(routes.route(Some("eng")), Route::Skipped(SkipReason::UnknownLanguage), "no language this build knows");
         assert_eq!(SkipReason::UnsupportedLanguage.as_str(), "unsupported-language");
     }
 
@@ -190,6 +207,8 @@ mod tests {
         assert!(repeated.contains("camembert names \"fr\" twice"), "{repeated}");
         let partial = Routes::covering_all("embedding", &model("e5", &["fr"])).unwrap_err().to_string();
         assert!(partial.contains("each point needs its dense vector"), "{partial}");
+        let mixed = Routes::covering_all("embedding", &model("e5", &["fr", "*"])).unwrap_err().to_string();
+        assert!(mixed.contains("each point needs its dense vector"), "{mixed}");
         assert!(Routes::covering_all("embedding", &model("e5", &[])).is_ok());
     }
 }

@@ -18,8 +18,8 @@ struct LanguageCounts {
     ner: BTreeMap<String, usize>,
     /// Turns with sentiment.
     rated: usize,
-    /// Turns a task skipped ("NER", "sentiment").
-    skipped: BTreeMap<&'static str, usize>,
+    /// Turns a task skipped ("NER", "sentiment"), by reason.
+    skipped: BTreeMap<(&'static str, String), usize>,
 }
 
 fn by_language(outputs: &[(i64, EnrichedConversation)]) -> BTreeMap<String, LanguageCounts> {
@@ -32,11 +32,11 @@ fn by_language(outputs: &[(i64, EnrichedConversation)]) -> BTreeMap<String, Lang
             *l.ner.entry(e.model.clone().unwrap_or_default()).or_default() += 1;
         }
         l.rated += usize::from(t.sentiment.is_some());
-        if t.entities_skipped.is_some() {
-            *l.skipped.entry("NER").or_default() += 1;
+        if let Some(reason) = &t.entities_skipped {
+            *l.skipped.entry(("NER", reason.clone())).or_default() += 1;
         }
-        if t.sentiment_skipped.is_some() {
-            *l.skipped.entry("sentiment").or_default() += 1;
+        if let Some(reason) = &t.sentiment_skipped {
+            *l.skipped.entry(("sentiment", reason.clone())).or_default() += 1;
         }
     }
     langs
@@ -72,7 +72,7 @@ pub fn print_summary(
         println!("  {:<34} {:>12}", format!("turns in language {lang}"), l.turns);
         let sources: Vec<String> = l.sources.iter().map(|(s, n)| format!("{s} {n}")).collect();
         let mut routed: Vec<String> = l.ner.iter().map(|(m, n)| format!("NER {m}: {n} entities")).collect();
-        routed.extend(l.skipped.iter().map(|(what, n)| format!("{what} skipped ({n} turns, unsupported language)")));
+        routed.extend(l.skipped.iter().map(|((what, reason), n)| format!("{what} skipped on {n} turns: {reason}")));
         if l.rated > 0 {
             routed.push(format!("sentiment on {} turns", l.rated));
         }

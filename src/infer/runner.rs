@@ -64,7 +64,6 @@ impl ModelInput {
     /// Appends `other`'s inputs when it is of the same kind; else gives it back.
     fn absorb(&mut self, other: ModelInput) -> std::result::Result<(), ModelInput> {
         match (self, other) {
-            (ModelInput::Texts(a), ModelInput::Texts(b)) => a.extend(b),
             (ModelInput::Ids(a), ModelInput::Ids(b)) => a.extend(b),
             (ModelInput::Ner(a), ModelInput::Ner(b)) => a.extend(b),
             (_, other) => return Err(other),
@@ -91,6 +90,9 @@ pub type Reply = Result<(Output, BatchStats), Fault>;
 struct Job {
     input: ModelInput,
     reply: mpsc::Sender<Reply>,
+    /// Launched on its own, never merged: a message run again alone after its batch failed
+    /// (a smaller job may fit where the batch did not, and no other input can fail it).
+    alone: bool,
 }
 
 /// Who waits for a share of a merged job: the reply channel and how many inputs were theirs.
@@ -107,15 +109,22 @@ struct Merged {
 
 impl Merged {
     /// `first` and, while the inputs are fewer than `fill` (one full batch), the jobs queued
-    /// behind it of the same input kind; a job of another kind ends the merge and is handed back.
+    /// behind it of the same input kind; a job of another kind, or one to run alone, ends the
+    /// merge and is handed back. Texts are never merged: tokenizing them can fail for one
+    /// caller's input (a data fault), which must not fail the others (the worker's jobs are
+    /// token ids, tokenized and checked by the prepare stage).
     fn gather(first: Job, queue: &mpsc::Receiver<Job>, fill: usize) -> (Self, Option<Job>) {
+        let merges = !first.alone && !matches!(first.input, ModelInput::Texts(_));
         let mut merged = Merged { waiters: vec![Waiter { reply: first.reply, inputs: first.input.len() }], input: first.input };
-        while merged.input.len() < fill {
+        while merges && merged.input.len() < fill {
             let Ok(next) = queue.try_recv() else { break };
+            if next.alone {
+                return (merged, Some(next));
+            }
             let inputs = next.input.len();
             match merged.input.absorb(next.input) {
                 Ok(()) => merged.waiters.push(Waiter { reply: next.reply, inputs }),
-                Err(input) => return (merged, Some(Job { input, reply: next.reply })),
+                Err(input) => return (merged, Some(Job { input, reply: next.reply, alone: false })),
             }
         }
         (merged, None)
@@ -362,11 +371,21 @@ impl ModelThread {
     /// Queues an input; jobs run one after the other in submission order, so a caller can
     /// submit the next micro-batch while this one runs. The result arrives on the receiver.
     pub fn submit_input(&self, input: ModelInput) -> Result<mpsc::Receiver<Reply>> {
+        self.queue(input, false)
+    }
+
+    /// Like `submit_input`, but the job is launched on its own, never merged with jobs queued
+    /// beside it (a message run again alone after its batch failed).
+    pub fn submit_alone(&self, input: ModelInput) -> Result<mpsc::Receiver<Reply>> {
+        self.queue(input, true)
+    }
+
+    fn queue(&self, input: ModelInput, alone: bool) -> Result<mpsc::Receiver<Reply>> {
         let (reply, result) = mpsc::channel();
         self.jobs
             .as_ref()
             .expect("jobs sender lives until drop")
-            .send(Job { input, reply })
+            .send(Job { input, reply, alone })
             .map_err(|_| anyhow!("the {} model thread stopped", self.name))?;
         Ok(result)
     }
@@ -576,7 +595,7 @@ mod tests {
 
     fn job(ids: usize) -> (Job, mpsc::Receiver<Reply>) {
         let (reply, rx) = mpsc::channel();
-        (Job { input: ModelInput::Ids(vec![vec![ids as i64]; ids]), reply }, rx)
+        (Job { input: ModelInput::Ids(vec![vec![ids as i64]; ids]), reply, alone: false }, rx)
     }
 
     #[test]
@@ -609,10 +628,30 @@ mod tests {
         assert_eq!((merged.waiters.len(), held.is_none()), (1, true), "a full batch does not wait for more");
         let (first, _rx3) = job(1);
         let (reply, _rx4) = mpsc::channel();
-        tx.send(Job { input: ModelInput::Texts(vec!["x".into()]), reply }).unwrap();
+        tx.send(Job { input: ModelInput::Texts(vec!["x".into()]), reply, alone: false }).unwrap();
         let (merged, held) = Merged::gather(first, &queue, 8);
         assert_eq!(merged.waiters.len(), 2, "the queued one-input job joined");
         assert!(matches!(held, Some(Job { input: ModelInput::Texts(_), .. })), "texts are handed back, not merged with ids");
+        // a job to run alone is neither merged into nor merged with
+        let (first, _rx5) = job(1);
+        let (mut retry, _rx6) = job(1);
+        retry.alone = true;
+        tx.send(retry).unwrap();
+        let (merged, held) = Merged::gather(first, &queue, 8);
+        assert_eq!(merged.waiters.len(), 1);
+        let held = held.expect("handed back");
+        assert!(held.alone);
+        let (then, _rx7) = job(1);
+        tx.send(then).unwrap();
+        let (merged, left) = Merged::gather(held, &queue, 8);
+        assert_eq!((merged.waiters.len(), left.is_none()), (1, true), "the one to run alone takes nothing with it");
+        assert_eq!(queue.try_recv().map(|j| j.input.len()).ok(), Some(1));
+        // texts (serve's queries) are not merged: one caller's bad text must not fail another's
+        let (reply, _rx8) = mpsc::channel();
+        let (reply2, _rx9) = mpsc::channel();
+        tx.send(Job { input: ModelInput::Texts(vec!["b".into()]), reply: reply2, alone: false }).unwrap();
+        let (merged, _) = Merged::gather(Job { input: ModelInput::Texts(vec!["a".into()]), reply, alone: false }, &queue, 8);
+        assert_eq!(merged.waiters.len(), 1);
     }
 
     #[test]

@@ -160,6 +160,16 @@ impl Models {
     /// waiting. Each NER and sentiment model gets the turns routed to it from the whole batch
     /// (a model no turn of the batch went to gets no job).
     pub fn submit(&self, batch: &[Prepared]) -> Result<Pending, Fault> {
+        self.submit_with(batch, false)
+    }
+
+    /// Like `submit`, each job launched on its own on its model thread (never merged with
+    /// other micro-batches' jobs): a message run again alone after its batch failed.
+    pub fn submit_alone(&self, batch: &[Prepared]) -> Result<Pending, Fault> {
+        self.submit_with(batch, true)
+    }
+
+    fn submit_with(&self, batch: &[Prepared], alone: bool) -> Result<Pending, Fault> {
         let mut entries = Vec::with_capacity(batch.len());
         let mut embedding = vec![];
         let mut ner: Vec<Vec<Arc<NerInput>>> = self.ner.iter().map(|_| vec![]).collect();
@@ -189,7 +199,8 @@ impl Models {
             if input.is_empty() {
                 return Ok(None);
             }
-            r.thread.submit_input(input).map(Some).map_err(|_| Fault::machine(ModelThreadGone(r.info_task())))
+            let queued = if alone { r.thread.submit_alone(input) } else { r.thread.submit_input(input) };
+            queued.map(Some).map_err(|_| Fault::machine(ModelThreadGone(r.info_task())))
         };
         Ok(Pending {
             ner: self.ner.iter().zip(ner).map(|(r, job)| submit(r, ModelInput::Ner(job))).collect::<Result<_, _>>()?,

@@ -172,6 +172,26 @@ impl Preparer {
                 return Ok(None);
             }
             let routes = Routes::new(task, &list.0)?;
+            let lang = &cfg.pipeline.language;
+            if !routes.has_fallback() && !lang.detect {
+                tracing::warn!(
+                    task,
+                    "pipeline.language.detect is off and no {task} model takes \"*\": turns of events without a language field \
+                     get no {task} (skipped: unknown-language)"
+                );
+            }
+            let never: Vec<&str> = routes
+                .named_languages()
+                .into_iter()
+                .filter(|c| lang.detect && !lang.languages.is_empty() && !lang.languages.iter().any(|l| crate::language::normalize(l) == *c))
+                .collect();
+            if !never.is_empty() {
+                tracing::warn!(
+                    task,
+                    languages = %never.join(","),
+                    "models.{task} names languages that pipeline.language.languages leaves out: only events that say so reach them"
+                );
+            }
             Ok(Some(RoutedTokenizers { routes, tokenizers: list.iter().map(tokenizer).collect::<Result<_>>()? }))
         };
         let embedding = match &m.embedding {

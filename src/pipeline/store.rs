@@ -180,7 +180,7 @@ impl StoreStage {
                     let m = models.clone();
                     let (p, result) = tokio::task::spawn_blocking(move || {
                         let alone = [p];
-                        let result = m.submit(&alone).and_then(|pending| m.collect(pending));
+                        let result = m.submit_alone(&alone).and_then(|pending| m.collect(pending));
                         let [p] = alone;
                         (p, result)
                     })
