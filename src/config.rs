@@ -544,7 +544,7 @@ pub struct LanguageConfig {
     /// Detect the language of turns the event does not label (false: only the event's field).
     pub detect: bool,
     /// Candidate languages, ISO 639-1 codes (`fr`, `de`, ...); empty: every language this build
-    /// knows (`convoflow::language::KNOWN`). Fewer candidates, fewer confusions.
+    /// knows (`convoflow::language::known()`). Fewer candidates, fewer confusions.
     pub languages: Vec<String>,
     /// Turns with fewer letters than this inherit the conversation's majority language.
     pub min_chars: usize,

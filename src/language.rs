@@ -78,10 +78,10 @@ pub fn known() -> Vec<&'static str> {
 /// lingua decides (its n-grams up to 5 are what short text needs).
 const FAST_MIN_LETTERS: usize = 40;
 
-/// A letter of the Latin script (Basic Latin, Latin-1 Supplement, Latin Extended A/B and
-/// Additional).
+/// Whether a letter (callers pass alphabetic characters only) is of the Latin script: Basic
+/// Latin, Latin-1 Supplement, Latin Extended A/B and Additional.
 fn is_latin(c: char) -> bool {
-    c.is_ascii_alphabetic() || matches!(c, '\u{00C0}'..='\u{024F}' | '\u{1E00}'..='\u{1EFF}') && c != '×' && c != '÷'
+    c.is_ascii_alphabetic() || matches!(c, '\u{00C0}'..='\u{024F}' | '\u{1E00}'..='\u{1EFF}')
 }
 
 /// The ISO 639-1 code of a whatlang language this build also detects with lingua.

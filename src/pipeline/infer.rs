@@ -235,30 +235,26 @@ impl Models {
         };
         let entries = pending.entries;
         let mut outputs: Vec<MessageOutputs> = entries.iter().map(|_| MessageOutputs::default()).collect();
-        if !self.ner.is_empty() {
-            for o in &mut outputs {
-                o.entities = Some(self.ner.iter().map(|r| ModelOutputs { model: r.info.name.clone(), outputs: vec![] }).collect());
-            }
-        }
-        for (i, rx) in pending.ner.into_iter().enumerate() {
-            let Some(out) = wait(rx, "ner")? else { continue };
-            let Output::Entities(all) = out else { return Err(wrong_output("ner", &out)) };
-            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.ner[i]), "ner")?) {
-                o.entities.as_mut().expect("set above")[i].outputs = part;
-            }
-        }
-        if !self.sentiment.is_empty() {
-            for o in &mut outputs {
-                o.probabilities =
-                    Some(self.sentiment.iter().map(|r| ModelOutputs { model: r.info.name.clone(), outputs: vec![] }).collect());
-            }
-        }
-        for (i, rx) in pending.sentiment.into_iter().enumerate() {
-            let Some(out) = wait(rx, "sentiment")? else { continue };
-            let Output::Probabilities(all) = out else { return Err(wrong_output("sentiment", &out)) };
-            for (o, part) in outputs.iter_mut().zip(split(all, entries.iter().map(|e| e.sentiment[i]), "sentiment")?) {
-                o.probabilities.as_mut().expect("set above")[i].outputs = part;
-            }
+        let unwrap_entities = |out| match out {
+            Output::Entities(all) => Ok(all),
+            out => Err(wrong_output("ner", &out)),
+        };
+        let ner = routed_outputs(&self.ner, pending.ner, entries.iter().map(|e| e.ner.as_slice()), "ner", &wait, unwrap_entities)?;
+        let unwrap_probabilities = |out| match out {
+            Output::Probabilities(all) => Ok(all),
+            out => Err(wrong_output("sentiment", &out)),
+        };
+        let sentiment = routed_outputs(
+            &self.sentiment,
+            pending.sentiment,
+            entries.iter().map(|e| e.sentiment.as_slice()),
+            "sentiment",
+            &wait,
+            unwrap_probabilities,
+        )?;
+        for ((o, entities), probabilities) in outputs.iter_mut().zip(ner).zip(sentiment) {
+            o.entities = entities;
+            o.probabilities = probabilities;
         }
         if self.embedding.is_some() {
             let all = match wait(pending.embedding, "embedding")? {
@@ -272,6 +268,35 @@ impl Models {
         }
         Ok(outputs)
     }
+}
+
+/// One routed task's outputs cut per message: for each message (in order) each of the task's
+/// models with the outputs of the message's turns routed to it (empty for a model that got no
+/// job); None for every message when the task has no model. `counts` are the messages' input
+/// counts per model.
+fn routed_outputs<'a, T>(
+    models: &[Running],
+    receivers: Vec<Option<mpsc::Receiver<Reply>>>,
+    counts: impl Iterator<Item = &'a [usize]> + Clone,
+    task: &'static str,
+    wait: &dyn Fn(Option<mpsc::Receiver<Reply>>, &'static str) -> Result<Option<Output>, Fault>,
+    unwrap: impl Fn(Output) -> Result<Vec<T>, Fault>,
+) -> Result<Vec<Option<Vec<ModelOutputs<T>>>>, Fault> {
+    let messages = counts.clone().count();
+    if models.is_empty() {
+        return Ok((0..messages).map(|_| None).collect());
+    }
+    let mut per_message: Vec<Vec<ModelOutputs<T>>> = (0..messages).map(|_| Vec::with_capacity(models.len())).collect();
+    for (i, (r, rx)) in models.iter().zip(receivers).enumerate() {
+        let parts = match wait(rx, task)? {
+            Some(out) => split(unwrap(out)?, counts.clone().map(|c| c[i]), task)?,
+            None => (0..messages).map(|_| Vec::new()).collect(),
+        };
+        for (mine, outputs) in per_message.iter_mut().zip(parts) {
+            mine.push(ModelOutputs { model: r.info.name.clone(), outputs });
+        }
+    }
+    Ok(per_message.into_iter().map(Some).collect())
 }
 
 /// A model thread that answered with another kind of output than its task's.
