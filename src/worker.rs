@@ -43,6 +43,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         Duration::from_millis(cfg.telemetry.liveness_progress_stall_ms),
     ));
     telemetry::serve(&cfg.telemetry.listen, readiness.clone(), liveness.clone()).await?;
+    telemetry::start_worker_metrics_at_zero(&crate::fault::RejectClass::ALL.map(crate::fault::RejectClass::as_str));
     let kafka = &cfg.kafka;
     let partitions = admin::partition_count(kafka, &kafka.input_topic, Duration::from_secs(15))?
         .ok_or_else(|| anyhow!("input topic {} does not exist on {}", kafka.input_topic, kafka.brokers))?;
@@ -129,6 +130,8 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
         halt.clone(),
     );
     let shutdown = ShutdownClock::watch(stop.clone(), Duration::from_millis(cfg.pipeline.shutdown_timeout_ms));
+    let models = models.map(Arc::new);
+    let models_at_exit = models.clone();
     let pipeline = Pipeline {
         shutdown: shutdown.clone(),
         preparer: Arc::new(preparer),
@@ -138,8 +141,8 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
             encoder: Arc::new(encoder),
             stop: stop.clone(),
             halt,
-            model_infos: models.as_ref().map(Models::infos).unwrap_or_default(),
-            models: models.map(Arc::new),
+            model_infos: models.as_deref().map(Models::infos).unwrap_or_default(),
+            models,
             readiness: readiness.clone(),
             shared: shared.clone(),
             transactions: transactions.clone(),
@@ -169,6 +172,10 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     info!(input = %kafka.input_topic, output = %kafka.output_topic, group = %kafka.group_id, "worker started");
 
     let (stats, failure) = pipeline.run(rx, &cfg.pipeline).await;
+    // what the model threads still compute nobody waits for: stopped at their next layer
+    if let Some(m) = &models_at_exit {
+        m.cancel();
+    }
     // The source's last commit and its leaving the group may block while the broker is away:
     // waited for until shortly before the deadline, then left behind (what it did not commit is
     // re-read after a restart).

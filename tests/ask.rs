@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -25,61 +25,9 @@ use convoflow::pipeline::bm25::{Bm25Params, document_vector};
 use convoflow::sink::store::{self, Bootstrap, CollectionSpec, Quantization, StorePoint};
 use serde_json::{Value, json};
 
-const MODEL: &str = "convoflow-test-llm";
+mod common;
 
-fn env_path(var: &str) -> PathBuf {
-    PathBuf::from(std::env::var_os(var).unwrap_or_else(|| panic!("{var} is not set: run the tests with scripts/test (scripts/setup builds it)")))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A real llama.cpp server (our child; killed by PID when dropped, and it exits by itself when
-/// this process ends or after 30 min).
-struct LlmServer {
-    child: Child,
-    url: String,
-}
-
-impl LlmServer {
-    fn start(ctx: usize, parallel: usize) -> Self {
-        let port = free_port();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fixtures/llm_server.py");
-        let mut child = Command::new(env_path("CONVOFLOW_LLM_PY"))
-            .arg(script)
-            .arg(env_path("CONVOFLOW_LLM_GGUF"))
-            .arg(port.to_string())
-            .args(["--alias", MODEL, "--ctx", &ctx.to_string(), "--parallel", &parallel.to_string()])
-            .args(["--exit-with-parent", "--max-seconds", "1800"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the LLM server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("LLM_URL=") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let url = rx.recv_timeout(Duration::from_secs(120)).expect("the LLM server did not start within 120 s");
-        Self { child, url }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for LlmServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use common::serving::{LlmServer, MODEL, Serve, env_path, free_port};
 
 struct Turn {
     tenant: &'static str,
@@ -378,51 +326,6 @@ async fn ask_errors_are_clear() {
     child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("closed the stream after") && err.contains("before the answer ended"), "{err}");
-}
-
-/// A running `convoflow serve` (our child, stopped by PID when dropped).
-struct Serve {
-    child: Child,
-    base: String,
-}
-
-impl Serve {
-    fn start(env: &[(String, String)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_convoflow"))
-            .arg("serve")
-            .envs(env.iter().cloned())
-            .env("CONVOFLOW__SERVE__LISTEN", "127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("convoflow serve: listening on ") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let base = rx.recv_timeout(Duration::from_secs(120)).expect("convoflow serve did not start within 120 s");
-        Self { child, base }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn http_agent() -> ureq::Agent {

@@ -45,28 +45,6 @@ fn config(topics: &Topics) -> Config {
     cfg
 }
 
-/// Environment of a `convoflow run` process with the three models of this file (CPU), plus
-/// `extra` settings.
-fn models_env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
-    let path = |p: PathBuf| p.to_str().unwrap().to_string();
-    let mut env: Vec<(String, String)> = [
-        ("CONVOFLOW__GPU__DEVICE", "cpu".to_string()),
-        ("CONVOFLOW__QDRANT__DENSE_DIM", "384".into()),
-        ("CONVOFLOW__MODELS__EMBEDDING__NAME", "sentence-transformers/all-MiniLM-L6-v2".into()),
-        ("CONVOFLOW__MODELS__EMBEDDING__PATH", path(env_path("CONVOFLOW_MINILM"))),
-        ("CONVOFLOW__MODELS__NER__NAME", "camembert-ner architecture (random, untrained)".into()),
-        ("CONVOFLOW__MODELS__NER__PATH", path(fixtures.join("ner-camembert"))),
-        ("CONVOFLOW__MODELS__SENTIMENT__NAME", "nlptown architecture (random, untrained)".into()),
-        ("CONVOFLOW__MODELS__SENTIMENT__PATH", path(fixtures.join("sentiment-bert"))),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    env
-}
-
 /// `Worker::start` with `env` (owned pairs).
 fn start_worker(name: &str, topics: &Topics, env: &[(String, String)]) -> Worker {
     let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -169,7 +147,7 @@ async fn sigkill_mid_run_with_models_then_restart_keeps_every_chunk_once_in_the_
     let events: Vec<Conversation> = (0..60).flat_map(|n| g.conversation_events(n)).collect();
     produce_conversations(&topics.input, &events).await;
     let total = events.len();
-    let env = models_env(&[
+    let env = cpu_models_env(&[
         ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "4"),
     ]);
 
@@ -213,7 +191,7 @@ async fn sigterm_during_a_long_model_batch_exits_within_the_shutdown_timeout() {
     let g = SampleGenerator::new(34);
     let events: Vec<Conversation> = (0..150).flat_map(|n| g.conversation_events(n)).collect();
     produce_conversations(&topics.input, &events).await;
-    let env = models_env(&[
+    let env = cpu_models_env(&[
         ("CONVOFLOW__PIPELINE__MAX_BATCH_MESSAGES", "64"),
         ("CONVOFLOW__PIPELINE__SHUTDOWN_TIMEOUT_MS", "2000"),
     ]);
@@ -254,7 +232,7 @@ async fn a_dead_model_thread_or_a_device_fault_stops_the_worker_uncommitted_and_
         if let Some(fault) = fault {
             settings.push(("CONVOFLOW_STAND_IN_FAULT", fault));
         }
-        start_worker("w", &topics, &models_env(&settings))
+        start_worker("w", &topics, &cpu_models_env(&settings))
     };
     for (fault, says) in [("fail-after:3", "stand-in fault: a device error"), ("panic-after:5", "model thread stopped")] {
         let mut worker = start(Some(fault));

@@ -208,7 +208,17 @@ pub fn set_memory_fraction(fraction: f64) -> Result<(), CudaError> {
     }
     let settings = std::ffi::CString::new(format!("per_process_memory_fraction:{fraction}")).expect("no NUL");
     // SAFETY: a NUL-terminated string that outlives the call
-    call(|e, n| unsafe { cf_set_allocator_settings(settings.as_ptr(), e, n) })
+    call(|e, n| unsafe { cf_set_allocator_settings(settings.as_ptr(), e, n) })?;
+    let _ = MEMORY_FRACTION.set(fraction);
+    Ok(())
+}
+
+static MEMORY_FRACTION: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// The share of each device's memory the caching allocator may take (1.0 unless
+/// `set_memory_fraction` capped it).
+pub fn memory_fraction() -> f64 {
+    MEMORY_FRACTION.get().copied().unwrap_or(1.0)
 }
 
 #[cfg(test)]

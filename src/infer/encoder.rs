@@ -338,6 +338,9 @@ impl Encoder {
         let key_mask = attention_mask.to_kind(Kind::Bool).view([b, 1, 1, t]);
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
+            if super::cancel::requested() {
+                break; // nobody waits for this pass any more: its (meaningless) output is dropped
+            }
             // [tokens, 3h] -> q, k, v as [b, heads, t, head_dim] views
             let qkv = unpack(&layer.qkv.forward(&x)).view([b, t, 3, self.heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
             let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));

@@ -1,6 +1,7 @@
 //! Model runtime: native BERT-family encoders on libtorch (tch), HuggingFace folders.
 
 pub mod batch;
+pub mod cancel;
 pub mod cuda;
 pub mod device;
 pub mod encoder;

@@ -221,11 +221,19 @@ impl ModelThread {
                     },
                     None => None,
                 };
+                // a forward pass stops between layers once the thread is cancelled (`cancel`)
+                super::cancel::watch(cancel.clone());
                 let loaded = if eager { model.ensure_loaded() } else { Ok(()) };
                 let mut reported = false;
                 let mut report_once = |model: &ManagedModel| {
                     if !reported {
                         if let Some(r) = model.report() {
+                            let device = match r.device {
+                                tch::Device::Cuda(i) => format!("cuda:{i}"),
+                                _ => "cpu".to_string(),
+                            };
+                            metrics::gauge!(crate::telemetry::MODEL_PARAMETER_BYTES, "task" => task_name(task), "model" => r.name.clone(), "device" => device)
+                                .set(r.parameter_bytes as f64);
                             reported = report_tx.send(r).is_ok();
                         }
                     }
@@ -285,6 +293,12 @@ impl ModelThread {
                     if let Some((started_job, waiters, launch_time)) = in_flight.take() {
                         let finishing = std::time::Instant::now();
                         let result = model.with(|m| finish_job(m, task, started_job, ner)).and_then(|r| r).map_err(Fault::Machine);
+                        // a pass cut short by the cancellation computed nothing meaningful
+                        let result = if cancel.load(Ordering::SeqCst) {
+                            Err(Fault::machine(anyhow!("the model thread is stopping")))
+                        } else {
+                            result
+                        };
                         // the thread's own time for the job: queueing it and reading it
                         metrics::histogram!(crate::telemetry::STAGE_BUSY_SECONDS, "stage" => task_name(task))
                             .record((launch_time + finishing.elapsed()).as_secs_f64());
@@ -437,9 +451,19 @@ impl StandInFault {
 /// How long dropping a model thread waits for it to end.
 const JOIN_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
+impl ModelThread {
+    /// Stops the thread's work: queued jobs are answered with an error instead of being run,
+    /// the job at hand stops at its next layer (`cancel`) and is answered with an error too.
+    /// For a set of threads stopping together: cancel them all before dropping any, so their
+    /// jobs wind down at the same time rather than one after the other's `JOIN_WAIT`.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+}
+
 impl Drop for ModelThread {
     fn drop(&mut self) {
-        self.cancelled.store(true, Ordering::SeqCst); // queued jobs are not run
+        self.cancel();
         drop(self.jobs.take()); // ends the thread's job loop
         // The job at hand may run for seconds more (a CPU batch): a stopping worker must exit
         // on time (`pipeline.shutdown_timeout_ms`), so the thread is left to end by itself

@@ -102,7 +102,24 @@ pub struct MessageOutputs {
     dense: Option<Vec<Vec<f32>>>,
 }
 
+impl Drop for Models {
+    /// Every model thread is cancelled before any is dropped (each drop waits a little for its
+    /// thread): their jobs at hand stop together.
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
 impl Models {
+    /// Stops every model thread's work (`ModelThread::cancel`): for a stopping worker once the
+    /// pipeline has ended, so batches nobody waits for any more give the CPU back to the rest
+    /// of the shutdown (the last commit, the flushes) instead of running to their end.
+    pub fn cancel(&self) {
+        for running in self.embedding.iter().chain(&self.ner).chain(&self.sentiment) {
+            running.thread.cancel();
+        }
+    }
+
     /// Starts one thread per configured model; with `load_strategy: eager` each is loaded and
     /// warmed up before this returns. None when no model is configured.
     pub fn new(models: &ModelsConfig, gpu: &GpuConfig) -> Result<Option<Self>> {

@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::debug;
 
-use crate::telemetry::{ASSIGNED_PARTITIONS, IN_FLIGHT, LAG, Readiness};
+use crate::telemetry::{ASSIGNED_PARTITIONS, COMMITTED_OFFSET, IN_FLIGHT, LAG, Readiness};
 use crate::config::KafkaConfig;
 use crate::kafka;
 use crate::source::SharedSource;
@@ -83,8 +83,9 @@ fn refresh(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<()> {
             Offset::Offset(o) => o,
             _ => low, // nothing committed yet: everything retained is pending
         };
-        metrics::gauge!(LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
-            .set((high - position).max(0) as f64);
+        let (topic, partition) = (e.topic().to_string(), e.partition().to_string());
+        metrics::gauge!(LAG, "topic" => topic.clone(), "partition" => partition.clone()).set((high - position).max(0) as f64);
+        metrics::gauge!(COMMITTED_OFFSET, "topic" => topic, "partition" => partition).set(position as f64);
     }
     Ok(())
 }

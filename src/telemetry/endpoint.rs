@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use super::{READY, gpu, liveness, prometheus};
+use super::{ALIVE, READY, gpu, liveness, prometheus};
 
 /// What `/readyz` reports: ready when every part is.
 #[derive(Debug, Default)]
@@ -100,6 +100,7 @@ pub async fn serve(listen: &str, readiness: Arc<Readiness>, liveness: Arc<livene
 
 async fn metrics_page(State(p): State<Probes>) -> impl IntoResponse {
     metrics::gauge!(READY).set(if p.readiness.ready() { 1.0 } else { 0.0 });
+    metrics::gauge!(ALIVE).set(if p.liveness.problems().is_empty() { 1.0 } else { 0.0 });
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
 }
 

@@ -9,7 +9,7 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use tracing::info;
 
-use super::{GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_TEMPERATURE, GPU_UTILIZATION, TORCH_ALLOCATED, TORCH_PEAK, TORCH_RESERVED};
+use super::{GPU_MEMORY_LIMIT, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_TEMPERATURE, GPU_UTILIZATION, TORCH_ALLOCATED, TORCH_PEAK, TORCH_RESERVED};
 
 fn nvml() -> Option<&'static Nvml> {
     static NVML: OnceLock<Option<Nvml>> = OnceLock::new();
@@ -33,6 +33,7 @@ pub fn sample() {
             if let Ok(mem) = device.memory_info() {
                 metrics::gauge!(GPU_MEMORY_USED, "gpu" => gpu.clone()).set(mem.used as f64);
                 metrics::gauge!(GPU_MEMORY_TOTAL, "gpu" => gpu.clone()).set(mem.total as f64);
+                metrics::gauge!(GPU_MEMORY_LIMIT, "gpu" => gpu.clone()).set(crate::infer::cuda::memory_fraction() * mem.total as f64);
             }
             if let Ok(u) = device.utilization_rates() {
                 metrics::gauge!(GPU_UTILIZATION, "gpu" => gpu.clone()).set(f64::from(u.gpu) / 100.0);

@@ -25,6 +25,9 @@ pub const TOMBSTONES: &str = "convoflow_tombstones_total";
 /// Records produced without some of their input's headers (over `pipeline.max_carried_header_bytes`).
 pub const HEADERS_DROPPED: &str = "convoflow_headers_dropped_total";
 pub const LAG: &str = "convoflow_consumer_lag";
+/// The group's committed offset per input partition (from the same lookup as the lag): a
+/// partition with a backlog whose committed offset stops moving is stalled.
+pub const COMMITTED_OFFSET: &str = "convoflow_consumer_committed_offset";
 pub const COMMIT_SECONDS: &str = "convoflow_commit_seconds";
 pub const COMMIT_FAILURES: &str = "convoflow_commit_failures_total";
 pub const REBALANCES: &str = "convoflow_rebalances_total";
@@ -60,12 +63,20 @@ pub const STORE_UPSERT_SECONDS: &str = "convoflow_store_upsert_seconds";
 pub const STORE_POINTS: &str = "convoflow_store_points_total";
 pub const STORE_ERRORS: &str = "convoflow_store_errors_total";
 pub const STORE_RETRIES: &str = "convoflow_store_retries_total";
+/// Free bytes on the filesystem under the embedded store, and the reserve below which its
+/// writes wait (`qdrant.edge_min_free_bytes`; absent when 0).
+pub const STORE_FREE_BYTES: &str = "convoflow_store_free_bytes";
+pub const STORE_MIN_FREE_BYTES: &str = "convoflow_store_min_free_bytes";
 // GPU and libtorch
 pub const GPU_MEMORY_USED: &str = "convoflow_gpu_memory_used_bytes";
 pub const GPU_MEMORY_TOTAL: &str = "convoflow_gpu_memory_total_bytes";
 pub const GPU_UTILIZATION: &str = "convoflow_gpu_utilization_ratio";
 pub const GPU_TEMPERATURE: &str = "convoflow_gpu_temperature_celsius";
 pub const GPU_POWER: &str = "convoflow_gpu_power_watts";
+/// The share of a GPU's memory libtorch's allocator may take: `gpu.memory_fraction` × total.
+pub const GPU_MEMORY_LIMIT: &str = "convoflow_gpu_memory_limit_bytes";
+/// Bytes of each loaded model's parameters, by `task`, `model` and `device` (cpu, cuda:N).
+pub const MODEL_PARAMETER_BYTES: &str = "convoflow_model_parameter_bytes";
 pub const TORCH_ALLOCATED: &str = "convoflow_torch_allocated_bytes";
 pub const TORCH_RESERVED: &str = "convoflow_torch_reserved_bytes";
 pub const TORCH_PEAK: &str = "convoflow_torch_allocated_peak_bytes";
@@ -74,6 +85,8 @@ pub const TORCH_PEAK: &str = "convoflow_torch_allocated_peak_bytes";
 pub const REGISTRY_ERRORS: &str = "convoflow_schema_registry_errors_total";
 // Readiness
 pub const READY: &str = "convoflow_ready";
+/// 1 when `/healthz` would answer 200.
+pub const ALIVE: &str = "convoflow_alive";
 /// Exactly-once: transactions by outcome (committed, aborted, fenced), their open → commit
 /// time, and the rewinds after an abort.
 pub const TRANSACTIONS: &str = "convoflow_transactions_total";
@@ -97,14 +110,47 @@ pub const LLM_TOKENS_PER_SECOND: &str = "convoflow_llm_tokens_per_second";
 
 /// Every metric name (the deployment files are checked against this list).
 pub const ALL: &[&str] = &[
-    MESSAGES, TURNS, TOKENS, DLQ, TOMBSTONES, HEADERS_DROPPED, LAG, COMMIT_SECONDS, COMMIT_FAILURES, REBALANCES, ASSIGNED_PARTITIONS, PAUSED,
+    MESSAGES, TURNS, TOKENS, DLQ, TOMBSTONES, HEADERS_DROPPED, LAG, COMMITTED_OFFSET, COMMIT_SECONDS, COMMIT_FAILURES, REBALANCES, ASSIGNED_PARTITIONS, PAUSED,
     BATCH_MESSAGES, BATCH_TURNS, BATCH_TOKENS, IN_FLIGHT, QUEUE_DEPTH, ENRICH_SECONDS, MODEL_SECONDS, END_TO_END_SECONDS,
     STAGE_BUSY_SECONDS, MODEL_PHASE_SECONDS, STAGE_QUEUE_DEPTH, MODEL_TOKENS, STALE_BATCHES, STALE_MESSAGES,
-    STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION,
-    GPU_TEMPERATURE, GPU_POWER, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, REGISTRY_ERRORS, READY, TRANSACTIONS,
+    STORE_UPSERT_SECONDS, STORE_POINTS, STORE_ERRORS, STORE_RETRIES, STORE_FREE_BYTES, STORE_MIN_FREE_BYTES, GPU_MEMORY_USED,
+    GPU_MEMORY_TOTAL, GPU_UTILIZATION, GPU_TEMPERATURE, GPU_POWER, GPU_MEMORY_LIMIT, MODEL_PARAMETER_BYTES, TORCH_ALLOCATED,
+    TORCH_RESERVED, TORCH_PEAK, REGISTRY_ERRORS, READY, ALIVE, TRANSACTIONS,
     TRANSACTION_SECONDS, REWINDS, API_REQUESTS, API_REQUEST_SECONDS, API_IN_FLIGHT, LLM_REQUESTS, LLM_FIRST_TOKEN_SECONDS,
     LLM_TOKENS, LLM_TOKENS_PER_SECOND,
 ];
+
+/// Starts a worker's counters (and the paused-partitions gauge) at 0 for every label value they can take, so that a rate, an
+/// increase or a ratio is 0 rather than absent before the first event (Prometheus's advice for
+/// counters with known labels: an alert on a DLQ share, a panel of commit failures, would
+/// otherwise see nothing until the first failure). `dlq_classes`: every `dlq.error.class`.
+pub fn start_worker_metrics_at_zero(dlq_classes: &[&'static str]) {
+    metrics::gauge!(PAUSED).set(0.0);
+    for name in [MESSAGES, TURNS, TOKENS, HEADERS_DROPPED, COMMIT_FAILURES, REBALANCES, STORE_POINTS, STORE_RETRIES, REGISTRY_ERRORS, REWINDS] {
+        metrics::counter!(name).increment(0);
+    }
+    for &class in dlq_classes {
+        metrics::counter!(DLQ, "class" => class).increment(0);
+    }
+    for matched in ["some", "none"] {
+        metrics::counter!(TOMBSTONES, "matched" => matched).increment(0);
+    }
+    for stage in ["store", "emit"] {
+        metrics::counter!(STALE_BATCHES, "stage" => stage).increment(0);
+        metrics::counter!(STALE_MESSAGES, "stage" => stage).increment(0);
+    }
+    for op in ["upsert", "delete"] {
+        for kind in STORE_ERROR_KINDS {
+            metrics::counter!(STORE_ERRORS, "op" => op, "kind" => kind).increment(0);
+        }
+    }
+    for outcome in ["committed", "aborted", "fenced", "replaced"] {
+        metrics::counter!(TRANSACTIONS, "outcome" => outcome).increment(0);
+    }
+}
+
+/// The `kind` label values of `STORE_ERRORS`.
+pub const STORE_ERROR_KINDS: [&str; 4] = ["transient", "low_disk", "too_large", "permanent"];
 
 /// The process-wide Prometheus recorder (installed once, on first use).
 pub fn prometheus() -> &'static PrometheusHandle {
@@ -112,9 +158,13 @@ pub fn prometheus() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let seconds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
         let sizes = [1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0];
+        let rates = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &seconds)
             .and_then(|b| b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Prefix("convoflow_batch_".into()), &sizes))
+            // a histogram without buckets is rendered as a summary: no `_bucket` series for the
+            // dashboard's quantiles (found by tests/observability.rs)
+            .and_then(|b| b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(LLM_TOKENS_PER_SECOND.into()), &rates))
             .expect("valid buckets");
         match builder.install_recorder() {
             Ok(handle) => handle,

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod flaky_store;
+pub mod prometheus;
+pub mod serving;
 pub mod scene;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +39,29 @@ pub fn in_process_config(topics: &Topics) -> convoflow::config::Config {
     cfg.qdrant.data_dir = store_dir(&topics.group, "in-process");
     cfg.gpu.device = "cpu".into();
     cfg
+}
+
+/// Environment of a `convoflow run` process with the three CPU models of the test fixtures
+/// (all-MiniLM-L6-v2's real weights, the camembert-ner and nlptown architectures with random
+/// weights), plus `extra` settings.
+pub fn cpu_models_env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let fixtures = serving::env_path("CONVOFLOW_MODEL_FIXTURES");
+    let path = |p: PathBuf| p.to_str().unwrap().to_string();
+    let mut env: Vec<(String, String)> = [
+        ("CONVOFLOW__GPU__DEVICE", "cpu".to_string()),
+        ("CONVOFLOW__QDRANT__DENSE_DIM", "384".into()),
+        ("CONVOFLOW__MODELS__EMBEDDING__NAME", "sentence-transformers/all-MiniLM-L6-v2".into()),
+        ("CONVOFLOW__MODELS__EMBEDDING__PATH", path(serving::env_path("CONVOFLOW_MINILM"))),
+        ("CONVOFLOW__MODELS__NER__NAME", "camembert-ner architecture (random, untrained)".into()),
+        ("CONVOFLOW__MODELS__NER__PATH", path(fixtures.join("ner-camembert"))),
+        ("CONVOFLOW__MODELS__SENTIMENT__NAME", "nlptown architecture (random, untrained)".into()),
+        ("CONVOFLOW__MODELS__SENTIMENT__PATH", path(fixtures.join("sentiment-bert"))),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
 }
 
 /// The embedded-store directory of a test worker (under cargo's per-target temp dir).

@@ -71,7 +71,12 @@ impl EdgeStore {
         }
         // the nearest existing directory: a store not created yet lies under a missing parent too
         let dir = self.path.ancestors().find(|p| p.exists()).unwrap_or(&self.path);
-        match free_bytes(dir) {
+        let free = free_bytes(dir);
+        if let Ok(free) = &free {
+            metrics::gauge!(crate::telemetry::STORE_FREE_BYTES).set(*free as f64);
+            metrics::gauge!(crate::telemetry::STORE_MIN_FREE_BYTES).set(self.min_free_bytes as f64);
+        }
+        match free {
             Ok(free) if free < self.min_free_bytes => Err(StoreError::LowDisk(format!(
                 "only {free} bytes free on the filesystem of {}, below qdrant.edge_min_free_bytes {}",
                 self.path.display(),

@@ -154,11 +154,12 @@ impl StoreWriter {
                 metrics::histogram!(crate::telemetry::STORE_UPSERT_SECONDS).record(started.elapsed().as_secs_f64());
             }
             if let Err(e) = &result {
+                let [transient, low_disk, too_large, permanent] = crate::telemetry::STORE_ERROR_KINDS;
                 let kind = match e {
-                    StoreError::Transient(_) => "transient",
-                    StoreError::LowDisk(_) => "low_disk",
-                    StoreError::TooLarge(_) => "too_large",
-                    _ => "permanent",
+                    StoreError::Transient(_) => transient,
+                    StoreError::LowDisk(_) => low_disk,
+                    StoreError::TooLarge(_) => too_large,
+                    _ => permanent,
                 };
                 metrics::counter!(crate::telemetry::STORE_ERRORS, "op" => what.to_string(), "kind" => kind).increment(1);
             }
