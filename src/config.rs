@@ -1057,6 +1057,10 @@ pub struct ServeConfig {
     pub body_timeout_ms: u64,
     /// Most hits one search may ask for (`k`).
     pub max_k: usize,
+    /// Tokens waiting on the embedding model's thread for requests not answered yet (queries of
+    /// `/v1/search` and `/v1/ask`, inputs of `/v1/embeddings`); a request that would go beyond
+    /// gets 429 with `Retry-After: 1`, one larger than all of it 413.
+    pub max_queued_tokens: usize,
     /// When set, every route but /healthz and /metrics needs `Authorization: Bearer <key>`;
     /// set CONVOFLOW__SERVE__API_KEY, not this file.
     pub api_key: Option<Secret>,
@@ -1072,6 +1076,7 @@ impl Default for ServeConfig {
             max_body_bytes: 64 * 1024,
             body_timeout_ms: 5_000,
             max_k: 100,
+            max_queued_tokens: 65_536,
             api_key: None,
         }
     }
@@ -1082,6 +1087,9 @@ impl ServeConfig {
     fn validate(&self) -> Result<()> {
         if self.max_concurrent_requests == 0 || self.max_body_bytes < 256 || self.max_k == 0 {
             bail!("serve.max_concurrent_requests and serve.max_k must be > 0, serve.max_body_bytes >= 256");
+        }
+        if self.max_queued_tokens < 512 {
+            bail!("serve.max_queued_tokens must be at least 512 (one input of the longest models), got {}", self.max_queued_tokens);
         }
         Ok(())
     }

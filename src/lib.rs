@@ -11,6 +11,7 @@ pub mod infer;
 pub mod kafka;
 pub mod language;
 pub mod llm;
+pub mod model_api;
 pub mod event;
 pub mod fault;
 pub mod pipeline;

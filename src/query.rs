@@ -5,11 +5,16 @@
 //! query they all run.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
 
 use anyhow::{Context, Result, bail};
 
 use crate::config::{Config, ModelConfig};
-use crate::infer::runner::{ModelThread, NerSettings, Output};
+use crate::infer::hf::ModelFolder;
+use crate::infer::manager::LoadReport;
+use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
+use crate::infer::tokenize::ModelTokenizer;
 use crate::pipeline::bm25;
 use crate::sink::store::{self, Bootstrap, HybridQuery, SearchFilter, VectorStore};
 
@@ -121,10 +126,35 @@ pub fn hybrid_query(text: &str, dense: Option<Vec<f32>>, filter: SearchFilter, l
 }
 
 /// The embedding model loaded for queries, on its own thread: every query is embedded the same
-/// way (`models.embedding`'s `query_template`, dtype and device), whoever asks.
+/// way (`models.embedding`'s `query_template`, dtype and device), whoever asks. Texts are
+/// tokenized by the caller (`prepare_text`) and the thread gets token ids, so the jobs of
+/// concurrent callers are launched together as one batch (`ModelThread`'s merging, up to the
+/// model's `batch_size`) — `convoflow serve`'s dynamic batching.
 pub struct QueryEmbedder {
     thread: ModelThread,
     model: ModelConfig,
+    tokenizer: ModelTokenizer,
+    /// The vectors' size (the model's hidden size).
+    pub dim: usize,
+    vocab: usize,
+}
+
+/// Which of the model's input forms a text is embedded as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputType {
+    /// `models.embedding.query_template` applied (what `search` embeds).
+    Query,
+    /// `models.embedding.document_prefix` put before it (what the worker indexes).
+    Document,
+}
+
+/// One input as the model takes it: token ids with its special tokens, and whether it was cut
+/// at the model's length.
+#[derive(Debug, Clone)]
+pub struct PreparedInput {
+    pub ids: Vec<i64>,
+    pub truncated: bool,
 }
 
 impl QueryEmbedder {
@@ -134,10 +164,18 @@ impl QueryEmbedder {
         if !m.path.join("config.json").exists() {
             return Ok(None);
         }
+        let folder = ModelFolder::open(&m.path).with_context(|| format!("the model {}", m.name))?;
+        let tokenizer = ModelTokenizer::load(&folder).with_context(|| format!("the tokenizer of {}", m.name))?;
         let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
         let managed = crate::infer::manager::ManagedModel::new(crate::infer::Task::Embedding, m.clone(), device)?;
         let thread = ModelThread::spawn(managed, true, NerSettings::default()).with_context(|| format!("loading {}", m.name))?;
-        Ok(Some(Self { thread, model: m.clone() }))
+        Ok(Some(Self {
+            thread,
+            model: m.clone(),
+            tokenizer,
+            dim: folder.config.hidden_size as usize,
+            vocab: folder.config.vocab_size as usize,
+        }))
     }
 
     /// The model's configured name.
@@ -145,18 +183,72 @@ impl QueryEmbedder {
         &self.model.name
     }
 
+    /// The load report (dtype, device), once loaded (at `load`'s return).
+    pub fn load_report(&self) -> Option<LoadReport> {
+        self.thread.load_report()
+    }
+
+    /// Longest input in tokens, special tokens included.
+    pub fn max_tokens(&self) -> usize {
+        self.tokenizer.max_positions
+    }
+
+    /// `text` as `kind` (template or prefix applied), tokenized, cut to the model's length.
+    pub fn prepare_text(&self, text: &str, kind: InputType) -> Result<PreparedInput> {
+        let text = match kind {
+            InputType::Query => self.model.query_text(text),
+            InputType::Document => self.model.document_text(text),
+        };
+        let encoding = self.tokenizer.encode_plain(&text)?;
+        let content = encoding.get_ids();
+        Ok(PreparedInput { truncated: content.len() > self.tokenizer.content_capacity(), ids: self.tokenizer.wrap(&[], content) })
+    }
+
+    /// Token ids of the model's own tokenizer (content, no special tokens) as `kind`: the
+    /// document prefix's ids, or the query template's text before `{query}`, go before them
+    /// (a template with text after `{query}` cannot apply to ids, and is refused).
+    pub fn prepare_tokens(&self, tokens: &[i64], kind: InputType) -> Result<PreparedInput> {
+        let leading_text = match kind {
+            InputType::Document => self.model.document_prefix.as_str(),
+            InputType::Query => match self.model.query_template.split_once("{query}") {
+                Some((before, "")) => before,
+                Some(_) => bail!("the query template {:?} has text after {{query}}: token inputs cannot be embedded as queries", self.model.query_template),
+                None => self.model.query_template.as_str(),
+            },
+        };
+        if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.vocab) {
+            bail!("token id {bad} is not in the model's vocabulary (0 to {})", self.vocab - 1);
+        }
+        let leading = self.tokenizer.leading_ids(leading_text)?;
+        let content: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+        let truncated = leading.len() + content.len() > self.tokenizer.content_capacity();
+        Ok(PreparedInput { ids: self.tokenizer.wrap(&leading, &content), truncated })
+    }
+
+    /// Queues prepared inputs on the model thread; dropped unrun while still queued once
+    /// `withdrawn` is set. The vectors (in input order) arrive on the receiver.
+    pub fn submit(&self, ids: Vec<Vec<i64>>, withdrawn: Arc<AtomicBool>) -> Result<mpsc::Receiver<Reply>> {
+        self.thread.submit_withdrawable(ModelInput::Ids(ids), withdrawn)
+    }
+
     /// Embeds queries (query template applied), in input order (blocking).
     pub fn embed(&self, queries: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let texts: Vec<String> = queries.iter().map(|q| self.model.query_text(q)).collect();
-        match self.thread.run(texts)? {
-            (Output::Embeddings(v), _) => Ok(v),
-            (other, _) => bail!("unexpected output of the embedding model: {other:?}"),
-        }
+        let ids = queries.iter().map(|q| self.prepare_text(q, InputType::Query).map(|p| p.ids)).collect::<Result<Vec<_>>>()?;
+        let reply = self.submit(ids, Arc::new(AtomicBool::new(false)))?;
+        vectors(reply.recv().map_err(|_| anyhow::anyhow!("the {} model thread stopped", self.model.name))?.map_err(anyhow::Error::from)?.0)
     }
 
     /// Embeds one query (blocking).
     pub fn embed_one(&self, query: &str) -> Result<Vec<f32>> {
         self.embed(&[query])?.pop().context("the embedding model returned no vector")
+    }
+}
+
+/// The vectors of an embedding model's output.
+pub fn vectors(output: Output) -> Result<Vec<Vec<f32>>> {
+    match output {
+        Output::Embeddings(v) => Ok(v),
+        other => bail!("unexpected output of the embedding model: {other:?}"),
     }
 }
 

@@ -39,6 +39,7 @@ use tracing::{info, warn};
 use crate::ask::{self, Answer, AskError, TokenCounter};
 use crate::config::{Config, Secret, ServeConfig};
 use crate::llm::{LlmClient, LlmError};
+use crate::model_api::{self, EmbeddingService, OpenAiError, TokenQueue};
 use crate::query::{self, GroupBy, QueryEmbedder};
 use crate::sink::store::{SearchFilter, StoreError, VectorStore};
 use crate::telemetry;
@@ -182,7 +183,7 @@ impl From<AskError> for ApiError {
 struct ServeState {
     cfg: Config,
     store: Arc<dyn VectorStore>,
-    embedder: Option<Arc<QueryEmbedder>>,
+    embedding: Option<EmbeddingService>,
     llm: Option<Arc<LlmClient>>,
     counter: Arc<TokenCounter>,
     budgets: Budgets,
@@ -242,7 +243,7 @@ impl Budgets {
     /// The budget a request takes a slot of; None: it takes none (probes, unknown routes).
     fn of(&self, method: &Method, path: &str) -> Option<&Budget> {
         match (method, path) {
-            (&Method::POST, "/v1/search") => Some(&self.search),
+            (&Method::POST, "/v1/search" | "/v1/embeddings") => Some(&self.search),
             (&Method::POST, "/v1/ask") => Some(&self.ask),
             _ => None,
         }
@@ -252,17 +253,11 @@ impl Budgets {
 type Shared = Arc<ServeState>;
 
 impl ServeState {
+    /// The query's vector, through the embedding model's queue (batched with concurrent
+    /// requests); None without an embedding model (BM25 only).
     async fn embed(&self, text: &str) -> Result<Option<Vec<f32>>, ApiError> {
-        let Some(e) = self.embedder.clone() else { return Ok(None) };
-        let query = text.to_string();
-        let out = tokio::task::spawn_blocking(move || e.embed(&[&query])).await.map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: format!("the embedding thread: {e}"),
-        })?;
-        match out {
-            Ok(mut v) => Ok(v.pop()),
-            Err(e) => Err(ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("embedding the query: {e:#}") }),
-        }
+        let Some(service) = &self.embedding else { return Ok(None) };
+        service.embed_query(text).await.map(Some).map_err(|e| ApiError { status: e.status, message: e.message })
     }
 
     fn k(&self, k: Option<usize>, default: usize) -> Result<usize, ApiError> {
@@ -300,7 +295,7 @@ pub async fn start(
         Some(e) => info!(model = %e.name(), "embedding model loaded for queries"),
         None => warn!("no embedding model folder configured: searches are BM25 only"),
     }
-    let embedder = embedder.map(Arc::new);
+    let embedding = embedder.map(|e| EmbeddingService { embedder: Arc::new(e), queue: TokenQueue::new(cfg.serve.max_queued_tokens) });
     let llm = if cfg.llm.is_configured() { Some(Arc::new(LlmClient::new(&cfg.llm)?)) } else { None };
     let counter = Arc::new(TokenCounter::new(&cfg.llm)?);
     let listener = tokio::net::TcpListener::bind(&cfg.serve.listen).await.with_context(|| format!("binding serve.listen {}", cfg.serve.listen))?;
@@ -309,26 +304,28 @@ pub async fn start(
         budgets,
         api_key: cfg.serve.api_key.clone(),
         store,
-        embedder,
+        embedding,
         llm,
         counter,
         cfg,
     });
     let app = router(state);
-    info!(%addr, "serving /v1/search, /v1/ask, /healthz, /metrics");
+    info!(%addr, "serving {ROUTES}");
     let task = tokio::spawn(async move {
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("the API server")
     });
     Ok((addr, task))
 }
 
-const ROUTES: &str = "POST /v1/search, POST /v1/ask, GET /healthz, GET /metrics";
+const ROUTES: &str = "POST /v1/search, POST /v1/ask, POST /v1/embeddings, GET /v1/models, GET /healthz, GET /metrics";
 
 fn router(state: Shared) -> Router {
     let limit = state.cfg.serve.max_body_bytes;
     Router::new()
         .route("/v1/search", axum::routing::post(search))
         .route("/v1/ask", axum::routing::post(ask_route))
+        .route("/v1/embeddings", axum::routing::post(embeddings_route))
+        .route("/v1/models", axum::routing::get(|State(state): State<Shared>| async move { Json(model_api::models(state.embedding.as_ref())) }))
         .route("/healthz", axum::routing::get(healthz))
         .route("/metrics", axum::routing::get(|| async {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], telemetry::prometheus().render())
@@ -364,6 +361,8 @@ async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Res
     let route = match request.uri().path() {
         "/v1/search" => "search",
         "/v1/ask" => "ask",
+        "/v1/embeddings" => "embeddings",
+        "/v1/models" => "models",
         "/healthz" => "healthz",
         "/metrics" => "metrics",
         _ => "other",
@@ -525,7 +524,7 @@ async fn healthz(State(state): State<Shared>) -> Response {
             None
         }
     };
-    if state.embedder.is_some() {
+    if state.embedding.is_some() {
         match tokio::time::timeout(Duration::from_secs(5), state.embed("health")).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => problems.push(format!("embedding: {}", e.message)),
@@ -537,7 +536,7 @@ async fn healthz(State(state): State<Shared>) -> Response {
         "problems": problems,
         "store": state.store.backend(),
         "points": points,
-        "embedding": state.embedder.as_ref().map(|e| e.name().to_string()),
+        "embedding": state.embedding.as_ref().map(|e| e.embedder.name().to_string()),
         // the last exchange's outcome, never a probe: an LLM outage fails asks, not this health
         "llm": state.llm.as_ref().map(|l| llm_health(l)),
     });
@@ -554,6 +553,23 @@ fn llm_health(llm: &LlmClient) -> Value {
         "state": last.state.describe(),
         "last_contact_s_ago": last.at.map(|at| at.elapsed().as_secs_f64()),
     })
+}
+
+/// `POST /v1/embeddings` (OpenAI's API; errors in its shape, `model_api`).
+async fn embeddings_route(State(state): State<Shared>, body: Bytes) -> Response {
+    let Some(service) = &state.embedding else {
+        let message = "no embedding model is loaded (models.embedding has no model folder)";
+        return OpenAiError { status: StatusCode::NOT_FOUND, message: message.into(), kind: "invalid_request_error", param: Some("model"), code: Some("model_not_found"), retry_after: None }
+            .into_response();
+    };
+    let request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return OpenAiError::invalid("input", format!("the body is not an embeddings request: {e}")).into_response(),
+    };
+    match model_api::embeddings(service, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn search(State(state): State<Shared>, ApiJson(req): ApiJson<SearchRequest>) -> Result<Json<Value>, ApiError> {

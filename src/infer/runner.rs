@@ -93,6 +93,15 @@ struct Job {
     /// Launched on its own, never merged: a message run again alone after its batch failed
     /// (a smaller job may fit where the batch did not, and no other input can fail it).
     alone: bool,
+    /// Set when nobody waits for the job any more (an API client that went away): a job still
+    /// queued is dropped instead of run (its reply channel closes).
+    withdrawn: Option<Arc<AtomicBool>>,
+}
+
+impl Job {
+    fn is_withdrawn(&self) -> bool {
+        self.withdrawn.as_ref().is_some_and(|w| w.load(Ordering::SeqCst))
+    }
 }
 
 /// Who waits for a share of a merged job: the reply channel and how many inputs were theirs.
@@ -118,13 +127,16 @@ impl Merged {
         let mut merged = Merged { waiters: vec![Waiter { reply: first.reply, inputs: first.input.len() }], input: first.input };
         while merges && merged.input.len() < fill {
             let Ok(next) = queue.try_recv() else { break };
+            if next.is_withdrawn() {
+                continue;
+            }
             if next.alone {
                 return (merged, Some(next));
             }
             let inputs = next.input.len();
             match merged.input.absorb(next.input) {
                 Ok(()) => merged.waiters.push(Waiter { reply: next.reply, inputs }),
-                Err(input) => return (merged, Some(Job { input, reply: next.reply, alone: false })),
+                Err(input) => return (merged, Some(Job { input, reply: next.reply, alone: false, withdrawn: next.withdrawn })),
             }
         }
         (merged, None)
@@ -263,6 +275,8 @@ impl ModelThread {
                             Err(_) => break,
                         }
                     };
+                    // a withdrawn job is dropped unrun (its caller is gone)
+                    let next = next.filter(|job| !job.is_withdrawn());
                     let next = next.map(|first| {
                         let (merged, rest) = Merged::gather(first, &jobs_rx, budget.max_batch_size);
                         held = rest;
@@ -394,12 +408,24 @@ impl ModelThread {
         self.queue(input, true)
     }
 
+    /// Like `submit_input`, for a caller that may go away: once `withdrawn` is set, the job is
+    /// dropped unrun if it is still queued (an API request whose client disconnected). Such jobs
+    /// are merged with the others queued beside them: concurrent requests share batches.
+    pub fn submit_withdrawable(&self, input: ModelInput, withdrawn: Arc<AtomicBool>) -> Result<mpsc::Receiver<Reply>> {
+        self.send(Job { input, reply: mpsc::channel().0, alone: false, withdrawn: Some(withdrawn) })
+    }
+
     fn queue(&self, input: ModelInput, alone: bool) -> Result<mpsc::Receiver<Reply>> {
+        self.send(Job { input, reply: mpsc::channel().0, alone, withdrawn: None })
+    }
+
+    fn send(&self, mut job: Job) -> Result<mpsc::Receiver<Reply>> {
         let (reply, result) = mpsc::channel();
+        job.reply = reply;
         self.jobs
             .as_ref()
             .expect("jobs sender lives until drop")
-            .send(Job { input, reply, alone })
+            .send(job)
             .map_err(|_| anyhow!("the {} model thread stopped", self.name))?;
         Ok(result)
     }
@@ -619,7 +645,7 @@ mod tests {
 
     fn job(ids: usize) -> (Job, mpsc::Receiver<Reply>) {
         let (reply, rx) = mpsc::channel();
-        (Job { input: ModelInput::Ids(vec![vec![ids as i64]; ids]), reply, alone: false }, rx)
+        (Job { input: ModelInput::Ids(vec![vec![ids as i64]; ids]), reply, alone: false, withdrawn: None }, rx)
     }
 
     #[test]
@@ -643,6 +669,22 @@ mod tests {
     }
 
     #[test]
+    fn a_withdrawn_job_is_dropped_unrun_and_its_caller_sees_the_channel_close() {
+        let (tx, queue) = mpsc::channel();
+        let (first, _rx1) = job(1);
+        let (mut gone, rx_gone) = job(2);
+        let withdrawn = Arc::new(AtomicBool::new(false));
+        gone.withdrawn = Some(withdrawn.clone());
+        let (kept, _rx3) = job(1);
+        tx.send(gone).unwrap();
+        tx.send(kept).unwrap();
+        withdrawn.store(true, Ordering::SeqCst);
+        let (merged, held) = Merged::gather(first, &queue, 8);
+        assert_eq!((merged.input.len(), merged.waiters.len(), held.is_none()), (2, 2, true), "the withdrawn job's 2 inputs were not taken");
+        assert!(rx_gone.recv().is_err(), "dropped: its reply channel is closed");
+    }
+
+    #[test]
     fn a_full_job_runs_alone_and_another_kind_ends_the_merge() {
         let (tx, queue) = mpsc::channel();
         let (big, _rx) = job(8);
@@ -652,7 +694,7 @@ mod tests {
         assert_eq!((merged.waiters.len(), held.is_none()), (1, true), "a full batch does not wait for more");
         let (first, _rx3) = job(1);
         let (reply, _rx4) = mpsc::channel();
-        tx.send(Job { input: ModelInput::Texts(vec!["x".into()]), reply, alone: false }).unwrap();
+        tx.send(Job { input: ModelInput::Texts(vec!["x".into()]), reply, alone: false, withdrawn: None }).unwrap();
         let (merged, held) = Merged::gather(first, &queue, 8);
         assert_eq!(merged.waiters.len(), 2, "the queued one-input job joined");
         assert!(matches!(held, Some(Job { input: ModelInput::Texts(_), .. })), "texts are handed back, not merged with ids");
@@ -673,8 +715,8 @@ mod tests {
         // texts (serve's queries) are not merged: one caller's bad text must not fail another's
         let (reply, _rx8) = mpsc::channel();
         let (reply2, _rx9) = mpsc::channel();
-        tx.send(Job { input: ModelInput::Texts(vec!["b".into()]), reply: reply2, alone: false }).unwrap();
-        let (merged, _) = Merged::gather(Job { input: ModelInput::Texts(vec!["a".into()]), reply, alone: false }, &queue, 8);
+        tx.send(Job { input: ModelInput::Texts(vec!["b".into()]), reply: reply2, alone: false, withdrawn: None }).unwrap();
+        let (merged, _) = Merged::gather(Job { input: ModelInput::Texts(vec!["a".into()]), reply, alone: false, withdrawn: None }, &queue, 8);
         assert_eq!(merged.waiters.len(), 1);
     }
 
