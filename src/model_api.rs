@@ -40,6 +40,11 @@ impl OpenAiError {
         Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: Some(param), code: None, retry_after: None }
     }
 
+    /// 404 `model_not_found`, as OpenAI answers an unknown model (its client: `NotFoundError`).
+    pub fn model_not_found(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::NOT_FOUND, message: message.into(), kind: "invalid_request_error", param: Some("model"), code: Some("model_not_found"), retry_after: None }
+    }
+
     pub fn server(message: impl Into<String>) -> Self {
         Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", param: None, code: None, retry_after: None }
     }
@@ -196,14 +201,9 @@ pub struct EmbeddingsRequest {
 /// A wrong model name: 404 `model_not_found`, as OpenAI answers it.
 pub fn check_model(given: Option<&str>, served: &str) -> Result<(), OpenAiError> {
     match given {
-        Some(m) if m != served => Err(OpenAiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("The model `{m}` does not exist: this server embeds with `{served}` (GET /v1/models)"),
-            kind: "invalid_request_error",
-            param: Some("model"),
-            code: Some("model_not_found"),
-            retry_after: None,
-        }),
+        Some(m) if m != served => {
+            Err(OpenAiError::model_not_found(format!("The model `{m}` does not exist: this server embeds with `{served}` (GET /v1/models)")))
+        }
         _ => Ok(()),
     }
 }
@@ -311,10 +311,7 @@ pub fn models(service: Option<&EmbeddingService>) -> Value {
                 "dimensions": e.dim,
                 "max_input_tokens": e.max_tokens(),
                 "dtype": report.as_ref().map(|r| format!("{:?}", r.kind).to_lowercase()),
-                "device": report.as_ref().map(|r| match r.device {
-                    tch::Device::Cuda(i) => format!("cuda:{i}"),
-                    _ => "cpu".to_string(),
-                }),
+                "device": report.as_ref().map(|r| crate::infer::device::label(r.device)),
             })
         })
         .collect();

@@ -234,7 +234,7 @@ impl QueryEmbedder {
     /// Embeds queries (query template applied), in input order (blocking).
     pub fn embed(&self, queries: &[&str]) -> Result<Vec<Vec<f32>>> {
         let ids = queries.iter().map(|q| self.prepare_text(q, InputType::Query).map(|p| p.ids)).collect::<Result<Vec<_>>>()?;
-        let reply = self.submit(ids, Arc::new(AtomicBool::new(false)))?;
+        let reply = self.thread.submit_input(ModelInput::Ids(ids))?;
         vectors(reply.recv().map_err(|_| anyhow::anyhow!("the {} model thread stopped", self.model.name))?.map_err(anyhow::Error::from)?.0)
     }
 

@@ -558,9 +558,7 @@ fn llm_health(llm: &LlmClient) -> Value {
 /// `POST /v1/embeddings` (OpenAI's API; errors in its shape, `model_api`).
 async fn embeddings_route(State(state): State<Shared>, body: Bytes) -> Response {
     let Some(service) = &state.embedding else {
-        let message = "no embedding model is loaded (models.embedding has no model folder)";
-        return OpenAiError { status: StatusCode::NOT_FOUND, message: message.into(), kind: "invalid_request_error", param: Some("model"), code: Some("model_not_found"), retry_after: None }
-            .into_response();
+        return OpenAiError::model_not_found("no embedding model is loaded (models.embedding has no model folder)").into_response();
     };
     let request = match serde_json::from_slice(&body) {
         Ok(r) => r,

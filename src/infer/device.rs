@@ -20,6 +20,14 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
     }
 }
 
+/// The name `parse_device` reads: `cpu` or `cuda:N` (metric labels, `/v1/models`).
+pub fn label(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    }
+}
+
 /// The compute dtype of a model. CUDA: fp32, fp16 or bf16 as configured. CPU: int8 (dynamic
 /// quantization of the encoder's Linear layers, returned as `Kind::QInt8`), otherwise fp32
 /// (fp16/bf16 configured on CPU run fp32). int8 on CUDA is a configuration error.

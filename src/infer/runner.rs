@@ -240,10 +240,7 @@ impl ModelThread {
                 let mut report_once = |model: &ManagedModel| {
                     if !reported {
                         if let Some(r) = model.report() {
-                            let device = match r.device {
-                                tch::Device::Cuda(i) => format!("cuda:{i}"),
-                                _ => "cpu".to_string(),
-                            };
+                            let device = super::device::label(r.device);
                             metrics::gauge!(crate::telemetry::MODEL_PARAMETER_BYTES, "task" => task_name(task), "model" => r.name.clone(), "device" => device)
                                 .set(r.parameter_bytes as f64);
                             reported = report_tx.send(r).is_ok();
@@ -399,33 +396,28 @@ impl ModelThread {
     /// Queues an input; jobs run one after the other in submission order, so a caller can
     /// submit the next micro-batch while this one runs. The result arrives on the receiver.
     pub fn submit_input(&self, input: ModelInput) -> Result<mpsc::Receiver<Reply>> {
-        self.queue(input, false)
+        self.queue(input, false, None)
     }
 
     /// Like `submit_input`, but the job is launched on its own, never merged with jobs queued
     /// beside it (a message run again alone after its batch failed).
     pub fn submit_alone(&self, input: ModelInput) -> Result<mpsc::Receiver<Reply>> {
-        self.queue(input, true)
+        self.queue(input, true, None)
     }
 
     /// Like `submit_input`, for a caller that may go away: once `withdrawn` is set, the job is
     /// dropped unrun if it is still queued (an API request whose client disconnected). Such jobs
     /// are merged with the others queued beside them: concurrent requests share batches.
     pub fn submit_withdrawable(&self, input: ModelInput, withdrawn: Arc<AtomicBool>) -> Result<mpsc::Receiver<Reply>> {
-        self.send(Job { input, reply: mpsc::channel().0, alone: false, withdrawn: Some(withdrawn) })
+        self.queue(input, false, Some(withdrawn))
     }
 
-    fn queue(&self, input: ModelInput, alone: bool) -> Result<mpsc::Receiver<Reply>> {
-        self.send(Job { input, reply: mpsc::channel().0, alone, withdrawn: None })
-    }
-
-    fn send(&self, mut job: Job) -> Result<mpsc::Receiver<Reply>> {
+    fn queue(&self, input: ModelInput, alone: bool, withdrawn: Option<Arc<AtomicBool>>) -> Result<mpsc::Receiver<Reply>> {
         let (reply, result) = mpsc::channel();
-        job.reply = reply;
         self.jobs
             .as_ref()
             .expect("jobs sender lives until drop")
-            .send(job)
+            .send(Job { input, reply, alone, withdrawn })
             .map_err(|_| anyhow!("the {} model thread stopped", self.name))?;
         Ok(result)
     }

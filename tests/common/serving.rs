@@ -20,6 +20,23 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Starts `command` and waits (120 s at most) for the line of its stdout that starts with
+/// `prefix`, whose rest is its address; the child's stdout is read to its end by a thread.
+fn start_announcing(mut command: Command, prefix: &'static str, what: &str) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(address) = line.strip_prefix(prefix) {
+                let _ = tx.send(address.to_string());
+            }
+        }
+    });
+    let address = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_else(|_| panic!("{what} did not start within 120 s"));
+    (child, address)
+}
+
 pub struct LlmServer {
     child: Child,
     pub url: String,
@@ -35,26 +52,15 @@ impl LlmServer {
     /// On `port` (a restart at the same address after `kill`).
     pub fn start_on(port: u16, ctx: usize, parallel: usize) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fixtures/llm_server.py");
-        let mut child = Command::new(env_path("CONVOFLOW_LLM_PY"))
+        let mut command = Command::new(env_path("CONVOFLOW_LLM_PY"));
+        command
             .arg(script)
             .arg(env_path("CONVOFLOW_LLM_GGUF"))
             .arg(port.to_string())
             .args(["--alias", MODEL, "--ctx", &ctx.to_string(), "--parallel", &parallel.to_string()])
             .args(["--exit-with-parent", "--max-seconds", "1800"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the LLM server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("LLM_URL=") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let url = rx.recv_timeout(Duration::from_secs(120)).expect("the LLM server did not start within 120 s");
+            .stderr(Stdio::null());
+        let (child, url) = start_announcing(command, "LLM_URL=", "the LLM server");
         Self { child, url, port }
     }
 
@@ -78,24 +84,9 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(env: &[(String, String)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_convoflow"))
-            .arg("serve")
-            .envs(env.iter().cloned())
-            .env("CONVOFLOW__SERVE__LISTEN", "127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("convoflow serve: listening on ") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let base = rx.recv_timeout(Duration::from_secs(120)).expect("convoflow serve did not start within 120 s");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_convoflow"));
+        command.arg("serve").envs(env.iter().cloned()).env("CONVOFLOW__SERVE__LISTEN", "127.0.0.1:0").stderr(Stdio::inherit());
+        let (child, base) = start_announcing(command, "convoflow serve: listening on ", "convoflow serve");
         Self { child, base }
     }
 }
