@@ -3,7 +3,7 @@
 //! how `serve` embedded every query before (texts are never merged: one job, one forward pass) —
 //! or as token-id jobs, tokenized by the client thread, which the model thread launches together
 //! (how `serve` queues `/v1/embeddings`, `/v1/search` and `/v1/ask` now). Prints requests/s and
-//! p50/p99 per client count.
+//! p50/p99 per client count. The same clients over HTTP: scripts/api-bench.
 //!   CONVOFLOW_E5_SMALL=<model folder> cargo bench --bench embed_queue   (source scripts/env.sh first)
 //!   CONVOFLOW_BENCH_SECONDS=8, CONVOFLOW_BENCH_DEVICE=cpu|cuda, CONVOFLOW_BENCH_DTYPE=fp32|fp16
 
@@ -47,39 +47,59 @@ fn main() {
     println!("embedding model thread, multilingual-e5-small {dtype} on {device:?}, single short texts, {seconds} s per row");
     println!("| clients | jobs | requests/s | p50 ms | p99 ms |");
     println!("| --- | --- | --- | --- | --- |");
-    for clients in [1usize, 8, 32] {
+    for clients in CLIENTS {
         for jobs in [Jobs::Texts, Jobs::Ids] {
-            let deadline = Instant::now() + Duration::from_secs(seconds);
-            let handles: Vec<_> = (0..clients)
-                .map(|c| {
-                    let (thread, tokenizer) = (thread.clone(), tokenizer.clone());
-                    std::thread::spawn(move || {
-                        let mut latencies = Vec::new();
-                        let mut i = c;
-                        while Instant::now() < deadline {
-                            let text = TEXTS[i % TEXTS.len()];
-                            i += 1;
-                            let started = Instant::now();
-                            let reply = match jobs {
-                                Jobs::Texts => thread.submit(vec![text.to_string()]).unwrap(),
-                                Jobs::Ids => {
-                                    let content = tokenizer.encode_plain(text).unwrap();
-                                    let ids = tokenizer.wrap(&[], content.get_ids());
-                                    thread.submit_withdrawable(ModelInput::Ids(vec![ids]), Arc::new(AtomicBool::new(false))).unwrap()
-                                }
-                            };
-                            reply.recv().unwrap().unwrap();
-                            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-                        }
-                        latencies
-                    })
-                })
-                .collect();
-            let mut all: Vec<f64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
-            all.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let q = |p: f64| all[((all.len() as f64 - 1.0) * p).round() as usize];
+            let (thread, tokenizer) = (thread.clone(), tokenizer.clone());
+            let latencies = clients_for(clients, seconds, move |text| {
+                let reply = match jobs {
+                    Jobs::Texts => thread.submit(vec![text.to_string()]).unwrap(),
+                    Jobs::Ids => {
+                        let content = tokenizer.encode_plain(text).unwrap();
+                        let ids = tokenizer.wrap(&[], content.get_ids());
+                        thread.submit_withdrawable(ModelInput::Ids(vec![ids]), Arc::new(AtomicBool::new(false))).unwrap()
+                    }
+                };
+                reply.recv().unwrap().unwrap();
+            });
             let name = if jobs == Jobs::Texts { "text (before)" } else { "token ids, merged (after)" };
-            println!("| {clients} | {name} | {:.0} | {:.1} | {:.1} |", all.len() as f64 / seconds as f64, q(0.5), q(0.99));
+            row(clients, name, seconds, latencies);
         }
     }
+}
+
+const CLIENTS: [usize; 3] = [1, 8, 32];
+
+/// `clients` threads each calling `call` with one text after the other for `seconds`: every
+/// call's latency in ms.
+fn clients_for(clients: usize, seconds: u64, call: impl Fn(&str) + Send + Sync + Clone + 'static) -> Vec<f64> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let call = call.clone();
+            std::thread::spawn(move || {
+                let mut latencies = Vec::new();
+                let mut i = c;
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    call(TEXTS[i % TEXTS.len()]);
+                    i += 1;
+                    latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                }
+                latencies
+            })
+        })
+        .collect();
+    handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+}
+
+/// Requests/s, p50 and p99 ms.
+fn stats(mut all: Vec<f64>, seconds: u64) -> (f64, f64, f64) {
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |p: f64| all[((all.len() as f64 - 1.0) * p).round() as usize];
+    (all.len() as f64 / seconds as f64, q(0.5), q(0.99))
+}
+
+fn row(clients: usize, name: &str, seconds: u64, latencies: Vec<f64>) {
+    let (requests, p50, p99) = stats(latencies, seconds);
+    println!("| {clients} | {name} | {requests:.0} | {p50:.1} | {p99:.1} |");
 }

@@ -1037,6 +1037,45 @@ impl LlmConfig {
     }
 }
 
+/// A task whose models `convoflow serve` loads (`serve.models`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServedTask {
+    Embedding,
+    Ner,
+    Sentiment,
+}
+
+impl ServedTask {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedTask::Embedding => "embedding",
+            ServedTask::Ner => "ner",
+            ServedTask::Sentiment => "sentiment",
+        }
+    }
+}
+
+/// `serve.models`: a list of tasks, or one string of them separated by commas (an environment
+/// variable holds no list).
+fn served_tasks<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<ServedTask>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        List(Vec<ServedTask>),
+        Text(String),
+    }
+    match Form::deserialize(d).map_err(|_| serde::de::Error::custom("serve.models: a list of embedding, ner, sentiment"))? {
+        Form::List(tasks) => Ok(tasks),
+        Form::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| ServedTask::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(t)))
+            .collect(),
+    }
+}
+
 /// `convoflow serve`: the search/ask HTTP API.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1061,6 +1100,13 @@ pub struct ServeConfig {
     /// `/v1/search` and `/v1/ask`, inputs of `/v1/embeddings`); a request that would go beyond
     /// gets 429 with `Retry-After: 1`, one larger than all of it 413.
     pub max_queued_tokens: usize,
+    /// The models `serve` loads: `embedding` (queries of `/v1/search` and `/v1/ask`,
+    /// `/v1/embeddings`), `ner` (`/v1/entities`, every model of `models.ner`, routed by
+    /// language as the worker routes turns), `sentiment` (`/v1/sentiment`, `models.sentiment`).
+    /// A list, or in one environment variable names separated by commas
+    /// (`CONVOFLOW__SERVE__MODELS=ner,sentiment`).
+    #[serde(deserialize_with = "served_tasks")]
+    pub models: Vec<ServedTask>,
     /// When set, every route but /healthz and /metrics needs `Authorization: Bearer <key>`;
     /// set CONVOFLOW__SERVE__API_KEY, not this file.
     pub api_key: Option<Secret>,
@@ -1077,6 +1123,7 @@ impl Default for ServeConfig {
             body_timeout_ms: 5_000,
             max_k: 100,
             max_queued_tokens: 65_536,
+            models: vec![ServedTask::Embedding],
             api_key: None,
         }
     }
@@ -1090,6 +1137,11 @@ impl ServeConfig {
         }
         if self.max_queued_tokens < 512 {
             bail!("serve.max_queued_tokens must be at least 512 (one input of the longest models), got {}", self.max_queued_tokens);
+        }
+        for (i, task) in self.models.iter().enumerate() {
+            if self.models[..i].contains(task) {
+                bail!("serve.models names {} twice", task.as_str());
+            }
         }
         Ok(())
     }
@@ -1229,6 +1281,26 @@ mod tests {
         assert_eq!(cfg.kafka.client.len(), 2);
         let env = [("CONVOFLOW__KAFKA__CLIENT__SASL__PASSWORD".to_string(), "x".to_string())];
         assert!(Config::load_with_env(None, env).is_err(), "secrets are refused there as before");
+    }
+
+    #[test]
+    fn serve_models_name_tasks_once() {
+        let mut serve = ServeConfig::default();
+        assert_eq!(serve.models, [ServedTask::Embedding], "the embedding model alone by default");
+        serve.models = vec![ServedTask::Ner, ServedTask::Sentiment, ServedTask::Ner];
+        assert!(serve.validate().unwrap_err().to_string().contains("serve.models names ner twice"));
+        let path = std::env::temp_dir().join(format!("convoflow-serve-models-{}.yaml", std::process::id()));
+        std::fs::write(&path, "serve: { models: [embedding, ner, sentiment] }").unwrap();
+        assert_eq!(Config::load_with_env(Some(&path), []).unwrap().serve.models.len(), 3);
+        std::fs::write(&path, "serve: { models: [ner, translation] }").unwrap();
+        let e = format!("{:#}", Config::load_with_env(Some(&path), []).unwrap_err());
+        assert!(e.contains("serve.models"), "{e}");
+        let env = [("CONVOFLOW__SERVE__MODELS".to_string(), "ner, sentiment".to_string())];
+        assert_eq!(Config::load_with_env(None, env).unwrap().serve.models, [ServedTask::Ner, ServedTask::Sentiment]);
+        let env = [("CONVOFLOW__SERVE__MODELS".to_string(), "ner,translation".to_string())];
+        let e = format!("{:#}", Config::load_with_env(None, env).unwrap_err());
+        assert!(e.contains("translation"), "{e}");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

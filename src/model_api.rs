@@ -1,14 +1,17 @@
-//! The models over HTTP, in the OpenAI API's shapes (`convoflow serve`): `POST /v1/embeddings`
-//! and `GET /v1/models`, with errors as OpenAI's `{"error": {"message", "type", "param",
-//! "code"}}` so its clients raise their usual exceptions. Requests are dynamically batched:
-//! each is tokenized on the request's own task and queued on the model thread as token ids,
-//! where the jobs of concurrent requests are launched together (`QueryEmbedder`); the tokens
-//! waiting there are bounded by `serve.max_queued_tokens` (`TokenQueue`: 429 with `Retry-After`
-//! beyond it), and a request whose client went away is dropped from the queue unrun.
-//! `/v1/search` and `/v1/ask` embed their queries through the same queue.
+//! The models over HTTP (`convoflow serve`): `POST /v1/embeddings` and `GET /v1/models` in the
+//! OpenAI API's shapes, `POST /v1/entities` and `POST /v1/sentiment` with the worker's NER and
+//! sentiment models routed by language as the worker routes turns (`Classifiers`); errors are
+//! OpenAI's `{"error": {"message", "type", "param", "code"}}` everywhere, so its clients raise
+//! their usual exceptions. Requests are dynamically batched: each is tokenized on the request's
+//! own task and queued on the model thread as token ids (NER: encodings with offsets), where
+//! the jobs of concurrent requests are launched together (the model thread's merging); the
+//! tokens waiting on each model are bounded by `serve.max_queued_tokens` (`TokenQueue`: 429
+//! with `Retry-After` beyond it), and a request whose client went away is dropped from the
+//! queue unrun. `/v1/search` and `/v1/ask` embed their queries through the same queue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +20,17 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use anyhow::Context;
+
+use crate::config::ModelConfig;
+use crate::event::Entity;
+use crate::infer::model::NerInput;
+use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
+use crate::infer::tokenize::ModelTokenizer;
+use crate::infer::{ModelFolder, Task};
+use crate::language::Languages;
 use crate::query::{InputType, PreparedInput, QueryEmbedder};
+use crate::routing::{Route, Routes};
 
 /// Most inputs in one `/v1/embeddings` request (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
@@ -132,6 +145,26 @@ impl Drop for WithdrawOnDrop {
     }
 }
 
+/// Runs one job on a model thread through its token queue: `tokens` admitted (or the 429/413),
+/// the job submitted as withdrawable, withdrawn if this future is dropped (the client went
+/// away), its output awaited off the async threads.
+async fn run_queued(
+    queue: &TokenQueue,
+    tokens: usize,
+    model: &str,
+    submit: impl FnOnce(Arc<AtomicBool>) -> anyhow::Result<mpsc::Receiver<Reply>>,
+) -> Result<Output, OpenAiError> {
+    let _held = queue.admit(tokens)?;
+    let withdrawn = Arc::new(AtomicBool::new(false));
+    let _withdraw = WithdrawOnDrop(withdrawn.clone());
+    let reply = submit(withdrawn).map_err(|e| OpenAiError::server(format!("{e:#}")))?;
+    let answer = tokio::task::spawn_blocking(move || reply.recv())
+        .await
+        .map_err(|e| OpenAiError::server(format!("waiting for the model {model}: {e}")))?
+        .map_err(|_| OpenAiError::server(format!("the model thread of {model} stopped")))?;
+    answer.map(|(output, _)| output).map_err(|e| OpenAiError::server(format!("{model}: {e:#}")))
+}
+
 /// The embedding model as the API serves it: its thread and its token queue.
 pub struct EmbeddingService {
     pub embedder: Arc<QueryEmbedder>,
@@ -142,15 +175,7 @@ impl EmbeddingService {
     /// Embeds prepared inputs through the queue (batched with concurrent requests), in order.
     pub async fn embed(&self, inputs: Vec<Vec<i64>>) -> Result<Vec<Vec<f32>>, OpenAiError> {
         let tokens = inputs.iter().map(Vec::len).sum();
-        let _held = self.queue.admit(tokens)?;
-        let withdrawn = Arc::new(AtomicBool::new(false));
-        let _withdraw = WithdrawOnDrop(withdrawn.clone());
-        let reply = self.embedder.submit(inputs, withdrawn).map_err(|e| OpenAiError::server(format!("{e:#}")))?;
-        let answer = tokio::task::spawn_blocking(move || reply.recv())
-            .await
-            .map_err(|e| OpenAiError::server(format!("waiting for the embedding model: {e}")))?
-            .map_err(|_| OpenAiError::server("the embedding model thread stopped"))?;
-        let (output, _) = answer.map_err(|e| OpenAiError::server(format!("embedding: {e:#}")))?;
+        let output = run_queued(&self.queue, tokens, self.embedder.name(), |w| self.embedder.submit(inputs, w)).await?;
         crate::query::vectors(output).map_err(|e| OpenAiError::server(format!("{e:#}")))
     }
 
@@ -295,9 +320,334 @@ fn prepare_tokens(e: &QueryEmbedder, ids: &[i64], kind: InputType) -> Result<Pre
     e.prepare_tokens(ids, kind).map_err(|err| OpenAiError::invalid("input", format!("{err:#}")))
 }
 
+/// One NER or sentiment model as the API serves it: its thread, its tokenizer, its token queue.
+pub struct ServedModel {
+    config: ModelConfig,
+    thread: ModelThread,
+    tokenizer: ModelTokenizer,
+    queue: TokenQueue,
+    /// NER: the entity types it finds, in the worker's vocabulary; sentiment: its classes.
+    labels: Vec<String>,
+}
+
+/// What `/v1/entities` or `/v1/sentiment` runs: every model of `models.ner` or
+/// `models.sentiment`, each on its own thread with its own queue, and the routes that pick one
+/// per input by its language — the worker's routes (`routing::Routes`), so an input gets the
+/// model, or the reason for none, that the same text gets as a turn.
+pub struct Classifiers {
+    task: Task,
+    models: Vec<ServedModel>,
+    routes: Routes,
+    languages: Arc<Languages>,
+}
+
+/// An input's language as the API resolved it.
+#[derive(Debug, Clone, PartialEq)]
+struct InputLanguage {
+    code: String,
+    confidence: f32,
+    /// `request` (the request's `language`) or `detected`.
+    source: &'static str,
+}
+
+/// One input's language and model.
+struct Planned {
+    language: Option<InputLanguage>,
+    route: Route,
+}
+
+/// `input` of `/v1/entities` and `/v1/sentiment`: a string or an array of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TextInput {
+    Text(String),
+    Texts(Vec<String>),
+}
+
+/// `language` of `/v1/entities` and `/v1/sentiment`: one code for every input, or one per
+/// input (null: detect that one's).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum LanguageInput {
+    One(String),
+    Each(Vec<Option<String>>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    pub input: TextInput,
+    /// One of the task's configured model names: every input goes to it, whatever its language.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The inputs' language(s), ISO 639-1 (`fr`, `pt-BR`); without, each input's language is
+    /// detected as the worker detects a turn's (`pipeline.language`).
+    #[serde(default)]
+    pub language: Option<LanguageInput>,
+}
+
+impl Classifiers {
+    /// Loads every model of the task (`Task::TokenClassification`: `models.ner`,
+    /// `Task::SequenceClassification`: `models.sentiment`), each warm before this returns
+    /// (blocking).
+    pub fn load(
+        task: Task,
+        configs: &[ModelConfig],
+        device: tch::Device,
+        languages: Arc<Languages>,
+        max_queued_tokens: usize,
+    ) -> anyhow::Result<Self> {
+        let label = crate::infer::runner::task_name(task);
+        anyhow::ensure!(!configs.is_empty(), "serve.models names {label}, but models.{label} has no model");
+        let routes = Routes::new(label, configs)?;
+        let models = configs
+            .iter()
+            .map(|cfg| {
+                let folder = ModelFolder::open(&cfg.path).with_context(|| format!("the {label} model {}", cfg.name))?;
+                let tokenizer = ModelTokenizer::load(&folder).with_context(|| format!("the tokenizer of {}", cfg.name))?;
+                let labels = match task {
+                    Task::TokenClassification => crate::infer::ner::entity_types(&folder.config.labels()),
+                    _ => folder.config.labels(),
+                };
+                let managed = crate::infer::manager::ManagedModel::new(task, cfg.clone(), device)?;
+                let thread = ModelThread::spawn(managed, true, NerSettings::default()).with_context(|| format!("loading {}", cfg.name))?;
+                Ok(ServedModel { config: cfg.clone(), thread, tokenizer, queue: TokenQueue::new(max_queued_tokens), labels })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { task, models, routes, languages })
+    }
+
+    /// The task's name in the API (`ner`, `sentiment`).
+    fn label(&self) -> &'static str {
+        crate::infer::runner::task_name(self.task)
+    }
+
+    /// Each input's language (the request's, else detected) and model (the request's `model`,
+    /// else the route of its language).
+    fn plan(&self, texts: &[String], model: Option<&str>, language: Option<LanguageInput>) -> Result<Vec<Planned>, OpenAiError> {
+        let forced = match model {
+            Some(name) => match self.models.iter().position(|m| m.config.name == name) {
+                Some(i) => Some(i),
+                None => {
+                    let names: Vec<&str> = self.models.iter().map(|m| m.config.name.as_str()).collect();
+                    return Err(OpenAiError::model_not_found(format!(
+                        "The model `{name}` does not exist: the {} models are {} (GET /v1/models)",
+                        self.label(),
+                        names.join(", ")
+                    )));
+                }
+            },
+            None => None,
+        };
+        let given: Vec<Option<String>> = match language {
+            None => vec![None; texts.len()],
+            Some(LanguageInput::One(code)) => vec![Some(code); texts.len()],
+            Some(LanguageInput::Each(codes)) if codes.len() == texts.len() => codes,
+            Some(LanguageInput::Each(codes)) => {
+                return Err(OpenAiError::invalid(
+                    "language",
+                    format!("language has {} entries for {} inputs: give one code, or one per input", codes.len(), texts.len()),
+                ));
+            }
+        };
+        Ok(texts
+            .iter()
+            .zip(given)
+            .map(|(text, code)| {
+                let language = match code.map(|c| crate::language::normalize(&c)).filter(|c| !c.is_empty()) {
+                    Some(code) => Some(InputLanguage { code, confidence: 1.0, source: "request" }),
+                    None => self.languages.detect(text).map(|d| InputLanguage { code: d.code.into(), confidence: d.confidence, source: "detected" }),
+                };
+                let route = match forced {
+                    Some(i) => Route::Model(i),
+                    None => self.routes.route(language.as_ref().map(|l| l.code.as_str())),
+                };
+                Planned { language, route }
+            })
+            .collect())
+    }
+
+    /// Runs the inputs routed to model `i` (in order) through its queue; the output and the
+    /// tokens it computed.
+    async fn run(&self, i: usize, texts: &[&str]) -> Result<(Output, usize), OpenAiError> {
+        let m = &self.models[i];
+        let invalid = |e: crate::infer::ModelError| OpenAiError::invalid("input", format!("{}: {e}", m.config.name));
+        // tokenized as the prepare stage tokenizes a turn for this model
+        let (input, tokens) = match self.task {
+            Task::TokenClassification => {
+                let inputs: Vec<Arc<NerInput>> = texts
+                    .iter()
+                    .map(|t| Ok(Arc::new(NerInput { text: t.to_string(), encoding: m.tokenizer.encode_untruncated_one(t).map_err(invalid)? })))
+                    .collect::<Result<_, OpenAiError>>()?;
+                let tokens = inputs.iter().map(|n| n.encoding.len()).sum();
+                (ModelInput::Ner(inputs), tokens)
+            }
+            _ => {
+                let ids: Vec<Vec<i64>> = texts.iter().map(|t| m.tokenizer.encode_ids_one(t).map_err(invalid)).collect::<Result<_, _>>()?;
+                let tokens = ids.iter().map(Vec::len).sum();
+                (ModelInput::Ids(ids), tokens)
+            }
+        };
+        let output = run_queued(&m.queue, tokens, &m.config.name, |w| m.thread.submit_withdrawable(input, w)).await?;
+        Ok((output, tokens))
+    }
+
+    /// Every input's language, model and output, in input order; the models of a request run
+    /// at once, each input batched with concurrent requests' on its model's thread.
+    async fn classify(&self, request: ClassifyRequest) -> Result<Answer, OpenAiError> {
+        let texts = match request.input {
+            TextInput::Text(t) => vec![t],
+            TextInput::Texts(ts) => ts,
+        };
+        check_count(texts.len())?;
+        if texts.iter().any(|t| t.trim().is_empty()) {
+            return Err(OpenAiError::invalid("input", "an input is empty or only blanks"));
+        }
+        let plan = self.plan(&texts, request.model.as_deref(), request.language)?;
+        let per_model: Vec<Vec<usize>> = (0..self.models.len())
+            .map(|i| (0..texts.len()).filter(|&k| plan[k].route == Route::Model(i)).collect())
+            .collect();
+        let runs = per_model.iter().enumerate().filter(|(_, idx)| !idx.is_empty()).map(|(i, idx)| {
+            let texts: Vec<&str> = idx.iter().map(|&k| texts[k].as_str()).collect();
+            async move { self.run(i, &texts).await.map(|run| (i, run)) }
+        });
+        let runs = futures::future::try_join_all(runs).await?;
+        let mut outputs: Vec<Option<Classified>> = (0..texts.len()).map(|_| None).collect();
+        let mut tokens = 0;
+        for (i, (output, computed)) in runs {
+            let idx = &per_model[i];
+            let model = &self.models[i].config.name;
+            let per_input: Vec<Classification> = match (self.task, output) {
+                (Task::TokenClassification, Output::Entities(all)) if all.len() == idx.len() => {
+                    all.into_iter().map(Classification::Entities).collect()
+                }
+                (Task::SequenceClassification, Output::Probabilities(all)) if all.len() == idx.len() => {
+                    all.into_iter().map(Classification::Probabilities).collect()
+                }
+                (_, other) => return Err(OpenAiError::server(format!("{model} answered {other:?} for {} inputs", idx.len()))),
+            };
+            for (&k, output) in idx.iter().zip(per_input) {
+                outputs[k] = Some(Classified { model: model.clone(), output });
+            }
+            tokens += computed;
+        }
+        Ok(Answer { plan, outputs, tokens })
+    }
+
+    /// `/v1/models` rows of the task's models.
+    fn model_rows(&self) -> Vec<Value> {
+        let all = self.routes.languages();
+        self.models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let report = m.thread.load_report();
+                json!({
+                    "id": m.config.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "convoflow",
+                    "task": self.label(),
+                    "languages": all[i],
+                    "labels": m.labels,
+                    "max_input_tokens": m.tokenizer.max_positions,
+                    "dtype": report.as_ref().map(|r| format!("{:?}", r.kind).to_lowercase()),
+                    "device": report.as_ref().map(|r| crate::infer::device::label(r.device)),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One input's output from the model it went to.
+struct Classified {
+    model: String,
+    output: Classification,
+}
+
+enum Classification {
+    Entities(Vec<Entity>),
+    /// Over the model's classes (sentiment: 1 to n stars).
+    Probabilities(Vec<f32>),
+}
+
+/// What a request's inputs got: per input its language and route (`plan`) and its output
+/// (None: routed to no model), and the tokens computed.
+struct Answer {
+    plan: Vec<Planned>,
+    outputs: Vec<Option<Classified>>,
+    tokens: usize,
+}
+
+impl Answer {
+    /// The response: per input its `index`, language, `model`, and what `item` makes of its
+    /// output — or `skipped` with the worker's reason (`unsupported-language`,
+    /// `unknown-language`) where no model covers its language.
+    fn response(self, object: &str, item: impl Fn(Classification) -> Value) -> Json<Value> {
+        let data: Vec<Value> = self
+            .plan
+            .into_iter()
+            .zip(self.outputs)
+            .enumerate()
+            .map(|(index, (planned, output))| {
+                let mut row = json!({
+                    "object": object,
+                    "index": index,
+                    "language": planned.language.as_ref().map(|l| l.code.clone()),
+                    "language_confidence": planned.language.as_ref().map(|l| l.confidence),
+                    "language_source": planned.language.as_ref().map(|l| l.source),
+                });
+                match (planned.route, output) {
+                    (_, Some(Classified { model, output })) => {
+                        row["model"] = json!(model);
+                        if let (Value::Object(row), Value::Object(fields)) = (&mut row, item(output)) {
+                            row.extend(fields);
+                        }
+                    }
+                    (Route::Skipped(reason), None) => {
+                        row["model"] = Value::Null;
+                        row["skipped"] = json!(reason.as_str());
+                    }
+                    (Route::Model(_), None) => unreachable!("every routed input has its model's output (classify)"),
+                }
+                row
+            })
+            .collect();
+        Json(json!({ "object": "list", "data": data, "usage": { "prompt_tokens": self.tokens, "total_tokens": self.tokens } }))
+    }
+}
+
+/// `POST /v1/entities`: each input's entities (character offsets into the input, as the
+/// worker's events give them), from the NER model its language routes to.
+pub async fn entities(service: &Classifiers, request: ClassifyRequest) -> Result<Json<Value>, OpenAiError> {
+    let answer = service.classify(request).await?;
+    Ok(answer.response("entities", |output| match output {
+        Classification::Entities(entities) => json!({ "entities": entities.into_iter().map(|e| json!({
+            "text": e.text, "label": e.label, "start": e.start, "end": e.end, "score": e.score,
+        })).collect::<Vec<_>>() }),
+        // a NER model's output is entities (`classify`)
+        Classification::Probabilities(_) => Value::Null,
+    }))
+}
+
+/// `POST /v1/sentiment`: each input's stars (the most probable), expected stars (the
+/// probability-weighted mean: the worker's `sentiment.score`) and probabilities, from the
+/// sentiment model its language routes to.
+pub async fn sentiment(service: &Classifiers, request: ClassifyRequest) -> Result<Json<Value>, OpenAiError> {
+    let answer = service.classify(request).await?;
+    Ok(answer.response("sentiment", |output| match output {
+        Classification::Probabilities(p) => {
+            let (stars, expected) = crate::infer::stars(&p);
+            json!({ "stars": stars, "expected_stars": expected, "probabilities": p })
+        }
+        // a sentiment model's output is probabilities (`classify`)
+        Classification::Entities(_) => Value::Null,
+    }))
+}
+
 /// `GET /v1/models`: the loaded models in OpenAI's list shape, with what they are.
-pub fn models(service: Option<&EmbeddingService>) -> Value {
-    let data: Vec<Value> = service
+pub fn models(service: Option<&EmbeddingService>, classifiers: &[&Classifiers]) -> Value {
+    let mut data: Vec<Value> = service
         .iter()
         .map(|s| {
             let e = &s.embedder;
@@ -315,6 +665,7 @@ pub fn models(service: Option<&EmbeddingService>) -> Value {
             })
         })
         .collect();
+    data.extend(classifiers.iter().flat_map(|c| c.model_rows()));
     json!({ "object": "list", "data": data })
 }
 

@@ -111,6 +111,21 @@ impl Routes {
         Ok(routes)
     }
 
+    /// Per model (in list order) the languages routed to it, sorted; `*` for the fallback.
+    pub fn languages(&self) -> Vec<Vec<String>> {
+        let mut out: Vec<Vec<String>> = vec![vec![]; self.models];
+        for (code, &i) in &self.by_language {
+            out[i].push(code.clone());
+        }
+        for l in &mut out {
+            l.sort();
+        }
+        if let Some(i) = self.fallback {
+            out[i].push(ANY.to_string());
+        }
+        out
+    }
+
     /// The model for a turn in `language` (ISO 639-1, as `language` resolved it).
     pub fn route(&self, language: Option<&str>) -> Route {
         let named = language.and_then(|l| self.by_language.get(l).copied());
@@ -165,6 +180,11 @@ mod tests {
         assert_eq!(routes.route(Some("de")), Route::Model(1));
         assert_eq!(routes.route(Some("ja")), Route::Model(1));
         assert_eq!(routes.route(None), Route::Model(1), "an unknown language still has the * model");
+        // as /v1/models lists them
+        let with = Routes::new("ner", &[model("xlmr", &["*", "de"]), model("camembert", &["fr", "FR-ca"])]);
+        assert!(with.is_err(), "fr claimed twice");
+        let listed = Routes::new("ner", &[model("xlmr", &["*", "it", "de"]), model("camembert", &["fr"])]).unwrap().languages();
+        assert_eq!(listed, vec![vec!["de".to_string(), "it".into(), "*".into()], vec!["fr".into()]]);
     }
 
     #[test]

@@ -37,9 +37,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{info, warn};
 
 use crate::ask::{self, Answer, AskError, TokenCounter};
-use crate::config::{Config, Secret, ServeConfig};
+use crate::config::{Config, Secret, ServeConfig, ServedTask};
 use crate::llm::{LlmClient, LlmError};
-use crate::model_api::{self, EmbeddingService, OpenAiError, TokenQueue};
+use crate::model_api::{self, Classifiers, EmbeddingService, OpenAiError, TokenQueue};
 use crate::query::{self, GroupBy, QueryEmbedder};
 use crate::sink::store::{SearchFilter, StoreError, VectorStore};
 use crate::telemetry;
@@ -182,8 +182,14 @@ impl From<AskError> for ApiError {
 
 struct ServeState {
     cfg: Config,
-    store: Arc<dyn VectorStore>,
+    /// The index `/v1/search` and `/v1/ask` read; empty while its collection does not exist
+    /// (a models-only deployment, or before the first worker created it), tried again per search.
+    store: tokio::sync::OnceCell<Arc<dyn VectorStore>>,
     embedding: Option<EmbeddingService>,
+    /// `/v1/entities` (`serve.models` names `ner`).
+    ner: Option<Classifiers>,
+    /// `/v1/sentiment` (`serve.models` names `sentiment`).
+    sentiment: Option<Classifiers>,
     llm: Option<Arc<LlmClient>>,
     counter: Arc<TokenCounter>,
     budgets: Budgets,
@@ -243,7 +249,7 @@ impl Budgets {
     /// The budget a request takes a slot of; None: it takes none (probes, unknown routes).
     fn of(&self, method: &Method, path: &str) -> Option<&Budget> {
         match (method, path) {
-            (&Method::POST, "/v1/search" | "/v1/embeddings") => Some(&self.search),
+            (&Method::POST, "/v1/search" | "/v1/embeddings" | "/v1/entities" | "/v1/sentiment") => Some(&self.search),
             (&Method::POST, "/v1/ask") => Some(&self.ask),
             _ => None,
         }
@@ -274,7 +280,33 @@ impl ServeState {
         }
         let filter = filters.to_filter()?;
         let dense = self.embed(text).await?;
-        Ok(self.store.search(&query::hybrid_query(text, dense, filter, k, group_by)).await?)
+        Ok(self.store().await?.search(&query::hybrid_query(text, dense, filter, k, group_by)).await?)
+    }
+
+    /// The store on its collection, opened now if it was not yet; 503 while it does not exist.
+    async fn store(&self) -> Result<&Arc<dyn VectorStore>, ApiError> {
+        self.store
+            .get_or_try_init(|| query::open_store(&self.cfg))
+            .await
+            .map_err(|e| ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("{e:#}") })
+    }
+}
+
+/// The store on its existing collection, or an empty cell when the collection is not created
+/// yet, or — `serve.models` without `embedding` — its dense size is unknown: the models are
+/// served meanwhile. Any other store fault stops the start.
+async fn open_store(cfg: &Config) -> Result<tokio::sync::OnceCell<Arc<dyn VectorStore>>> {
+    if !cfg.serve.models.contains(&ServedTask::Embedding) && query::dense_dim(cfg).is_err() {
+        warn!("serve.models leaves out embedding and qdrant.dense_dim is not set: no index to search, /v1/search and /v1/ask answer 503");
+        return Ok(tokio::sync::OnceCell::new());
+    }
+    match query::open_store(cfg).await {
+        Ok(store) => Ok(tokio::sync::OnceCell::new_with(Some(store))),
+        Err(e) if matches!(e.downcast_ref::<StoreError>(), Some(StoreError::MissingCollection(_))) => {
+            warn!("{e:#}: serving the models; /v1/search and /v1/ask answer 503 until a worker creates it");
+            Ok(tokio::sync::OnceCell::new())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -286,16 +318,38 @@ pub async fn start(
     telemetry::prometheus();
     // a budget setting that cannot work fails before anything is loaded
     let budgets = Budgets::new(&cfg.serve)?;
-    let store = query::open_store(&cfg).await?;
-    let embedder = {
+    let store = open_store(&cfg).await?;
+    let serves = |task| cfg.serve.models.contains(&task);
+    let embedder = if serves(ServedTask::Embedding) {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || QueryEmbedder::load(&cfg)).await.context("loading the embedding model")??
+    } else {
+        None
     };
     match &embedder {
         Some(e) => info!(model = %e.name(), "embedding model loaded for queries"),
-        None => warn!("no embedding model folder configured: searches are BM25 only"),
+        None if serves(ServedTask::Embedding) => warn!("no embedding model folder configured: searches are BM25 only"),
+        None => warn!("serve.models leaves out embedding: searches are BM25 only, /v1/embeddings answers 404"),
     }
     let embedding = embedder.map(|e| EmbeddingService { embedder: Arc::new(e), queue: TokenQueue::new(cfg.serve.max_queued_tokens) });
+    let (ner, sentiment) = if serves(ServedTask::Ner) || serves(ServedTask::Sentiment) {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
+            let languages = Arc::new(crate::language::Languages::new(&cfg.pipeline.language)?);
+            let load = |task, served, list: &crate::config::ModelList| {
+                cfg.serve.models.contains(&served).then(|| Classifiers::load(task, &list.0, device, languages.clone(), cfg.serve.max_queued_tokens)).transpose()
+            };
+            Ok((
+                load(crate::infer::Task::TokenClassification, ServedTask::Ner, &cfg.models.ner)?,
+                load(crate::infer::Task::SequenceClassification, ServedTask::Sentiment, &cfg.models.sentiment)?,
+            ))
+        })
+        .await
+        .context("loading the NER and sentiment models")??
+    } else {
+        (None, None)
+    };
     let llm = if cfg.llm.is_configured() { Some(Arc::new(LlmClient::new(&cfg.llm)?)) } else { None };
     let counter = Arc::new(TokenCounter::new(&cfg.llm)?);
     let listener = tokio::net::TcpListener::bind(&cfg.serve.listen).await.with_context(|| format!("binding serve.listen {}", cfg.serve.listen))?;
@@ -305,6 +359,8 @@ pub async fn start(
         api_key: cfg.serve.api_key.clone(),
         store,
         embedding,
+        ner,
+        sentiment,
         llm,
         counter,
         cfg,
@@ -317,7 +373,8 @@ pub async fn start(
     Ok((addr, task))
 }
 
-const ROUTES: &str = "POST /v1/search, POST /v1/ask, POST /v1/embeddings, GET /v1/models, GET /healthz, GET /metrics";
+const ROUTES: &str =
+    "POST /v1/search, POST /v1/ask, POST /v1/embeddings, POST /v1/entities, POST /v1/sentiment, GET /v1/models, GET /healthz, GET /metrics";
 
 fn router(state: Shared) -> Router {
     let limit = state.cfg.serve.max_body_bytes;
@@ -325,7 +382,12 @@ fn router(state: Shared) -> Router {
         .route("/v1/search", axum::routing::post(search))
         .route("/v1/ask", axum::routing::post(ask_route))
         .route("/v1/embeddings", axum::routing::post(embeddings_route))
-        .route("/v1/models", axum::routing::get(|State(state): State<Shared>| async move { Json(model_api::models(state.embedding.as_ref())) }))
+        .route("/v1/entities", axum::routing::post(entities_route))
+        .route("/v1/sentiment", axum::routing::post(sentiment_route))
+        .route("/v1/models", axum::routing::get(|State(state): State<Shared>| async move {
+            let classifiers: Vec<&Classifiers> = state.ner.iter().chain(&state.sentiment).collect();
+            Json(model_api::models(state.embedding.as_ref(), &classifiers))
+        }))
         .route("/healthz", axum::routing::get(healthz))
         .route("/metrics", axum::routing::get(|| async {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], telemetry::prometheus().render())
@@ -362,6 +424,8 @@ async fn admit(State(state): State<Shared>, request: Request, next: Next) -> Res
         "/v1/search" => "search",
         "/v1/ask" => "ask",
         "/v1/embeddings" => "embeddings",
+        "/v1/entities" => "entities",
+        "/v1/sentiment" => "sentiment",
         "/v1/models" => "models",
         "/healthz" => "healthz",
         "/metrics" => "metrics",
@@ -511,18 +575,21 @@ impl Drop for CancelOnDrop {
 }
 
 async fn healthz(State(state): State<Shared>) -> Response {
-    let store = tokio::time::timeout(Duration::from_secs(5), state.store.count(&SearchFilter::default())).await;
     let mut problems = vec![];
-    let points = match store {
-        Ok(Ok(n)) => Some(n),
-        Ok(Err(e)) => {
-            problems.push(format!("store: {e}"));
-            None
-        }
-        Err(_) => {
-            problems.push("store: no answer within 5 s".to_string());
-            None
-        }
+    // no collection yet is no fault of serve's (the models still answer): `points` stays null
+    let points = match state.store().await {
+        Err(_) => None,
+        Ok(store) => match tokio::time::timeout(Duration::from_secs(5), store.count(&SearchFilter::default())).await {
+            Ok(Ok(n)) => Some(n),
+            Ok(Err(e)) => {
+                problems.push(format!("store: {e}"));
+                None
+            }
+            Err(_) => {
+                problems.push("store: no answer within 5 s".to_string());
+                None
+            }
+        },
     };
     if state.embedding.is_some() {
         match tokio::time::timeout(Duration::from_secs(5), state.embed("health")).await {
@@ -534,7 +601,7 @@ async fn healthz(State(state): State<Shared>) -> Response {
     let body = json!({
         "status": if problems.is_empty() { "ok" } else { "unhealthy" },
         "problems": problems,
-        "store": state.store.backend(),
+        "store": state.store.get().map_or("no collection yet", |s| s.backend()),
         "points": points,
         "embedding": state.embedding.as_ref().map(|e| e.embedder.name().to_string()),
         // the last exchange's outcome, never a probe: an LLM outage fails asks, not this health
@@ -566,6 +633,34 @@ async fn embeddings_route(State(state): State<Shared>, body: Bytes) -> Response 
     };
     match model_api::embeddings(service, request).await {
         Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/entities` (errors in OpenAI's shape, `model_api`).
+async fn entities_route(State(state): State<Shared>, body: Bytes) -> Response {
+    classify_route(state.ner.as_ref(), "ner", &body, model_api::entities).await
+}
+
+/// `POST /v1/sentiment`.
+async fn sentiment_route(State(state): State<Shared>, body: Bytes) -> Response {
+    classify_route(state.sentiment.as_ref(), "sentiment", &body, model_api::sentiment).await
+}
+
+async fn classify_route<'a, F, Fut>(service: Option<&'a Classifiers>, task: &str, body: &[u8], run: F) -> Response
+where
+    F: FnOnce(&'a Classifiers, model_api::ClassifyRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<Json<Value>, OpenAiError>>,
+{
+    let Some(service) = service else {
+        return OpenAiError::model_not_found(format!("no {task} model is loaded: serve.models does not name {task}")).into_response();
+    };
+    let request = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return OpenAiError::invalid("input", format!("the body is not a {task} request: {e}")).into_response(),
+    };
+    match run(service, request).await {
+        Ok(answer) => answer.into_response(),
         Err(e) => e.into_response(),
     }
 }

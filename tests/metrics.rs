@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::flaky_store::FlakyStore;
 use common::*;
-use convoflow::config::ModelConfig;
 use convoflow::sample::SampleGenerator;
 use convoflow::sink::store;
 use convoflow::worker;
@@ -51,16 +50,7 @@ async fn readiness_waits_for_the_model_and_lag_rises_while_stalled_then_drains_t
     cfg.telemetry.listen = format!("127.0.0.1:{port}");
     cfg.telemetry.liveness_progress_stall_ms = 3_000; // a wedged store call fails liveness soon
     let minilm = PathBuf::from(std::env::var("CONVOFLOW_MINILM").expect("CONVOFLOW_MINILM: run with scripts/test"));
-    cfg.models.embedding = Some(ModelConfig {
-        name: "sentence-transformers/all-MiniLM-L6-v2".into(),
-        path: minilm,
-        dtype: "fp32".into(),
-        batch_size: 64,
-        max_batch_tokens: 8_192,
-        document_prefix: String::new(),
-        query_template: "{query}".into(),
-        languages: vec![],
-    });
+    cfg.models.embedding = Some(common::routed::model("sentence-transformers/all-MiniLM-L6-v2", minilm));
     let gated = Arc::new(FlakyStore::stalled(store::open(&cfg.qdrant).unwrap()));
     let stop = Arc::new(AtomicBool::new(false));
     let worker = tokio::spawn(worker::run_with_store(cfg, stop.clone(), gated.clone()));

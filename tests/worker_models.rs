@@ -12,24 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use convoflow::config::{Config, ModelConfig};
+use common::routed::{self, model};
+use convoflow::config::Config;
 use convoflow::event::Conversation;
 use convoflow::sample::SampleGenerator;
 use convoflow::sink::store::{self, HybridQuery, SearchFilter};
 use convoflow::worker;
-
-fn model(name: &str, path: PathBuf) -> ModelConfig {
-    ModelConfig {
-        name: name.into(),
-        path,
-        dtype: "fp32".into(),
-        batch_size: 64,
-        max_batch_tokens: 8_192,
-        document_prefix: String::new(),
-        query_template: "{query}".into(),
-        languages: vec![],
-    }
-}
 
 fn env_path(var: &str) -> PathBuf {
     PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests with scripts/test")))
@@ -261,74 +249,16 @@ async fn a_dead_model_thread_or_a_device_fault_stops_the_worker_uncommitted_and_
     assert_eq!(records_in(&topics.dlq()), 0);
 }
 
-/// The mixed conversation's turns: (text, the language lingua should find, how it is known).
-const MIXED: &[(&str, &str, &str)] = &[
-    ("Bonjour, je voudrais savoir pourquoi ma facture a encore augmenté ce mois-ci.", "fr", "detected"),
-    ("Hello, I have been waiting for my refund from your London office for three weeks now.", "en", "detected"),
-    ("Guten Tag, mein Paket ist immer noch nicht in Berlin angekommen, können Sie mir helfen?", "de", "detected"),
-    ("مرحبا، لم يصل طلبي بعد إلى القاهرة، هل يمكنك مساعدتي من فضلك؟", "ar", "detected"),
-    ("Dzień dobry, chciałbym zapytać o status mojego zamówienia z Warszawy.", "pl", "detected"),
-    ("Merci !", "fr", "inherited"),
-    ("Le technicien passera jeudi matin à Toulouse pour vérifier la box.", "fr", "detected"),
-    ("Danke, dann warte ich noch auf das Paket bis Freitag.", "de", "detected"),
-    ("D'accord, je vous remercie beaucoup pour votre aide et votre patience.", "fr", "detected"),
-];
-
-/// Routed as the reference set-up is, with the multilingual NER model given its ten languages
-/// (not "*"), so that a Polish turn is covered by no NER model and by no sentiment model.
-fn routed_config(topics: &Topics) -> Config {
-    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
-    let mut cfg = config(topics);
-    let with = |mut m: ModelConfig, languages: &[&str]| {
-        m.languages = languages.iter().map(|l| l.to_string()).collect();
-        m
-    };
-    cfg.models.ner = convoflow::config::ModelList(vec![
-        with(model("camembert-ner (random)", fixtures.join("ner-camembert")), &["fr"]),
-        with(model("xlm-roberta-base-ner-hrl (random)", fixtures.join("ner-xlmr")), &["ar", "de", "en", "es", "it", "lv", "nl", "pt", "zh"]),
-    ]);
-    cfg.models.sentiment.0[0].languages = ["en", "nl", "de", "fr", "it", "es"].iter().map(|l| l.to_string()).collect();
-    cfg
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_language_conversation_is_routed_turn_by_turn_and_searchable_by_detected_language() {
-    let topics = Topics::new("models-mixed");
-    create_topic(&topics.input, 1).await;
-    let mut event = SampleGenerator::new(31).conversation(1);
-    let template = event.turns[0].clone();
-    event.language = None; // as most real producers send it
-    event.turns = MIXED
-        .iter()
-        .enumerate()
-        .map(|(i, (text, _, _))| convoflow::event::Turn {
-            turn_id: format!("t{i}"),
-            text: text.to_string(),
-            ts: template.ts + i as i64 * 1000,
-            ..template.clone()
-        })
-        .collect();
-    produce_conversations(&topics.input, std::slice::from_ref(&event)).await;
-    let cfg = routed_config(&topics);
-    let store = store::open(&cfg.qdrant).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = tokio::spawn(worker::run_with_store(cfg.clone(), stop.clone(), store.clone()));
-    let output = topics.output.clone();
-    let records = tokio::task::spawn_blocking(move || read_topic(&output, 1, Duration::from_secs(180), Duration::from_millis(500)))
-        .await
-        .unwrap();
-    stop.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(30), worker).await.unwrap().unwrap().unwrap();
-    drop(store); // the search command opens the same directory
-    assert_eq!(records.len(), 1);
-    let e = records[0].enriched();
+    let routed::EnrichedMixed { cfg, enriched: e, .. } = routed::enrich_mixed("models-mixed").await;
     eprintln!("the enriched event:\n{}", serde_json::to_string_pretty(&e).unwrap());
 
     assert_eq!(e.language.as_deref(), Some("fr"), "the conversation's language is its turns' majority");
     assert_eq!(e.models.iter().filter(|m| m.task == "ner").count(), 2, "{:?}", e.models);
-    let (camembert, xlmr) = ("camembert-ner (random)", "xlm-roberta-base-ner-hrl (random)");
+    let (camembert, xlmr) = (routed::CAMEMBERT, routed::XLMR);
     let mut found = HashMap::<&str, usize>::new();
-    for (turn, (text, language, source)) in e.turns.iter().zip(MIXED) {
+    for (turn, (text, language, source)) in e.turns.iter().zip(routed::MIXED) {
         assert_eq!((turn.language.as_deref(), turn.language_source.as_deref()), (Some(*language), Some(*source)), "{text}");
         let ner_model = match *language {
             "fr" => Some(camembert),
@@ -350,11 +280,11 @@ async fn a_mixed_language_conversation_is_routed_turn_by_turn_and_searchable_by_
         assert_eq!(turn.sentiment.is_some(), rated, "{text}");
         assert_eq!(turn.sentiment_skipped.as_deref(), (!rated).then_some("unsupported-language"), "{text}");
         if let Some(s) = &turn.sentiment {
-            assert_eq!(s.model.as_deref(), Some("bert-base-multilingual-uncased-sentiment architecture (random, untrained)"));
+            assert_eq!(s.model.as_deref(), Some(routed::SENTIMENT));
         }
     }
     assert!(found[camembert] > 0 && found[xlmr] > 0, "each NER model found some (random) entities: {found:?}");
-    assert_eq!(e.sentiment_trajectory.len(), MIXED.iter().filter(|(_, l, _)| ["en", "de", "fr"].contains(l)).count());
+    assert_eq!(e.sentiment_trajectory.len(), routed::MIXED.iter().filter(|(_, l, _)| ["en", "de", "fr"].contains(l)).count());
 
     // `search --language de` finds the German turns, though the event said no language
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoflow"))

@@ -32,6 +32,19 @@ pub fn normalize_label(entity_type: &str) -> String {
     }
 }
 
+/// The entity types a model's labels (`B-PER`, `I-PER`, `O`, …) find, normalised, in first-seen
+/// order.
+pub fn entity_types(labels: &[String]) -> Vec<String> {
+    let mut types: Vec<String> = Vec::new();
+    for label in labels.iter().filter(|l| l.as_str() != "O") {
+        let t = normalize_label(tag(label).1);
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    types
+}
+
 struct TokenLabel {
     label: usize,
     score: f32,
@@ -192,5 +205,7 @@ mod tests {
         assert_eq!(normalize_label("MISC"), "MISC");
         assert_eq!(normalize_label("DATE"), "DATE");
         assert_eq!(normalize_label("O"), "O");
+        let labels: Vec<String> = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-DATE", "I-LOC", "person"].map(String::from).to_vec();
+        assert_eq!(entity_types(&labels), ["PER", "ORG", "DATE", "LOC"], "each type once, B-/I- and spellings merged");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod flaky_store;
 pub mod prometheus;
+pub mod routed;
 pub mod serving;
 pub mod scene;
 

@@ -1,8 +1,11 @@
-//! `convoflow serve`'s OpenAI-compatible `/v1/embeddings` and `/v1/models`, called by clients
-//! convoflow did not write — the official `openai` Python client and LangChain's
-//! `OpenAIEmbeddings` (PyPI, `CONVOFLOW_API_PY`, scripts/fixtures/openai_embeddings.py) — and
-//! checked against the vectors the model runtime gives the worker and `search` (real
-//! multilingual-e5-small weights, CPU), plus the API's own refusals over plain HTTP.
+//! The models over HTTP (`convoflow serve`, src/model_api.rs). The OpenAI-compatible
+//! `/v1/embeddings` and `/v1/models` called by clients convoflow did not write — the official
+//! `openai` Python client and LangChain's `OpenAIEmbeddings` (PyPI, `CONVOFLOW_API_PY`,
+//! scripts/fixtures/openai_embeddings.py) — and checked against the vectors the model runtime
+//! gives the worker and `search` (real multilingual-e5-small weights, CPU), plus the API's own
+//! refusals over plain HTTP; `/v1/entities` and `/v1/sentiment` checked against what the worker
+//! writes into the enriched event for the same turns (a mixed-language conversation through
+//! the real broker, the models routed by language).
 
 mod common;
 
@@ -10,6 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use common::routed;
 use common::serving::{Serve, env_path};
 use convoflow::config::{QdrantConfig, StoreBackend};
 use convoflow::infer::hf::ModelFolder;
@@ -219,4 +223,147 @@ async fn token_inputs_truncation_models_and_the_bounded_queue() {
     // /v1/search embeds its query through the same queue and still answers
     let (status, _, _, answer) = post(&agent, &format!("{}/v1/search", serve.base), &json!({"query": "colis", "k": 1}));
     assert_eq!(status, 200, "{answer}");
+}
+
+/// POST with the key, for a JSON answer.
+fn post_json(agent: &ureq::Agent, url: &str, body: &Value) -> (u16, Value) {
+    let (status, _, _, answer) = post(agent, url, body);
+    (status, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_and_sentiment_over_http_equal_what_the_worker_writes_for_the_same_turns() {
+    // the worker enriches the mixed conversation with the routed models
+    let routed::EnrichedMixed { cfg, sent: event, enriched } = routed::enrich_mixed("api-parity").await;
+
+    // serve with the same models, from a config file (the model lists do not fit in variables)
+    let config = json!({
+        "models": serde_json::to_value(&cfg.models).unwrap(),
+        "pipeline": { "language": serde_json::to_value(&cfg.pipeline.language).unwrap() },
+        "qdrant": { "backend": "edge", "data_dir": cfg.qdrant.data_dir, "collection": cfg.qdrant.collection, "dense_dim": 384 },
+        "gpu": { "device": "cpu" },
+        "serve": { "models": ["embedding", "ner", "sentiment"] },
+    });
+    let path = cfg.qdrant.data_dir.with_extension("serve.yaml");
+    std::fs::write(&path, config.to_string()).unwrap(); // JSON is YAML
+    let serve = Serve::start(&[
+        ("CONVOFLOW_CONFIG".to_string(), path.display().to_string()),
+        ("CONVOFLOW__SERVE__API_KEY".to_string(), KEY.to_string()),
+        ("CONVOFLOW_LOG".to_string(), "warn".to_string()),
+    ]);
+    let agent = agent();
+    let texts: Vec<&str> = enriched.turns.iter().map(|t| event.turns.iter().find(|e| e.turn_id == t.turn_id).unwrap().text.as_str()).collect();
+    let languages: Vec<Option<&str>> = enriched.turns.iter().map(|t| t.language.as_deref()).collect();
+
+    // with each turn's language as the worker resolved it, every turn gets what the worker gave it
+    let (status, ner) = post_json(&agent, &format!("{}/v1/entities", serve.base), &json!({"input": texts, "language": languages}));
+    assert_eq!(status, 200, "{ner}");
+    let (status, stars) = post_json(&agent, &format!("{}/v1/sentiment", serve.base), &json!({"input": texts, "language": languages}));
+    assert_eq!(status, 200, "{stars}");
+    let (mut entities, mut rated) = (0, 0);
+    for (i, turn) in enriched.turns.iter().enumerate() {
+        let (row, srow) = (&ner["data"][i], &stars["data"][i]);
+        assert_eq!((row["index"].as_u64(), row["language"].as_str(), row["language_source"].as_str()), (Some(i as u64), turn.language.as_deref(), Some("request")));
+        assert_eq!(row["skipped"].as_str(), turn.entities_skipped.as_deref(), "{}: {row}", texts[i]);
+        let got = row["entities"].as_array().map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(got.len(), turn.entities.len(), "{}: {row} vs {:?}", texts[i], turn.entities);
+        for (g, w) in got.iter().zip(&turn.entities) {
+            assert_eq!((g["text"].as_str(), g["label"].as_str()), (Some(w.text.as_str()), Some(w.label.as_str())), "{}", texts[i]);
+            assert_eq!((g["start"].as_i64(), g["end"].as_i64()), (Some(i64::from(w.start)), Some(i64::from(w.end))));
+            assert!((g["score"].as_f64().unwrap() as f32 - w.score).abs() < 1e-4, "{g} vs {w:?}");
+            assert_eq!(row["model"].as_str(), w.model.as_deref());
+            // the offsets are characters of the input, as in the event
+            assert_eq!(texts[i].chars().skip(w.start as usize).take((w.end - w.start) as usize).collect::<String>().trim(), w.text.trim());
+            entities += 1;
+        }
+        assert_eq!(srow["skipped"].as_str(), turn.sentiment_skipped.as_deref(), "{}: {srow}", texts[i]);
+        match &turn.sentiment {
+            Some(s) => {
+                assert_eq!((srow["stars"].as_i64(), srow["model"].as_str()), (Some(i64::from(s.stars)), s.model.as_deref()), "{srow}");
+                assert!((srow["expected_stars"].as_f64().unwrap() as f32 - s.score).abs() < 1e-4, "{srow} vs {s:?}");
+                let p = floats(&srow["probabilities"]);
+                assert_eq!(p.len(), s.probabilities.len());
+                assert!(p.iter().zip(&s.probabilities).all(|(a, b)| (a - b).abs() < 1e-4), "{p:?} vs {:?}", s.probabilities);
+                rated += 1;
+            }
+            None => assert!(srow["stars"].is_null() && srow["model"].is_null(), "{srow}"),
+        }
+    }
+    let covered = routed::MIXED.iter().filter(|(_, l, _)| routed::SENTIMENT_LANGUAGES.contains(l)).count();
+    assert!(entities > 0 && rated == covered, "{entities} entities compared, {rated} turns rated");
+    println!("parity with the worker's event: {entities} entities, {rated} sentiments, {} turns", texts.len());
+
+    // without a language, each input's own is detected as the worker detects a turn's: the same
+    // for every turn the worker detected; the turn too short to tell has none here (a request
+    // is no conversation to inherit from) and no NER model takes unknown languages
+    let (status, detected) = post_json(&agent, &format!("{}/v1/entities", serve.base), &json!({"input": texts}));
+    assert_eq!(status, 200, "{detected}");
+    for (i, turn) in enriched.turns.iter().enumerate() {
+        let row = &detected["data"][i];
+        if turn.language_source.as_deref() == Some("detected") {
+            assert_eq!((row["language"].as_str(), row["language_source"].as_str()), (turn.language.as_deref(), Some("detected")), "{row}");
+            assert_eq!(row["entities"], ner["data"][i]["entities"], "{}", texts[i]);
+        } else {
+            assert_eq!((row["language"].as_str(), row["skipped"].as_str()), (None, Some("unknown-language")), "{row}");
+        }
+    }
+    // `model` sends every input to that model, whatever its language
+    let (status, forced) = post_json(&agent, &format!("{}/v1/entities", serve.base), &json!({"input": [texts[4]], "model": routed::XLMR}));
+    assert_eq!((status, forced["data"][0]["model"].as_str(), forced["data"][0]["language"].as_str()), (200, Some(routed::XLMR), Some("pl")), "{forced}");
+    let (status, answer) = post_json(&agent, &format!("{}/v1/sentiment", serve.base), &json!({"input": "x y z", "model": "nlptown"}));
+    assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("model_not_found")), "{answer}");
+    for body in [json!({"input": []}), json!({"input": ["ok", " "]}), json!({"input": ["a", "b"], "language": ["fr"]}), json!({"input": "a", "stars": 3})] {
+        let (status, answer) = post_json(&agent, &format!("{}/v1/sentiment", serve.base), &body);
+        assert_eq!((status, answer["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{body} → {answer}");
+    }
+
+    // /v1/models lists all four, with their languages and labels
+    let mut models = agent.get(format!("{}/v1/models", serve.base)).header("Authorization", &format!("Bearer {KEY}")).call().unwrap();
+    let models: Value = serde_json::from_str(&models.body_mut().read_to_string().unwrap()).unwrap();
+    let rows: Vec<(&str, &str, &Value)> =
+        models["data"].as_array().unwrap().iter().map(|m| (m["id"].as_str().unwrap(), m["task"].as_str().unwrap(), &m["languages"])).collect();
+    assert_eq!(rows.len(), 4, "{models}");
+    assert_eq!((rows[1].0, rows[1].1, rows[1].2), (routed::CAMEMBERT, "ner", &json!(["fr"])));
+    assert_eq!((rows[2].0, rows[2].2.as_array().unwrap().len()), (routed::XLMR, 9));
+    assert_eq!((rows[3].0, rows[3].1), (routed::SENTIMENT, "sentiment"));
+    assert_eq!(models["data"][1]["labels"], json!(["LOC", "PER", "MISC", "ORG"]), "{}", models["data"][1]);
+    assert_eq!(models["data"][3]["labels"].as_array().unwrap().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_only_deployment_needs_no_index() {
+    // sentiment alone, an empty store directory (no collection), no embedding model
+    let fixtures = env_path("CONVOFLOW_MODEL_FIXTURES");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("embeddings-api").join(format!("models-only-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let env: Vec<(String, String)> = [
+        ("CONVOFLOW__QDRANT__DATA_DIR", dir.display().to_string()),
+        ("CONVOFLOW__MODELS__SENTIMENT__NAME", "nlptown (random)".to_string()),
+        ("CONVOFLOW__MODELS__SENTIMENT__PATH", fixtures.join("sentiment-bert").display().to_string()),
+        ("CONVOFLOW__MODELS__SENTIMENT__DTYPE", "fp32".to_string()),
+        ("CONVOFLOW__SERVE__MODELS", "sentiment".to_string()),
+        ("CONVOFLOW__GPU__DEVICE", "cpu".to_string()),
+        ("CONVOFLOW__SERVE__API_KEY", KEY.to_string()),
+        ("CONVOFLOW_LOG", "warn".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let serve = Serve::start(&env);
+    let agent = agent();
+    let (status, stars) = post_json(&agent, &format!("{}/v1/sentiment", serve.base), &json!({"input": ["Super service, merci !", "Nie wieder."]}));
+    assert_eq!(status, 200, "{stars}");
+    for row in stars["data"].as_array().unwrap() {
+        let p = floats(&row["probabilities"]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4 && (1..=5).contains(&row["stars"].as_i64().unwrap()), "{row}");
+        assert_eq!(row["model"], "nlptown (random)", "one model without languages takes every input");
+    }
+    let (status, answer) = post_json(&agent, &format!("{}/v1/embeddings", serve.base), &json!({"input": "x"}));
+    assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("model_not_found")), "{answer}");
+    let (status, answer) = post_json(&agent, &format!("{}/v1/entities", serve.base), &json!({"input": "x"}));
+    assert!(status == 404 && answer["error"]["message"].as_str().unwrap().contains("serve.models"), "{answer}");
+    let (status, answer) = post_json(&agent, &format!("{}/v1/search", serve.base), &json!({"query": "colis"}));
+    assert_eq!(status, 503, "no index to search: {answer}");
+    let mut health = agent.get(format!("{}/healthz", serve.base)).call().unwrap();
+    assert_eq!(health.status().as_u16(), 200, "{}", health.body_mut().read_to_string().unwrap());
 }
