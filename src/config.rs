@@ -1062,18 +1062,19 @@ fn served_tasks<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<V
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Form {
-        List(Vec<ServedTask>),
+        List(Vec<String>),
         Text(String),
     }
-    match Form::deserialize(d).map_err(|_| serde::de::Error::custom("serve.models: a list of embedding, ner, sentiment"))? {
-        Form::List(tasks) => Ok(tasks),
-        Form::Text(text) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(|t| ServedTask::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(t)))
-            .collect(),
-    }
+    let names = match Form::deserialize(d)? {
+        Form::List(names) => names,
+        Form::Text(text) => text.split(',').map(str::to_string).collect(),
+    };
+    names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .map(|n| ServedTask::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(n)))
+        .collect()
 }
 
 /// `convoflow serve`: the search/ask HTTP API.
@@ -1294,7 +1295,7 @@ mod tests {
         assert_eq!(Config::load_with_env(Some(&path), []).unwrap().serve.models.len(), 3);
         std::fs::write(&path, "serve: { models: [ner, translation] }").unwrap();
         let e = format!("{:#}", Config::load_with_env(Some(&path), []).unwrap_err());
-        assert!(e.contains("serve.models"), "{e}");
+        assert!(e.contains("serve.models") && e.contains("translation"), "{e}");
         let env = [("CONVOFLOW__SERVE__MODELS".to_string(), "ner, sentiment".to_string())];
         assert_eq!(Config::load_with_env(None, env).unwrap().serve.models, [ServedTask::Ner, ServedTask::Sentiment]);
         let env = [("CONVOFLOW__SERVE__MODELS".to_string(), "ner,translation".to_string())];

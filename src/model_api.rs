@@ -20,14 +20,12 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use anyhow::Context;
-
 use crate::config::ModelConfig;
 use crate::event::Entity;
 use crate::infer::model::NerInput;
-use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
+use crate::infer::runner::{ModelInput, ModelThread, Output, Reply, Served};
 use crate::infer::tokenize::ModelTokenizer;
-use crate::infer::{ModelFolder, Task};
+use crate::infer::Task;
 use crate::language::Languages;
 use crate::query::{InputType, PreparedInput, QueryEmbedder};
 use crate::routing::{Route, Routes};
@@ -403,14 +401,11 @@ impl Classifiers {
         let models = configs
             .iter()
             .map(|cfg| {
-                let folder = ModelFolder::open(&cfg.path).with_context(|| format!("the {label} model {}", cfg.name))?;
-                let tokenizer = ModelTokenizer::load(&folder).with_context(|| format!("the tokenizer of {}", cfg.name))?;
+                let Served { folder, tokenizer, thread } = Served::load(task, cfg, device)?;
                 let labels = match task {
                     Task::TokenClassification => crate::infer::ner::entity_types(&folder.config.labels()),
                     _ => folder.config.labels(),
                 };
-                let managed = crate::infer::manager::ManagedModel::new(task, cfg.clone(), device)?;
-                let thread = ModelThread::spawn(managed, true, NerSettings::default()).with_context(|| format!("loading {}", cfg.name))?;
                 Ok(ServedModel { config: cfg.clone(), thread, tokenizer, queue: TokenQueue::new(max_queued_tokens), labels })
             })
             .collect::<anyhow::Result<_>>()?;
@@ -494,7 +489,7 @@ impl Classifiers {
 
     /// Every input's language, model and output, in input order; the models of a request run
     /// at once, each input batched with concurrent requests' on its model's thread.
-    async fn classify(&self, request: ClassifyRequest) -> Result<Answer, OpenAiError> {
+    async fn classify<T>(&self, request: ClassifyRequest, outputs_of: fn(Output) -> Option<Vec<T>>) -> Result<Answer<T>, OpenAiError> {
         let texts = match request.input {
             TextInput::Text(t) => vec![t],
             TextInput::Texts(ts) => ts,
@@ -512,20 +507,14 @@ impl Classifiers {
             async move { self.run(i, &texts).await.map(|run| (i, run)) }
         });
         let runs = futures::future::try_join_all(runs).await?;
-        let mut outputs: Vec<Option<Classified>> = (0..texts.len()).map(|_| None).collect();
+        let mut outputs: Vec<Option<Classified<T>>> = (0..texts.len()).map(|_| None).collect();
         let mut tokens = 0;
         for (i, (output, computed)) in runs {
             let idx = &per_model[i];
             let model = &self.models[i].config.name;
-            let per_input: Vec<Classification> = match (self.task, output) {
-                (Task::TokenClassification, Output::Entities(all)) if all.len() == idx.len() => {
-                    all.into_iter().map(Classification::Entities).collect()
-                }
-                (Task::SequenceClassification, Output::Probabilities(all)) if all.len() == idx.len() => {
-                    all.into_iter().map(Classification::Probabilities).collect()
-                }
-                (_, other) => return Err(OpenAiError::server(format!("{model} answered {other:?} for {} inputs", idx.len()))),
-            };
+            let per_input = outputs_of(output)
+                .filter(|all| all.len() == idx.len())
+                .ok_or_else(|| OpenAiError::server(format!("{model} answered another kind or number of outputs than {} for its inputs", idx.len())))?;
             for (&k, output) in idx.iter().zip(per_input) {
                 outputs[k] = Some(Classified { model: model.clone(), output });
             }
@@ -541,7 +530,7 @@ impl Classifiers {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                let report = m.thread.load_report();
+                let (dtype, device) = runtime_fields(m.thread.load_report());
                 json!({
                     "id": m.config.name,
                     "object": "model",
@@ -551,39 +540,34 @@ impl Classifiers {
                     "languages": all[i],
                     "labels": m.labels,
                     "max_input_tokens": m.tokenizer.max_positions,
-                    "dtype": report.as_ref().map(|r| format!("{:?}", r.kind).to_lowercase()),
-                    "device": report.as_ref().map(|r| crate::infer::device::label(r.device)),
+                    "dtype": dtype,
+                    "device": device,
                 })
             })
             .collect()
     }
 }
 
-/// One input's output from the model it went to.
-struct Classified {
+/// One input's output from the model it went to (NER: its entities; sentiment: the
+/// probabilities over the model's classes, 1 to n stars).
+struct Classified<T> {
     model: String,
-    output: Classification,
-}
-
-enum Classification {
-    Entities(Vec<Entity>),
-    /// Over the model's classes (sentiment: 1 to n stars).
-    Probabilities(Vec<f32>),
+    output: T,
 }
 
 /// What a request's inputs got: per input its language and route (`plan`) and its output
 /// (None: routed to no model), and the tokens computed.
-struct Answer {
+struct Answer<T> {
     plan: Vec<Planned>,
-    outputs: Vec<Option<Classified>>,
+    outputs: Vec<Option<Classified<T>>>,
     tokens: usize,
 }
 
-impl Answer {
+impl<T> Answer<T> {
     /// The response: per input its `index`, language, `model`, and what `item` makes of its
     /// output — or `skipped` with the worker's reason (`unsupported-language`,
     /// `unknown-language`) where no model covers its language.
-    fn response(self, object: &str, item: impl Fn(Classification) -> Value) -> Json<Value> {
+    fn response(self, object: &str, item: impl Fn(T) -> Value) -> Json<Value> {
         let data: Vec<Value> = self
             .plan
             .into_iter()
@@ -620,13 +604,15 @@ impl Answer {
 /// `POST /v1/entities`: each input's entities (character offsets into the input, as the
 /// worker's events give them), from the NER model its language routes to.
 pub async fn entities(service: &Classifiers, request: ClassifyRequest) -> Result<Json<Value>, OpenAiError> {
-    let answer = service.classify(request).await?;
-    Ok(answer.response("entities", |output| match output {
-        Classification::Entities(entities) => json!({ "entities": entities.into_iter().map(|e| json!({
-            "text": e.text, "label": e.label, "start": e.start, "end": e.end, "score": e.score,
-        })).collect::<Vec<_>>() }),
-        // a NER model's output is entities (`classify`)
-        Classification::Probabilities(_) => Value::Null,
+    let entities_of = |output| match output {
+        Output::Entities(all) => Some(all),
+        _ => None,
+    };
+    let answer = service.classify(request, entities_of).await?;
+    Ok(answer.response("entities", |entities: Vec<Entity>| {
+        let entities: Vec<Value> =
+            entities.into_iter().map(|e| json!({ "text": e.text, "label": e.label, "start": e.start, "end": e.end, "score": e.score })).collect();
+        json!({ "entities": entities })
     }))
 }
 
@@ -634,15 +620,20 @@ pub async fn entities(service: &Classifiers, request: ClassifyRequest) -> Result
 /// probability-weighted mean: the worker's `sentiment.score`) and probabilities, from the
 /// sentiment model its language routes to.
 pub async fn sentiment(service: &Classifiers, request: ClassifyRequest) -> Result<Json<Value>, OpenAiError> {
-    let answer = service.classify(request).await?;
-    Ok(answer.response("sentiment", |output| match output {
-        Classification::Probabilities(p) => {
-            let (stars, expected) = crate::infer::stars(&p);
-            json!({ "stars": stars, "expected_stars": expected, "probabilities": p })
-        }
-        // a sentiment model's output is probabilities (`classify`)
-        Classification::Entities(_) => Value::Null,
+    let probabilities_of = |output| match output {
+        Output::Probabilities(all) => Some(all),
+        _ => None,
+    };
+    let answer = service.classify(request, probabilities_of).await?;
+    Ok(answer.response("sentiment", |p: Vec<f32>| {
+        let (stars, expected) = crate::infer::stars(&p);
+        json!({ "stars": stars, "expected_stars": expected, "probabilities": p })
     }))
+}
+
+/// `dtype` (libtorch's kind) and `device` of a loaded model, for its `/v1/models` row.
+fn runtime_fields(report: Option<crate::infer::manager::LoadReport>) -> (Option<String>, Option<String>) {
+    (report.as_ref().map(|r| format!("{:?}", r.kind).to_lowercase()), report.as_ref().map(|r| crate::infer::device::label(r.device)))
 }
 
 /// `GET /v1/models`: the loaded models in OpenAI's list shape, with what they are.
@@ -651,7 +642,7 @@ pub fn models(service: Option<&EmbeddingService>, classifiers: &[&Classifiers]) 
         .iter()
         .map(|s| {
             let e = &s.embedder;
-            let report = e.load_report();
+            let (dtype, device) = runtime_fields(e.load_report());
             json!({
                 "id": e.name(),
                 "object": "model",
@@ -660,8 +651,8 @@ pub fn models(service: Option<&EmbeddingService>, classifiers: &[&Classifiers]) 
                 "task": "embedding",
                 "dimensions": e.dim,
                 "max_input_tokens": e.max_tokens(),
-                "dtype": report.as_ref().map(|r| format!("{:?}", r.kind).to_lowercase()),
-                "device": report.as_ref().map(|r| crate::infer::device::label(r.device)),
+                "dtype": dtype,
+                "device": device,
             })
         })
         .collect();

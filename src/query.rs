@@ -11,9 +11,8 @@ use std::sync::mpsc;
 use anyhow::{Context, Result, bail};
 
 use crate::config::{Config, ModelConfig};
-use crate::infer::hf::ModelFolder;
 use crate::infer::manager::LoadReport;
-use crate::infer::runner::{ModelInput, ModelThread, NerSettings, Output, Reply};
+use crate::infer::runner::{ModelInput, ModelThread, Output, Reply, Served};
 use crate::infer::tokenize::ModelTokenizer;
 use crate::pipeline::bm25;
 use crate::sink::store::{self, Bootstrap, HybridQuery, SearchFilter, VectorStore};
@@ -164,11 +163,8 @@ impl QueryEmbedder {
         if !m.path.join("config.json").exists() {
             return Ok(None);
         }
-        let folder = ModelFolder::open(&m.path).with_context(|| format!("the model {}", m.name))?;
-        let tokenizer = ModelTokenizer::load(&folder).with_context(|| format!("the tokenizer of {}", m.name))?;
         let device = crate::infer::device::parse_device(&cfg.gpu.device)?;
-        let managed = crate::infer::manager::ManagedModel::new(crate::infer::Task::Embedding, m.clone(), device)?;
-        let thread = ModelThread::spawn(managed, true, NerSettings::default()).with_context(|| format!("loading {}", m.name))?;
+        let Served { folder, tokenizer, thread } = Served::load(crate::infer::Task::Embedding, m, device)?;
         Ok(Some(Self {
             thread,
             model: m.clone(),

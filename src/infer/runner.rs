@@ -205,6 +205,25 @@ impl Default for NerSettings {
     }
 }
 
+/// A model loaded for requests (`convoflow serve`): its folder (config), its tokenizer, and the
+/// model on its own thread, warm.
+pub struct Served {
+    pub folder: super::ModelFolder,
+    pub tokenizer: super::tokenize::ModelTokenizer,
+    pub thread: ModelThread,
+}
+
+impl Served {
+    /// Loads `cfg` for `task` on `device` and waits until it is warm (blocking).
+    pub fn load(task: Task, cfg: &crate::config::ModelConfig, device: tch::Device) -> Result<Self> {
+        let folder = super::ModelFolder::open(&cfg.path).with_context(|| format!("the {} model {}", task_name(task), cfg.name))?;
+        let tokenizer = super::tokenize::ModelTokenizer::load(&folder).with_context(|| format!("the tokenizer of {}", cfg.name))?;
+        let managed = ManagedModel::new(task, cfg.clone(), device)?;
+        let thread = ModelThread::spawn(managed, true, NerSettings::default()).with_context(|| format!("loading {}", cfg.name))?;
+        Ok(Self { folder, tokenizer, thread })
+    }
+}
+
 impl ModelThread {
     /// Starts the thread; with `eager`, returns once the model is loaded and warm (or failed).
     pub fn spawn(model: ManagedModel, eager: bool, ner: NerSettings) -> Result<Self> {
