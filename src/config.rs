@@ -839,9 +839,15 @@ pub struct QdrantConfig {
     pub collection: String,
     /// edge: the collection lives in `<data_dir>/<collection>`.
     pub data_dir: PathBuf,
-    /// edge: run an optimization pass (index build, segment merge) after this many upserted
+    /// edge: an optimization pass (index build, segment merge) is due after this many upserted
     /// points; 0 = never.
     pub edge_optimize_every_points: usize,
+    /// edge: a due pass waits until no point was written for this long (the pass takes the
+    /// cores a backlog's writes need); 0 = start at once.
+    pub edge_optimize_idle_ms: u64,
+    /// edge: a due pass starts without a pause once this many points wait for it (a stream
+    /// that never pauses still gets its index); 0 = no limit.
+    pub edge_optimize_max_deferred_points: usize,
     /// edge: writes wait (the worker unready, partitions paused, retried like an outage) while
     /// the filesystem of `data_dir` has less free space than this: the engine writes through
     /// memory maps, and a full disk would kill the process with SIGBUS (creating a collection
@@ -870,6 +876,8 @@ impl Default for QdrantConfig {
             collection: "conversations".into(),
             data_dir: PathBuf::from("./data/qdrant"),
             edge_optimize_every_points: 20_000,
+            edge_optimize_idle_ms: 1_000,
+            edge_optimize_max_deferred_points: 200_000,
             edge_min_free_bytes: 256 << 20,
             url: "http://127.0.0.1:6334".into(),
             api_key: None,

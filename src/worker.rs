@@ -135,7 +135,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
     let pipeline = Pipeline {
         shutdown: shutdown.clone(),
         preparer: Arc::new(preparer),
-        store: StoreStage {
+        store: Arc::new(StoreStage {
             store: StoreWriter::new(store.clone(), cfg.qdrant.batch, cfg.qdrant.retry).for_worker(readiness.clone(), stop.clone()),
             payload_text: cfg.qdrant.payload_text,
             encoder: Arc::new(encoder),
@@ -146,7 +146,7 @@ pub async fn run_with_store(cfg: Config, stop: Arc<AtomicBool>, store: Arc<dyn V
             readiness: readiness.clone(),
             shared: shared.clone(),
             transactions: transactions.clone(),
-        },
+        }),
         emitter: Some(emitter),
     };
     let consumer = source::create_consumer(

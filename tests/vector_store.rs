@@ -388,7 +388,8 @@ async fn qdrant_backend_groups_hits_by_conversation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_optimization_keeps_everything_searchable() {
     let dir = temp_dir("edge-optimize");
-    let cfg = QdrantConfig { edge_optimize_every_points: 1_000, ..edge_config(&dir) };
+    // due after 1,000 points, started once the writes paused for 300 ms: mid-loop below
+    let cfg = QdrantConfig { edge_optimize_every_points: 1_000, edge_optimize_idle_ms: 300, ..edge_config(&dir) };
     let store = store::open(&cfg).unwrap();
     store.ensure_collection(&spec(&cfg.collection, DIM), Bootstrap::CreateIfMissing).await.unwrap();
     let data = dataset();

@@ -1,6 +1,6 @@
 //! The stages between the Kafka source and the sinks, one file each — batch → prepare (`text`
-//! is its model-free enrichment) → infer → store → emit — and `Pipeline::run`, which spawns
-//! them, connects them by bounded channels and joins them.
+//! is its model-free enrichment) → infer → build and store (`store`) → emit — and
+//! `Pipeline::run`, which spawns them, connects them by bounded channels and joins them.
 
 pub mod batch;
 pub mod bm25;
@@ -27,8 +27,8 @@ use crate::shutdown::{SOURCE_LEFT_BEHIND, ShutdownClock};
 use crate::source::InboundMessage;
 use emit::Emitter;
 use prepare::Preparer;
-use stage::{Flight, STAGE_STORE, record_depth};
-use store::StoreStage;
+use stage::{Flight, STAGE_BUILD, STAGE_STORE, record_depth};
+use store::{Built, StoreStage};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -39,15 +39,15 @@ pub struct Stats {
     pub tombstones: u64,
 }
 
-/// The five stages, ready to run.
+/// The stages, ready to run.
 pub struct Pipeline {
     /// The shutdown's deadline: past it (less `SOURCE_LEFT_BEHIND`) the pipeline stops
     /// without waiting for the source to leave.
     pub shutdown: ShutdownClock,
     /// The prepare stage's decoder, validator and tokenizers.
     pub preparer: Arc<Preparer>,
-    /// The store stage (run by `run`'s own task).
-    pub store: StoreStage,
+    /// The build and store stages (build on a task of its own, store on `run`'s).
+    pub store: Arc<StoreStage>,
     /// The emit stage (moved into its task by `run`).
     pub emitter: Option<Emitter>,
 }
@@ -55,8 +55,9 @@ pub struct Pipeline {
 impl Pipeline {
     /// The stages, each a task connected to the next by a bounded channel, so several
     /// micro-batches are in flight and every stage works at once: batch → prepare (CPU cores)
-    /// → infer (queues each batch on the model threads and goes on) → store (this task: model
-    /// outputs, points upserted) → emit (output topic / DLQ, completion), all in input order.
+    /// → infer (queues each batch on the model threads and goes on) → build (model outputs,
+    /// events encoded, points built) → store (this task: points upserted) → emit (output
+    /// topic / DLQ, completion), all in input order.
     /// A full channel stops the stage before it, and in the end the source pauses its
     /// partitions.
     pub async fn run(mut self, rx: mpsc::Receiver<InboundMessage>, p: &PipelineConfig) -> (Stats, Option<anyhow::Error>) {
@@ -102,24 +103,32 @@ impl Pipeline {
                 flight.abandon();
             }
         });
+        // one batch built ahead of the one being written
+        let (built_tx, mut built_rx) = mpsc::channel::<Built>(1);
+        let build = tokio::spawn({
+            let (stage, flight) = (self.store.clone(), flight.clone());
+            async move {
+                while let Some(inflight) = inflight_rx.recv().await {
+                    record_depth(STAGE_BUILD, inflight_rx.len());
+                    let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
+                    let built = stage.unless_stopping(&flight, stage.build(inflight).instrument(span)).await;
+                    let forwarded = match built {
+                        Some(built) => built_tx.send(built).await.is_ok(),
+                        None => false,
+                    };
+                    if !forwarded {
+                        flight.ended();
+                    }
+                }
+            }
+        });
         let (stored_tx, stored_rx) = mpsc::channel(2);
         let emitter = self.emitter.take().expect("run once");
         let emit = tokio::spawn(emitter.run(stored_rx, flight.clone()));
-        while let Some(inflight) = inflight_rx.recv().await {
-            record_depth(STAGE_STORE, inflight_rx.len());
-            // stopping (a failure, or the source is gone): what is still queued is neither
-            // written nor completed; the next owner of its partitions re-reads it
-            let stored = if !self.store.halt.is_tripped() && !flight.is_abandoned() {
-                let span = tracing::info_span!("batch", messages = inflight.batch.len(), queued = inflight_rx.len());
-                tokio::select! {
-                    stored = self.store.store(inflight).instrument(span) => stored,
-                    // the source has left (its shutdown timeout passed): the batch cannot be
-                    // completed any more, so the worker does not wait for its models or store
-                    _ = flight.abandoned() => None,
-                }
-            } else {
-                None
-            };
+        while let Some(built) = built_rx.recv().await {
+            record_depth(STAGE_STORE, built_rx.len());
+            let span = tracing::info_span!("batch", messages = built.len(), queued = built_rx.len());
+            let stored = self.store.unless_stopping(&flight, self.store.store(built).instrument(span)).await;
             let forwarded = match stored {
                 Some(stored) => stored_tx.send(stored).await.is_ok(),
                 None => false,
@@ -130,7 +139,7 @@ impl Pipeline {
         }
         drop(stored_tx);
         source_watch.abort();
-        for stage in stages {
+        for stage in stages.into_iter().chain([build]) {
             if let Err(e) = stage.await
                 && e.is_panic()
             {

@@ -12,6 +12,7 @@ use crate::telemetry::events::{InternalEvent, StaleDropped};
 
 pub const STAGE_PREPARE: &str = "prepare";
 pub const STAGE_INFER: &str = "infer";
+pub const STAGE_BUILD: &str = "build";
 pub const STAGE_STORE: &str = "store";
 pub const STAGE_EMIT: &str = "emit";
 

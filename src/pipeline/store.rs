@@ -1,8 +1,10 @@
-//! The store stage: waits for a micro-batch's model outputs and applies each message's own
-//! (`infer::Inferred`), encodes every enriched event (an event that cannot be produced is
-//! dead-lettered before any of its points is written), builds the points and writes them to
-//! the vector store in input order, halving a batch the store rejects until the messages it
-//! refuses are found; what it hands on is `emit::Written`.
+//! The build and store stages. Build waits for a micro-batch's model outputs and applies each
+//! message's own (`infer::Inferred`), encodes every enriched event (an event that cannot be
+//! produced is dead-lettered before any of its points is written) and builds the points
+//! (`Built`); store writes them to the vector store in input order, halving a batch the store
+//! rejects until the messages it refuses are found, and hands on `emit::Written`. They run as
+//! two tasks, so batch *k+1* is built while batch *k* is written: the engine's upsert of one
+//! shard is serial, and the encoding and point building need not wait for it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +17,7 @@ use super::emit::{OutputEncoder, Stored, Written};
 use super::infer::{Enriched, InFlight, Inferred, MessageOutputs, ModelThreadGone, Models, Pending};
 use super::message::{Decided, Message};
 use super::prepare::Prepared;
-use super::stage::{Busy, STAGE_STORE, keep_current};
+use super::stage::{Busy, Flight, STAGE_BUILD, STAGE_STORE, keep_current};
 use crate::event::{EnrichedConversation, ModelInfo};
 use crate::kafka::transactions::Transactions;
 use crate::shutdown::Halt;
@@ -44,15 +46,46 @@ pub struct StoreStage {
     pub transactions: Option<Arc<Transactions>>,
 }
 
+/// A batch built: each message with its event encoded and its points (none for a tombstone
+/// or a message that failed), waiting for the store stage.
+pub struct Built {
+    messages: Vec<(Message<Written>, Vec<StorePoint>)>,
+}
+
+impl Built {
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+}
+
 impl StoreStage {
-    fn fail(&mut self, e: anyhow::Error, messages: usize) {
+    /// Runs a stage's work on a batch unless the worker is stopping: after a failure, or once
+    /// the source has left (its shutdown timeout passed), a batch can no longer be completed,
+    /// so what is still queued is neither built, written nor completed (the next owner of its
+    /// partitions re-reads it), and work under way is dropped when the source leaves.
+    pub async fn unless_stopping<T>(&self, flight: &Flight, work: impl std::future::Future<Output = Option<T>>) -> Option<T> {
+        if self.halt.is_tripped() || flight.is_abandoned() {
+            return None;
+        }
+        tokio::select! {
+            done = work => done,
+            _ = flight.abandoned() => None,
+        }
+    }
+
+    fn fail(&self, e: anyhow::Error, messages: usize) {
         warn!(messages, "stopping without completing this batch");
         self.halt.trip(e);
     }
 
-    /// The store stage: the batch's model outputs, then its points upserted (acknowledged).
-    /// None when the batch ends here (nothing left of it, or a failure that stops the worker).
-    pub async fn store(&mut self, inflight: InFlight) -> Option<Stored> {
+    /// The build stage: the batch's model outputs applied, its events encoded, its points
+    /// built. None when the batch ends here (nothing left of it, or a failure that stops the
+    /// worker).
+    pub async fn build(&self, inflight: InFlight) -> Option<Built> {
         let InFlight { batch, pending, submitted } = inflight;
         if let Some(reason) = batch.iter().find_map(|p| match &p.decided {
             Decided::Failed(Fault::Machine(e)) => Some(format!("{e:#}")),
@@ -70,9 +103,9 @@ impl StoreStage {
                 return None;
             }
         };
-        let _busy = Busy::start(STAGE_STORE); // from here on: the stage's own work
+        let _busy = Busy::start(STAGE_BUILD); // from here on: the stage's own work
         // messages of partitions revoked while the batch was in flight: the next owner re-reads them
-        let batch = keep_current(&self.shared, STAGE_STORE, batch, |p| &p.msg);
+        let batch = keep_current(&self.shared, STAGE_BUILD, batch, |p| &p.msg);
         if batch.is_empty() {
             return None;
         }
@@ -109,9 +142,17 @@ impl StoreStage {
         })
         .await
         .expect("building points does not panic");
-        // checked again right before writing: a partition may have moved while the points were
-        // built, and a late write could bring back points its new owner deleted
-        let built = keep_current(&self.shared, STAGE_STORE, built, |(p, _)| &p.msg);
+        Some(Built { messages: built })
+    }
+
+    /// The store stage: the built batch's points upserted (acknowledged), its tombstones
+    /// applied. None when the batch ends here (nothing left of it, or a failure that stops the
+    /// worker).
+    pub async fn store(&self, built: Built) -> Option<Stored> {
+        let _busy = Busy::start(STAGE_STORE);
+        // checked again right before writing: a partition may have moved while the batch was
+        // built or waited, and a late write could bring back points its new owner deleted
+        let built = keep_current(&self.shared, STAGE_STORE, built.messages, |(p, _)| &p.msg);
         if built.is_empty() {
             return None;
         }

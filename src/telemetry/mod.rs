@@ -135,7 +135,7 @@ pub fn start_worker_metrics_at_zero(dlq_classes: &[&'static str]) {
     for matched in ["some", "none"] {
         metrics::counter!(TOMBSTONES, "matched" => matched).increment(0);
     }
-    for stage in ["store", "emit"] {
+    for stage in ["build", "store", "emit"] {
         metrics::counter!(STALE_BATCHES, "stage" => stage).increment(0);
         metrics::counter!(STALE_MESSAGES, "stage" => stage).increment(0);
     }

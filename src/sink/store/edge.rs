@@ -3,14 +3,14 @@
 //!
 //! The engine is synchronous, so every call runs on tokio's blocking pool. An update returns
 //! once it is in the WAL and applied, which is what `wait=true` means on a server. Edge runs no
-//! background optimizer: after every `optimize_every` upserted points one optimization pass
-//! (segment merge, HNSW and sparse index build) runs on a background thread.
+//! background optimizer: after every `OptimizeSchedule::every` upserted points one optimization
+//! pass (segment merge, HNSW and sparse index build) runs on a background thread once the
+//! writes pause (`optimizer`).
 //! One process at a time: the WAL directory is locked while a shard is open.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use qdrant_edge::{
@@ -28,16 +28,14 @@ use super::{
     Bootstrap, CollectionSpec, DENSE, FieldKind, Hit, HybridQuery, INDEXED_FIELDS, SPARSE, SearchFilter, StoreError, StorePoint, VectorStore,
     WrittenTurns,
 };
+use super::optimizer::{OptimizeSchedule, Optimizer};
 
 pub struct EdgeStore {
     path: PathBuf,
     shard: std::sync::Mutex<Option<Arc<EdgeShard>>>,
-    optimize_every: usize,
-    since_optimize: AtomicUsize,
-    optimizing: Arc<AtomicBool>,
-    /// The background optimization pass, if one was started: it holds the shard (and so the
-    /// directory's lock) until it ends, so `flush` waits for it.
-    optimizer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The background optimization pass: it holds the shard (and so the directory's lock)
+    /// until it ends, so `flush` waits for it.
+    optimizer: Optimizer<EdgeShard>,
     /// Writes wait while the filesystem has less free space (0: no check). Keep it above the
     /// WAL's 2 × 32 MiB segments: the engine preallocates a segment when the WAL rolls over.
     min_free_bytes: u64,
@@ -91,14 +89,11 @@ impl EdgeStore {
     }
 
     /// A store at `path` (the collection's directory); nothing is opened until bootstrap.
-    pub fn new(path: PathBuf, optimize_every: usize) -> Self {
+    pub fn new(path: PathBuf, schedule: OptimizeSchedule) -> Self {
         Self {
             path,
             shard: std::sync::Mutex::new(None),
-            optimize_every,
-            since_optimize: AtomicUsize::new(0),
-            optimizing: Arc::new(AtomicBool::new(false)),
-            optimizer: std::sync::Mutex::new(None),
+            optimizer: Optimizer::new(schedule, optimize_pass),
             min_free_bytes: 0,
         }
     }
@@ -157,31 +152,14 @@ impl EdgeStore {
         let points = self.blocking(move |s| s.query(request)).await?;
         Ok(super::rank_fused(points.into_iter().filter_map(from_scored).collect(), q.limit))
     }
+}
 
-    /// Starts one optimization pass in the background when enough points were written.
-    fn maybe_optimize(&self, written: usize) {
-        let total = self.since_optimize.fetch_add(written, Ordering::Relaxed) + written;
-        if self.optimize_every == 0 || total < self.optimize_every || self.optimizing.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.since_optimize.store(0, Ordering::Relaxed);
-        let (Ok(shard), flag) = (self.shard(), self.optimizing.clone()) else { return };
-        let started = std::thread::Builder::new().name("edge-optimize".into()).spawn(move || {
-            let started = std::time::Instant::now();
-            match shard.optimize() {
-                Ok(_) => info!(elapsed_ms = started.elapsed().as_millis() as u64, "edge collection optimized"),
-                Err(e) => warn!(error = %e, "edge optimization failed"),
-            }
-            flag.store(false, Ordering::Release);
-        });
-        match started {
-            // a previous pass has ended (the flag was clear): its handle is replaced
-            Ok(handle) => *self.optimizer.lock().expect("not poisoned") = Some(handle),
-            Err(e) => {
-                self.optimizing.store(false, Ordering::Release);
-                warn!(error = %e, "could not start the edge optimizer");
-            }
-        }
+/// One optimization pass, on the optimizer's thread.
+fn optimize_pass(shard: &EdgeShard) {
+    let started = std::time::Instant::now();
+    match shard.optimize() {
+        Ok(_) => info!(elapsed_ms = started.elapsed().as_millis() as u64, "edge collection optimized"),
+        Err(e) => warn!(error = %e, "edge optimization failed"),
     }
 }
 
@@ -405,7 +383,7 @@ impl VectorStore for EdgeStore {
             s.update(UpdateOperation::PointOperation(PointOperations::UpsertPoints(PointInsertOperations::PointsList(list))))
         })
         .await?;
-        self.maybe_optimize(n);
+        self.optimizer.wrote(n, &self.shard()?);
         Ok(())
     }
 
@@ -470,8 +448,7 @@ impl VectorStore for EdgeStore {
         if self.shard().is_err() {
             return Ok(());
         }
-        let running = self.optimizer.lock().expect("not poisoned").take();
-        if let Some(pass) = running {
+        if let Some(pass) = self.optimizer.finish() {
             tokio::task::spawn_blocking(move || pass.join())
                 .await
                 .map_err(|e| StoreError::Permanent(format!("edge task failed: {e}")))?

@@ -9,6 +9,7 @@
 
 mod backend;
 pub mod edge;
+pub mod optimizer;
 pub mod points;
 pub mod remote;
 pub mod writer;
