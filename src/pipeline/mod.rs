@@ -127,7 +127,7 @@ impl Pipeline {
         let emit = tokio::spawn(emitter.run(stored_rx, flight.clone()));
         while let Some(built) = built_rx.recv().await {
             record_depth(STAGE_STORE, built_rx.len());
-            let span = tracing::info_span!("batch", messages = built.len(), queued = built_rx.len());
+            let span = tracing::info_span!("batch", messages = built.messages(), queued = built_rx.len());
             let stored = self.store.unless_stopping(&flight, self.store.store(built).instrument(span)).await;
             let forwarded = match stored {
                 Some(stored) => stored_tx.send(stored).await.is_ok(),

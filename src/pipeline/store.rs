@@ -53,12 +53,9 @@ pub struct Built {
 }
 
 impl Built {
-    pub fn len(&self) -> usize {
+    /// Its messages (for the store stage's span).
+    pub fn messages(&self) -> usize {
         self.messages.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
     }
 }
 

@@ -109,11 +109,13 @@ impl<T: Send + Sync + 'static> Optimizer<T> {
     }
 
     /// Points written since the last pass started.
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.state.waiting.load(Ordering::SeqCst)
     }
 
-    pub fn running(&self) -> bool {
+    #[cfg(test)]
+    fn running(&self) -> bool {
         self.state.running.load(Ordering::SeqCst)
     }
 }
@@ -144,7 +146,9 @@ async fn wait_for_pause<T: Send + Sync + 'static>(state: Arc<State>, target: Wea
     }
 }
 
-/// Starts one pass unless one runs; true when it started.
+/// Starts one pass unless one runs; false only while one runs. A thread that cannot be
+/// started is logged and counts as a pass (its points are not retried at once: the next pass
+/// is due after `every` more).
 fn start<T: Send + Sync + 'static>(state: &Arc<State>, target: Arc<T>, pass: fn(&T)) -> bool {
     if state.running.swap(true, Ordering::SeqCst) {
         return false;
